@@ -1,0 +1,33 @@
+"""attnctrl: training-free attention control for Hugging Face diffusers.
+
+``import attnctrl`` is light: it does not import diffusers, triton, xformers or gradio. The
+pipeline-level names (``control``) load diffusers on first use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import errors, kernels
+from .edits import LocalBlend, Refine, Replace, Reweight
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Replace",
+    "Refine",
+    "Reweight",
+    "LocalBlend",
+    "control",
+    "errors",
+    "kernels",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "control":
+        from .pipelines.control import control
+
+        return control
+    raise AttributeError(f"module 'attnctrl' has no attribute {name!r}")

@@ -1,0 +1,211 @@
+"""Prompt-to-Prompt edit descriptions: frozen, validated configuration objects.
+
+An edit says *what* should happen to the attention of the edited prompts; it knows nothing about
+models or kernels. :func:`attnctrl.plan.compile_edit` turns an edit and the prompts into tensors.
+
+Step windows are fractions of the sampling steps actually run. ``cross_steps`` takes a fraction
+``e`` (meaning the window ``(0, e)``), a ``(start, end)`` pair, or a dict with per-word windows
+(``{"default": 0.8, "lion": 0.4}``). ``self_steps`` takes a fraction or a pair.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping, Sequence, Union
+
+from .errors import InvalidScheduleError, InvalidWeightError
+
+__all__ = ["Replace", "Refine", "Reweight", "LocalBlend", "Edit", "Window", "CrossSteps"]
+
+Window = Union[float, tuple[float, float]]
+CrossSteps = Union[Window, Mapping[str, Window]]
+
+
+def normalize_window(value: Window, what: str) -> tuple[float, float]:
+    """Turn a fraction or a (start, end) pair into a validated (start, end) pair."""
+    if isinstance(value, bool):
+        raise InvalidScheduleError(f"{what}: expected a fraction or a (start, end) pair, got {value!r}")
+    if isinstance(value, (int, float)):
+        start, end = 0.0, float(value)
+    elif isinstance(value, (tuple, list)) and len(value) == 2:
+        start, end = float(value[0]), float(value[1])
+    else:
+        raise InvalidScheduleError(f"{what}: expected a fraction or a (start, end) pair, got {value!r}")
+    if not (math.isfinite(start) and math.isfinite(end)):
+        raise InvalidScheduleError(f"{what}: the window {value!r} is not finite")
+    if start < 0 or end < 0:
+        raise InvalidScheduleError(f"{what}: the window {value!r} is negative; use fractions in [0, 1]")
+    if start > 1 or end > 1:
+        raise InvalidScheduleError(f"{what}: the window {value!r} goes past 1; use fractions of the steps in [0, 1]")
+    if end < start:
+        raise InvalidScheduleError(f"{what}: the window {value!r} is reversed; give (start, end) with start <= end")
+    return (start, end)
+
+
+def normalize_cross_steps(value: CrossSteps, what: str = "cross_steps") -> Mapping[str, tuple[float, float]]:
+    """Per-word cross-attention windows; the key ``"default"`` holds the window of all other tokens."""
+    if isinstance(value, Mapping):
+        windows = {}
+        for key, window in value.items():
+            if not isinstance(key, str) or not key.strip():
+                raise InvalidScheduleError(f"{what}: keys must be words or 'default', got {key!r}")
+            name = "default" if key in ("default", "default_") else key
+            windows[name] = normalize_window(window, f"{what}[{key!r}]")
+        windows.setdefault("default", (0.0, 1.0))
+    else:
+        windows = {"default": normalize_window(value, what)}
+    return MappingProxyType(windows)
+
+
+def _check_max_tokens(value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise InvalidScheduleError(f"self_max_tokens must be a positive int or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LocalBlend:
+    """Keep the image outside the edited words' attention identical to the source.
+
+    Args:
+        words: one entry per prompt (source first), each a word or a list of words whose
+            cross-attention defines the region that may change. A single string or a flat list of
+            strings with fewer entries than prompts is applied to every prompt.
+        threshold: the normalised-map threshold (official 0.3).
+        start: fraction of the steps before blending starts (official P2P 0.0, null-text 0.2).
+        subtract: words whose region (unpooled map above ``subtract_threshold``) is removed from
+            the mask, in the same per-prompt format as ``words``.
+        subtract_threshold: threshold of the subtract map (official 0.3).
+        resolution: the cross-attention map size used, as a downsampling factor of the latent
+            (``4`` = the five 16x16 layers of SD 1.5 at 512x512); ``None`` picks latent/4, or the
+            coarsest resolution of at least 8x8 that the model has.
+    """
+
+    words: Sequence[Union[str, Sequence[str]]]
+    threshold: float = 0.3
+    start: float = 0.0
+    subtract: Sequence[Union[str, Sequence[str]]] | None = None
+    subtract_threshold: float = 0.3
+    resolution: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "words", _word_lists(self.words, "LocalBlend.words"))
+        if self.subtract is not None:
+            object.__setattr__(self, "subtract", _word_lists(self.subtract, "LocalBlend.subtract"))
+        for name in ("threshold", "subtract_threshold", "start"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidWeightError(f"LocalBlend.{name} must be a finite number, got {value!r}")
+            if not 0.0 <= value <= 1.0:
+                raise InvalidWeightError(f"LocalBlend.{name} must be in [0, 1], got {value!r}")
+        if self.resolution is not None and (not isinstance(self.resolution, int) or self.resolution < 1):
+            raise InvalidWeightError(f"LocalBlend.resolution must be a positive downsampling factor, got {self.resolution!r}")
+
+
+def _word_lists(words: object, what: str) -> tuple[tuple[str, ...], ...]:
+    if isinstance(words, str):
+        return ((words,),)
+    if not isinstance(words, Sequence) or len(words) == 0:
+        raise InvalidWeightError(f"{what}: expected a word or a list with one word (or list of words) per prompt, got {words!r}")
+    out = []
+    for entry in words:
+        if isinstance(entry, str):
+            out.append((entry,))
+        elif isinstance(entry, Sequence) and entry and all(isinstance(w, str) for w in entry):
+            out.append(tuple(entry))
+        else:
+            raise InvalidWeightError(f"{what}: each entry must be a word or a non-empty list of words, got {entry!r}")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class _EditBase:
+    cross_steps: CrossSteps = 0.8
+    self_steps: Window = 0.4
+    blend: LocalBlend | None = None
+    self_max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "cross_steps", normalize_cross_steps(self.cross_steps))
+        object.__setattr__(self, "self_steps", normalize_window(self.self_steps, "self_steps"))
+        if self.blend is not None and not isinstance(self.blend, LocalBlend):
+            raise TypeError(f"blend must be an attnctrl.LocalBlend, got {type(self.blend).__name__}")
+        _check_max_tokens(self.self_max_tokens)
+
+
+@dataclass(frozen=True)
+class Replace(_EditBase):
+    """Word swap: the edited prompts inherit the source's cross-attention through the token mapper.
+
+    Prompts must have the same number of words (use :class:`Refine` otherwise).
+
+    Args:
+        cross_steps: when the cross-attention of each edited prompt is replaced (fraction, pair or
+            per-word dict).
+        self_steps: when the self-attention of edited rows is replaced by the source's.
+        blend: an optional :class:`LocalBlend`.
+        self_max_tokens: self-attention is replaced only on layers with at most this many queries;
+            ``None`` uses ``max(latent tokens / 16, 256)`` (the official 16x16 gate at 512x512).
+    """
+
+
+@dataclass(frozen=True)
+class Refine(_EditBase):
+    """Refinement: tokens the edited prompt shares with the source take the source's attention;
+    added words keep their own."""
+
+
+@dataclass(frozen=True)
+class Reweight:
+    """Scale the cross-attention of some words of the edited prompts (negative values allowed).
+
+    Args:
+        weights: word -> factor; a factor may also be a list with one value per edited prompt.
+        base: a :class:`Replace` or :class:`Refine` applied first (its step windows and blend are used).
+        cross_steps, self_steps, blend, self_max_tokens: as in :class:`Replace`, for a Reweight
+            without base (defaults 0.8 / 0.4). With a base, leave them unset.
+    """
+
+    weights: Mapping[str, Union[float, Sequence[float]]] = field(default_factory=dict)
+    base: Replace | Refine | None = None
+    cross_steps: CrossSteps | None = None
+    self_steps: Window | None = None
+    blend: LocalBlend | None = None
+    self_max_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.weights, Mapping) or not self.weights:
+            raise InvalidWeightError("Reweight.weights must be a non-empty dict of word -> factor, e.g. {'smiling': 5.0}")
+        clean: dict[str, Union[float, tuple[float, ...]]] = {}
+        for word, factor in self.weights.items():
+            if not isinstance(word, str) or not word.strip():
+                raise InvalidWeightError(f"Reweight.weights: keys must be words, got {word!r}")
+            values = factor if isinstance(factor, (list, tuple)) else (factor,)
+            for v in values:
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise InvalidWeightError(f"Reweight.weights[{word!r}] must be finite numbers, got {factor!r}")
+            clean[word] = tuple(float(v) for v in values) if isinstance(factor, (list, tuple)) else float(factor)
+        object.__setattr__(self, "weights", MappingProxyType(clean))
+        if self.base is not None:
+            if not isinstance(self.base, (Replace, Refine)):
+                raise TypeError(f"Reweight.base must be a Replace or Refine, got {type(self.base).__name__}")
+            given = [n for n in ("cross_steps", "self_steps", "blend", "self_max_tokens") if getattr(self, n) is not None]
+            if given:
+                raise InvalidScheduleError(
+                    f"Reweight with a base takes {', '.join(given)} from the base; set them on the base edit instead"
+                )
+            return
+        object.__setattr__(self, "cross_steps", normalize_cross_steps(0.8 if self.cross_steps is None else self.cross_steps))
+        object.__setattr__(self, "self_steps", normalize_window(0.4 if self.self_steps is None else self.self_steps, "self_steps"))
+        if self.blend is not None and not isinstance(self.blend, LocalBlend):
+            raise TypeError(f"blend must be an attnctrl.LocalBlend, got {type(self.blend).__name__}")
+        _check_max_tokens(self.self_max_tokens)
+
+    # The effective schedule: the base's when chained.
+    @property
+    def schedule_source(self) -> "_EditBase | Reweight":
+        return self.base if self.base is not None else self
+
+
+Edit = Union[Replace, Refine, Reweight]

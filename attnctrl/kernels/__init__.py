@@ -1,0 +1,87 @@
+"""attnctrl.kernels: the one place attention math runs.
+
+Layout: ``q (B, H, Nq, D)``, ``k (B, H, Nk, D)``, ``v (B, H, Nk, Dv)``; output ``(B, H, Nq, Dv)``
+in ``q.dtype``. Masks are ``None``, bool (True = may attend) or additive float tensors
+broadcastable to ``(B, H, Nq, Nk)``, or structured mask objects carrying a ``mask_kind``.
+Fully-masked query rows give zeros (output and probabilities), never NaN.
+
+Entry points::
+
+    out = attention(q, k, v, *, scale=None, mask=None, backend=None)
+    out, probs = attention_with_probs(q, k, v, *, columns=None, scale=None, mask=None, backend=None)
+    out, probs = reference_attention(q, k, v, *, scale=None, mask=None)   # full probs, float32
+
+Backends live in an open registry keyed by name. Each declares :class:`Capabilities` (devices,
+dtypes, max head dim, mask kinds, probabilities, autograd, priority, determinism). ``backend=None``
+picks, per call, the highest-priority backend that accepts the call; a name (or a
+:class:`Backend` instance) forces one. When nothing can run, :class:`NoBackendError` lists every
+backend with the reason it refused. There is no process-wide "active backend".
+
+Built-in backends: ``"sdpa"`` (priority 10, ``torch.nn.functional.scaled_dot_product_attention``)
+and ``"reference"`` (priority 0, explicit float32 softmax).
+
+Adding a backend
+----------------
+1. Subclass :class:`Backend`: set ``name`` and ``capabilities``, implement ``forward`` (and
+   ``forward_with_probs`` if ``returns_probs``), optionally extend ``availability()`` /
+   ``refusal()`` with kernel-specific checks. Import optional dependencies only inside methods.
+2. Register it:
+
+   * third-party code: ``register_backend(MyBackend())`` when its own package is imported;
+   * an optional backend shipped in attnctrl (triton, xformers, flex): put it in its own private
+     module exposing ``BACKEND = MyBackend()`` (e.g. ``attnctrl/kernels/_triton.py``) and add one
+     :class:`LazyBackend` entry below, e.g.::
+
+         register_backend(LazyBackend("triton", TRITON_CAPS, module="attnctrl.kernels._triton",
+                                      requires=("triton",), install_hint="pip install attnctrl[triton]"))
+
+     Nothing is imported until the backend is first considered; if ``triton`` is missing it shows
+     up as ``"triton: triton not installed (pip install attnctrl[triton])"`` in refusal lists.
+
+Callers never change: they keep calling :func:`attention` and the new backend is picked whenever
+its priority is highest among those accepting the call.
+"""
+
+from __future__ import annotations
+
+from ..errors import AttentionShapeError, NoBackendError
+from ._registry import (
+    Backend,
+    Capabilities,
+    LazyBackend,
+    attention,
+    attention_with_probs,
+    available_backends,
+    get_backend,
+    mask_kind,
+    register_backend,
+    registered_backends,
+    unregister_backend,
+)
+from .reference import ReferenceBackend, reference_attention
+from .sdpa import SdpaBackend
+
+__all__ = [
+    "AttentionShapeError",
+    "Backend",
+    "Capabilities",
+    "LazyBackend",
+    "NoBackendError",
+    "ReferenceBackend",
+    "SdpaBackend",
+    "attention",
+    "attention_with_probs",
+    "available_backends",
+    "get_backend",
+    "mask_kind",
+    "reference_attention",
+    "register_backend",
+    "registered_backends",
+    "unregister_backend",
+]
+
+# Built-in backends. replace=True keeps importlib.reload() harmless.
+register_backend(ReferenceBackend(), replace=True)
+register_backend(SdpaBackend(), replace=True)
+
+# Optional backends are registered here as LazyBackend entries once their modules exist.

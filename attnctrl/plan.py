@@ -1,0 +1,224 @@
+"""Compile an edit and its prompts into the tensors the attention code needs.
+
+All validation of user input happens here, before any denoising: prompt counts, word lookups,
+mismatched prompts, non-finite weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from .edits import LocalBlend, Refine, Replace, Reweight
+from .errors import InvalidWeightError, PromptMismatchError, WordNotFoundError
+from .tokens import PromptTokens, refinement_alignment, replacement_mapper, tokenize_prompt
+
+__all__ = ["EditPlan", "BlendPlan", "CrossStep", "compile_edit", "compile_prompts", "step_window"]
+
+
+def step_window(window: tuple[float, float], num_steps: int, *, inclusive_end_step: bool) -> tuple[int, int]:
+    """Step indices ``[start, end)`` of a fractional window, with the official rounding.
+
+    Cross windows use ``int(frac * (T + 1))`` (``inclusive_end_step=True``), self windows
+    ``int(frac * T)``.
+    """
+    n = num_steps + 1 if inclusive_end_step else num_steps
+    return int(window[0] * n), int(window[1] * n)
+
+
+@dataclass(frozen=True)
+class BlendPlan:
+    """LocalBlend as tensors: per-prompt token selectors of shape (B, L)."""
+
+    config: LocalBlend
+    select: torch.Tensor
+    subtract: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class CrossStep:
+    """The cross-attention edit of one step for the E edited prompts.
+
+    Shapes: ``mapper`` (E, L, L), ``keep`` (E, L), ``index`` (E, L) or None, ``equalizer`` (E, L)
+    or None, ``alpha`` (E, L) with 1 where the source attention is injected at this step.
+    """
+
+    kind: str
+    mapper: torch.Tensor
+    keep: torch.Tensor
+    index: torch.Tensor | None
+    equalizer: torch.Tensor | None
+    alpha: torch.Tensor
+
+    def fused_coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(a, d)`` with ``out_e = attention(Q_src, K_src, M diag(a) V_e) + attention(Q_e, K_e, diag(d) V_e)``.
+
+        Derivation: the edited map is ``alpha * R + (1 - alpha) * A_e`` with ``R = A_src M`` (Replace),
+        ``R = A_src M_sel * c + A_e (1 - c)`` (Refine), each times the equalizer when reweighted.
+        """
+        e = self.equalizer if self.equalizer is not None else torch.ones_like(self.alpha)
+        a = self.alpha * self.keep * e
+        d = 1.0 - self.alpha
+        if self.kind == "refine":
+            d = d + self.alpha * (1.0 - self.keep) * e
+        return a, d
+
+    def is_identity(self) -> bool:
+        """True when this step leaves every edited row's attention untouched."""
+        return not bool(self.alpha.any())
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """A compiled edit for B prompts (row 0 the source), padded token length L."""
+
+    kind: str
+    prompts: tuple[PromptTokens, ...]
+    mapper: torch.Tensor
+    keep: torch.Tensor
+    index: torch.Tensor | None
+    equalizer: torch.Tensor | None
+    cross_windows: torch.Tensor
+    self_window: tuple[float, float]
+    self_max_tokens: int | None
+    blend: BlendPlan | None
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompts)
+
+    def cross_step(self, step: int, num_steps: int) -> CrossStep:
+        n = num_steps + 1
+        starts = (self.cross_windows[..., 0] * n).floor()
+        ends = (self.cross_windows[..., 1] * n).floor()
+        alpha = ((starts <= step) & (step < ends)).float()
+        return CrossStep(self.kind, self.mapper, self.keep, self.index, self.equalizer, alpha)
+
+    def self_active(self, step: int, num_steps: int) -> bool:
+        start, end = step_window(self.self_window, num_steps, inclusive_end_step=False)
+        return start <= step < end
+
+
+def compile_prompts(tokenizer: Any, prompts: Sequence[str]) -> tuple[PromptTokens, ...]:
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise PromptMismatchError("prompts must be a list of strings: [source, edited_1, ...]")
+    return tuple(tokenize_prompt(tokenizer, p) for p in prompts)
+
+
+def _selector(tokens: PromptTokens, words: Sequence[str]) -> torch.Tensor:
+    sel = torch.zeros(tokens.length)
+    for w in words:
+        sel[tokens.positions_of(w)] = 1.0
+    return sel
+
+
+def _per_prompt(entries: tuple[tuple[str, ...], ...], count: int, what: str) -> tuple[tuple[str, ...], ...]:
+    if len(entries) == count:
+        return entries
+    if len(entries) == 1:
+        return entries * count
+    raise PromptMismatchError(f"{what} has {len(entries)} entries for {count} prompts; give one entry per prompt (source first) or a single one for all")
+
+
+def _compile_blend(blend: LocalBlend, prompts: tuple[PromptTokens, ...]) -> BlendPlan:
+    words = _per_prompt(blend.words, len(prompts), "LocalBlend.words")
+    select = torch.stack([_selector(p, w) for p, w in zip(prompts, words)])
+    subtract = None
+    if blend.subtract is not None:
+        sub = _per_prompt(blend.subtract, len(prompts), "LocalBlend.subtract")
+        subtract = torch.stack([_selector(p, w) for p, w in zip(prompts, sub)])
+    return BlendPlan(blend, select, subtract)
+
+
+def _edited_positions(word: str, edited: Sequence[PromptTokens], what: str) -> list[list[int]]:
+    """Positions of ``word`` in each edited prompt; error if it is in none of them."""
+    found: list[list[int]] = []
+    errors = []
+    for p in edited:
+        try:
+            found.append(p.positions_of(word))
+        except WordNotFoundError as err:
+            found.append([])
+            errors.append(str(err))
+    if not any(found):
+        words = sorted({w for p in edited for w in p.word_list()})
+        raise WordNotFoundError(f"{what}: the word {word!r} is in none of the edited prompts; their words are {words}")
+    return found
+
+
+def compile_edit(edit: Replace | Refine | Reweight, tokenizer: Any, prompts: Sequence[str]) -> EditPlan:
+    """Validate an edit against its prompts and build its tensors.
+
+    Raises specific :mod:`attnctrl.errors` exceptions for fewer than two prompts, word-count
+    mismatches under Replace, words missing from their prompt and bad weights.
+    """
+    if not isinstance(edit, (Replace, Refine, Reweight)):
+        raise TypeError(f"edit must be attnctrl.Replace, Refine or Reweight, got {type(edit).__name__}")
+    tokens = compile_prompts(tokenizer, prompts)
+    if len(tokens) < 2:
+        raise PromptMismatchError(
+            f"an edit needs at least two prompts [source, edited, ...], got {len(tokens)}: {list(prompts)!r}"
+        )
+    source, edited = tokens[0], tokens[1:]
+    num_edits, length = len(edited), source.length
+    base = edit.base if isinstance(edit, Reweight) else edit
+    schedule = edit.schedule_source if isinstance(edit, Reweight) else edit
+
+    index = None
+    keep = torch.ones(num_edits, length)
+    if isinstance(base, Replace):
+        kind = "replace"
+        mapper = torch.stack([replacement_mapper(source, t) for t in edited])
+    elif isinstance(base, Refine):
+        kind = "refine"
+        pairs = [refinement_alignment(source, t) for t in edited]
+        index = torch.stack([p[0] for p in pairs])
+        keep = torch.stack([p[1] for p in pairs])
+        mapper = torch.zeros(num_edits, length, length)
+        mapper.scatter_(1, index.unsqueeze(1), 1.0)
+    else:
+        kind = "reweight"
+        mapper = torch.eye(length).expand(num_edits, length, length).clone()
+
+    equalizer = None
+    if isinstance(edit, Reweight):
+        equalizer = torch.ones(num_edits, length)
+        for word, factor in edit.weights.items():
+            values = factor if isinstance(factor, tuple) else (factor,) * num_edits
+            if len(values) != num_edits:
+                raise InvalidWeightError(
+                    f"Reweight.weights[{word!r}] has {len(values)} values for {num_edits} edited prompts"
+                )
+            for e, positions in enumerate(_edited_positions(word, edited, "Reweight.weights")):
+                equalizer[e, positions] = values[e]
+
+    windows = schedule.cross_steps
+    cross = torch.empty(num_edits, length, 2)
+    cross[..., 0], cross[..., 1] = windows["default"]
+    for word, window in windows.items():
+        if word == "default":
+            continue
+        for e, positions in enumerate(_edited_positions(word, edited, "cross_steps")):
+            cross[e, positions, 0], cross[e, positions, 1] = window
+
+    blend = _compile_blend(schedule.blend, tokens) if schedule.blend is not None else None
+    return EditPlan(
+        kind=kind,
+        prompts=tokens,
+        mapper=mapper,
+        keep=keep,
+        index=index,
+        equalizer=equalizer,
+        cross_windows=cross,
+        self_window=schedule.self_steps,
+        self_max_tokens=schedule.self_max_tokens,
+        blend=blend,
+    )
+
+
+def default_self_max_tokens(latent_hw: tuple[int, int]) -> int:
+    """The official 16x16 self-attention gate at 512x512, scaled with the latent size."""
+    return max(math.ceil(latent_hw[0] * latent_hw[1] / 16), 256)

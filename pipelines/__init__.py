@@ -1,0 +1,13 @@
+"""User-facing pipelines and the ``control`` context manager."""
+
+from .control import EditSession, control
+from .p2p import Prompt2PromptOutput, Prompt2PromptPipeline, Prompt2PromptXLPipeline, load_pipeline
+
+__all__ = [
+    "Prompt2PromptPipeline",
+    "Prompt2PromptXLPipeline",
+    "Prompt2PromptOutput",
+    "control",
+    "EditSession",
+    "load_pipeline",
+]

@@ -1,0 +1,104 @@
+"""``attnctrl.control``: install Prompt-to-Prompt on a stock diffusers pipeline for a block of code."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from attnctrl.controller import EditController
+from attnctrl.edits import Refine, Replace, Reweight
+from attnctrl.errors import UnsupportedModelError
+from attnctrl.plan import compile_edit, compile_prompts
+from attnctrl.processors import PromptToPromptProcessor, install, restore
+from attnctrl.processors._install import bind_timestep
+from attnctrl.store import AttentionStore
+
+__all__ = ["control", "EditSession", "check_pipeline"]
+
+SUPPORTED = (
+    "StableDiffusionPipeline (SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL), their subclasses "
+    "(attnctrl.pipelines.Prompt2PromptPipeline / Prompt2PromptXLPipeline), and other pipelines "
+    "whose denoiser is a UNet2DConditionModel with a CLIP tokenizer"
+)
+
+
+def check_pipeline(pipe: Any) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``pipe`` has a UNet2DConditionModel and a tokenizer."""
+    from diffusers import UNet2DConditionModel
+
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, UNet2DConditionModel) or getattr(pipe, "tokenizer", None) is None:
+        denoiser = type(unet or getattr(pipe, "transformer", None)).__name__
+        raise UnsupportedModelError(
+            f"{type(pipe).__name__} (denoiser {denoiser}) is not supported for Prompt-to-Prompt; supported: {SUPPORTED}"
+        )
+
+
+@dataclass
+class EditSession:
+    """What :func:`control` yields: the controller, its attention store and the step-end callback."""
+
+    controller: EditController
+
+    @property
+    def attention(self) -> AttentionStore | None:
+        return self.controller.store
+
+    def step_end(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        """Pass as ``callback_on_step_end`` (needed for LocalBlend on stock pipelines)."""
+        return self.controller.step_end(pipe, step, timestep, callback_kwargs)
+
+
+@contextlib.contextmanager
+def control(
+    pipe: Any,
+    edit: Replace | Refine | Reweight | None,
+    prompts: Sequence[str],
+    *,
+    images_per_prompt: int = 1,
+    record: bool = True,
+    materialise: bool = False,
+    backend: str | None = None,
+) -> Iterator[EditSession]:
+    """Install Prompt-to-Prompt processors on ``pipe.unet`` and restore the previous ones on exit.
+
+    Inside the block, call the pipeline with ``prompt=prompts`` (source first) and the same
+    ``num_images_per_prompt``; with a LocalBlend also pass
+    ``callback_on_step_end=session.step_end``. The processors that were installed before are put
+    back on exit, also after an exception.
+
+    Args:
+        pipe: a Stable Diffusion or SDXL pipeline.
+        edit: :class:`~attnctrl.Replace`, :class:`~attnctrl.Refine`, :class:`~attnctrl.Reweight`,
+            or None to only record attention maps.
+        prompts: ``[source, edited_1, ...]``.
+        images_per_prompt: the pipeline's ``num_images_per_prompt``.
+        record: keep an attention store (``session.attention``).
+        materialise: use the explicit reference attention (the official algorithm; O(N^2) memory).
+        backend: kernel backend name (None = best available).
+    """
+    check_pipeline(pipe)
+    if edit is not None:
+        plan = compile_edit(edit, pipe.tokenizer, prompts)
+        tokens = plan.prompts
+    else:
+        plan = None
+        tokens = compile_prompts(pipe.tokenizer, list(prompts))
+    if not isinstance(images_per_prompt, int) or images_per_prompt < 1:
+        raise ValueError(f"images_per_prompt must be a positive int, got {images_per_prompt!r}")
+    controller = EditController(
+        tokens, plan, images_per_prompt=images_per_prompt, record=record, materialise=materialise, backend=backend
+    )
+    controller.timesteps_source = pipe.scheduler
+
+    def pre_forward(module: Any, args: tuple, kwargs: dict) -> None:
+        timestep, sample = bind_timestep(module, args, kwargs)
+        controller.timesteps_source = pipe.scheduler
+        controller.observe_denoiser_call(timestep, sample)
+
+    install(pipe.unet, lambda name, module: PromptToPromptProcessor(controller, name), pre_forward=pre_forward)
+    try:
+        yield EditSession(controller)
+    finally:
+        restore(pipe.unet)

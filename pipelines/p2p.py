@@ -1,0 +1,290 @@
+"""Prompt-to-Prompt pipelines for Stable Diffusion 1.x/2.x and SDXL.
+
+Both subclass the stock diffusers pipelines without touching ``__init__``, so ``from_pretrained``,
+``from_pipe(pipe, dtype=pipe.dtype)`` and ``save_pretrained`` work as usual; the edit goes to
+``__call__``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from attnctrl.edits import Refine, Replace, Reweight
+from attnctrl.errors import PromptMismatchError, UnsupportedModelError
+from attnctrl.store import AttentionStore
+
+from .control import control
+
+__all__ = ["Prompt2PromptPipeline", "Prompt2PromptXLPipeline", "Prompt2PromptOutput", "load_pipeline"]
+
+Edit = Replace | Refine | Reweight
+
+
+@dataclass
+class Prompt2PromptOutput(BaseOutput):
+    """Images (source first, then each edited prompt; ``num_images_per_prompt`` each) and the
+    attention store with the cross-attention maps of every prompt."""
+
+    images: Any
+    attention: AttentionStore | None = None
+    nsfw_content_detected: list[bool] | None = None
+
+
+_LOCKS_GUARD = threading.Lock()
+
+
+def _pipeline_lock(pipe: Any) -> threading.Lock:
+    # Processors live on the shared UNet: two concurrent calls on one pipeline must not interleave.
+    with _LOCKS_GUARD:
+        lock = pipe.__dict__.get("_attnctrl_lock")
+        if lock is None:
+            lock = threading.Lock()
+            pipe.__dict__["_attnctrl_lock"] = lock
+        return lock
+
+
+class _Prompt2PromptCall:
+    """The ``__call__`` shared by the SD and SDXL pipelines."""
+
+    def _p2p_call(
+        self,
+        parent_call: Callable[..., Any],
+        prompt: str | Sequence[str],
+        edit: Edit | None,
+        *,
+        attention_store: bool,
+        materialise: bool,
+        backend: str | None,
+        height: int | None,
+        width: int | None,
+        num_images_per_prompt: int | None,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        callback_on_step_end: Any,
+        callback_on_step_end_tensor_inputs: list[str],
+        return_dict: bool,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        if prompt is None:
+            raise PromptMismatchError("Prompt-to-Prompt needs prompt=[source, edited, ...] (prompt_embeds alone have no words)")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if kwargs.get("prompt_2") not in (None, prompts, prompt):
+            raise PromptMismatchError("prompt_2 must be left unset (or equal to prompt) with Prompt-to-Prompt: the edit is defined on prompt's words")
+        n = 1 if num_images_per_prompt is None else int(num_images_per_prompt)
+        sample_size = int(self.unet.config.sample_size)
+        height = height or sample_size * self.vae_scale_factor
+        width = width or sample_size * self.vae_scale_factor
+        with _pipeline_lock(self):
+            with control(
+                self, edit, prompts, images_per_prompt=n, record=attention_store, materialise=materialise, backend=backend
+            ) as session:
+                latents = self._shared_latents(latents, len(prompts), n, height, width, generator)
+                callback, tensor_inputs = _chain_callbacks(session.step_end, callback_on_step_end, callback_on_step_end_tensor_inputs)
+                out = parent_call(
+                    prompt=prompts,
+                    height=height,
+                    width=width,
+                    num_images_per_prompt=n,
+                    generator=generator,
+                    latents=latents,
+                    callback_on_step_end=callback,
+                    callback_on_step_end_tensor_inputs=tensor_inputs,
+                    return_dict=True,
+                    **kwargs,
+                )
+        result = Prompt2PromptOutput(
+            images=out.images,
+            attention=session.attention,
+            nsfw_content_detected=getattr(out, "nsfw_content_detected", None),
+        )
+        return result if return_dict else (result.images, result.attention)
+
+    def _shared_latents(
+        self,
+        latents: torch.Tensor | None,
+        num_prompts: int,
+        n: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | list[torch.Generator] | None,
+    ) -> torch.Tensor:
+        """Initial noise shared by every prompt: row ``p * n + i`` gets image ``i``'s noise."""
+        channels = self.unet.config.in_channels
+        shape = (n, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        total = num_prompts * n
+        if latents is None:
+            if isinstance(generator, list):
+                if len(generator) not in (n, total):
+                    raise ValueError(f"got {len(generator)} generators; give {n} (one per image) or {total}")
+                generator = generator[:n]
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
+        if latents.shape[0] == total:
+            return latents
+        if latents.shape[0] == 1:
+            latents = latents.expand(n, *latents.shape[1:])
+        if latents.shape[0] != n:
+            raise ValueError(f"latents has batch {latents.shape[0]}; give 1, {n} (one per image) or {total} (every row)")
+        return latents.repeat(num_prompts, 1, 1, 1)
+
+
+def _chain_callbacks(
+    ours: Callable[..., dict], user: Any, tensor_inputs: list[str]
+) -> tuple[Callable[..., dict], list[str]]:
+    inputs = list(tensor_inputs)
+    if isinstance(user, (PipelineCallback, MultiPipelineCallbacks)):
+        inputs = list(user.tensor_inputs)
+    if "latents" not in inputs:
+        inputs.append("latents")
+
+    def callback(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        result = ours(pipe, step, timestep, callback_kwargs)
+        if user is not None:
+            merged = dict(callback_kwargs)
+            merged.update(result)
+            user_result = user(pipe, step, timestep, merged)
+            result = dict(result)
+            result.update(user_result or {})
+        return result
+
+    return callback, inputs
+
+
+class Prompt2PromptPipeline(_Prompt2PromptCall, StableDiffusionPipeline):
+    """Stable Diffusion 1.x/2.x with Prompt-to-Prompt editing.
+
+    ``pipe(prompt=[source, edited_1, ...], edit=attnctrl.Replace(), ...)`` takes every argument of
+    :class:`~diffusers.StableDiffusionPipeline` plus:
+
+    Args:
+        edit: a Replace, Refine or Reweight (optionally with ``blend=LocalBlend(...)``), or None
+            for plain generation with an attention store.
+        attention_store: record cross-attention maps (``out.attention.word_maps(i, word)``).
+        materialise: run the explicit reference attention instead of the fused kernels.
+        backend: kernel backend name (None = best available).
+
+    Every row starts from the same noise: ``latents`` of batch 1 (or ``num_images_per_prompt``)
+    is shared, a full batch is used as given. Returns :class:`Prompt2PromptOutput`.
+    """
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        edit: Edit | None = None,
+        *,
+        attention_store: bool = True,
+        materialise: bool = False,
+        backend: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - diffusers' own default
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Prompt2PromptOutput | tuple:
+        return self._p2p_call(
+            super().__call__, prompt, edit,
+            attention_store=attention_store, materialise=materialise, backend=backend,
+            height=height, width=width, num_images_per_prompt=num_images_per_prompt, generator=generator,
+            latents=latents, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, return_dict=return_dict,
+            kwargs=kwargs,
+        )
+
+
+class Prompt2PromptXLPipeline(_Prompt2PromptCall, StableDiffusionXLPipeline):
+    """SDXL with Prompt-to-Prompt editing; arguments as :class:`Prompt2PromptPipeline`.
+
+    Word positions come from ``pipe.tokenizer``; both SDXL tokenizers share the CLIP vocabulary,
+    so the positions hold for the concatenated text embedding.
+    """
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        edit: Edit | None = None,
+        *,
+        attention_store: bool = True,
+        materialise: bool = False,
+        backend: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Prompt2PromptOutput | tuple:
+        return self._p2p_call(
+            super().__call__, prompt, edit,
+            attention_store=attention_store, materialise=materialise, backend=backend,
+            height=height, width=width, num_images_per_prompt=num_images_per_prompt, generator=generator,
+            latents=latents, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, return_dict=return_dict,
+            kwargs=kwargs,
+        )
+
+
+def _dtype_keyword() -> str:
+    # diffusers renamed ``torch_dtype`` to ``dtype`` (the old name warns from 0.42 on).
+    from diffusers.pipelines import pipeline_utils
+
+    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+
+
+_DTYPE_KWARG = _dtype_keyword()
+
+
+def _model_class_name(model: str) -> str:
+    """``_class_name`` of a diffusers folder or hub id's model_index.json."""
+    if os.path.isdir(model):
+        index = os.path.join(model, "model_index.json")
+        if not os.path.isfile(index):
+            raise UnsupportedModelError(f"{model} is not a diffusers model folder (no model_index.json)")
+        with open(index, encoding="utf-8") as f:
+            return str(json.load(f).get("_class_name", ""))
+    from diffusers import DiffusionPipeline
+
+    return str(DiffusionPipeline.load_config(model).get("_class_name", ""))
+
+
+def load_pipeline(model: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **kwargs: Any) -> Prompt2PromptPipeline | Prompt2PromptXLPipeline:
+    """Load a Prompt-to-Prompt pipeline from a hub id or a local diffusers folder (SD 1.x/2.x or SDXL).
+
+    The pipeline class is picked from the folder's ``model_index.json``; ``attnctrl.models.SHAPES``
+    loads the embedded shapes model offline.
+    """
+    name = _model_class_name(model)
+    if "XL" in name:
+        cls: type = Prompt2PromptXLPipeline
+    elif name.startswith("StableDiffusion") or name in ("Prompt2PromptPipeline",):
+        cls = Prompt2PromptPipeline
+    else:
+        raise UnsupportedModelError(
+            f"{model} is a {name or 'unknown'} model; attnctrl's Prompt-to-Prompt supports Stable Diffusion 1.x/2.x "
+            "and SDXL (StableDiffusionPipeline / StableDiffusionXLPipeline folders)"
+        )
+    options: dict[str, Any] = dict(kwargs)
+    if dtype is not None:
+        options[_DTYPE_KWARG] = dtype
+    if cls is Prompt2PromptPipeline:
+        options.setdefault("safety_checker", None)
+        options.setdefault("requires_safety_checker", False)
+    pipe = cls.from_pretrained(model, **options)
+    if device is not None:
+        pipe = pipe.to(device)
+    return pipe
