@@ -144,7 +144,7 @@ def _edited_positions(word: str, edited: Sequence[PromptTokens], what: str) -> l
             found.append([])
             errors.append(str(err))
     if not any(found):
-        words = sorted({w for p in edited for w in p.word_list()})
+        words = list(dict.fromkeys(w for p in edited for w in p.word_list()))
         raise WordNotFoundError(f"{what}: the word {word!r} is in none of the edited prompts; their words are {words}")
     return found
 

@@ -10,7 +10,7 @@ from attnctrl.controller import EditController
 from attnctrl.edits import Refine, Replace, Reweight
 from attnctrl.errors import UnsupportedModelError
 from attnctrl.plan import compile_edit, compile_prompts
-from attnctrl.processors import PromptToPromptProcessor, install, restore
+from attnctrl.processors import PromptToPromptProcessor, install, is_installed, restore
 from attnctrl.processors._install import bind_timestep
 from attnctrl.store import AttentionStore
 
@@ -79,6 +79,11 @@ def control(
         backend: kernel backend name (None = best available).
     """
     check_pipeline(pipe)
+    if is_installed(pipe.unet):
+        raise RuntimeError(
+            "attnctrl processors are already installed on this UNet (an open attnctrl.control block, or a "
+            "Prompt2Prompt pipeline call in progress); nested control on one pipeline is not supported"
+        )
     if edit is not None:
         plan = compile_edit(edit, pipe.tokenizer, prompts)
         tokens = plan.prompts
