@@ -92,6 +92,10 @@ class PromptTokens:
             if [w.key for w in window] == keys:
                 for w in window:
                     found.extend(w.positions)
+        if not found and any(w.key in keys for w in self.words):
+            raise WordNotFoundError(
+                f"word {word!r} of {self.prompt!r} is past the {self.length}-token limit of the text encoder; shorten the prompt"
+            )
         if not found:
             raise WordNotFoundError(
                 f"word {word!r} is not in the prompt {self.prompt!r}; its words are {self.word_list()}"

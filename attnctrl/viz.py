@@ -223,12 +223,14 @@ def image_grid(
     cols: int,
     labels: Sequence[str] | None = None,
     *,
+    row_labels: Sequence[str] | None = None,
     path: str | os.PathLike[str] | None = None,
 ) -> Image.Image:
     """Images on a ``rows`` x ``cols`` grid (row-major), each with an optional label under it.
 
-    Images may differ in size: every cell gets the size of the largest, enlarged to a readable
-    size when tiny (nearest-neighbour) or shrunk when huge. Saved atomically as PNG if ``path``.
+    ``row_labels`` (one per row) are titles drawn above each row. Images may differ in size:
+    every cell gets the size of the largest, enlarged to a readable size when tiny
+    (nearest-neighbour) or shrunk when huge. Saved atomically as PNG if ``path``.
     """
     images = [_as_rgb(im) for im in images]
     if rows < 1 or cols < 1:
@@ -237,21 +239,29 @@ def image_grid(
         raise ValueError(f"{len(images)} images do not fit a {rows}x{cols} grid")
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"got {len(labels)} labels for {len(images)} images")
+    if row_labels is not None and len(row_labels) != rows:
+        raise ValueError(f"got {len(row_labels)} row labels for {rows} rows")
     w0 = max(im.size[0] for im in images)
     h0 = max(im.size[1] for im in images)
     cw, ch = _cell_size(w0, h0)
-    font = _font(12)
+    font, title_font = _font(12), _font(13)
     lh = _line_height(font)
+    width = cols * cw + (cols + 1) * _PAD
     wrapped = [_wrap(t, cw, font) for t in labels] if labels is not None else None
     label_h = (max(len(w) for w in wrapped) * lh + _PAD) if wrapped else 0
-    width = cols * cw + (cols + 1) * _PAD
-    height = rows * (ch + label_h) + (rows + 1) * _PAD
+    titles = [_wrap(t, width - 2 * _PAD, title_font) for t in row_labels] if row_labels is not None else None
+    title_h = (max(len(t) for t in titles) * _line_height(title_font) + _PAD // 2) if titles else 0
+    row_h = title_h + ch + label_h
+    height = rows * row_h + (rows + 1) * _PAD
     canvas = Image.new("RGB", (width, height), _BG)
     draw = ImageDraw.Draw(canvas)
+    if titles:
+        for r, title in enumerate(titles):
+            _draw_lines(draw, title, _PAD, _PAD + r * (row_h + _PAD), width - 2 * _PAD, title_font, _FG)
     for i, im in enumerate(images):
         r, c = divmod(i, cols)
         x = _PAD + c * (cw + _PAD)
-        y = _PAD + r * (ch + label_h + _PAD)
+        y = _PAD + r * (row_h + _PAD) + title_h
         # Keep each image's own aspect ratio inside the cell.
         s = min(cw / im.size[0], ch / im.size[1])
         shown = _fit(im, (max(1, round(im.size[0] * s)), max(1, round(im.size[1] * s))))
@@ -284,6 +294,7 @@ def word_map_figure(
     prompts: Sequence[str],
     path: str | os.PathLike[str] | None = None,
     alpha: float = 0.6,
+    skip_missing: bool = False,
 ) -> Image.Image:
     """One row per prompt: the generated image, then each word's attention map over it.
 
@@ -296,6 +307,8 @@ def word_map_figure(
         prompts: the prompt texts (row titles).
         path: save the figure atomically as PNG here.
         alpha: heatmap opacity of the overlays.
+        skip_missing: show an empty cell for a word that has no map (not in the prompt, or cut
+            off by the token limit) instead of raising ``WordNotFoundError``.
 
     Works at any image size and aspect ratio; maps are upsampled bilinearly to the image.
     """
@@ -323,11 +336,11 @@ def word_map_figure(
         shown = _fit(image, (max(1, round(image.size[0] * s)), max(1, round(image.size[1] * s))))
         cells: list[tuple[Image.Image | None, str]] = [(shown, "image")]
         for word in words:
-            if flat:
+            if flat or skip_missing:
                 try:
                     m = store.word_maps(i, word)
-                except ValueError:  # WordNotFoundError: the word is not in this prompt
-                    cells.append((None, f"{word} (not in prompt)"))
+                except ValueError:  # WordNotFoundError: not in this prompt, or past the token limit
+                    cells.append((None, f"{word} (no map)"))
                     continue
             else:
                 m = store.word_maps(i, word)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -32,12 +33,14 @@ Edit = Replace | Refine | Reweight
 
 @dataclass
 class Prompt2PromptOutput(BaseOutput):
-    """Images (source first, then each edited prompt; ``num_images_per_prompt`` each) and the
-    attention store with the cross-attention maps of every prompt."""
+    """Images (source first, then each edited prompt; ``num_images_per_prompt`` each), the
+    attention store with the cross-attention maps of every prompt, and with a LocalBlend the
+    final blend mask of every row, (rows, 1, latent_h, latent_w) float (1 = allowed to change)."""
 
     images: Any
     attention: AttentionStore | None = None
     nsfw_content_detected: list[bool] | None = None
+    blend_masks: torch.Tensor | None = None
 
 
 _LOCKS_GUARD = threading.Lock()
@@ -81,6 +84,12 @@ class _Prompt2PromptCall:
         if kwargs.get("prompt_2") not in (None, prompts, prompt):
             raise PromptMismatchError("prompt_2 must be left unset (or equal to prompt) with Prompt-to-Prompt: the edit is defined on prompt's words")
         n = 1 if num_images_per_prompt is None else int(num_images_per_prompt)
+        if edit is not None and (_is_stochastic(self.scheduler) or float(kwargs.get("eta") or 0.0) > 0):
+            warnings.warn(
+                f"{type(self.scheduler).__name__} (eta={kwargs.get('eta', 0.0)}) adds fresh noise to every row at every step, so the edited images "
+                "drift away from the source; use a deterministic sampler (DDIM, Euler, DPM++ 2M, Heun)",
+                stacklevel=3,
+            )
         sample_size = int(self.unet.config.sample_size)
         height = height or sample_size * self.vae_scale_factor
         width = width or sample_size * self.vae_scale_factor
@@ -102,10 +111,14 @@ class _Prompt2PromptCall:
                     return_dict=True,
                     **kwargs,
                 )
+                controller = session.controller
+                has_blend = controller.plan is not None and controller.plan.blend is not None
+                masks = controller.blend_masks() if has_blend else None
         result = Prompt2PromptOutput(
             images=out.images,
             attention=session.attention,
             nsfw_content_detected=getattr(out, "nsfw_content_detected", None),
+            blend_masks=masks,
         )
         return result if return_dict else (result.images, result.attention)
 
@@ -135,6 +148,12 @@ class _Prompt2PromptCall:
         if latents.shape[0] != n:
             raise ValueError(f"latents has batch {latents.shape[0]}; give 1, {n} (one per image) or {total} (every row)")
         return latents.repeat(num_prompts, 1, 1, 1)
+
+
+def _is_stochastic(scheduler: Any) -> bool:
+    name = type(scheduler).__name__
+    algorithm = str(getattr(scheduler.config, "algorithm_type", ""))
+    return "Ancestral" in name or "SDE" in name or "sde" in algorithm or name == "DDPMScheduler"
 
 
 def _chain_callbacks(

@@ -1,0 +1,725 @@
+"""The ``attnctrl`` command line: ``edit``, ``demo``, ``backends``, ``train-shapes``.
+
+A thin layer: it parses options into :mod:`attnctrl` edit objects, calls
+:func:`attnctrl.pipelines.load_pipeline` and the pipeline, and draws pictures with
+:mod:`attnctrl.viz`. Bad input ends with one ``error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import platform
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from . import errors as _errors
+
+__all__ = ["main", "build_parser", "UsageError"]
+
+# Deterministic samplers only: an ancestral sampler draws fresh noise per row at every step, so the
+# source and edited rows would drift apart.
+SCHEDULERS = ("ddim", "euler", "dpm++2m", "heun", "pndm")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "fp32", "fp16", "bf16")
+MAX_SIDE = 8192
+MAX_FIGURE_WORDS = 6
+
+
+class UsageError(ValueError):
+    """A command-line option is malformed (reported as ``error: ...``, exit code 2)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Parsing helpers (pure functions: tested without a model)
+# ------------------------------------------------------------------------------------------------
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"{what}: {text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise UsageError(f"{what}: {text!r} is not a finite number")
+    return value
+
+
+def parse_window(text: str, what: str) -> float | tuple[float, float]:
+    """``"0.8"`` -> 0.8 (the window (0, 0.8)); ``"0.2,0.6"`` -> (0.2, 0.6)."""
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) == 1:
+        return _number(parts[0], what)
+    if len(parts) == 2:
+        return (_number(parts[0], what), _number(parts[1], what))
+    raise UsageError(f"{what}: expected a fraction like 0.8 or a start,end pair like 0.2,0.6, got {text!r}")
+
+
+def parse_cross(values: Sequence[str] | None) -> Any:
+    """``--cross`` entries -> a fraction, a pair, or a per-word dict with a ``"default"`` key."""
+    if not values:
+        return 0.8
+    default: Any = None
+    words: dict[str, Any] = {}
+    for text in values:
+        if "=" in text:
+            word, _, window = text.partition("=")
+            word = word.strip()
+            if not word:
+                raise UsageError(f"--cross {text!r}: expected WORD=FRACTION (or WORD=START,END)")
+            if word in words:
+                raise UsageError(f"--cross: the word {word!r} is given twice")
+            words[word] = parse_window(window, f"--cross {text!r}")
+        else:
+            if default is not None:
+                raise UsageError("--cross: give the default window (a fraction or a pair) only once")
+            default = parse_window(text, f"--cross {text!r}")
+    if not words:
+        return default
+    out: dict[str, Any] = {"default": 0.8 if default is None else default}
+    out.update(words)
+    return out
+
+
+def parse_weights(values: Sequence[str] | None) -> dict[str, float | tuple[float, ...]]:
+    """``--weight WORD=X`` (or ``WORD=X1,X2`` with one factor per edited prompt) -> a dict."""
+    weights: dict[str, float | tuple[float, ...]] = {}
+    for text in values or ():
+        word, sep, factor = text.rpartition("=")
+        word = word.strip()
+        if not sep or not word or not factor.strip():
+            raise UsageError(f"--weight {text!r}: expected WORD=FACTOR, e.g. --weight red=2.0")
+        if word in weights:
+            raise UsageError(f"--weight: the word {word!r} is given twice")
+        parts = [_number(p.strip(), f"--weight {text!r}") for p in factor.split(",")]
+        weights[word] = parts[0] if len(parts) == 1 else tuple(parts)
+    return weights
+
+
+def parse_blend(values: Sequence[str] | None, num_prompts: int) -> list[list[str]] | None:
+    """``--blend`` entries -> one list of words per prompt (source first).
+
+    ``--blend WORD`` adds WORD for every prompt; ``--blend cat,tiger`` gives one word per prompt
+    (as many comma-separated words as prompts). Repeat the option to combine.
+    """
+    if not values:
+        return None
+    per_prompt: list[list[str]] = [[] for _ in range(num_prompts)]
+    for text in values:
+        parts = [p.strip() for p in text.split(",")]
+        if any(not p for p in parts):
+            raise UsageError(f"--blend {text!r}: empty word")
+        if len(parts) == 1:
+            for words in per_prompt:
+                if parts[0] not in words:
+                    words.append(parts[0])
+        elif len(parts) == num_prompts:
+            for words, word in zip(per_prompt, parts):
+                if word not in words:
+                    words.append(word)
+        else:
+            raise UsageError(
+                f"--blend {text!r}: {len(parts)} comma-separated words for {num_prompts} prompts; give one word "
+                "for every prompt, or one per prompt (source first)"
+            )
+    return per_prompt
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    """``"WxH"`` (or ``"N"`` for NxN) -> (width, height); both positive multiples of 8."""
+    if text is None:
+        return None
+    raw = text.lower().replace("×", "x").strip()
+    parts = raw.split("x")
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise UsageError(f"--size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. --size 512x512")
+    w, h = (int(p) for p in parts)
+    if w <= 0 or h <= 0 or w % 8 or h % 8:
+        raise UsageError(f"--size {text!r}: width and height must be positive multiples of 8 (e.g. 512x512 or 64x64)")
+    if w > MAX_SIDE or h > MAX_SIDE:
+        raise UsageError(f"--size {text!r}: at most {MAX_SIDE} pixels per side")
+    return w, h
+
+
+def build_edit(
+    mode: str,
+    *,
+    cross: Any = 0.8,
+    self_steps: Any = 0.4,
+    weights: Mapping[str, Any] | None = None,
+    blend: Sequence[Sequence[str]] | None = None,
+):
+    """The attnctrl edit for the options: Replace/Refine, with LocalBlend, chained into Reweight."""
+    from . import LocalBlend, Refine, Replace, Reweight
+
+    cls = {"replace": Replace, "refine": Refine}[mode]
+    base = cls(cross_steps=cross, self_steps=self_steps, blend=LocalBlend(blend) if blend else None)
+    if weights:
+        return Reweight(dict(weights), base=base)
+    return base
+
+
+def describe(obj: Any) -> Any:
+    """JSON-ready description of an edit (dataclasses, read-only mappings, tuples)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        out = {"type": type(obj).__name__}
+        for f in dataclasses.fields(obj):
+            out[f.name] = describe(getattr(obj, f.name))
+        return out
+    if isinstance(obj, Mapping):
+        return {str(k): describe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [describe(v) for v in obj]
+    return obj
+
+
+def _word_keys(prompt: str) -> list[str]:
+    from .tokens import normalize_word
+
+    keys: list[str] = []
+    for raw in prompt.split():
+        k = normalize_word(raw)
+        if k and k not in keys:
+            keys.append(k)
+    return keys
+
+
+def figure_words(
+    prompts: Sequence[str],
+    *,
+    blend: Sequence[Sequence[str]] | None = None,
+    weights: Mapping[str, Any] | None = None,
+    limit: int = MAX_FIGURE_WORDS,
+) -> list[list[str]]:
+    """Words to show per prompt: those that differ from the other side of the edit, blend words and
+    weighted words present in the prompt (prompt order, at most ``limit``)."""
+    keys = [_word_keys(p) for p in prompts]
+    source = set(keys[0])
+    edited_union = [set(k) for k in keys[1:]]
+    rows: list[list[str]] = []
+    for i, words in enumerate(keys):
+        if i == 0:
+            chosen = [w for w in words if any(w not in e for e in edited_union)]
+        else:
+            chosen = [w for w in words if w not in source]
+        extra = list(blend[i]) if blend else []
+        extra += [w for w in (weights or {}) if all(part in words for part in _word_keys(w))]
+        for w in extra:
+            key = " ".join(_word_keys(w))
+            if key and key not in chosen:
+                chosen.append(key)
+        rows.append(chosen[:limit])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Runtime helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    return name
+
+
+def _resolve_dtype(name: str, device: str):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def set_scheduler(pipe: Any, name: str | None) -> None:
+    """Replace ``pipe.scheduler`` by the named sampler, built from the model's scheduler config."""
+    if name is None:
+        return
+    import diffusers
+
+    options: dict[str, Any] = {}
+    cls_name = {
+        "ddim": "DDIMScheduler",
+        "euler": "EulerDiscreteScheduler",
+        "dpm++2m": "DPMSolverMultistepScheduler",
+        "heun": "HeunDiscreteScheduler",
+        "pndm": "PNDMScheduler",
+    }[name]
+    if name == "dpm++2m":
+        options = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **options)
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
+
+
+def versions() -> dict[str, str]:
+    from . import __version__
+
+    out = {"attnctrl": __version__, "python": platform.python_version()}
+    for name in ("torch", "diffusers", "transformers"):
+        module = sys.modules.get(name)
+        if module is None:
+            try:
+                module = __import__(name)
+            except ImportError:
+                continue
+        out[name] = str(getattr(module, "__version__", "?"))
+    return out
+
+
+def _threads_for(model: str, device: str) -> None:
+    """One CPU thread for the embedded shapes model (unless OMP_NUM_THREADS is set).
+
+    Its layers are so small that intra-op threads barely help, and on a busy machine they make
+    generation many times slower (measured: 26 s instead of 309 s for ``attnctrl demo`` on a
+    2-core CPU shared with another job).
+    """
+    from .models import SHAPES
+
+    if device != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    if os.path.abspath(os.path.expanduser(model)) == os.path.abspath(SHAPES):
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def _load(model: str, device: str, dtype: Any) -> Any:
+    from .pipelines import load_pipeline
+
+    looks_local = os.path.isabs(model) or model.startswith((".", "~")) or model.count("/") != 1 or os.path.exists(model)
+    path = os.path.expanduser(model)
+    if looks_local and not os.path.isdir(path):
+        raise UsageError(f"--model {model!r}: no such folder (give a diffusers model folder or a hub id like org/name)")
+    try:
+        return load_pipeline(path if os.path.isdir(path) else model, dtype=dtype, device=device)
+    except OSError as err:  # not downloadable (offline) or not a diffusers model
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UsageError(f"cannot load model {model!r}: {message}") from None
+
+
+def _generate(pipe: Any, prompts: Sequence[str], edit: Any, *, seed: int, steps: int, guidance: float,
+              size: tuple[int, int] | None, materialise: bool) -> Any:
+    import torch
+
+    kwargs: dict[str, Any] = {}
+    if size is not None:
+        kwargs["width"], kwargs["height"] = size
+    return pipe(
+        list(prompts),
+        edit=edit,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        materialise=materialise,
+        **kwargs,
+    )
+
+
+def _check_positive_int(value: int, what: str) -> None:
+    if value < 1:
+        raise UsageError(f"{what} must be at least 1, got {value}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Commands
+# ------------------------------------------------------------------------------------------------
+
+
+def cmd_edit(args: argparse.Namespace) -> int:
+    from . import viz
+    from .io import save_png_atomic, write_json_atomic
+
+    t_start = time.perf_counter()
+    edited = list(args.to or [])
+    weights = parse_weights(args.weight)
+    if not edited:
+        if not weights:
+            raise UsageError("give at least one edited prompt with --to (or --weight to reweight the source prompt)")
+        edited = [args.prompt]
+    prompts = [args.prompt] + edited
+    size = parse_size(args.size)
+    _check_positive_int(args.steps, "--steps")
+    if not math.isfinite(args.guidance):
+        raise UsageError(f"--guidance {args.guidance!r} is not a finite number")
+    cross = parse_cross(args.cross)
+    self_steps = parse_window(args.self_steps, "--self") if args.self_steps is not None else 0.4
+    blend = parse_blend(args.blend, len(prompts))
+    edit = build_edit(args.mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend)
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    model = args.model
+    if model is None:
+        from .models import SHAPES
+
+        model = SHAPES
+
+    _threads_for(model, device)
+    t0 = time.perf_counter()
+    pipe = _load(model, device, dtype)
+    set_scheduler(pipe, args.scheduler)
+    t_load = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    out = _generate(pipe, prompts, edit, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                    size=size, materialise=args.materialise)
+    t_generate = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    os.makedirs(args.out, exist_ok=True)
+    files = {"source": save_png_atomic(out.images[0], os.path.join(args.out, "source.png"))}
+    for k, image in enumerate(out.images[1:], start=1):
+        files[f"edit_{k}"] = save_png_atomic(image, os.path.join(args.out, f"edit_{k}.png"))
+    labels = [f"source: {prompts[0]}"] + [f"edit {k}: {p}" for k, p in enumerate(prompts[1:], start=1)]
+    files["grid"] = os.path.join(args.out, "grid.png")
+    viz.image_grid(out.images, 1, len(out.images), labels, path=files["grid"])
+    words = figure_words(prompts, blend=blend, weights=weights)
+    if out.attention is not None and any(words):
+        files["attention"] = os.path.join(args.out, "attention.png")
+        viz.word_map_figure(out.images, out.attention, words, prompts=prompts, path=files["attention"],
+                             skip_missing=True)
+    t_save = time.perf_counter() - t0
+
+    width, height = out.images[0].size
+    record = {
+        "command": "edit",
+        "argv": list(args.argv),
+        "model": model,
+        "pipeline": type(pipe).__name__,
+        "prompts": prompts,
+        "mode": args.mode,
+        "edit": describe(edit),
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "size": [width, height],
+        "scheduler": type(pipe.scheduler).__name__,
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": _torch_threads(),
+        "materialise": bool(args.materialise),
+        "attention_words": words,
+        "timings_s": {
+            "load": round(t_load, 3),
+            "generate": round(t_generate, 3),
+            "save": round(t_save, 3),
+            "total": round(time.perf_counter() - t_start, 3),
+        },
+        "versions": versions(),
+        "files": {k: os.path.basename(v) for k, v in files.items()},
+    }
+    files["run"] = write_json_atomic(record, os.path.join(args.out, "run.json"))
+    for path in files.values():
+        print(path)
+    return 0
+
+
+# The demo: every edit family on the embedded shapes model, one pipeline call each.
+DEMO_EDITS: tuple[dict[str, Any], ...] = (
+    dict(
+        name="replace",
+        title="Replace: colour swap",
+        prompts=["a red circle on the left", "a blue circle on the left"],
+        labels=["a red circle on the left", "red -> blue"],
+        edit=lambda A: A.Replace(),
+        words=[["red", "circle"], ["blue", "circle"]],
+    ),
+    dict(
+        name="replace_blend",
+        title="Replace + LocalBlend: shape swap, everything outside the shape kept",
+        prompts=["a yellow square on the right on a gray background", "a yellow star on the right on a gray background"],
+        labels=["a yellow square on the right on a gray background", "square -> star (blend)"],
+        edit=lambda A: A.Replace(blend=A.LocalBlend(["square", "star"])),
+        words=[["square", "yellow"], ["star", "yellow"]],
+    ),
+    dict(
+        name="refine",
+        title="Refine: words added (background)",
+        prompts=["a green triangle at the top", "a green triangle at the top on a black background"],
+        labels=["a green triangle at the top", "+ on a black background"],
+        edit=lambda A: A.Refine(),
+        words=[["triangle"], ["triangle", "black", "background"]],
+    ),
+    dict(
+        name="reweight",
+        title="Reweight: one word's attention scaled",
+        prompts=["a big purple circle in the centre"] * 3,
+        labels=["a big purple circle in the centre", "purple x0.2", "purple x3"],
+        edit=lambda A: A.Reweight({"purple": (0.2, 3.0)}, base=A.Replace()),
+        words=[["purple", "circle"]] * 3,
+    ),
+)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import attnctrl as A
+
+    from . import viz
+    from .io import write_json_atomic
+    from .models import SHAPES
+
+    t_start = time.perf_counter()
+    _check_positive_int(args.steps, "--steps")
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype("auto", device)
+    edits = [(spec, spec["edit"](A)) for spec in DEMO_EDITS]  # validate before loading anything
+
+    _threads_for(SHAPES, device)
+    t0 = time.perf_counter()
+    pipe = _load(SHAPES, device, dtype)
+    t_load = time.perf_counter() - t0
+    os.makedirs(args.out, exist_ok=True)
+
+    rows: list[list[Any]] = []
+    labels: list[list[str]] = []
+    records = []
+    attention_files = []
+    for k, (spec, edit) in enumerate(edits, start=1):
+        prompts = spec["prompts"]
+        print(f"[{k}/{len(edits)}] {spec['title']}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        out = _generate(pipe, prompts, edit, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                        size=None, materialise=False)
+        seconds = time.perf_counter() - t0
+        rows.append(list(out.images))
+        labels.append(list(spec["labels"]))
+        path = os.path.join(args.out, f"attention_{k}_{spec['name']}.png")
+        viz.word_map_figure(out.images, out.attention, spec["words"], prompts=prompts, path=path, skip_missing=True)
+        attention_files.append(path)
+        records.append({
+            "name": spec["name"],
+            "title": spec["title"],
+            "prompts": prompts,
+            "edit": describe(edit),
+            "attention_words": spec["words"],
+            "attention_figure": os.path.basename(path),
+            "seconds": round(seconds, 3),
+        })
+
+    cols = max(len(r) for r in rows)
+    images, flat_labels = [], []
+    for r, lab in zip(rows, labels):
+        pad = cols - len(r)
+        images += r + [_blank(r[0].size)] * pad
+        flat_labels += lab + [""] * pad
+    demo_png = os.path.join(args.out, "demo.png")
+    titles = [spec["title"] for spec, _ in edits]
+    viz.image_grid(images, len(rows), cols, flat_labels, row_labels=titles, path=demo_png)
+    record = {
+        "command": "demo",
+        "model": SHAPES,
+        "seed": args.seed,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "scheduler": type(pipe.scheduler).__name__,
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": _torch_threads(),
+        "edits": records,
+        "timings_s": {"load": round(t_load, 3), "total": round(time.perf_counter() - t_start, 3)},
+        "versions": versions(),
+        "files": ["demo.png"] + [os.path.basename(p) for p in attention_files],
+    }
+    demo_json = write_json_atomic(record, os.path.join(args.out, "demo.json"))
+    for path in [demo_png, *attention_files, demo_json]:
+        print(path)
+    print(f"done in {time.perf_counter() - t_start:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _blank(size: tuple[int, int]) -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", size, (255, 255, 255))
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    from . import kernels
+
+    available = kernels.available_backends()
+    print("available: " + (", ".join(available) if available else "(none)"))
+    for name in kernels.registered_backends():
+        backend = kernels.get_backend(name)
+        reason = backend.availability()
+        caps = backend.capabilities
+        dtypes = ", ".join(sorted(str(d).replace("torch.", "") for d in caps.dtypes))
+        details = (
+            f"priority {caps.priority}; devices {', '.join(sorted(caps.devices))}; dtypes {dtypes}; "
+            f"probabilities {'yes' if caps.returns_probs else 'no'}; autograd {'yes' if caps.supports_autograd else 'no'}"
+        )
+        status = "can run here" if reason is None else f"cannot run here: {reason}"
+        print(f"  {name}: {status} ({details})")
+    return 0
+
+
+def _train_entry() -> Callable[[list[str]], Any]:
+    """The training command's ``main(argv)``: the package's own, else the checkout's script."""
+    from .models.shapes import train as train_module
+
+    entry = getattr(train_module, "main", None)
+    if callable(entry):
+        return entry
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "train_shapes.py")
+    if os.path.isfile(script):
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("_attnctrl_train_shapes_script", script)
+        module = importlib.util.module_from_spec(spec)
+        assert spec.loader is not None
+        spec.loader.exec_module(module)
+        if callable(getattr(module, "main", None)):
+            return module.main
+    raise UsageError(
+        "train-shapes needs a source checkout of attnctrl (scripts/train_shapes.py); "
+        "or call attnctrl.models.shapes.train.train(...) from Python"
+    )
+
+
+def cmd_train_shapes(argv: list[str]) -> int:
+    entry = _train_entry()
+    program = sys.argv[0] if sys.argv else ""
+    if sys.argv:
+        sys.argv[0] = "attnctrl train-shapes"  # argparse's usage line names the program from argv[0]
+    try:
+        result = entry(list(argv))
+    finally:
+        if sys.argv:
+            sys.argv[0] = program
+    return int(result or 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Parser and main
+# ------------------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2 (argparse's own code)
+        self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="attnctrl", description="Training-free attention control for diffusers (Prompt-to-Prompt).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    e = sub.add_parser(
+        "edit",
+        help="edit a generated image by editing its prompt (Prompt-to-Prompt)",
+        description="Generate the source prompt and its edited versions from the same noise with Prompt-to-Prompt, "
+        "and write DIR/source.png, DIR/edit_N.png, DIR/grid.png, DIR/attention.png and DIR/run.json.",
+    )
+    e.add_argument("--model", default=None, help="diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
+    e.add_argument("--prompt", required=True, help="the source prompt")
+    e.add_argument("--to", action="append", metavar="EDITED", help="an edited prompt (repeat for several); optional with --weight")
+    e.add_argument("--mode", choices=("replace", "refine"), default="replace",
+                   help="replace: word swap, same number of words (default); refine: words added or changed freely")
+    e.add_argument("--weight", action="append", metavar="WORD=X",
+                   help="scale WORD's attention in the edited prompts (negative allowed; X1,X2 = one factor per edited prompt)")
+    e.add_argument("--blend", action="append", metavar="WORD",
+                   help="LocalBlend: only the region of WORD may change (repeat for several; cat,tiger = one word per prompt)")
+    e.add_argument("--cross", action="append", metavar="FRAC|A,B|WORD=FRAC",
+                   help="cross-attention window as a fraction of the steps (default 0.8); WORD=FRAC sets one word's window")
+    e.add_argument("--self", dest="self_steps", metavar="FRAC|A,B", help="self-attention window (default 0.4)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
+    e.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    e.add_argument("--size", metavar="WxH", help="image size in pixels, multiples of 8 (default: the model's own)")
+    e.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the model's own)")
+    e.add_argument("--device", choices=DEVICES, default="auto")
+    e.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
+    e.add_argument("--materialise", action="store_true", help="run the explicit reference attention instead of fused kernels")
+    e.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    e.set_defaults(func=cmd_edit)
+
+    d = sub.add_parser(
+        "demo",
+        help="run a few edits on the embedded shapes model (offline)",
+        description="Replace, Replace + LocalBlend, Refine and Reweight on the embedded shapes model; writes "
+        "DIR/demo.png, DIR/attention_*.png and DIR/demo.json.",
+    )
+    d.add_argument("--out", default="attnctrl-demo", metavar="DIR", help="output folder (default: attnctrl-demo)")
+    d.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--guidance", type=float, default=7.5, help=argparse.SUPPRESS)
+    d.add_argument("--device", choices=DEVICES, default="auto")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("backends", help="list the attention kernel backends and whether each can run here")
+    b.set_defaults(func=cmd_backends)
+
+    sub.add_parser(
+        "train-shapes",
+        help="train the embedded shapes model (arguments as scripts/train_shapes.py; see train-shapes --help)",
+        add_help=False,
+    )
+    return parser
+
+
+_ERROR_TYPES = tuple(getattr(_errors, name) for name in _errors.__all__)
+
+
+def _raised_by_attnctrl(exc: BaseException) -> bool:
+    """An attnctrl error, or a ValueError/TypeError raised by attnctrl's own code (not by this CLI,
+    not by a library underneath)."""
+    if isinstance(exc, (UsageError,) + _ERROR_TYPES):
+        return True
+    if not isinstance(exc, (ValueError, TypeError)):
+        return False
+    tb = exc.__traceback__
+    last = None
+    while tb is not None:
+        last = tb
+        tb = tb.tb_next
+    if last is None:
+        return False
+    filename = os.path.abspath(last.tb_frame.f_code.co_filename)
+    if filename == os.path.abspath(__file__):
+        return False
+    roots = []
+    for name in ("attnctrl", "attnctrl.pipelines", "attnctrl.processors", "attnctrl.app"):
+        module = sys.modules.get(name)
+        for root in getattr(module, "__path__", []) or []:
+            roots.append(os.path.abspath(root) + os.sep)
+    return any(filename.startswith(root) for root in roots)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``attnctrl`` command line; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "train-shapes":
+        try:
+            return cmd_train_shapes(argv[1:])
+        except UsageError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return 2
+    args.argv = argv
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, RuntimeError) as err:
+        if not _raised_by_attnctrl(err):
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
