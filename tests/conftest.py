@@ -7,7 +7,6 @@ some words are split into several tokens ("tiger" -> "ti" + "ger", "bicycle" -> 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -27,49 +26,10 @@ SPLIT_WORDS = {"tiger": ("ti", "ger"), "bicycle": ("bi", "cycle"), "watermelon":
 MAX_LENGTH = 16
 
 
-def _bytes_to_unicode() -> list[str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    extra = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in cs]
-
-
 def write_tokenizer(folder: Path) -> Path:
-    chars = _bytes_to_unicode()
-    vocab: dict[str, int] = {}
-    for c in chars:
-        vocab[c] = len(vocab)
-    for c in chars:
-        vocab[c + "</w>"] = len(vocab)
-    merges: list[str] = []
+    from attnctrl.models.shapes.tokenizer import write_vocab_files
 
-    def chain(piece: str, final: bool) -> None:
-        parts = list(piece)
-        if final:
-            parts[-1] += "</w>"
-        current = parts[0]
-        for p in parts[1:]:
-            rule = f"{current} {p}"
-            if rule not in merges:
-                merges.append(rule)
-            current += p
-            vocab.setdefault(current, len(vocab))
-
-    for w in WHOLE_WORDS:
-        chain(w, True)
-    for first, second in SPLIT_WORDS.values():
-        chain(first, False)
-        chain(second, True)
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    write_vocab_files(str(folder), WHOLE_WORDS, split=SPLIT_WORDS)
     return folder
 
 

@@ -1,0 +1,186 @@
+"""Exact scores for the shapes model: prompt following and Prompt-to-Prompt edit quality.
+
+Used by ``benchmarks/shapes_quality.py`` (the full held-out set) and by the tests (a small fixed
+subset). Every score comes from :func:`attnctrl.models.shapes.analyze`: no learned metric.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import EvalPrompt, analyze, with_article
+
+__all__ = [
+    "GenerationScores",
+    "SwapCase",
+    "SwapScores",
+    "score_generation",
+    "colour_swap_cases",
+    "score_colour_swap",
+]
+
+
+@dataclass(frozen=True)
+class GenerationScores:
+    """Fractions over images: colour and position of single-object prompts, both objects of pairs."""
+
+    colour_accuracy: float
+    position_accuracy: float
+    both_present: float
+    single_images: int
+    pair_images: int
+
+
+def _generate(pipe: Any, prompts: Sequence[str], seed: int, steps: int, guidance: float) -> np.ndarray:
+    """Plain generation (no edit), one image per prompt, each from the same seed's noise."""
+    out = []
+    for prompt in prompts:
+        image = pipe(
+            [prompt], edit=None, attention_store=False, num_inference_steps=steps, guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(seed), output_type="np",
+        ).images[0]
+        out.append(image)
+    return np.stack(out)
+
+
+def score_generation(
+    pipe: Any, prompts: Sequence[EvalPrompt], seeds: Sequence[int], *, steps: int = 30, guidance: float = 7.5
+) -> GenerationScores:
+    """Generate every prompt with every seed and score it with :func:`analyze`.
+
+    Single-object prompt: colour is right when the largest object has the asked colour; position
+    is right when the largest object of that colour sits in the asked grid cell. Two-object prompt:
+    both asked colours are present.
+    """
+    colour_ok = position_ok = singles = pairs_ok = pairs = 0
+    for seed in seeds:
+        images = _generate(pipe, [p.prompt for p in prompts], seed, steps, guidance)
+        for spec, image in zip(prompts, images):
+            found = analyze((image * 255).round().astype(np.uint8))
+            colours = [d.colour for d in found]
+            if len(spec.objects) == 1:
+                want = spec.objects[0]
+                singles += 1
+                colour_ok += bool(found) and found[0].colour == want.colour
+                match = [d for d in found if d.colour == want.colour]
+                position_ok += bool(match) and want.position is not None and match[0].position == want.position
+            else:
+                pairs += 1
+                pairs_ok += all(o.colour in colours for o in spec.objects)
+    return GenerationScores(
+        colour_accuracy=colour_ok / max(1, singles),
+        position_accuracy=position_ok / max(1, singles),
+        both_present=pairs_ok / max(1, pairs),
+        single_images=singles,
+        pair_images=pairs,
+    )
+
+
+@dataclass(frozen=True)
+class SwapCase:
+    """A colour word swap: ``source`` -> ``target`` where ``old`` becomes ``new``."""
+
+    source: str
+    target: str
+    old: str
+    new: str
+    shape: str
+
+
+def colour_swap_cases() -> list[SwapCase]:
+    """The fixed colour-swap set: one case per (shape, position, colour pair) below."""
+    pairs = [("red", "blue"), ("green", "purple"), ("yellow", "red"), ("blue", "orange"), ("purple", "green"), ("orange", "yellow")]
+    layouts = [("circle", "on the left"), ("square", "on the right"), ("triangle", "in the centre"), ("star", "at the top"),
+               ("circle", "in the bottom right corner"), ("square", "at the bottom")]
+    cases = []
+    for (old, new), (shape, position) in zip(pairs, layouts):
+        src = f"{with_article(old + ' ' + shape)} {position}"
+        tgt = f"{with_article(new + ' ' + shape)} {position}"
+        cases.append(SwapCase(src, tgt, old, new, shape))
+    return cases
+
+
+@dataclass(frozen=True)
+class SwapScores:
+    """Colour swap quality over ``images`` edits.
+
+    ``new_colour``: fraction of edited images whose largest object has the new colour.
+    ``mask_iou``: mean IoU between the source's and the edit's largest object masks.
+    ``background_psnr``: mean PSNR (dB) between source and edit outside the LocalBlend mask
+    (None when no blend was used); ``min_background_psnr`` the worst image.
+    """
+
+    new_colour: float
+    mask_iou: float
+    background_psnr: float | None
+    min_background_psnr: float | None
+    images: int
+
+
+def _largest(image: np.ndarray) -> Any:
+    found = analyze((image * 255).round().astype(np.uint8))
+    return found[0] if found else None
+
+
+def _iou(a: Any, b: Any) -> float:
+    if a is None or b is None:
+        return 0.0
+    union = (a.mask | b.mask).sum()
+    return float((a.mask & b.mask).sum() / union) if union else 0.0
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def score_colour_swap(
+    pipe: Any,
+    cases: Sequence[SwapCase],
+    seeds: Sequence[int],
+    *,
+    edit_factory: Any | None,
+    steps: int = 30,
+    guidance: float = 7.5,
+) -> SwapScores:
+    """Score a colour swap done by ``edit_factory(case)`` (an attnctrl edit), or, with
+    ``edit_factory=None``, the baseline: the target prompt generated alone from the source's noise.
+    """
+    new_ok, ious, psnrs, count = 0, [], [], 0
+    for seed in seeds:
+        for case in cases:
+            kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np",
+                          generator=torch.Generator().manual_seed(seed))
+            if edit_factory is None:
+                source = pipe([case.source], edit=None, attention_store=False, **kwargs).images[0]
+                kwargs["generator"] = torch.Generator().manual_seed(seed)
+                edited = pipe([case.target], edit=None, attention_store=False, **kwargs).images[0]
+                masks = None
+            else:
+                out = pipe([case.source, case.target], edit=edit_factory(case), **kwargs)
+                source, edited = out.images[0], out.images[1]
+                masks = out.blend_masks
+            a, b = _largest(source), _largest(edited)
+            new_ok += b is not None and b.colour == case.new
+            ious.append(_iou(a, b))
+            if masks is not None:
+                h, w = source.shape[:2]
+                region = torch.nn.functional.interpolate(masks[1:2].float().cpu(), size=(h, w), mode="nearest")[0, 0]
+                outside = (region == 0).numpy()
+                if outside.any():
+                    psnrs.append(_psnr(source[outside], edited[outside]))
+            count += 1
+    finite = [p for p in psnrs if math.isfinite(p)]
+    mean_psnr = None if not psnrs else (float(np.mean(finite)) if finite else math.inf)
+    return SwapScores(
+        new_colour=new_ok / max(1, count),
+        mask_iou=float(np.mean(ious)) if ious else 0.0,
+        background_psnr=mean_psnr,
+        min_background_psnr=min(psnrs) if psnrs else None,
+        images=count,
+    )

@@ -1,0 +1,671 @@
+"""Train the embedded shapes text-to-image model from scratch (CPU-friendly, resumable).
+
+Phases (state kept in ``work_dir``, so ``resume=True`` continues where a run stopped):
+
+1. ``vae``: an ``AutoencoderKL`` (64x64x3 -> 16x16x4) trained on rendered scenes (L1 + MSE + a small
+   KL term; mostly on random 32x32 crops, which is 4x cheaper and enough for flat shapes).
+2. ``encode``: the pre-rendered pool of scenes is encoded once (posterior mean); the latent
+   ``scaling_factor`` is 1 / std of those latents and is stored in the VAE config.
+3. ``unet``: a ``UNet2DConditionModel`` and a ``CLIPTextModel`` trained jointly on the pre-encoded
+   latents (epsilon prediction, DDPM ``scaled_linear`` betas as in SD, min-SNR-5 weighting, 10%
+   empty captions for classifier-free guidance, AdamW with warmup + cosine decay, EMA weights).
+4. ``export``: a stock Stable Diffusion folder (EMA weights, DDIM scheduler config, CLIP tokenizer)
+   written atomically to ``out_dir``.
+
+Deterministic for a given seed: the data and noise of step ``k`` are drawn from generators seeded by
+(seed, phase, k), so a resumed run sees exactly what an uninterrupted run would. Checkpoints are
+safetensors + JSON, written to a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import BACKGROUNDS, caption, item_scene, render_array
+from .tokenizer import MODEL_MAX_LENGTH, build_tokenizer, write_vocab_files
+
+__all__ = ["train", "finetune_decoder", "export_checkpoint", "vae_config", "unet_config", "text_config", "scheduler_config"]
+
+# ------------------------------------------------------------------------------------------------
+# Configs
+# ------------------------------------------------------------------------------------------------
+
+
+def vae_config() -> dict[str, Any]:
+    """AutoencoderKL config: 64x64 RGB -> 16x16x4 (three levels, factor 4)."""
+    return dict(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+
+
+def unet_config() -> dict[str, Any]:
+    """UNet2DConditionModel config: 16x16x4 latents, cross-attention at 16x16, 8x8 and 4x4 (mid)."""
+    return dict(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(48, 96, 128),
+        layers_per_block=1,
+        norm_num_groups=16,
+        cross_attention_dim=128,
+        attention_head_dim=4,  # diffusers' legacy name: this is the number of heads
+    )
+
+
+def text_config(tokenizer) -> dict[str, Any]:
+    """CLIPTextConfig kwargs matching ``tokenizer``."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        projection_dim=128,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def scheduler_config() -> dict[str, Any]:
+    """Noise schedule shared by training (DDPM) and the shipped DDIMScheduler."""
+    return dict(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Small helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    from tqdm.auto import tqdm
+
+    tqdm.write(time.strftime("%H:%M:%S ") + msg, file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _atomic_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _atomic_save_tensors(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_tensors(path: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(path)
+
+
+def _opt_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = opt.state_dict()
+    flat = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            flat[f"{pid}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return flat, sd["param_groups"]
+
+
+def _opt_from_flat(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    """Restore the moments saved by :func:`_opt_to_flat`. The param groups are the optimizer's own
+    (the learning rate is recomputed every step and the other hyper-parameters are fixed)."""
+    groups = opt.state_dict()["param_groups"]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in flat.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _swap_dir(tmp: str, final: str) -> None:
+    """Replace directory ``final`` by ``tmp`` (rename-based; ``final.old`` survives a crash)."""
+    old = final + ".old"
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+    if os.path.isdir(final):
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if os.path.isdir(old):
+        shutil.rmtree(old)
+
+
+def _to_pixels(u8: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float in [-1, 1]."""
+    return u8.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+def train(
+    out_dir: str,
+    *,
+    work_dir: str = "runs/shapes",
+    seed: int = 0,
+    minutes: float = 80.0,
+    vae_minutes: float = 10.0,
+    max_steps: int | None = None,
+    pool_size: int = 10_000,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    warmup: int = 150,
+    vae_batch_size: int = 16,
+    vae_lr: float = 1.5e-3,
+    vae_crop: int = 32,
+    cond_drop: float = 0.1,
+    ema_decay: float = 0.999,
+    min_snr_gamma: float = 5.0,
+    checkpoint_minutes: float = 5.0,
+    resume: bool = False,
+    device: str | None = None,
+    threads: int | None = 2,
+    log_every: int = 50,
+) -> str:
+    """Train the shapes model and write the diffusers folder to ``out_dir``; returns ``out_dir``.
+
+    ``minutes`` is the total wall-clock budget over all runs of this ``work_dir`` (resumes included);
+    ``vae_minutes`` of it go to the VAE. ``max_steps`` caps the UNet steps (default: as many as the
+    time budget allows; the cosine schedule is planned from the throughput measured after 20 steps).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from tqdm.auto import tqdm
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    os.makedirs(work_dir, exist_ok=True)
+    ckpt = os.path.join(work_dir, "ckpt")
+    state_path = os.path.join(ckpt, "state.json")
+    t_start = time.time()
+
+    if resume and not os.path.isdir(ckpt) and os.path.isdir(ckpt + ".old"):
+        os.rename(ckpt + ".old", ckpt)
+    if resume and os.path.exists(state_path):
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+        _log(f"resuming from {ckpt}: phase={state['phase']} vae_step={state['vae_step']} unet_step={state['unet_step']}")
+    else:
+        if os.path.isdir(ckpt) and not resume:
+            _log(f"starting fresh (ignoring existing checkpoint in {ckpt}; pass resume=True to continue)")
+        state = dict(
+            phase="vae", vae_step=0, vae_elapsed=0.0, unet_step=0, unet_elapsed=0.0, elapsed=0.0,
+            planned_steps=max_steps, scaling_factor=None, seed=seed, pool_size=pool_size,
+            batch_size=batch_size,
+        )
+    if "pool_size" not in state:
+        # checkpoints from before pool_size was recorded: trust the pre-encoded latents on disk
+        found = [n for n in os.listdir(work_dir) if n.startswith(f"latents_{seed}_") and n.endswith(".safetensors")]
+        state["pool_size"] = int(found[0][len(f"latents_{seed}_") : -len(".safetensors")]) if len(found) == 1 and state["phase"] != "vae" else pool_size
+    if int(state["pool_size"]) != pool_size:
+        _log(f"using the checkpoint's pool of {state['pool_size']} scenes (not {pool_size})")
+        pool_size = int(state["pool_size"])
+    if resume and max_steps is not None and state["phase"] in ("unet", "export", "done") and max_steps > state["unet_step"]:
+        # extend (or shorten) a finished/planned run: train on to max_steps
+        state["planned_steps"] = max_steps
+        state["phase"] = "unet"
+    elapsed0 = float(state["elapsed"])
+
+    def elapsed() -> float:
+        return elapsed0 + (time.time() - t_start)
+
+    budget = minutes * 60.0
+    tok_dir = os.path.join(work_dir, "tokenizer_src")
+    tokenizer = build_tokenizer(tok_dir)
+
+    # -------- pool of scenes (deterministic) --------
+    t0 = time.time()
+    scenes = [item_scene(i, seed)[0] for i in range(pool_size)]
+    _log(f"sampled {pool_size} scenes in {time.time() - t0:.1f}s")
+    need_pixels = state["phase"] in ("vae", "encode")
+    pool_u8 = None
+    if need_pixels:
+        t0 = time.time()
+        pool_u8 = torch.from_numpy(np.stack([render_array(s, 64) for s in scenes]))
+        _log(f"rendered {pool_size} images in {time.time() - t0:.1f}s")
+
+    vae = AutoencoderKL(**vae_config()).to(dev)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_config())
+    torch.manual_seed(seed + 1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
+    unet.to(dev)
+    text_encoder.to(dev)
+    n_params = {n: sum(p.numel() for p in m.parameters()) for n, m in [("vae", vae), ("unet", unet), ("text_encoder", text_encoder)]}
+    _log(f"params: {n_params} (fp32 MB: {sum(n_params.values()) * 4 / 2**20:.1f}) device={dev}")
+
+    if os.path.exists(os.path.join(ckpt, "vae.safetensors")):
+        vae.load_state_dict(_load_tensors(os.path.join(ckpt, "vae.safetensors")))
+
+    def save_ckpt(extra: dict[str, dict[str, torch.Tensor]], groups: list | None = None) -> None:
+        tmp = ckpt + ".new"
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(tmp)
+        # carry over files from the previous checkpoint that this save does not rewrite
+        if os.path.isdir(ckpt):
+            for name in os.listdir(ckpt):
+                if name.endswith(".safetensors") and name[: -len(".safetensors")] not in extra:
+                    shutil.copy2(os.path.join(ckpt, name), os.path.join(tmp, name))
+        for name, tensors in extra.items():
+            _atomic_save_tensors(os.path.join(tmp, name + ".safetensors"), tensors)
+        state["elapsed"] = elapsed()
+        st = dict(state)
+        if groups is not None:
+            st["optimizer_param_groups"] = groups
+        _atomic_json(os.path.join(tmp, "state.json"), st)
+        _swap_dir(tmp, ckpt)
+
+    # ================= phase 1: VAE =================
+    if state["phase"] == "vae":
+        vae.train()
+        opt = torch.optim.AdamW(vae.parameters(), lr=vae_lr, weight_decay=0.0)
+        if os.path.exists(os.path.join(ckpt, "vae_opt.safetensors")):
+            _opt_from_flat(opt, _load_tensors(os.path.join(ckpt, "vae_opt.safetensors")))
+        vae_budget = min(vae_minutes * 60.0, budget * 0.5)
+        last_ck = time.time()
+        t_phase = time.time()
+        vae_el0 = float(state["vae_elapsed"])
+        bar = tqdm(desc="vae", unit="step", initial=state["vae_step"], file=sys.stderr, mininterval=5.0)
+        ema_loss = None
+        while vae_el0 + (time.time() - t_phase) < vae_budget:
+            step = state["vae_step"]
+            rng = np.random.default_rng([seed, 1, step])
+            idx_np = rng.integers(0, pool_size, vae_batch_size)
+            idx = torch.from_numpy(idx_np)
+            x = _to_pixels(pool_u8[idx])
+            if vae_crop and step % 16 != 15:
+                # crops (on the 4-pixel latent grid) that contain an object, so every sample teaches colours
+                crops = []
+                for k, i in enumerate(idx_np):
+                    sc = scenes[int(i)]
+                    o = sc.objects[int(rng.integers(len(sc.objects)))]
+                    cx, cy = (v * 64 for v in o.centre)
+                    lo_x = int(np.clip(cx - vae_crop + 6, 0, 64 - vae_crop)) // 4
+                    hi_x = int(np.clip(cx - 6, 0, 64 - vae_crop)) // 4
+                    lo_y = int(np.clip(cy - vae_crop + 6, 0, 64 - vae_crop)) // 4
+                    hi_y = int(np.clip(cy - 6, 0, 64 - vae_crop)) // 4
+                    ox = 4 * int(rng.integers(min(lo_x, hi_x), max(lo_x, hi_x) + 1))
+                    oy = 4 * int(rng.integers(min(lo_y, hi_y), max(lo_y, hi_y) + 1))
+                    crops.append(x[k, :, oy : oy + vae_crop, ox : ox + vae_crop])
+                x = torch.stack(crops)
+            b = (torch.stack([torch.tensor(BACKGROUNDS[scenes[int(i)].background], dtype=torch.float32) for i in idx_np]) / 127.5 - 1.0)[:, :, None, None]
+            x, b = x.to(dev), b.to(dev)
+            for g in opt.param_groups:
+                g["lr"] = vae_lr * min(1.0, (step + 1) / 100)
+            post = vae.encode(x).latent_dist
+            g_noise = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + step)
+            z = post.mean + post.std * torch.randn(post.mean.shape, generator=g_noise).to(dev)
+            rec = vae.decode(z).sample
+            # pixels of objects weigh 5x: they are few, and their colours are what matters
+            w = 1.0 + 4.0 * ((x - b).abs().amax(dim=1, keepdim=True) > 0.1).float()
+            rec_loss = (w * ((rec - x).abs() + (rec - x).pow(2))).mean() / w.mean()
+            loss = rec_loss + 1e-6 * post.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            state["vae_step"] = step + 1
+            ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+            bar.update(1)
+            if (step + 1) % log_every == 0:
+                _log(f"vae step {step + 1} loss {ema_loss:.4f}")
+            if time.time() - last_ck > checkpoint_minutes * 60.0:
+                state["vae_elapsed"] = vae_el0 + (time.time() - t_phase)
+                flat, groups = _opt_to_flat(opt)
+                save_ckpt({"vae": vae.state_dict(), "vae_opt": flat}, groups)
+                last_ck = time.time()
+        bar.close()
+        state["vae_elapsed"] = vae_el0 + (time.time() - t_phase)
+        state["phase"] = "encode"
+        save_ckpt({"vae": vae.state_dict()})
+        _log(f"vae done: {state['vae_step']} steps in {state['vae_elapsed']:.0f}s")
+
+    # ================= phase 2: encode the pool =================
+    lat_path = os.path.join(work_dir, f"latents_{seed}_{pool_size}.safetensors")
+    vae.eval()
+    if state["phase"] == "encode" or not os.path.exists(lat_path):
+        if pool_u8 is None:
+            pool_u8 = torch.from_numpy(np.stack([render_array(s, 64) for s in scenes]))
+        t0 = time.time()
+        lats = []
+        with torch.no_grad():
+            for i in range(0, pool_size, 256):
+                lats.append(vae.encode(_to_pixels(pool_u8[i : i + 256]).to(dev)).latent_dist.mean.cpu())
+            lat = torch.cat(lats)
+            # reconstruction quality on 256 pool images (full 64x64, posterior mean)
+            x = _to_pixels(pool_u8[:256]).to(dev)
+            rec = vae.decode(lat[:256].to(dev)).sample.clamp(-1, 1)
+            mse = F.mse_loss((rec + 1) / 2, (x + 1) / 2).item()
+            psnr = 10 * math.log10(1.0 / max(mse, 1e-12))
+        from . import analyze
+
+        ok = sum(
+            sorted((d.colour, d.position) for d in analyze(r)) == sorted((o.colour, o.position) for o in sc.objects)
+            for r, sc in zip(rec[:100].cpu(), scenes[:100])
+        )
+        state["vae_analyze_ok"] = ok / 100.0
+        _log(f"VAE reconstructions: analyze() right on {ok}/100")
+        mean, std = lat.mean().item(), lat.std().item()
+        state["scaling_factor"] = 1.0 / std
+        state["latent_mean"] = mean
+        state["vae_psnr"] = psnr
+        _log(f"encoded pool in {time.time() - t0:.0f}s; latent mean {mean:.3f} std {std:.3f} -> scaling_factor {1 / std:.4f}; VAE PSNR {psnr:.2f} dB")
+        _atomic_save_tensors(lat_path, {"latents": lat})
+        state["phase"] = "unet"
+        save_ckpt({})
+    pool_u8 = None
+    latents = _load_tensors(lat_path)["latents"].to(dev) * float(state["scaling_factor"])
+    vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
+
+    # ================= phase 3: UNet + text encoder =================
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, betas=(0.9, 0.99))
+    ema = [p.detach().clone() for p in params]
+    if os.path.exists(os.path.join(ckpt, "unet.safetensors")):
+        unet.load_state_dict(_load_tensors(os.path.join(ckpt, "unet.safetensors")))
+        text_encoder.load_state_dict(_load_tensors(os.path.join(ckpt, "text_encoder.safetensors")), strict=False)
+        ema_sd = _load_tensors(os.path.join(ckpt, "ema.safetensors"))
+        ema = [ema_sd[str(i)].to(dev) for i in range(len(params))]
+        if os.path.exists(os.path.join(ckpt, "unet_opt.safetensors")):
+            _opt_from_flat(opt, _load_tensors(os.path.join(ckpt, "unet_opt.safetensors")))
+    noise_sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k not in ("set_alpha_to_one", "steps_offset")})
+    alphas_cumprod = noise_sched.alphas_cumprod.to(dev)
+    snr_all = alphas_cumprod / (1 - alphas_cumprod)
+
+    def unet_ckpt() -> None:
+        flat, groups = _opt_to_flat(opt)
+        save_ckpt(
+            {
+                "unet": unet.state_dict(),
+                "text_encoder": text_encoder.state_dict(),
+                "ema": {str(i): e for i, e in enumerate(ema)},
+                "unet_opt": flat,
+            },
+            groups,
+        )
+
+    if state["phase"] == "unet":
+        unet.train()
+        text_encoder.train()
+        reserve = 60.0  # seconds kept for the export
+        last_ck = time.time()
+        t_measure = None
+        bar = tqdm(desc="unet", unit="step", initial=state["unet_step"], total=state["planned_steps"], file=sys.stderr, mininterval=10.0)
+        ema_loss = None
+        while True:
+            step = state["unet_step"]
+            planned = state["planned_steps"]
+            if planned is not None and step >= planned:
+                break
+            if elapsed() > budget - reserve:
+                _log("time budget reached")
+                break
+            if step == state.get("measure_from", -1) + 20 and planned is None and t_measure is not None:
+                per_step = (time.time() - t_measure) / 20.0
+                left = budget - reserve - elapsed()
+                state["planned_steps"] = planned = step + int(left / per_step)
+                if max_steps is not None:
+                    state["planned_steps"] = planned = min(planned, max_steps)
+                bar.total = planned
+                _log(f"{per_step:.3f}s/step ({batch_size / per_step:.1f} img/s) -> planning {planned} UNet steps")
+            if step == 5 and state.get("planned_steps") is None and t_measure is None:
+                t_measure = time.time()
+                state["measure_from"] = step
+            if t_measure is None and state.get("planned_steps") is None and step > 5:
+                t_measure = time.time()
+                state["measure_from"] = step
+            rng = np.random.default_rng([seed, 2, step])
+            idx = rng.integers(0, pool_size, batch_size)
+            texts = ["" if rng.random() < cond_drop else caption(scenes[int(i)], rng) for i in idx]
+            ids = tokenizer(texts, padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids.to(dev)
+            x0 = latents[torch.from_numpy(idx).to(dev)]
+            g_noise = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + 7 + step)
+            noise = torch.randn(x0.shape, generator=g_noise).to(dev)
+            t = torch.randint(0, 1000, (batch_size,), generator=g_noise).to(dev)
+            noisy = noise_sched.add_noise(x0, noise, t)
+            plan = planned or max(step + 1, warmup * 10)
+            frac = min(1.0, max(0.0, (step - warmup) / max(1, plan - warmup)))
+            cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+            for g in opt.param_groups:
+                g["lr"] = cur_lr
+            hidden = text_encoder(ids)[0]
+            pred = unet(noisy, t, hidden).sample
+            snr = snr_all[t]
+            w = torch.clamp(snr, max=min_snr_gamma) / snr
+            loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            d = min(ema_decay, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_mul_(ema, d)
+                torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - d)
+            state["unet_step"] = step + 1
+            ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+            bar.update(1)
+            if (step + 1) % log_every == 0:
+                _log(f"unet step {step + 1}/{planned} loss {ema_loss:.4f} lr {cur_lr:.2e} elapsed {elapsed() / 60:.1f}min")
+            if time.time() - last_ck > checkpoint_minutes * 60.0:
+                unet_ckpt()
+                last_ck = time.time()
+        bar.close()
+        state["phase"] = "export"
+        unet_ckpt()
+
+    # ================= phase 4: export =================
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    _export(out_dir, vae, text_encoder, tokenizer, unet)
+    state["phase"] = "done"
+    save_ckpt({})
+    _log(f"wrote {out_dir} ({_dir_mb(out_dir):.1f} MB); total {elapsed() / 60:.1f} min")
+    return out_dir
+
+
+def finetune_decoder(
+    work_dir: str = "runs/shapes",
+    *,
+    seed: int = 0,
+    minutes: float = 20.0,
+    batch_size: int = 16,
+    lr: float = 5e-4,
+    crop: int = 8,
+    latent_noise: float = 0.1,
+    object_weight: float = 4.0,
+    threads: int | None = 2,
+    checkpoint_minutes: float = 3.0,
+    device: str | None = None,
+) -> str:
+    """Fine-tune only the VAE decoder (encoder frozen, so the latent space and the UNet are
+    unaffected) on the pre-encoded pool; resumable. Writes ``work_dir/vae_decoder_ft.safetensors``
+    (a full VAE state dict) which :func:`export_checkpoint` then prefers.
+
+    Trains on random ``crop`` x ``crop`` latent crops (every 4th step the full 16x16), with Gaussian
+    noise of ``latent_noise`` x the latent std added to the posterior mean (robustness to imperfect
+    UNet samples), and pixels that are not background weighted ``1 + object_weight`` (colours of
+    objects matter most).
+    """
+    from diffusers import AutoencoderKL
+    from tqdm.auto import tqdm
+
+    if threads and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    ckpt = os.path.join(work_dir, "ckpt")
+    lat_files = sorted(n for n in os.listdir(work_dir) if n.startswith(f"latents_{seed}_") and n.endswith(".safetensors"))
+    if not lat_files:
+        raise FileNotFoundError(f"no pre-encoded latents in {work_dir}; run train() past its encode phase first")
+    lat_path = os.path.join(work_dir, lat_files[-1])
+    lat = _load_tensors(lat_path)["latents"]
+    pool_size = lat.shape[0]
+    scenes = [item_scene(i, seed)[0] for i in range(pool_size)]
+    pool_u8 = torch.from_numpy(np.stack([render_array(s_, 64) for s_ in scenes]))
+    bg = torch.stack([torch.tensor(BACKGROUNDS[s_.background], dtype=torch.float32) for s_ in scenes]) / 127.5 - 1.0
+    out_path = os.path.join(work_dir, "vae_decoder_ft.safetensors")
+    opt_path = os.path.join(work_dir, "vae_decoder_ft_opt.safetensors")
+    st_path = os.path.join(work_dir, "vae_decoder_ft.json")
+    vae = AutoencoderKL(**vae_config())
+    st = {"step": 0, "elapsed": 0.0}
+    if os.path.exists(out_path) and os.path.exists(st_path):
+        vae.load_state_dict(_load_tensors(out_path))
+        with open(st_path, encoding="utf-8") as f:
+            st = json.load(f)
+    else:
+        vae.load_state_dict(_load_tensors(os.path.join(ckpt, "vae.safetensors")))
+    vae.to(dev).train()
+    dec_params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p_ in vae.parameters():
+        p_.requires_grad_(False)
+    for p_ in dec_params:
+        p_.requires_grad_(True)
+    opt = torch.optim.AdamW(dec_params, lr=lr, weight_decay=0.0)
+    if os.path.exists(opt_path):
+        _opt_from_flat(opt, _load_tensors(opt_path))
+    lat_std = float(lat.std())
+    t0, last_ck = time.time(), time.time()
+    el0 = float(st["elapsed"])
+    bar = tqdm(desc="decoder", unit="step", initial=st["step"], file=sys.stderr, mininterval=10.0)
+    ema_loss = None
+
+    def save() -> None:
+        st["elapsed"] = el0 + (time.time() - t0)
+        flat, groups = _opt_to_flat(opt)
+        _atomic_save_tensors(out_path, vae.state_dict())
+        _atomic_save_tensors(opt_path, flat)
+        _atomic_json(st_path, dict(st, optimizer_param_groups=groups, latents=lat_path))
+
+    while el0 + (time.time() - t0) < minutes * 60.0:
+        step = st["step"]
+        rng = np.random.default_rng([seed, 3, step])
+        idx = torch.from_numpy(rng.integers(0, pool_size, batch_size))
+        z = lat[idx]
+        x = _to_pixels(pool_u8[idx])
+        b = bg[idx][:, :, None, None]
+        c = crop if (crop and step % 4 != 3) else z.shape[-1]
+        oy, ox = (int(v) for v in rng.integers(0, z.shape[-1] - c + 1, 2))
+        z = z[:, :, oy : oy + c, ox : ox + c]
+        x = x[:, :, oy * 4 : (oy + c) * 4, ox * 4 : (ox + c) * 4]
+        g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + 11 + step)
+        z = z + latent_noise * lat_std * torch.randn(z.shape, generator=g)
+        z, x, b = z.to(dev), x.to(dev), b.to(dev)
+        rec = vae.decode(z).sample
+        w = 1.0 + object_weight * ((x - b).abs().amax(dim=1, keepdim=True) > 0.1).float()
+        loss = (w * ((rec - x).abs() + (rec - x).pow(2))).mean() / w.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(dec_params, 1.0)
+        opt.step()
+        st["step"] = step + 1
+        ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+        bar.update(1)
+        if (step + 1) % 50 == 0:
+            _log(f"decoder step {step + 1} loss {ema_loss:.4f}")
+        if time.time() - last_ck > checkpoint_minutes * 60.0:
+            save()
+            last_ck = time.time()
+    bar.close()
+    save()
+    _log(f"decoder fine-tune: {st['step']} steps, {st['elapsed'] / 60:.1f} min -> {out_path}")
+    return out_path
+
+
+def _dir_mb(path: str) -> float:
+    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2**20
+
+
+def _export(out_dir: str, vae, text_encoder, tokenizer, unet) -> None:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval().cpu(),
+        text_encoder=text_encoder.eval().cpu(),
+        tokenizer=tokenizer,
+        unet=unet.eval().cpu(),
+        scheduler=DDIMScheduler(**scheduler_config()),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out_dir = os.path.abspath(out_dir)
+    tmp = out_dir + ".tmp"
+    if os.path.isdir(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    pipe.save_pretrained(tmp, safe_serialization=True)
+    # vocab.json + merges.txt too, so the slow CLIPTokenizer of older transformers loads the folder
+    write_vocab_files(os.path.join(tmp, "tokenizer"))
+    _swap_dir(tmp, out_dir)
+
+
+def export_checkpoint(work_dir: str, out_dir: str, *, use_ema: bool = True) -> str:
+    """Write a diffusers folder from the latest checkpoint in ``work_dir`` (e.g. to sample mid-run).
+
+    Uses ``work_dir/vae_decoder_ft.safetensors`` (from :func:`finetune_decoder`) when present."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    ckpt = os.path.join(work_dir, "ckpt")
+    with open(os.path.join(ckpt, "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    tokenizer = build_tokenizer(os.path.join(out_dir + ".tok"))
+    shutil.rmtree(out_dir + ".tok", ignore_errors=True)
+    vae = AutoencoderKL(**vae_config())
+    ft = os.path.join(work_dir, "vae_decoder_ft.safetensors")
+    vae.load_state_dict(_load_tensors(ft if os.path.exists(ft) else os.path.join(ckpt, "vae.safetensors")))
+    vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
+    unet = UNet2DConditionModel(**unet_config())
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
+    unet.load_state_dict(_load_tensors(os.path.join(ckpt, "unet.safetensors")))
+    text_encoder.load_state_dict(_load_tensors(os.path.join(ckpt, "text_encoder.safetensors")), strict=False)
+    if use_ema:
+        ema = _load_tensors(os.path.join(ckpt, "ema.safetensors"))
+        params = list(unet.parameters()) + list(text_encoder.parameters())
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                p.copy_(ema[str(i)])
+    _export(out_dir, vae, text_encoder, tokenizer, unet)
+    return out_dir

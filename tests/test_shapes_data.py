@@ -1,0 +1,309 @@
+"""Fast tests of the shapes data generator, tokenizer and analyzer (no model needed)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from attnctrl.models import SHAPES
+from attnctrl.models.shapes import (
+    BACKGROUNDS,
+    COLOURS,
+    HELD_OUT,
+    HELD_OUT_PAIRS,
+    POSITIONS,
+    SHAPE_KINDS,
+    VOCABULARY,
+    Scene,
+    SceneObject,
+    ShapesDataset,
+    analyze,
+    background_colour,
+    caption,
+    held_out_prompts,
+    is_held_out,
+    item,
+    item_scene,
+    render,
+    sample_scene,
+    with_article,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_shapes_path_and_light_import():
+    assert os.path.isabs(SHAPES) and SHAPES.endswith(os.path.join("shapes", "model"))
+    # attnctrl.models / attnctrl.models.shapes add neither diffusers nor torch to what `import attnctrl` loads
+    code = (
+        "import sys, attnctrl; had_torch = 'torch' in sys.modules; "
+        "import attnctrl.models, attnctrl.models.shapes; "
+        "assert 'diffusers' not in sys.modules, 'diffusers imported'; "
+        "assert had_torch or 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_items_are_deterministic():
+    for i in (0, 1, 17, 999):
+        a_img, a_txt = item(i, seed=3)
+        b_img, b_txt = item(i, seed=3)
+        assert a_txt == b_txt
+        assert np.array_equal(np.asarray(a_img), np.asarray(b_img))
+        assert a_img.size == (64, 64) and a_img.mode == "RGB"
+    ds = ShapesDataset(seed=3, length=10)
+    assert len(ds) == 10 and ds[5][1] == item(5, seed=3)[1]
+    with pytest.raises(IndexError):
+        ds[10]
+    # different seeds give different data
+    assert [item(i, seed=0)[1] for i in range(20)] != [item(i, seed=1)[1] for i in range(20)]
+
+
+def test_articles():
+    assert with_article("red circle") == "a red circle"
+    assert with_article("orange star") == "an orange star"
+    assert with_article("small orange star") == "a small orange star"
+
+
+def _words(text: str) -> list[str]:
+    return text.split()
+
+
+def test_captions_grammar_and_background_rule():
+    vocab = set(VOCABULARY)
+    n_two = n_pos = n_center = n_no_bg = 0
+    for i in range(1500):
+        scene, text = item_scene(i, seed=0)
+        words = _words(text)
+        assert set(words) <= vocab, text
+        for w, nxt in zip(words, words[1:]):
+            if w == "a":
+                assert nxt[0] not in "aeiou", text
+            if w == "an":
+                assert nxt[0] in "aeiou", text
+        for o in scene.objects:
+            assert f"{o.colour} {o.shape}" in text, text
+        if scene.background != "white":
+            assert re.search(rf"on a {'(gray|grey)' if scene.background == 'gray' else scene.background} background$", text), text
+        if "background" not in text:
+            n_no_bg += 1
+            assert scene.background == "white", text
+        n_two += len(scene.objects) == 2
+        n_pos += any(p in text for p in POSITIONS) or "in the center" in text
+        n_center += "center" in words
+        if len(scene.objects) == 2:
+            a, b = scene.objects
+            assert a.position != b.position and a.colour != b.colour
+            assert " and " in text
+    assert 400 < n_two < 800
+    assert n_pos > 900 and n_center > 10 and n_no_bg > 500
+
+
+def test_caption_mentions_positions_when_asked():
+    rng = np.random.default_rng(0)
+    scene = Scene("black", (SceneObject("orange", "star", "at the bottom", "small"),))
+    text = caption(scene, rng, position_prob=1.0, size_prob=0.0)
+    assert text.endswith("an orange star at the bottom on a black background"), text
+
+
+def test_held_out_never_in_training():
+    pos_re = "|".join(re.escape(p) for p in list(POSITIONS) + ["in the center"])
+    for i in range(4000):
+        scene, text = item_scene(i, seed=0)
+        assert not is_held_out(scene)
+        for o in scene.objects:
+            assert (o.colour, o.shape, o.position) not in set(HELD_OUT)
+        for c, s, p in HELD_OUT:
+            p_alias = "in the center" if p == "in the centre" else p
+            for pp in {p, p_alias}:
+                assert not re.search(rf"\b{c} {s} {re.escape(pp)}", text), text
+        if len(scene.objects) == 2:
+            pair = frozenset((o.colour, o.shape) for o in scene.objects)
+            assert pair not in {frozenset(p) for p in HELD_OUT_PAIRS}
+    assert pos_re  # keep the helper honest
+    # but held-out scenes can be sampled for evaluation
+    rng = np.random.default_rng(0)
+    assert any(is_held_out(sample_scene(rng, allow_held_out=True)) for _ in range(3000))
+
+
+def test_held_out_prompts():
+    prompts = held_out_prompts()
+    singles = [p for p in prompts if len(p.objects) == 1]
+    doubles = [p for p in prompts if len(p.objects) == 2]
+    assert len(singles) == len(HELD_OUT) and len(doubles) >= len(HELD_OUT_PAIRS)
+    for p in prompts:
+        for o in p.objects:
+            assert o.colour in COLOURS and o.shape in SHAPE_KINDS
+            assert o.position is None or o.position in POSITIONS
+            assert f"{o.colour} {o.shape}" in p.prompt
+    assert singles[0].prompt == "a red star on the left"
+    assert held_out_prompts() == prompts  # fixed
+
+
+# ------------------------------------------------------------------ tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from attnctrl.models.shapes.tokenizer import build_tokenizer
+
+    return build_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+def test_tokenizer_vocab_words(tokenizer):
+    from transformers import CLIPTokenizer
+
+    from attnctrl.models.shapes.tokenizer import SPLIT_WORDS
+
+    assert isinstance(tokenizer, CLIPTokenizer)
+    assert tokenizer.model_max_length == 32
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer.bos_token == "<|startoftext|>"
+    for w in VOCABULARY:
+        toks = tokenizer.tokenize(w)
+        if w in SPLIT_WORDS:
+            pieces = SPLIT_WORDS[w]
+            assert toks == list(pieces[:-1]) + [pieces[-1] + "</w>"], (w, toks)
+        else:
+            assert toks == [w + "</w>"], (w, toks)
+    assert tokenizer.tokenize("triangle") == ["tri", "angle</w>"]
+    assert tokenizer.tokenize("purple") == ["pur", "ple</w>"]
+
+
+def test_tokenizer_round_trip_and_any_text(tokenizer):
+    for i in range(200):
+        text = item(i, seed=5)[1]
+        ids = tokenizer(text).input_ids
+        assert len(ids) <= 32
+        assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    odd = "Héllo, wörld! 123 ☃ zebra"
+    ids = tokenizer(odd).input_ids
+    assert tokenizer.unk_token_id not in ids[1:-1]
+    # CLIP's decode puts spaces between pre-tokenized pieces ("wörld !"); the characters survive
+    assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == odd.lower().replace(" ", "")
+    padded = tokenizer("a red circle", padding="max_length", max_length=32).input_ids
+    assert len(padded) == 32 and padded[-1] == tokenizer.pad_token_id
+
+
+def test_tokenizer_files_are_clip_layout(tmp_path):
+    import json
+
+    from attnctrl.models.shapes.tokenizer import bytes_to_unicode, write_vocab_files
+
+    vpath, mpath = write_vocab_files(str(tmp_path))
+    vocab = json.load(open(vpath, encoding="utf-8"))
+    chars = list(bytes_to_unicode().values())
+    assert len(chars) == 256
+    for k, c in enumerate(chars):
+        assert vocab[c] == k and vocab[c + "</w>"] == 256 + k
+    assert max(vocab.values()) == len(vocab) - 1
+    assert list(vocab)[-2:] == ["<|startoftext|>", "<|endoftext|>"]
+    assert open(mpath, encoding="utf-8").readline().startswith("#version")
+
+
+def test_shipped_tokenizer_matches(tokenizer):
+    path = os.path.join(SHAPES, "tokenizer")
+    if not os.path.isdir(path):
+        pytest.skip("shapes model not trained yet")
+    from transformers import CLIPTokenizer
+
+    shipped = CLIPTokenizer.from_pretrained(path)
+    for text in ("a purple triangle in the top left corner", "an orange star and a green circle"):
+        assert shipped(text).input_ids == tokenizer(text).input_ids
+    assert shipped.model_max_length == 32
+
+
+# ------------------------------------------------------------------ analyze
+
+
+@pytest.mark.parametrize("size", [64, 128])
+def test_analyze_rendered_scenes(size):
+    rng = np.random.default_rng(1234)
+    n_two = 0
+    for _ in range(50):
+        scene = sample_scene(rng, allow_held_out=True, two_object_prob=0.5)
+        img = render(scene, size)
+        found = analyze(img)
+        assert background_colour(img) == scene.background
+        assert len(found) == len(scene.objects), (scene, found)
+        expected = sorted((o.colour, o.position, o.size, o.shape) for o in scene.objects)
+        got = sorted((d.colour, d.position, d.size, d.shape) for d in found)
+        assert got == expected
+        assert all(found[k].area >= found[k + 1].area for k in range(len(found) - 1))
+        for d in found:
+            assert d.mask.shape == (size, size) and d.mask.dtype == bool
+            assert 0 < d.centroid[0] < 1 and 0 < d.centroid[1] < 1
+        n_two += len(scene.objects) == 2
+    assert n_two >= 15
+
+
+def test_analyze_input_types():
+    import torch
+
+    scene = Scene("gray", (SceneObject("purple", "triangle", "in the top left corner"), SceneObject("yellow", "square", "on the right", "small")))
+    img = render(scene)
+    arr = np.asarray(img)
+    ref = [(d.colour, d.position, d.area) for d in analyze(img)]
+    t01 = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
+    variants = [arr, arr.astype(np.float32) / 255.0, t01, t01 * 2 - 1, t01[None]]
+    for v in variants:
+        assert [(d.colour, d.position, d.area) for d in analyze(v)] == ref
+    assert [d.colour for d in analyze(img)] == ["purple", "yellow"]
+    assert analyze(render(Scene("white", ()))) == []
+    with pytest.raises(TypeError):
+        analyze("not an image")
+
+
+def test_background_palette_is_separable():
+    pal = {**COLOURS, **BACKGROUNDS}
+    names = list(pal)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert np.linalg.norm(np.subtract(pal[a], pal[b])) > 90, (a, b)
+
+
+# ------------------------------------------------------------------ model folder / configs
+
+
+def test_training_configs_are_consistent(tokenizer):
+    from diffusers import DDIMScheduler
+    from transformers import CLIPTextConfig
+
+    from attnctrl.models.shapes.train import scheduler_config, text_config, unet_config, vae_config
+
+    cfg = CLIPTextConfig(**text_config(tokenizer))
+    assert cfg.vocab_size == len(tokenizer) and cfg.max_position_embeddings == 32
+    assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+        tokenizer.pad_token_id,
+    )
+    assert unet_config()["cross_attention_dim"] == cfg.hidden_size
+    assert len(vae_config()["block_out_channels"]) == 3  # 64x64 -> 16x16
+    sched = DDIMScheduler(**scheduler_config())
+    assert sched.config.set_alpha_to_one is False and sched.config.steps_offset == 1
+
+
+def test_shipped_model_folder():
+    import json
+
+    if not os.path.exists(os.path.join(SHAPES, "model_index.json")):
+        pytest.skip("shapes model not trained yet")
+    index = json.load(open(os.path.join(SHAPES, "model_index.json"), encoding="utf-8"))
+    assert index["_class_name"] == "StableDiffusionPipeline"
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(SHAPES) for f in fs)
+    assert total <= 30 * 2**20
+    for sub in ("unet", "vae", "text_encoder"):
+        files = os.listdir(os.path.join(SHAPES, sub))
+        assert any(f.endswith(".safetensors") for f in files) and not any(f.endswith(".bin") for f in files)
+    for f in ("vocab.json", "merges.txt"):
+        assert os.path.exists(os.path.join(SHAPES, "tokenizer", f))
+    vae = json.load(open(os.path.join(SHAPES, "vae", "config.json"), encoding="utf-8"))
+    assert 0.05 < vae["scaling_factor"] < 20
