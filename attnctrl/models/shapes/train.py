@@ -499,6 +499,10 @@ def train(
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
+    ft = os.path.join(work_dir, "vae_decoder_ft.safetensors")
+    if os.path.exists(ft):  # decoder fine-tuned by finetune_decoder() (same encoder, same latents)
+        vae.load_state_dict(_load_tensors(ft))
+        _log(f"exporting with the fine-tuned decoder {ft}")
     _export(out_dir, vae, text_encoder, tokenizer, unet)
     state["phase"] = "done"
     save_ckpt({})
