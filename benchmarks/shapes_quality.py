@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--model", default=None, help="diffusers folder (default: attnctrl.models.SHAPES)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     args = parser.parse_args(argv)
 
     import attnctrl
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from attnctrl.models.shapes.evaluate import colour_swap_cases, score_colour_swap, score_generation
     from attnctrl.pipelines import load_pipeline
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     pipe = load_pipeline(args.model or SHAPES)
     pipe.set_progress_bar_config(disable=True)
     seeds = list(range(args.seeds))
