@@ -59,6 +59,33 @@ def _pipeline_lock(pipe: Any) -> threading.Lock:
 class _Prompt2PromptCall:
     """The ``__call__`` shared by the SD and SDXL pipelines."""
 
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        edit: Edit | None = None,
+        *,
+        attention_store: bool = True,
+        materialise: bool = False,
+        backend: str | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int | None = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - diffusers' own default
+        return_dict: bool = True,
+        **kwargs: Any,
+    ) -> Prompt2PromptOutput | tuple:
+        return self._p2p_call(
+            super().__call__, prompt, edit,
+            attention_store=attention_store, materialise=materialise, backend=backend,
+            height=height, width=width, num_images_per_prompt=num_images_per_prompt, generator=generator,
+            latents=latents, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, return_dict=return_dict,
+            kwargs=kwargs,
+        )
+
     def _p2p_call(
         self,
         parent_call: Callable[..., Any],
@@ -195,33 +222,6 @@ class Prompt2PromptPipeline(_Prompt2PromptCall, StableDiffusionPipeline):
     is shared, a full batch is used as given. Returns :class:`Prompt2PromptOutput`.
     """
 
-    def __call__(
-        self,
-        prompt: str | Sequence[str] | None = None,
-        edit: Edit | None = None,
-        *,
-        attention_store: bool = True,
-        materialise: bool = False,
-        backend: str | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int | None = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        callback_on_step_end: Any = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 - diffusers' own default
-        return_dict: bool = True,
-        **kwargs: Any,
-    ) -> Prompt2PromptOutput | tuple:
-        return self._p2p_call(
-            super().__call__, prompt, edit,
-            attention_store=attention_store, materialise=materialise, backend=backend,
-            height=height, width=width, num_images_per_prompt=num_images_per_prompt, generator=generator,
-            latents=latents, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, return_dict=return_dict,
-            kwargs=kwargs,
-        )
-
 
 class Prompt2PromptXLPipeline(_Prompt2PromptCall, StableDiffusionXLPipeline):
     """SDXL with Prompt-to-Prompt editing; arguments as :class:`Prompt2PromptPipeline`.
@@ -229,33 +229,6 @@ class Prompt2PromptXLPipeline(_Prompt2PromptCall, StableDiffusionXLPipeline):
     Word positions come from ``pipe.tokenizer``; both SDXL tokenizers share the CLIP vocabulary,
     so the positions hold for the concatenated text embedding.
     """
-
-    def __call__(
-        self,
-        prompt: str | Sequence[str] | None = None,
-        edit: Edit | None = None,
-        *,
-        attention_store: bool = True,
-        materialise: bool = False,
-        backend: str | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int | None = 1,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        callback_on_step_end: Any = None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006
-        return_dict: bool = True,
-        **kwargs: Any,
-    ) -> Prompt2PromptOutput | tuple:
-        return self._p2p_call(
-            super().__call__, prompt, edit,
-            attention_store=attention_store, materialise=materialise, backend=backend,
-            height=height, width=width, num_images_per_prompt=num_images_per_prompt, generator=generator,
-            latents=latents, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, return_dict=return_dict,
-            kwargs=kwargs,
-        )
 
 
 def _dtype_keyword() -> str:
