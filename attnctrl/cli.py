@@ -14,7 +14,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from . import errors as _errors
 
@@ -565,40 +565,10 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_entry() -> Callable[[list[str]], Any]:
-    """The training command's ``main(argv)``: the package's own, else the checkout's script."""
-    from .models.shapes import train as train_module
-
-    entry = getattr(train_module, "main", None)
-    if callable(entry):
-        return entry
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "train_shapes.py")
-    if os.path.isfile(script):
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("_attnctrl_train_shapes_script", script)
-        module = importlib.util.module_from_spec(spec)
-        assert spec.loader is not None
-        spec.loader.exec_module(module)
-        if callable(getattr(module, "main", None)):
-            return module.main
-    raise UsageError(
-        "train-shapes needs a source checkout of attnctrl (scripts/train_shapes.py); "
-        "or call attnctrl.models.shapes.train.train(...) from Python"
-    )
-
-
 def cmd_train_shapes(argv: list[str]) -> int:
-    entry = _train_entry()
-    program = sys.argv[0] if sys.argv else ""
-    if sys.argv:
-        sys.argv[0] = "attnctrl train-shapes"  # argparse's usage line names the program from argv[0]
-    try:
-        result = entry(list(argv))
-    finally:
-        if sys.argv:
-            sys.argv[0] = program
-    return int(result or 0)
+    from .models.shapes.train import main as train_main
+
+    return int(train_main(list(argv)) or 0)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -173,11 +173,6 @@ def test_python_dash_m_help():
 
 
 def test_train_shapes_forwards_to_the_training_parser(capsys):
-    try:
-        entry = cli._train_entry()
-    except cli.UsageError:
-        pytest.skip("no training entry point in this install (not a source checkout)")
-    assert callable(entry)
     with pytest.raises(SystemExit) as info:
         cli.main(["train-shapes", "--help"])
     assert info.value.code == 0
