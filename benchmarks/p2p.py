@@ -44,7 +44,7 @@ How to run
 ::
 
     python benchmarks/p2p.py                          # 512² (3 steps x 3 repeats) and 1024² (2 steps x 1)
-    python benchmarks/p2p.py --threads 1 --repeats 2 1  # what produced benchmarks/results/p2p.md
+    python benchmarks/p2p.py --threads 1 --repeats 2 1  # on a shared CPU machine (see below)
     python benchmarks/p2p.py --quick                  # smoke run: 64² and 128², 2 steps, 2-3 min on CPU
     python benchmarks/p2p.py --sizes 512 --steps 3 --repeats 3 --variants plain fused
     python benchmarks/p2p.py --device cuda --dtype fp16 --steps 20 --repeats 5
@@ -53,11 +53,12 @@ Results: a markdown table per size on stdout, ``benchmarks/results/p2p.md`` and
 ``benchmarks/results/p2p.json``. Progress goes to stderr.
 
 How long it takes (2-core AMD EPYC VM, no GPU): one UNet step at 512² (4 rows) is ~52 s with one
-torch thread, ~30 s with two; a 1024² step ~5-6x that. The default run with ``--threads 1
---repeats 2 1`` took about 65 minutes: ~30 min for 512² (the materialised path is ~2.5x slower
-per step there) and ~35 min for 1024² (plain and fused only: the materialised path is skipped by
-the pre-check). Each child also spends 12-25 s building the 860M-parameter UNet. ``--quick``
-takes 2-3 minutes. ``--device cuda`` is untested so far (no GPU was available when this was written).
+torch thread, ~30 s with two on an idle machine; a 1024² step is ~190 s with two threads. Measured:
+the 512² part with ``--threads 1 --repeats 2 1`` took 29 min (plain 6.5, fused 6.7, materialised
+15.7: the materialised path is ~2.5x slower per step there); ``--sizes 1024 --steps 1 --threads 2``
+took 13.5 min (materialised skipped by the pre-check). Each child also spends 12-25 s building the
+860M-parameter UNet. ``--quick`` takes 2-3 minutes. ``--device cuda`` is untested so far (no GPU
+was available when this was written).
 
 Shared CPU machines: pass ``--threads 1`` whenever another process is busy. With two intra-op
 threads, every parallel op waits for the core the other process holds (a 1.5 MB copy measured
@@ -463,6 +464,47 @@ def profile_report(results: dict[str, Any]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def write_outputs(
+    results: dict[str, Any], tables: list[str], args: argparse.Namespace, device: str, wall: float, *, complete: bool
+) -> None:
+    """Write p2p.json and p2p.md (and p2p-profile.md with --profile); print the footer when complete."""
+    fused = [s["variants"].get("fused", {}) for s in results["sizes"].values()]
+    met = all(f.get("target_met") for f in fused) if fused and "fused" in args.variants else None
+    results["wall_s"] = wall
+    results["complete"] = complete
+    results["all_targets_met"] = met
+    env = results["environment"]
+    threads = next((v["threads"] for d in results["sizes"].values() for v in d["variants"].values() if v.get("threads")),
+                   args.threads or env["torch_threads"])
+    results["setup"]["threads_per_variant"] = threads
+    memory = ("peak RSS of a separate process per variant; Δ = growth over the RSS after model construction"
+              if device == "cpu" else
+              "torch.cuda.max_memory_allocated; Δ = growth over memory_allocated after model construction")
+    machine = env.get("gpu") or env.get("cpu")
+    header = (
+        f"## Prompt-to-Prompt (Replace + LocalBlend) vs plain SDPA — {device}"
+        f"{f' ({machine})' if machine else ''}, {args.dtype}\n\n"
+        f"SD 1.5 UNet config (random weights), 2 prompts x CFG 7.5 = 4 rows, DDIM, VAE skipped. "
+        f"Targets for fused: time ≤ {TIME_TARGET:.2f}×, peak memory ≤ {MEM_TARGET:.2f}× plain. "
+        f"Peak memory: {memory}. "
+        f"torch {env['torch']}, diffusers {env.get('diffusers')}, {threads} torch threads per variant process."
+    )
+    if complete:
+        footer = f"Whole benchmark: {wall / 60:.1f} min. All targets met: {met}."
+    else:
+        done = ", ".join(f"{s}²" for s in results["sizes"])
+        footer = f"Partial results ({done} done after {wall / 60:.1f} min); the run is still going or was stopped."
+    md = "\n\n".join([header, *tables, footer]) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write(args.out / "p2p.json", json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write(args.out / "p2p.md", md)
+    if args.profile:
+        atomic_write(args.out / "p2p-profile.md", profile_report(results))
+    if complete:
+        print(footer)
+        print(f"wrote {args.out / 'p2p.md'} and {args.out / 'p2p.json'}", file=sys.stderr)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="image sizes in pixels (default 512 1024)")
@@ -575,32 +617,9 @@ def main(argv: list[str] | None = None) -> int:
                 table += "\n\nfinal latents: " + ", ".join(f"{k} = {v:.2e}" for k, v in checks.items())
             tables.append(table)
             print("\n" + table + "\n", flush=True)
-    wall = time.perf_counter() - started
-    fused = [s["variants"].get("fused", {}) for s in results["sizes"].values()]
-    met = all(f.get("target_met") for f in fused) if fused and "fused" in args.variants else None
-    results["wall_s"] = wall
-    results["all_targets_met"] = met
-    env = results["environment"]
-    threads = next((v["threads"] for d in results["sizes"].values() for v in d["variants"].values() if v.get("threads")),
-                   args.threads or env["torch_threads"])
-    results["setup"]["threads_per_variant"] = threads
-    header = (
-        f"## Prompt-to-Prompt (Replace + LocalBlend) vs plain SDPA — {device}"
-        f"{' (' + env.get('gpu', env.get('cpu', '')) + ')' if env.get('gpu') or env.get('cpu') else ''}, {args.dtype}\n\n"
-        f"SD 1.5 UNet config (random weights), 2 prompts x CFG 7.5 = 4 rows, DDIM, VAE skipped. "
-        f"Targets for fused: time ≤ {TIME_TARGET:.2f}×, peak memory ≤ {MEM_TARGET:.2f}× plain. "
-        f"Peak memory: {'peak RSS of a separate process per variant; Δ = growth over the RSS after model construction' if device == 'cpu' else 'torch.cuda.max_memory_allocated; Δ = growth over memory_allocated after model construction'}. "
-        f"torch {env['torch']}, diffusers {env.get('diffusers')}, {threads} torch threads per variant process."
-    )
-    footer = f"Whole benchmark: {wall / 60:.1f} min. All targets met: {met}."
-    md = "\n\n".join([header, *tables, footer]) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write(args.out / "p2p.json", json.dumps(results, indent=2, default=str) + "\n")
-    atomic_write(args.out / "p2p.md", md)
-    if args.profile:
-        atomic_write(args.out / "p2p-profile.md", profile_report(results))
-    print(footer)
-    print(f"wrote {args.out / 'p2p.md'} and {args.out / 'p2p.json'}", file=sys.stderr)
+            # Results so far are on disk after every size: a run stopped later keeps them.
+            write_outputs(results, tables, args, device, time.perf_counter() - started, complete=False)
+    write_outputs(results, tables, args, device, time.perf_counter() - started, complete=True)
     return 0
 
 
