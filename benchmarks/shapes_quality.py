@@ -17,7 +17,6 @@ Run: ``python benchmarks/shapes_quality.py [--seeds 4] [--steps 30] [--guidance 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -88,15 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     ]
     table = "\n".join(lines)
     print(table)
+    from attnctrl.io import atomic_write_bytes, write_json_atomic
+
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "shapes_quality.md"), "w", encoding="utf-8") as f:
-        f.write(table + "\n")
-    with open(os.path.join(args.out, "shapes_quality.json"), "w", encoding="utf-8") as f:
-        json.dump(
-            {"settings": vars(args), "generation": asdict(gen), "replace": asdict(replace), "replace_blend": asdict(blend),
-             "baseline": asdict(baseline), "seconds": elapsed},
-            f, indent=2, default=str,
-        )
+    atomic_write_bytes(os.path.join(args.out, "shapes_quality.md"), (table + "\n").encode("utf-8"))
+    write_json_atomic(
+        {"settings": vars(args), "generation": asdict(gen), "replace": asdict(replace), "replace_blend": asdict(blend),
+         "baseline": asdict(baseline), "seconds": elapsed},
+        os.path.join(args.out, "shapes_quality.json"),
+    )
     return 0
 
 
