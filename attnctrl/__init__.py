@@ -10,6 +10,7 @@ from typing import Any
 
 from . import errors, kernels
 from .edits import LocalBlend, Refine, Replace, Reweight
+from .inversion import Inversion
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "Refine",
     "Reweight",
     "LocalBlend",
+    "Inversion",
     "control",
     "errors",
     "kernels",

@@ -16,6 +16,8 @@ __all__ = [
     "InvalidScheduleError",
     "UnsupportedModelError",
     "LocalBlendNotAppliedError",
+    "ImageLoadError",
+    "InversionMismatchError",
 ]
 
 
@@ -64,3 +66,11 @@ class UnsupportedModelError(TypeError):
 
 class LocalBlendNotAppliedError(RuntimeError):
     """A LocalBlend edit ran without its step-end callback (pass ``callback_on_step_end``)."""
+
+
+class ImageLoadError(ValueError):
+    """An input image cannot be used: unreadable or missing file, zero size, or an unsupported tensor."""
+
+
+class InversionMismatchError(ValueError):
+    """An inversion does not fit the call: made with another model, prompt, size or settings."""

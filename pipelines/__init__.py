@@ -1,6 +1,7 @@
 """User-facing pipelines and the ``control`` context manager."""
 
 from .control import EditSession, control
+from .inversion import invert, reconstruct
 from .p2p import Prompt2PromptOutput, Prompt2PromptPipeline, Prompt2PromptXLPipeline, load_pipeline
 
 __all__ = [
@@ -10,4 +11,6 @@ __all__ = [
     "control",
     "EditSession",
     "load_pipeline",
+    "invert",
+    "reconstruct",
 ]

@@ -7,6 +7,7 @@ Both subclass the stock diffusers pipelines without touching ``__init__``, so ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -21,7 +22,8 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from attnctrl.edits import Refine, Replace, Reweight
-from attnctrl.errors import PromptMismatchError, UnsupportedModelError
+from attnctrl.errors import InversionMismatchError, PromptMismatchError, UnsupportedModelError
+from attnctrl.inversion import Inversion
 from attnctrl.store import AttentionStore
 
 from .control import control
@@ -64,6 +66,7 @@ class _Prompt2PromptCall:
         prompt: str | Sequence[str] | None = None,
         edit: Edit | None = None,
         *,
+        inversion: Inversion | None = None,
         attention_store: bool = True,
         materialise: bool = False,
         backend: str | None = None,
@@ -79,7 +82,7 @@ class _Prompt2PromptCall:
     ) -> Prompt2PromptOutput | tuple:
         return self._p2p_call(
             super().__call__, prompt, edit,
-            attention_store=attention_store, materialise=materialise, backend=backend,
+            inversion=inversion, attention_store=attention_store, materialise=materialise, backend=backend,
             height=height, width=width, num_images_per_prompt=num_images_per_prompt, generator=generator,
             latents=latents, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, return_dict=return_dict,
@@ -92,6 +95,7 @@ class _Prompt2PromptCall:
         prompt: str | Sequence[str],
         edit: Edit | None,
         *,
+        inversion: Inversion | None = None,
         attention_store: bool,
         materialise: bool,
         backend: str | None,
@@ -111,6 +115,8 @@ class _Prompt2PromptCall:
         if kwargs.get("prompt_2") not in (None, prompts, prompt):
             raise PromptMismatchError("prompt_2 must be left unset (or equal to prompt) with Prompt-to-Prompt: the edit is defined on prompt's words")
         n = 1 if num_images_per_prompt is None else int(num_images_per_prompt)
+        if inversion is not None:
+            n, height, width = _inversion_settings(self, inversion, prompts, n, height, width, latents, kwargs)
         if edit is not None and (_is_stochastic(self.scheduler) or float(kwargs.get("eta") or 0.0) > 0):
             warnings.warn(
                 f"{type(self.scheduler).__name__} (eta={kwargs.get('eta', 0.0)}) adds fresh noise to every row at every step, so the edited images "
@@ -120,27 +126,31 @@ class _Prompt2PromptCall:
         sample_size = int(self.unet.config.sample_size)
         height = height or sample_size * self.vae_scale_factor
         width = width or sample_size * self.vae_scale_factor
-        with _pipeline_lock(self):
-            with control(
-                self, edit, prompts, images_per_prompt=n, record=attention_store, materialise=materialise, backend=backend
-            ) as session:
-                latents = self._shared_latents(latents, len(prompts), n, height, width, generator)
-                callback, tensor_inputs = _chain_callbacks(session.step_end, callback_on_step_end, callback_on_step_end_tensor_inputs)
-                out = parent_call(
-                    prompt=prompts,
-                    height=height,
-                    width=width,
-                    num_images_per_prompt=n,
-                    generator=generator,
-                    latents=latents,
-                    callback_on_step_end=callback,
-                    callback_on_step_end_tensor_inputs=tensor_inputs,
-                    return_dict=True,
-                    **kwargs,
-                )
-                controller = session.controller
-                has_blend = controller.plan is not None and controller.plan.blend is not None
-                masks = controller.blend_masks() if has_blend else None
+        with _pipeline_lock(self), contextlib.ExitStack() as stack:
+            session = stack.enter_context(
+                control(self, edit, prompts, images_per_prompt=n, record=attention_store, materialise=materialise, backend=backend)
+            )
+            step_end = session.step_end
+            if inversion is not None:
+                latents = inversion.noise.to(self._execution_device, self.unet.dtype)
+                step_end = stack.enter_context(_from_inversion(self, inversion, len(prompts), n, step_end))
+            latents = self._shared_latents(latents, len(prompts), n, height, width, generator)
+            callback, tensor_inputs = _chain_callbacks(step_end, callback_on_step_end, callback_on_step_end_tensor_inputs)
+            out = parent_call(
+                prompt=prompts,
+                height=height,
+                width=width,
+                num_images_per_prompt=n,
+                generator=generator,
+                latents=latents,
+                callback_on_step_end=callback,
+                callback_on_step_end_tensor_inputs=tensor_inputs,
+                return_dict=True,
+                **kwargs,
+            )
+            controller = session.controller
+            has_blend = controller.plan is not None and controller.plan.blend is not None
+            masks = controller.blend_masks() if has_blend else None
         result = Prompt2PromptOutput(
             images=out.images,
             attention=session.attention,
@@ -175,6 +185,124 @@ class _Prompt2PromptCall:
         if latents.shape[0] != n:
             raise ValueError(f"latents has batch {latents.shape[0]}; give 1, {n} (one per image) or {total} (every row)")
         return latents.repeat(num_prompts, 1, 1, 1)
+
+
+_INVERSION_FIXED = ("num_inference_steps", "guidance_scale")
+_INVERSION_REFUSED = ("negative_prompt", "negative_prompt_embeds", "prompt_embeds", "timesteps", "sigmas", "negative_prompt_2")
+
+
+def _check_inversion(pipe: Any, inversion: Inversion, denoiser: Any = None) -> None:
+    """Refuse an inversion made with another model (compared by weight fingerprint)."""
+    from ._denoiser import Denoiser
+
+    if not isinstance(inversion, Inversion):
+        raise TypeError(f"inversion must be an attnctrl.Inversion (from attnctrl.pipelines.invert or Inversion.load), got {type(inversion).__name__}")
+    den = denoiser or Denoiser(pipe, height=inversion.height, width=inversion.width)
+    identity = den.identity()
+    inversion.check_model(identity["name"], identity["fingerprint"])
+
+
+def _inversion_settings(
+    pipe: Any, inversion: Inversion, prompts: list[str], n: int, height: int | None, width: int | None, latents: Any, kwargs: dict
+) -> tuple[int, int, int]:
+    """Validate a call that edits from ``inversion``; fill in its steps, guidance and size."""
+    _check_inversion(pipe, inversion)
+    if any(p.strip() != prompts[0].strip() for p in inversion.prompts):
+        other = sorted(set(inversion.prompts))
+        if len(other) > 1:
+            raise PromptMismatchError(
+                f"this inversion holds images with different prompts {other}; edit them one at a time with inversion[i]"
+            )
+        raise PromptMismatchError(
+            f"the first prompt must be the one the image was inverted with, {other[0]!r} (got {prompts[0]!r}); "
+            "put the edited prompts after it"
+        )
+    m = inversion.num_images
+    if n not in (1, m):
+        raise InversionMismatchError(f"num_images_per_prompt={n}, but the inversion holds {m} image(s); leave it unset")
+    if latents is not None:
+        raise InversionMismatchError("latents= cannot be combined with inversion=: the inversion provides the starting latents")
+    for name, value in (("height", height), ("width", width)):
+        if value is not None and int(value) != getattr(inversion, name):
+            raise InversionMismatchError(f"{name}={value}, but the image was inverted at {inversion.height}x{inversion.width}; leave it unset")
+    for name in _INVERSION_REFUSED:
+        if kwargs.get(name) is not None:
+            raise InversionMismatchError(f"{name}= cannot be combined with inversion=: the inversion fixes the prompts, noise schedule and unconditional branch")
+    if float(kwargs.get("eta") or 0.0) != 0.0 or float(kwargs.get("guidance_rescale") or 0.0) != 0.0:
+        raise InversionMismatchError("eta and guidance_rescale must be 0 when editing from an inversion (deterministic DDIM)")
+    expected = {"num_inference_steps": inversion.num_inference_steps, "guidance_scale": inversion.guidance_scale}
+    for name in _INVERSION_FIXED:
+        given = kwargs.get(name)
+        if given is not None and float(given) != float(expected[name]):
+            raise InversionMismatchError(
+                f"{name}={given}, but the image was inverted with {name}={expected[name]}; leave it unset or invert again"
+            )
+        kwargs[name] = expected[name]
+    return m, inversion.height, inversion.width
+
+
+@contextlib.contextmanager
+def _from_inversion(pipe: Any, inversion: Inversion, num_prompts: int, n: int, step_end: Callable[..., dict]) -> Any:
+    """Sample with DDIM on the inversion's schedule, feed its per-step embeddings to the UNet and,
+    for direct inversion, pin the source rows to the inverted trajectory after every step.
+    Yields the step-end callback to use."""
+    from diffusers import DDIMScheduler
+
+    index = {int(t): k for k, t in enumerate(inversion.timesteps.tolist())}
+    total = num_prompts * n
+    image_of_row = torch.arange(total) % n
+
+    def step_of(timestep: Any) -> int | None:
+        value = int(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else int(timestep)
+        return index.get(value)
+
+    def pre_forward(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        k = step_of(timestep)
+        if k is None:
+            return None
+        args = list(args)
+        positional = "encoder_hidden_states" not in kwargs
+        states = args[2] if positional else kwargs["encoder_hidden_states"]
+        rows = states.shape[0]
+        cfg = rows == 2 * total
+        new = states.clone()
+        null = inversion.null_at(k)
+        if cfg and null is not None:
+            new[:total] = null.to(new)[image_of_row]
+        if inversion.source_embeddings is not None:
+            offset = total if cfg else 0
+            new[offset : offset + n] = inversion.source_embeddings[k].to(new)
+        if positional:
+            args[2] = new
+        else:
+            kwargs["encoder_hidden_states"] = new
+        added = kwargs.get("added_cond_kwargs")
+        if cfg and inversion.null_pooled is not None and added and "text_embeds" in added:
+            added = dict(added)
+            pooled = added["text_embeds"].clone()
+            pooled[:total] = inversion.null_pooled.to(pooled)[image_of_row]
+            kwargs["added_cond_kwargs"] = added | {"text_embeds": pooled}
+        return tuple(args), kwargs
+
+    def pinned_step_end(p: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+        k = step_of(timestep)
+        if k is not None and "latents" in callback_kwargs:
+            latents = callback_kwargs["latents"].clone()
+            latents[:n] = inversion.latents[k + 1].to(latents)
+            callback_kwargs = dict(callback_kwargs, latents=latents)
+            result = step_end(p, step, timestep, callback_kwargs)
+            return {"latents": latents, **result}
+        return step_end(p, step, timestep, callback_kwargs)
+
+    previous = pipe.scheduler
+    pipe.scheduler = DDIMScheduler.from_config(inversion.scheduler)
+    handle = pipe.unet.register_forward_pre_hook(pre_forward, with_kwargs=True)
+    try:
+        yield pinned_step_end if inversion.method == "direct" else step_end
+    finally:
+        handle.remove()
+        pipe.scheduler = previous
 
 
 def _is_stochastic(scheduler: Any) -> bool:

@@ -1,0 +1,256 @@
+"""The result of inverting real images: :class:`Inversion`, saved as safetensors + JSON metadata.
+
+An inversion holds everything needed to reconstruct (and then edit) its images with the model it was
+made with: the DDIM latent trajectory, and what the method adds to it (per-step null-text embeddings,
+the source prompt's embeddings for negative-prompt inversion, the per-step learned prompt embeddings of
+Dynamic Prompt Learning). It also records the model's identity and the settings (steps, guidance,
+size, scheduler), so that editing with another model or other settings is refused with a clear message
+instead of silently producing a wrong image. It is produced by :func:`attnctrl.pipelines.invert`.
+
+Nothing here imports diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable
+
+import torch
+
+from .errors import InversionMismatchError
+from .io import atomic_write_bytes
+
+__all__ = ["Inversion", "METHODS", "model_fingerprint", "fingerprints_match"]
+
+METHODS = ("ddim", "null-text", "negative-prompt", "direct", "dpl")
+"""Inversion methods, see :func:`attnctrl.pipelines.invert`."""
+
+FORMAT = "attnctrl.inversion/1"
+_TENSOR_FIELDS = ("latents", "timesteps", "null_embeddings", "null_pooled", "source_embeddings")
+
+
+def model_fingerprint(modules: Iterable[tuple[str, torch.nn.Module]]) -> list[list[Any]]:
+    """A dtype-independent identity of model weights: per module, its parameter count and the mean
+    and standard deviation of its first and last parameter tensors (in float64).
+
+    Two copies of one model in fp32 and fp16 match under :func:`fingerprints_match`; two different
+    checkpoints (or random initialisations) do not.
+    """
+    out: list[list[Any]] = []
+    for name, module in modules:
+        params = [p for p in module.parameters()]
+        if not params:
+            continue
+        count = sum(p.numel() for p in params)
+        stats = []
+        for p in (params[0], params[-1]):
+            data = p.detach().double()
+            stats += [float(data.mean()), float(data.std()) if data.numel() > 1 else 0.0]
+        out.append([name, int(count), *stats])
+    return out
+
+
+def fingerprints_match(a: list[list[Any]], b: list[list[Any]], *, rtol: float = 2e-2, atol: float = 1e-4) -> bool:
+    """True if two :func:`model_fingerprint` results describe the same weights (up to dtype rounding)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x[0] != y[0] or int(x[1]) != int(y[1]):
+            return False
+        for u, v in zip(x[2:], y[2:]):
+            if not math.isclose(float(u), float(v), rel_tol=rtol, abs_tol=atol):
+                return False
+    return True
+
+
+@dataclass(frozen=True, eq=False)
+class Inversion:
+    """Inverted images, ready to be reconstructed and edited.
+
+    Shapes (``S`` = ``num_inference_steps``, ``M`` = number of images, ``C, h, w`` = latent shape,
+    ``L, D`` = text-embedding length and width):
+
+    Attributes:
+        method: one of :data:`METHODS`.
+        prompts: the source prompt of each image (M strings).
+        latents: (S + 1, M, C, h, w) float32 DDIM trajectory; ``latents[0]`` is the starting noise
+            z_T, ``latents[S]`` the encoded image z_0. Step ``i`` of the edit goes from
+            ``latents[i]`` to ``latents[i + 1]``.
+        timesteps: (S,) int64 scheduler timesteps, in denoising order.
+        null_embeddings: the unconditional embeddings to use instead of the empty prompt's:
+            (S, M, L, D) per step (null-text, DPL), (1, M, L, D) for every step (negative-prompt),
+            or None (ddim, direct: the empty prompt).
+        null_pooled: SDXL only: (M, P) pooled embeddings that go with ``null_embeddings``, or None.
+        source_embeddings: (S, M, L, D) per-step source prompt embeddings (DPL's learned noun
+            tokens), or None (the prompt's own embeddings).
+        guidance_scale, height, width: the settings the inversion was made with; the edit uses them.
+        model: ``{"name", "class", "fingerprint"}`` of the pipeline that made it.
+        scheduler: the DDIM scheduler config the trajectory follows.
+        stats: how it was made (UNet evaluations, seconds, per-step losses, ...).
+        words: DPL's learned nouns (empty for other methods).
+    """
+
+    method: str
+    prompts: tuple[str, ...]
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    guidance_scale: float
+    height: int
+    width: int
+    model: dict[str, Any]
+    scheduler: dict[str, Any]
+    null_embeddings: torch.Tensor | None = None
+    null_pooled: torch.Tensor | None = None
+    source_embeddings: torch.Tensor | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+    words: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown inversion method {self.method!r}; use one of {', '.join(METHODS)}")
+        if self.latents.ndim != 5:
+            raise ValueError(f"latents must be (steps + 1, images, C, h, w), got shape {tuple(self.latents.shape)}")
+        steps, m = self.latents.shape[0] - 1, self.latents.shape[1]
+        if self.timesteps.shape != (steps,):
+            raise ValueError(f"timesteps must have shape ({steps},), got {tuple(self.timesteps.shape)}")
+        if len(self.prompts) != m:
+            raise ValueError(f"{len(self.prompts)} prompts for {m} images")
+        if self.null_embeddings is not None and (
+            self.null_embeddings.ndim != 4 or self.null_embeddings.shape[0] not in (1, steps) or self.null_embeddings.shape[1] != m
+        ):
+            raise ValueError(f"null_embeddings must be ({steps} or 1, {m}, L, D), got {tuple(self.null_embeddings.shape)}")
+        if self.source_embeddings is not None and (
+            self.source_embeddings.ndim != 4 or self.source_embeddings.shape[:2] != (steps, m)
+        ):
+            raise ValueError(f"source_embeddings must be ({steps}, {m}, L, D), got {tuple(self.source_embeddings.shape)}")
+        if self.null_pooled is not None and self.null_pooled.shape[0] != m:
+            raise ValueError(f"null_pooled must have {m} rows, got {tuple(self.null_pooled.shape)}")
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def num_images(self) -> int:
+        return int(self.latents.shape[1])
+
+    @property
+    def num_inference_steps(self) -> int:
+        return int(self.latents.shape[0] - 1)
+
+    @property
+    def noise(self) -> torch.Tensor:
+        """(M, C, h, w) starting latents z_T."""
+        return self.latents[0]
+
+    @property
+    def encoded(self) -> torch.Tensor:
+        """(M, C, h, w) the encoded images z_0 (already multiplied by the VAE scaling factor)."""
+        return self.latents[-1]
+
+    def null_at(self, step: int) -> torch.Tensor | None:
+        """(M, L, D) unconditional embeddings of ``step``, or None for the empty prompt's."""
+        if self.null_embeddings is None:
+            return None
+        return self.null_embeddings[0 if self.null_embeddings.shape[0] == 1 else step]
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def __getitem__(self, index: int | slice) -> "Inversion":
+        """The inversion of one image (or a slice of them)."""
+        if isinstance(index, int):
+            if not -self.num_images <= index < self.num_images:
+                raise IndexError(f"image {index} of an inversion of {self.num_images}")
+            index = slice(index % self.num_images, index % self.num_images + 1)
+        pick = lambda t, dim: None if t is None else t.narrow(dim, index.start or 0, len(range(*index.indices(self.num_images)))).clone()  # noqa: E731
+        if index.step not in (None, 1):
+            raise IndexError("inversions are sliced with step 1")
+        return replace(
+            self,
+            prompts=self.prompts[index],
+            latents=pick(self.latents, 1),
+            null_embeddings=pick(self.null_embeddings, 1),
+            null_pooled=pick(self.null_pooled, 0),
+            source_embeddings=pick(self.source_embeddings, 1),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    def check_model(self, name: str, fingerprint: list[list[Any]]) -> None:
+        """Raise :class:`InversionMismatchError` if ``fingerprint`` is not the model this was made with."""
+        if not fingerprints_match(self.model.get("fingerprint", []), fingerprint):
+            raise InversionMismatchError(
+                f"this inversion was made with the model {self.model.get('name')!r}, and {name!r} has different "
+                "weights; invert the image again with this model (attnctrl.pipelines.invert / attnctrl invert)"
+            )
+
+    def save(self, path: str | os.PathLike[str]) -> str:
+        """Write a ``.safetensors`` file (tensors, with the settings as JSON metadata) atomically."""
+        from safetensors.torch import save
+
+        tensors = {}
+        for name in _TENSOR_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                tensors[name] = value.detach().cpu().contiguous()
+        meta = {
+            "format": FORMAT,
+            "method": self.method,
+            "prompts": list(self.prompts),
+            "guidance_scale": float(self.guidance_scale),
+            "height": int(self.height),
+            "width": int(self.width),
+            "model": self.model,
+            "scheduler": self.scheduler,
+            "stats": self.stats,
+            "words": list(self.words),
+        }
+        data = save(tensors, metadata={"attnctrl": json.dumps(meta, default=_jsonable)})
+        return atomic_write_bytes(path, data)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Inversion":
+        """Read a file written by :meth:`save`."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"inversion file {path!r} does not exist")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta_text = (f.metadata() or {}).get("attnctrl")
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own SafetensorError for bad headers
+            raise InversionMismatchError(f"{path!r} is not a readable safetensors file ({exc})") from exc
+        if meta_text is None:
+            raise InversionMismatchError(f"{path!r} is a safetensors file but not an attnctrl inversion (no 'attnctrl' metadata)")
+        meta = json.loads(meta_text)
+        if meta.get("format") != FORMAT:
+            raise InversionMismatchError(f"{path!r} has format {meta.get('format')!r}; this attnctrl reads {FORMAT!r}")
+        return cls(
+            method=meta["method"],
+            prompts=tuple(meta["prompts"]),
+            guidance_scale=float(meta["guidance_scale"]),
+            height=int(meta["height"]),
+            width=int(meta["width"]),
+            model=meta["model"],
+            scheduler=meta["scheduler"],
+            stats=meta.get("stats", {}),
+            words=tuple(meta.get("words", ())),
+            **{name: tensors.get(name) for name in _TENSOR_FIELDS},
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Inversion(method={self.method!r}, images={self.num_images}, steps={self.num_inference_steps}, "
+            f"guidance_scale={self.guidance_scale}, size={self.height}x{self.width}, model={self.model.get('name')!r}, "
+            f"prompts={list(self.prompts)!r})"
+        )
+
+
+def _jsonable(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    return str(obj)

@@ -1,0 +1,387 @@
+"""Real-image inversion for Stable Diffusion 1.x/2.x and SDXL: :func:`invert`.
+
+Methods (``method=``):
+
+``"ddim"``
+    Plain DDIM inversion: 50 (``num_inference_steps``) ascending DDIM steps with the conditional
+    prediction only (guidance 1), keeping every latent. Editing from it at guidance 7.5 drifts
+    from the input: it is the baseline.
+``"null-text"``
+    Null-text inversion (Mokady et al. 2023), official algorithm and constants: per step ``i`` the
+    unconditional embedding is optimised with a fresh Adam (lr ``1e-2 * (1 - i/100)``) for at most
+    ``inner_steps`` (10) iterations to make the guided DDIM step land on the inverted latent, stopping
+    early when the latent MSE is below ``1e-5 + i * 2e-5``; one embedding per step, each starting from
+    the previous one. ``early_stop="fast"`` (default) reaches the same result with fewer UNet passes;
+    ``early_stop="official"`` reproduces the original evaluation schedule exactly (see
+    :func:`null_text_step`).
+``"negative-prompt"``
+    Negative-prompt inversion (Miyake et al. 2023): the DDIM trajectory, with the source prompt's own
+    embedding as the unconditional one. No optimisation.
+``"direct"``
+    Direct Inversion (Ju et al. 2024, "PnP Inversion"): the DDIM trajectory; while editing, the source
+    row is put back on the inverted trajectory after every step, so it reconstructs exactly and the
+    edited rows read its attention. No optimisation.
+``"dpl"``
+    Dynamic Prompt Learning (Wang et al. 2023) on top of null-text inversion; see
+    :mod:`attnctrl.pipelines.dpl`.
+
+The optimisation runs in float32 whatever the pipeline's dtype: only the UNet runs in it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import torch
+
+from attnctrl.errors import InvalidWeightError
+from attnctrl.images import ImageInput, load_image
+from attnctrl.inversion import METHODS, Inversion
+
+from ._denoiser import Denoiser, PromptEmbeddings
+
+__all__ = ["invert", "null_text_step", "NullTextStep", "image_geometry", "reconstruct", "ddim_trajectory"]
+
+
+def image_geometry(pipe: Any) -> tuple[int, int]:
+    """(native side in pixels, multiple that heights and widths must be) for ``pipe``'s model."""
+    vae_factor = int(getattr(pipe, "vae_scale_factor", 8))
+    native = int(pipe.unet.config.sample_size) * vae_factor
+    levels = len(pipe.unet.config.block_out_channels)
+    return native, vae_factor * 2 ** (levels - 1)
+
+
+def _as_list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@dataclass
+class NullTextStep:
+    """One step of null-text optimisation: the chosen null embeddings (M, L, D), the next latents
+    (M, C, h, w), the final latent MSE per image and the Adam iterations used per image."""
+
+    null: torch.Tensor
+    next_latents: torch.Tensor
+    loss: list[float]
+    iterations: list[int]
+
+
+def null_text_step(
+    denoiser: Denoiser,
+    latents: torch.Tensor,
+    t: int,
+    step_index: int,
+    target: torch.Tensor,
+    cond: torch.Tensor,
+    null_init: torch.Tensor,
+    *,
+    guidance_scale: float,
+    pooled: torch.Tensor | None = None,
+    uncond_pooled: torch.Tensor | None = None,
+    inner_steps: int = 10,
+    early_stop: Literal["fast", "official"] = "fast",
+    cond_output: torch.Tensor | None = None,
+    min_improvement: float = 0.0,
+) -> NullTextStep:
+    """Optimise the unconditional embedding of one step so that the guided DDIM step from
+    ``latents`` (M, C, h, w) lands on ``target`` (M, C, h, w); images are independent.
+
+    ``"official"``: Adam step after every evaluation, stop when the evaluated loss is below the
+    threshold, then one more guided UNet call (unconditional and conditional) with the final
+    embedding to advance: ``1 + n + 2`` evaluations for ``n`` iterations.
+
+    ``"fast"``: the conditional prediction is computed once and reused for the advance; the loss is
+    checked before updating, so a converged embedding is used with the prediction already in hand;
+    if no iteration converges, the best evaluated embedding is kept. ``1 + n`` evaluations, and the
+    converged case costs 2 instead of 4.
+    """
+    m = latents.shape[0]
+    threshold = 1e-5 + step_index * 2e-5
+    lr = 1e-2 * (1.0 - step_index / 100.0)
+    with torch.no_grad():
+        out_cond = cond_output if cond_output is not None else denoiser(latents, t, cond, pooled)
+    params = [null_init[i : i + 1].detach().clone().float().requires_grad_(True) for i in range(m)]
+    optimisers = [torch.optim.Adam([p], lr=lr) for p in params]
+    active = list(range(m))
+    best_loss = [math.inf] * m
+    best_null: list[torch.Tensor | None] = [None] * m
+    best_next: list[torch.Tensor | None] = [None] * m
+    iterations = [0] * m
+    previous = [math.inf] * m
+    for _ in range(max(0, int(inner_steps))):
+        if not active:
+            break
+        idx = torch.tensor(active, device=latents.device)
+        null = torch.cat([params[i] for i in active])
+        up = uncond_pooled[idx] if uncond_pooled is not None else None
+        with torch.enable_grad():
+            out_uncond = denoiser(latents[idx], t, null, up, backward=True)
+            guided = out_uncond + guidance_scale * (out_cond[idx] - out_uncond)
+            prev = denoiser.step(latents[idx], guided, t)
+            per_image = (prev - target[idx]).pow(2).flatten(1).mean(1)
+            losses = per_image.detach().tolist()
+            still = []
+            for j, i in enumerate(active):
+                iterations[i] += 1
+                if losses[j] < best_loss[i]:
+                    best_loss[i], best_null[i], best_next[i] = losses[j], params[i].detach().clone(), prev[j : j + 1].detach()
+            if early_stop == "fast":
+                still = [
+                    i for j, i in enumerate(active)
+                    if losses[j] >= threshold and not (iterations[i] > 1 and losses[j] > (1.0 - min_improvement) * previous[i])
+                ]
+                for j, i in enumerate(active):
+                    previous[i] = losses[j]
+                update = still
+            else:
+                update = list(active)
+            if update:
+                chosen = [params[i] for i in update]
+                total = per_image[[active.index(i) for i in update]].sum()
+                grads = torch.autograd.grad(total, chosen)
+                for p, g, i in zip(chosen, grads, update):
+                    p.grad = g
+                    optimisers[i].step()
+            if early_stop == "official":
+                still = [i for j, i in enumerate(active) if losses[j] >= threshold]
+        active = still
+    if early_stop == "official" or inner_steps <= 0:
+        null = torch.cat(params).detach()
+        with torch.no_grad():
+            out_uncond = denoiser(latents, t, null, uncond_pooled)
+            # the official code recomputes [uncond; cond] as one batch here: count the conditional
+            # half too (its value equals out_cond, so it is not recomputed)
+            denoiser.evaluations += m
+            guided = out_uncond + guidance_scale * (out_cond - out_uncond)
+            nxt = denoiser.step(latents, guided, t)
+            loss = (nxt - target).pow(2).flatten(1).mean(1).tolist()
+        return NullTextStep(null, nxt, loss, iterations)
+    return NullTextStep(torch.cat(best_null), torch.cat(best_next), best_loss, iterations)  # type: ignore[arg-type]
+
+
+def _progress(pipe: Any, total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    config = dict(getattr(pipe, "_progress_bar_config", {}) or {})
+    config.setdefault("desc", desc)
+    if not enabled:
+        config["disable"] = True
+    return tqdm(total=total, **config)
+
+
+def ddim_trajectory(
+    denoiser: Denoiser,
+    encoded: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeddings: PromptEmbeddings,
+    *,
+    bar: Any = None,
+    after_call: Any = None,
+) -> torch.Tensor:
+    """(S + 1, M, C, h, w) DDIM inversion of ``encoded`` (M, C, h, w) with the conditional prediction;
+    ``after_call()`` runs after every UNet call (DPL collects attention maps there)."""
+    steps = len(timesteps)
+    trajectory = [encoded.float()]
+    z = encoded.float()
+    with torch.no_grad():
+        for k in range(steps - 1, -1, -1):
+            t = int(timesteps[k])
+            out = denoiser(z, t, embeddings.cond, embeddings.pooled)
+            if after_call is not None:
+                after_call()
+            z = denoiser.inverse_step(z, out, t)
+            trajectory.append(z)
+            if bar is not None:
+                bar.update(1)
+    return torch.stack(trajectory[::-1])
+
+
+def invert(
+    pipe: Any,
+    image: ImageInput | Sequence[ImageInput],
+    prompt: str | Sequence[str],
+    method: str = "null-text",
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    inner_steps: int = 10,
+    early_stop: Literal["fast", "official"] = "fast",
+    words: Sequence[str] | None = None,
+    background_mask: torch.Tensor | None = None,
+    progress: bool = True,
+) -> Inversion:
+    """Invert one or several real images with a Stable Diffusion 1.x/2.x or SDXL pipeline.
+
+    Args:
+        pipe: the pipeline to edit with later (any scheduler: inversion uses DDIM on the pipeline's
+            noise schedule, and editing from the inversion does too).
+        image: a path, PIL image, array or (3, H, W) tensor in [0, 1], or a list of them (inverted
+            as one batch). Resized by the rule of :mod:`attnctrl.images`: to ``height`` x ``width``
+            (centre crop), or by default to the model's native area with the aspect ratio kept.
+        prompt: the caption of each image (one string for all of them, or one per image).
+        method: ``"ddim"``, ``"null-text"``, ``"negative-prompt"``, ``"direct"`` or ``"dpl"`` (module doc).
+        num_inference_steps, guidance_scale: the DDIM steps and guidance the edit will use.
+        inner_steps: null-text Adam iterations per step at most (official: 10).
+        early_stop: ``"fast"`` or ``"official"`` null-text schedule (see :func:`null_text_step`).
+        words: DPL only: the nouns to learn (default: found from the prompt, see
+            :func:`attnctrl.pipelines.dpl.find_nouns`).
+        background_mask: DPL only: (M, H, W) or (H, W) user background mask (1 = background)
+            instead of the clustered estimate.
+        progress: show progress bars (also obeys ``pipe.set_progress_bar_config``).
+
+    Returns:
+        An :class:`~attnctrl.Inversion`; edit with ``pipe(prompt=[source, edited...], edit=...,
+        inversion=inv)`` on a Prompt2Prompt pipeline, or save it with ``inv.save(path)``.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown inversion method {method!r}; use one of {', '.join(METHODS)}")
+    if early_stop not in ("fast", "official"):
+        raise ValueError(f"early_stop must be 'fast' or 'official', got {early_stop!r}")
+    steps = int(num_inference_steps)
+    if steps < 1:
+        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+    w = float(guidance_scale)
+    if not math.isfinite(w) or w < 1.0:
+        raise InvalidWeightError(f"guidance_scale must be a finite number >= 1, got {guidance_scale}")
+    if method in ("null-text", "dpl") and w <= 1.0:
+        raise InvalidWeightError(f"{method} inversion optimises the unconditional branch, which guidance_scale={w} does not use; use guidance > 1 or method='ddim'")
+    images = _as_list(image)
+    if not images:
+        raise ValueError("no image to invert")
+    prompts = [str(p) for p in _as_list(prompt)]
+    if len(prompts) == 1:
+        prompts = prompts * len(images)
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(prompts)} prompts for {len(images)} images; give one prompt, or one per image")
+    native, multiple = image_geometry(pipe)
+    pixels = torch.stack([load_image(im, height=height, width=width, native=native, multiple=multiple) for im in images]) if images else None
+    sizes = {tuple(p.shape[-2:]) for p in pixels}
+    if len(sizes) != 1:
+        raise ValueError(f"images of one batch must share a size, got {sorted(sizes)}; give height= and width=")
+    H, W = pixels.shape[-2:]
+
+    started = time.perf_counter()
+    den = Denoiser(pipe, height=H, width=W)
+    embeddings = den.encode_prompts(prompts)
+    timesteps = den.timesteps(steps)
+    encoded = den.encode_images(pixels)
+    null = null_pooled = source = None
+    stats: dict[str, Any] = {}
+    learned_words: tuple[str, ...] = ()
+    total = steps * (2 if method in ("null-text", "dpl") else 1)
+    with _progress(pipe, total, f"{method} inversion", progress) as bar:
+        if method == "dpl":
+            from .dpl import dynamic_prompt_learning
+
+            result = dynamic_prompt_learning(
+                den, pipe, prompts, encoded, timesteps, embeddings,
+                guidance_scale=w, inner_steps=inner_steps, early_stop=early_stop, words=words,
+                background_mask=background_mask, bar=bar,
+            )
+            trajectory, null, source, stats, learned_words = result.trajectory, result.null, result.source, result.stats, result.words
+        else:
+            if words is not None or background_mask is not None:
+                raise ValueError("words= and background_mask= are options of method='dpl'")
+            trajectory = ddim_trajectory(den, encoded, timesteps, embeddings, bar=bar)
+            if method == "negative-prompt":
+                null = embeddings.cond[None].clone()
+                null_pooled = embeddings.pooled.clone() if embeddings.pooled is not None else None
+            elif method == "null-text":
+                null, stats = _null_text(den, trajectory, timesteps, embeddings, w, inner_steps, early_stop, bar)
+    stats.update(
+        unet_evaluations=den.evaluations,
+        unet_backward_evaluations=den.backward_evaluations,
+        seconds=round(time.perf_counter() - started, 3),
+        early_stop=early_stop if method in ("null-text", "dpl") else None,
+        inner_steps=inner_steps if method in ("null-text", "dpl") else None,
+    )
+    if method in ("null-text", "dpl") and embeddings.uncond_pooled is not None:
+        null_pooled = embeddings.uncond_pooled.clone()
+    return Inversion(
+        method=method,
+        prompts=tuple(prompts),
+        latents=trajectory.cpu(),
+        timesteps=timesteps.cpu(),
+        guidance_scale=w,
+        height=int(H),
+        width=int(W),
+        model=den.identity(),
+        scheduler=dict(den.scheduler.config),
+        null_embeddings=None if null is None else null.cpu(),
+        null_pooled=None if null_pooled is None else null_pooled.cpu(),
+        source_embeddings=None if source is None else source.cpu(),
+        stats=stats,
+        words=learned_words,
+    )
+
+
+def _null_text(
+    den: Denoiser,
+    trajectory: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeddings: PromptEmbeddings,
+    w: float,
+    inner_steps: int,
+    early_stop: Literal["fast", "official"],
+    bar: Any,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    nulls = []
+    z = trajectory[0].to(den.device)
+    current = embeddings.uncond
+    losses, iterations = [], []
+    for k, t in enumerate(timesteps.tolist()):
+        step = null_text_step(
+            den, z, t, k, trajectory[k + 1].to(den.device), embeddings.cond, current,
+            guidance_scale=w, pooled=embeddings.pooled, uncond_pooled=embeddings.uncond_pooled,
+            inner_steps=inner_steps, early_stop=early_stop,
+        )
+        nulls.append(step.null)
+        current = step.null
+        z = step.next_latents
+        losses.append(step.loss)
+        iterations.append(step.iterations)
+        bar.update(1)
+    return torch.stack(nulls), {"step_loss": losses, "iterations": iterations}
+
+
+@torch.no_grad()
+def reconstruct(pipe: Any, inversion: Inversion, *, output_type: str = "pt") -> Any:
+    """Decode the reconstruction of every inverted image without an edit: the same DDIM sampling
+    the Prompt2Prompt pipelines run from ``inversion`` (with its null embeddings and, for direct
+    inversion, the trajectory correction). Returns (M, 3, H, W) in [0, 1] (``output_type="pt"``)
+    or PIL images (``"pil"``).
+    """
+    from .p2p import _check_inversion
+
+    den = Denoiser(pipe, height=inversion.height, width=inversion.width)
+    _check_inversion(pipe, inversion, den)
+    embeddings = den.encode_prompts(list(inversion.prompts))
+    timesteps = den.timesteps(inversion.num_inference_steps)
+    z = inversion.noise.to(den.device).float()
+    w = inversion.guidance_scale
+    for k, t in enumerate(timesteps.tolist()):
+        cond = embeddings.cond if inversion.source_embeddings is None else inversion.source_embeddings[k].to(den.device)
+        if inversion.method == "direct":
+            z = inversion.latents[k + 1].to(den.device).float()
+            continue
+        null = inversion.null_at(k)
+        uncond = embeddings.uncond if null is None else null.to(den.device)
+        uncond_pooled = embeddings.uncond_pooled if inversion.null_pooled is None else inversion.null_pooled.to(den.device)
+        if w > 1.0:
+            out = den(torch.cat([z, z]), t, torch.cat([uncond, cond]), None if embeddings.pooled is None else torch.cat([uncond_pooled, embeddings.pooled]))
+            out_u, out_c = out.chunk(2)
+            out = out_u + w * (out_c - out_u)
+        else:
+            out = den(z, t, cond, embeddings.pooled)
+        z = den.step(z, out, t)
+    images = den.decode(z)
+    if output_type == "pil":
+        from attnctrl.images import to_pil
+
+        return [to_pil(im) for im in images]
+    return images.cpu()
