@@ -1,4 +1,4 @@
-"""The ``attnctrl`` command line: ``edit``, ``demo``, ``backends``, ``train-shapes``.
+"""The ``attnctrl`` command line: ``edit``, ``invert``, ``demo``, ``backends``, ``train-shapes``.
 
 A thin layer: it parses options into :mod:`attnctrl` edit objects, calls
 :func:`attnctrl.pipelines.load_pipeline` and the pipeline, and draws pictures with
@@ -27,6 +27,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 MAX_SIDE = 8192
 MAX_FIGURE_WORDS = 6
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_SEED = 0
 
 
 class UsageError(ValueError):
@@ -334,9 +337,140 @@ def _check_positive_int(value: int, what: str) -> None:
         raise UsageError(f"{what} must be at least 1, got {value}")
 
 
+def _check_guidance(value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise UsageError(f"--guidance {value!r} is not a finite number")
+
+
+def _check_images(paths: Sequence[str]) -> None:
+    """Read every image once (cheaply) before a model is loaded: a missing or unreadable file ends
+    with the :class:`~attnctrl.errors.ImageLoadError` message, not after minutes of loading."""
+    from .images import load_image
+
+    for path in paths:
+        load_image(path, height=8, width=8, multiple=8)
+
+
+def _check_inversion_path(path: str, option: str) -> None:
+    if not path.endswith(".safetensors"):
+        raise UsageError(f"{option} {path!r}: the inversion file name must end with .safetensors")
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a folder; give a FILE.safetensors path")
+
+
+def _load_inversion(path: str, index: int | None) -> Any:
+    """``Inversion.load(path)``, narrowed to one image (``--index``) when the file holds several."""
+    from .inversion import Inversion
+
+    if not os.path.isfile(path):
+        raise UsageError(f"--inversion {path!r}: no such file (make one with 'attnctrl invert IMAGE --prompt TEXT -o FILE')")
+    inversion = Inversion.load(path)
+    m = inversion.num_images
+    if index is None:
+        if m > 1:
+            raise UsageError(
+                f"--inversion {path!r} holds {m} images (prompts {list(inversion.prompts)}); choose one with --index 0..{m - 1}"
+            )
+        return inversion
+    if not 0 <= index < m:
+        raise UsageError(f"--index {index}: {path!r} holds {m} image(s), so the index must be in 0..{m - 1}")
+    return inversion[index]
+
+
+def _summary(inversion: Any) -> str:
+    """One line: method, images, size, steps, UNet evaluations, seconds."""
+    stats = inversion.stats
+    m = inversion.num_images
+    return (
+        f"{inversion.method} inversion of {m} image{'s' if m != 1 else ''} ({inversion.width}x{inversion.height}), "
+        f"{inversion.num_inference_steps} steps, {stats.get('unet_evaluations', '?')} UNet evaluations, "
+        f"{float(stats.get('seconds', 0.0)):.1f} s"
+    )
+
+
+def _edit_from_inversion(pipe: Any, prompts: Sequence[str], edit: Any, inversion: Any, *, steps: int | None,
+                         guidance: float | None, size: tuple[int, int] | None, materialise: bool) -> Any:
+    """Edit from ``inversion``: only explicitly given settings are passed, so that one that differs
+    from the inversion's raises :class:`~attnctrl.errors.InversionMismatchError` instead of being ignored."""
+    kwargs: dict[str, Any] = {}
+    if steps is not None:
+        kwargs["num_inference_steps"] = steps
+    if guidance is not None:
+        kwargs["guidance_scale"] = guidance
+    if size is not None:
+        kwargs["width"], kwargs["height"] = size
+    return pipe(list(prompts), edit=edit, inversion=inversion, materialise=materialise, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------
 # Commands
 # ------------------------------------------------------------------------------------------------
+
+
+def _check_real_image_options(args: argparse.Namespace, real: bool) -> None:
+    """Options that only apply to --image / --inversion, and those that a real image cannot honour.
+
+    Nothing is silently ignored: --steps, --guidance and --size go to ``invert`` (--image) or are
+    checked against the inversion's own (--inversion); --seed and a sampler other than DDIM are refused.
+    """
+    if args.image is None:
+        for option, value in (("--method", args.method), ("--save-inversion", args.save_inversion)):
+            if value is not None:
+                raise UsageError(f"{option} applies to --image (the image to invert before editing)")
+    if args.inversion is None and args.index is not None:
+        raise UsageError("--index applies to --inversion (which image of the file to edit)")
+    if args.save_inversion is not None:
+        _check_inversion_path(args.save_inversion, "--save-inversion")
+    if not real:
+        return
+    option = "--image" if args.image is not None else "--inversion"
+    if args.seed is not None:
+        raise UsageError(f"--seed does not apply with {option}: the starting noise comes from the inversion, not from a seed")
+    if args.scheduler not in (None, "ddim"):
+        raise UsageError(
+            f"--scheduler {args.scheduler}: with {option} the edit samples with DDIM on the inversion's noise schedule; "
+            "leave --scheduler out"
+        )
+
+
+def cmd_invert(args: argparse.Namespace) -> int:
+    from .pipelines import invert
+
+    images = list(args.images)
+    prompts = list(args.prompt)
+    if len(prompts) not in (1, len(images)):
+        raise UsageError(f"{len(prompts)} --prompt for {len(images)} images: give one prompt for all, or one per image (in order)")
+    _check_positive_int(args.steps, "--steps")
+    _check_guidance(args.guidance)
+    if args.inner_steps < 0:
+        raise UsageError(f"--inner-steps must be at least 0, got {args.inner_steps}")
+    if (args.height is None) != (args.width is None):
+        raise UsageError("give both --height and --width, or neither (then the aspect ratio is kept; see attnctrl.images)")
+    for option, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and not 0 < value <= MAX_SIDE:
+            raise UsageError(f"{option} {value}: expected a size in pixels between 1 and {MAX_SIDE}")
+    if args.words and args.method != "dpl":
+        raise UsageError("--words applies to --method dpl (the nouns Dynamic Prompt Learning learns)")
+    _check_inversion_path(args.output, "-o")
+    _check_images(images)
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    model = args.model
+    if model is None:
+        from .models import SHAPES
+
+        model = SHAPES
+
+    _threads_for(model, device)
+    pipe = _load(model, device, dtype)
+    inversion = invert(
+        pipe, images, prompts[0] if len(prompts) == 1 else prompts, method=args.method,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
+        inner_steps=args.inner_steps, early_stop=args.early_stop, words=args.words or None, progress=True,
+    )
+    path = inversion.save(args.output)
+    print(f"{path}: {_summary(inversion)}")
+    return 0
 
 
 def cmd_edit(args: argparse.Namespace) -> int:
@@ -352,13 +486,20 @@ def cmd_edit(args: argparse.Namespace) -> int:
         edited = [args.prompt]
     prompts = [args.prompt] + edited
     size = parse_size(args.size)
-    _check_positive_int(args.steps, "--steps")
-    if not math.isfinite(args.guidance):
-        raise UsageError(f"--guidance {args.guidance!r} is not a finite number")
+    if args.steps is not None:
+        _check_positive_int(args.steps, "--steps")
+    _check_guidance(args.guidance)
+    real = args.image is not None or args.inversion is not None
+    _check_real_image_options(args, real)
     cross = parse_cross(args.cross)
     self_steps = parse_window(args.self_steps, "--self") if args.self_steps is not None else 0.4
     blend = parse_blend(args.blend, len(prompts))
     edit = build_edit(args.mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend)
+    inversion = None
+    if args.inversion is not None:
+        inversion = _load_inversion(args.inversion, args.index)
+    elif args.image is not None:
+        _check_images([args.image])
     device = _resolve_device(args.device)
     dtype = _resolve_dtype(args.dtype, device)
     model = args.model
@@ -373,17 +514,46 @@ def cmd_edit(args: argparse.Namespace) -> int:
     set_scheduler(pipe, args.scheduler)
     t_load = time.perf_counter() - t0
 
+    timings: dict[str, float] = {"load": round(t_load, 3)}
+    if args.image is not None:
+        from .pipelines import invert
+        from .plan import compile_edit
+
+        compile_edit(edit, pipe.tokenizer, prompts)  # a bad edit fails now, not after the inversion
+        t0 = time.perf_counter()
+        inversion = invert(
+            pipe, args.image, args.prompt, method=args.method or "null-text",
+            num_inference_steps=DEFAULT_STEPS if args.steps is None else args.steps,
+            guidance_scale=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+            height=None if size is None else size[1], width=None if size is None else size[0],
+            progress=True,
+        )
+        timings["invert"] = round(time.perf_counter() - t0, 3)
+        print(_summary(inversion), file=sys.stderr, flush=True)
+        if args.save_inversion is not None:  # saved before editing: an edit that fails later keeps it
+            saved_inversion = inversion.save(args.save_inversion)
+
     t0 = time.perf_counter()
-    out = _generate(pipe, prompts, edit, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                    size=size, materialise=args.materialise)
-    t_generate = time.perf_counter() - t0
+    if inversion is not None:
+        out = _edit_from_inversion(pipe, prompts, edit, inversion, steps=args.steps if args.inversion else None,
+                                   guidance=args.guidance if args.inversion else None,
+                                   size=size if args.inversion else None, materialise=args.materialise)
+    else:
+        out = _generate(pipe, prompts, edit, seed=DEFAULT_SEED if args.seed is None else args.seed,
+                        steps=DEFAULT_STEPS if args.steps is None else args.steps,
+                        guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+                        size=size, materialise=args.materialise)
+    timings["generate"] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     files = {"source": save_png_atomic(out.images[0], os.path.join(args.out, "source.png"))}
     for k, image in enumerate(out.images[1:], start=1):
         files[f"edit_{k}"] = save_png_atomic(image, os.path.join(args.out, f"edit_{k}.png"))
-    labels = [f"source: {prompts[0]}"] + [f"edit {k}: {p}" for k, p in enumerate(prompts[1:], start=1)]
+    if args.save_inversion is not None:
+        files["inversion"] = saved_inversion
+    source_label = "reconstruction" if inversion is not None else "source"
+    labels = [f"{source_label}: {prompts[0]}"] + [f"edit {k}: {p}" for k, p in enumerate(prompts[1:], start=1)]
     files["grid"] = os.path.join(args.out, "grid.png")
     viz.image_grid(out.images, 1, len(out.images), labels, path=files["grid"])
     words = figure_words(prompts, blend=blend, weights=weights)
@@ -391,7 +561,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         files["attention"] = os.path.join(args.out, "attention.png")
         viz.word_map_figure(out.images, out.attention, words, prompts=prompts, path=files["attention"],
                              skip_missing=True)
-    t_save = time.perf_counter() - t0
+    timings["save"] = round(time.perf_counter() - t0, 3)
+    timings["total"] = round(time.perf_counter() - t_start, 3)
 
     width, height = out.images[0].size
     record = {
@@ -402,25 +573,31 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "prompts": prompts,
         "mode": args.mode,
         "edit": describe(edit),
-        "seed": args.seed,
-        "steps": args.steps,
-        "guidance": args.guidance,
+        "seed": None if inversion is not None else (DEFAULT_SEED if args.seed is None else args.seed),
+        "steps": inversion.num_inference_steps if inversion is not None else (DEFAULT_STEPS if args.steps is None else args.steps),
+        "guidance": inversion.guidance_scale if inversion is not None else (DEFAULT_GUIDANCE if args.guidance is None else args.guidance),
         "size": [width, height],
-        "scheduler": type(pipe.scheduler).__name__,
+        # editing from an inversion samples with DDIM on the inversion's schedule (the pipeline's is restored after)
+        "scheduler": "DDIMScheduler" if inversion is not None else type(pipe.scheduler).__name__,
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
         "threads": _torch_threads(),
         "materialise": bool(args.materialise),
         "attention_words": words,
-        "timings_s": {
-            "load": round(t_load, 3),
-            "generate": round(t_generate, 3),
-            "save": round(t_save, 3),
-            "total": round(time.perf_counter() - t_start, 3),
-        },
+        "timings_s": timings,
         "versions": versions(),
         "files": {k: os.path.basename(v) for k, v in files.items()},
     }
+    if inversion is not None:
+        record["inversion"] = {
+            "image": args.image,
+            "file": args.inversion or args.save_inversion,
+            "index": args.index,
+            "method": inversion.method,
+            "prompt": inversion.prompts[0],
+            "unet_evaluations": inversion.stats.get("unet_evaluations"),
+            "seconds": inversion.stats.get("seconds"),
+        }
     files["run"] = write_json_atomic(record, os.path.join(args.out, "run.json"))
     for path in files.values():
         print(path)
@@ -582,14 +759,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .inversion import METHODS
+
     parser = _Parser(prog="attnctrl", description="Training-free attention control for diffusers (Prompt-to-Prompt).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     e = sub.add_parser(
         "edit",
-        help="edit a generated image by editing its prompt (Prompt-to-Prompt)",
+        help="edit a generated or real image by editing its prompt (Prompt-to-Prompt)",
         description="Generate the source prompt and its edited versions from the same noise with Prompt-to-Prompt, "
-        "and write DIR/source.png, DIR/edit_N.png, DIR/grid.png, DIR/attention.png and DIR/run.json.",
+        "and write DIR/source.png, DIR/edit_N.png, DIR/grid.png, DIR/attention.png and DIR/run.json. With --image "
+        "or --inversion the source is a real image: the first prompt must be its caption (the one it was inverted "
+        "with), and DIR/source.png is its reconstruction.",
     )
     e.add_argument("--model", default=None, help="diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
     e.add_argument("--prompt", required=True, help="the source prompt")
@@ -603,16 +784,56 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cross", action="append", metavar="FRAC|A,B|WORD=FRAC",
                    help="cross-attention window as a fraction of the steps (default 0.8); WORD=FRAC sets one word's window")
     e.add_argument("--self", dest="self_steps", metavar="FRAC|A,B", help="self-attention window (default 0.4)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-    e.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    e.add_argument("--size", metavar="WxH", help="image size in pixels, multiples of 8 (default: the model's own)")
-    e.add_argument("--scheduler", choices=SCHEDULERS, default=None, help="sampler (default: the model's own)")
+    e.add_argument("--seed", type=int, default=None, help=f"noise seed (default {DEFAULT_SEED}; not with --image/--inversion)")
+    e.add_argument("--steps", type=int, default=None,
+                   help=f"sampling steps (default {DEFAULT_STEPS}; with --inversion: the inversion's)")
+    e.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE}; with --inversion: the inversion's)")
+    e.add_argument("--size", metavar="WxH",
+                   help="image size in pixels, multiples of 8 (default: the model's own; with --image: see attnctrl.images; "
+                   "with --inversion: the inversion's)")
+    e.add_argument("--scheduler", choices=SCHEDULERS, default=None,
+                   help="sampler (default: the model's own; with --image/--inversion: always DDIM)")
+    real = e.add_mutually_exclusive_group()
+    real.add_argument("--image", metavar="IMAGE",
+                      help="edit this real image: invert it first (with --method), the first prompt describing it")
+    real.add_argument("--inversion", metavar="FILE",
+                      help="edit a real image from an inversion file written by 'attnctrl invert' (or --save-inversion)")
+    e.add_argument("--method", choices=METHODS, default=None, help="with --image: the inversion method (default null-text)")
+    e.add_argument("--save-inversion", metavar="FILE", help="with --image: also write the inversion to FILE.safetensors")
+    e.add_argument("--index", type=int, default=None, metavar="I",
+                   help="with --inversion: the image to edit when the file holds several (0-based)")
     e.add_argument("--device", choices=DEVICES, default="auto")
     e.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
     e.add_argument("--materialise", action="store_true", help="run the explicit reference attention instead of fused kernels")
     e.add_argument("--out", required=True, metavar="DIR", help="output folder")
     e.set_defaults(func=cmd_edit)
+
+    i = sub.add_parser(
+        "invert",
+        help="invert real images for editing (null-text, DDIM, negative-prompt, direct, DPL)",
+        description="Invert one or more real images with their captions and write the inversion to FILE.safetensors; "
+        "edit it with 'attnctrl edit --inversion FILE --prompt CAPTION --to EDITED'. Images are resized by the rule "
+        "of attnctrl.images (the model's native area, aspect ratio kept, unless --height and --width are given).",
+    )
+    i.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, WebP, ...); several are inverted as one batch")
+    i.add_argument("--prompt", required=True, action="append", metavar="TEXT",
+                   help="the caption of the image(s): once for all, or repeated once per image")
+    i.add_argument("--model", default=None, help="diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
+    i.add_argument("--method", choices=METHODS, default="null-text", help="inversion method (default null-text)")
+    i.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps; the edit uses the same (default {DEFAULT_STEPS})")
+    i.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale the edit will use (default {DEFAULT_GUIDANCE})")
+    i.add_argument("--height", type=int, default=None, help="with --width: centre-crop and resize to this size (default: see attnctrl.images)")
+    i.add_argument("--width", type=int, default=None, help="with --height: centre-crop and resize to this size")
+    i.add_argument("--words", nargs="+", metavar="W", help="--method dpl: the nouns to learn (default: found in the prompt)")
+    i.add_argument("--early-stop", choices=("fast", "official"), default="fast",
+                   help="null-text/dpl early-stop schedule: fast (default, same result, fewer UNet calls) or official")
+    i.add_argument("--inner-steps", type=int, default=10, help="null-text/dpl: optimiser iterations per step at most (default 10)")
+    i.add_argument("--device", choices=DEVICES, default="auto")
+    i.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
+    i.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="the inversion file to write")
+    i.set_defaults(func=cmd_invert)
 
     d = sub.add_parser(
         "demo",

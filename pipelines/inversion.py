@@ -85,6 +85,7 @@ def null_text_step(
     early_stop: Literal["fast", "official"] = "fast",
     cond_output: torch.Tensor | None = None,
     min_improvement: float = 0.0,
+    lr_scale: float = 1.0,
 ) -> NullTextStep:
     """Optimise the unconditional embedding of one step so that the guided DDIM step from
     ``latents`` (M, C, h, w) lands on ``target`` (M, C, h, w); images are independent.
@@ -100,7 +101,7 @@ def null_text_step(
     """
     m = latents.shape[0]
     threshold = 1e-5 + step_index * 2e-5
-    lr = 1e-2 * (1.0 - step_index / 100.0)
+    lr = 1e-2 * (1.0 - step_index / 100.0) * lr_scale
     with torch.no_grad():
         out_cond = cond_output if cond_output is not None else denoiser(latents, t, cond, pooled)
     params = [null_init[i : i + 1].detach().clone().float().requires_grad_(True) for i in range(m)]
