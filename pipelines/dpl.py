@@ -254,7 +254,7 @@ def dynamic_prompt_learning(
     *,
     guidance_scale: float,
     inner_steps: int,
-    early_stop: str,
+    schedule: str,
     words: Sequence[str] | None,
     background_mask: torch.Tensor | None,
     bar: Any,
@@ -334,7 +334,7 @@ def dynamic_prompt_learning(
                     totals, still = [], []
                     for row, i in enumerate(active):
                         l_at, l_dj, l_bg = dpl_losses(maps[row], positions[i], tokens[i].end, background[i])
-                        values = [float(l_at), float(l_dj), float(l_bg)]
+                        values = [float(l_at.detach()), float(l_dj.detach()), float(l_bg.detach())]
                         if not first[i]:
                             first[i] = values
                         last[i] = values
@@ -355,7 +355,7 @@ def dynamic_prompt_learning(
                 cond = learned.encode()
             step = null_text_step(
                 den, z, t, k, trajectory[k + 1].to(den.device), cond, null_current,
-                guidance_scale=w, inner_steps=inner_steps, early_stop=early_stop,  # type: ignore[arg-type]
+                guidance_scale=w, inner_steps=inner_steps, schedule=schedule,  # type: ignore[arg-type]
             )
             nulls.append(step.null)
             sources.append(cond)

@@ -11,9 +11,9 @@ Methods (``method=``):
     unconditional embedding is optimised with a fresh Adam (lr ``1e-2 * (1 - i/100)``) for at most
     ``inner_steps`` (10) iterations to make the guided DDIM step land on the inverted latent, stopping
     early when the latent MSE is below ``1e-5 + i * 2e-5``; one embedding per step, each starting from
-    the previous one. ``early_stop="fast"`` (default) reaches the same result with fewer UNet passes;
-    ``early_stop="official"`` reproduces the original evaluation schedule exactly (see
-    :func:`null_text_step`).
+    the previous one. ``schedule="official"`` is exactly that; ``schedule="fast"`` (default) keeps the
+    loss, threshold and cap but reuses predictions and steps 3x larger, reaching the same
+    reconstruction with under half the UNet passes (see :func:`null_text_step`).
 ``"negative-prompt"``
     Negative-prompt inversion (Miyake et al. 2023): the DDIM trajectory, with the source prompt's own
     embedding as the unconditional one. No optimisation.
@@ -42,6 +42,9 @@ from attnctrl.images import ImageInput, load_image
 from attnctrl.inversion import METHODS, Inversion
 
 from ._denoiser import Denoiser, PromptEmbeddings
+
+FAST_LR_SCALE = 3.0
+"""Adam learning-rate multiplier of the fast null-text schedule (see :func:`null_text_step`)."""
 
 __all__ = ["invert", "null_text_step", "NullTextStep", "image_geometry", "reconstruct", "ddim_trajectory"]
 
@@ -82,26 +85,29 @@ def null_text_step(
     pooled: torch.Tensor | None = None,
     uncond_pooled: torch.Tensor | None = None,
     inner_steps: int = 10,
-    early_stop: Literal["fast", "official"] = "fast",
+    schedule: Literal["fast", "official"] = "fast",
     cond_output: torch.Tensor | None = None,
-    min_improvement: float = 0.0,
-    lr_scale: float = 1.0,
 ) -> NullTextStep:
     """Optimise the unconditional embedding of one step so that the guided DDIM step from
-    ``latents`` (M, C, h, w) lands on ``target`` (M, C, h, w); images are independent.
+    ``latents`` (M, C, h, w) lands on ``target`` (M, C, h, w); images are independent (one Adam per
+    image, converged images leave the batch).
 
-    ``"official"``: Adam step after every evaluation, stop when the evaluated loss is below the
-    threshold, then one more guided UNet call (unconditional and conditional) with the final
-    embedding to advance: ``1 + n + 2`` evaluations for ``n`` iterations.
+    ``schedule="official"``: the original algorithm: Adam (lr ``1e-2 (1 - i/100)``) step after every
+    evaluation, stop when the evaluated loss is below ``1e-5 + i 2e-5``, then one more guided UNet
+    call (unconditional and conditional) with the final embedding to advance: ``1 + n + 2``
+    evaluations per image for ``n`` iterations.
 
-    ``"fast"``: the conditional prediction is computed once and reused for the advance; the loss is
-    checked before updating, so a converged embedding is used with the prediction already in hand;
-    if no iteration converges, the best evaluated embedding is kept. ``1 + n`` evaluations, and the
-    converged case costs 2 instead of 4.
+    ``schedule="fast"``: the same loss, threshold and iteration cap, with three changes: the
+    conditional prediction is computed once and reused for the advance; the loss is checked before
+    updating, so a converged embedding advances with the prediction already in hand (and if none
+    converges, the best evaluated embedding is kept); and Adam's learning rate is 3x the official
+    one, so the threshold is reached in a few iterations instead of exhausting the cap. ``1 + n``
+    evaluations per image. Measured on the shapes model (``benchmarks/inversion.py``): under half
+    the evaluations of the official schedule at the same reconstruction PSNR.
     """
     m = latents.shape[0]
     threshold = 1e-5 + step_index * 2e-5
-    lr = 1e-2 * (1.0 - step_index / 100.0) * lr_scale
+    lr = 1e-2 * (1.0 - step_index / 100.0) * (FAST_LR_SCALE if schedule == "fast" else 1.0)
     with torch.no_grad():
         out_cond = cond_output if cond_output is not None else denoiser(latents, t, cond, pooled)
     params = [null_init[i : i + 1].detach().clone().float().requires_grad_(True) for i in range(m)]
@@ -111,7 +117,6 @@ def null_text_step(
     best_null: list[torch.Tensor | None] = [None] * m
     best_next: list[torch.Tensor | None] = [None] * m
     iterations = [0] * m
-    previous = [math.inf] * m
     for _ in range(max(0, int(inner_steps))):
         if not active:
             break
@@ -129,13 +134,8 @@ def null_text_step(
                 iterations[i] += 1
                 if losses[j] < best_loss[i]:
                     best_loss[i], best_null[i], best_next[i] = losses[j], params[i].detach().clone(), prev[j : j + 1].detach()
-            if early_stop == "fast":
-                still = [
-                    i for j, i in enumerate(active)
-                    if losses[j] >= threshold and not (iterations[i] > 1 and losses[j] > (1.0 - min_improvement) * previous[i])
-                ]
-                for j, i in enumerate(active):
-                    previous[i] = losses[j]
+            if schedule == "fast":
+                still = [i for j, i in enumerate(active) if losses[j] >= threshold]
                 update = still
             else:
                 update = list(active)
@@ -146,10 +146,10 @@ def null_text_step(
                 for p, g, i in zip(chosen, grads, update):
                     p.grad = g
                     optimisers[i].step()
-            if early_stop == "official":
+            if schedule == "official":
                 still = [i for j, i in enumerate(active) if losses[j] >= threshold]
         active = still
-    if early_stop == "official" or inner_steps <= 0:
+    if schedule == "official" or inner_steps <= 0:
         null = torch.cat(params).detach()
         with torch.no_grad():
             out_uncond = denoiser(latents, t, null, uncond_pooled)
@@ -211,7 +211,7 @@ def invert(
     height: int | None = None,
     width: int | None = None,
     inner_steps: int = 10,
-    early_stop: Literal["fast", "official"] = "fast",
+    schedule: Literal["fast", "official"] = "fast",
     words: Sequence[str] | None = None,
     background_mask: torch.Tensor | None = None,
     progress: bool = True,
@@ -228,7 +228,7 @@ def invert(
         method: ``"ddim"``, ``"null-text"``, ``"negative-prompt"``, ``"direct"`` or ``"dpl"`` (module doc).
         num_inference_steps, guidance_scale: the DDIM steps and guidance the edit will use.
         inner_steps: null-text Adam iterations per step at most (official: 10).
-        early_stop: ``"fast"`` or ``"official"`` null-text schedule (see :func:`null_text_step`).
+        schedule: ``"fast"`` or ``"official"`` null-text schedule (see :func:`null_text_step`).
         words: DPL only: the nouns to learn (default: found from the prompt, see
             :func:`attnctrl.pipelines.dpl.find_nouns`).
         background_mask: DPL only: (M, H, W) or (H, W) user background mask (1 = background)
@@ -241,8 +241,8 @@ def invert(
     """
     if method not in METHODS:
         raise ValueError(f"unknown inversion method {method!r}; use one of {', '.join(METHODS)}")
-    if early_stop not in ("fast", "official"):
-        raise ValueError(f"early_stop must be 'fast' or 'official', got {early_stop!r}")
+    if schedule not in ("fast", "official"):
+        raise ValueError(f"schedule must be 'fast' or 'official', got {schedule!r}")
     steps = int(num_inference_steps)
     if steps < 1:
         raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
@@ -281,7 +281,7 @@ def invert(
 
             result = dynamic_prompt_learning(
                 den, pipe, prompts, encoded, timesteps, embeddings,
-                guidance_scale=w, inner_steps=inner_steps, early_stop=early_stop, words=words,
+                guidance_scale=w, inner_steps=inner_steps, schedule=schedule, words=words,
                 background_mask=background_mask, bar=bar,
             )
             trajectory, null, source, stats, learned_words = result.trajectory, result.null, result.source, result.stats, result.words
@@ -293,12 +293,12 @@ def invert(
                 null = embeddings.cond[None].clone()
                 null_pooled = embeddings.pooled.clone() if embeddings.pooled is not None else None
             elif method == "null-text":
-                null, stats = _null_text(den, trajectory, timesteps, embeddings, w, inner_steps, early_stop, bar)
+                null, stats = _null_text(den, trajectory, timesteps, embeddings, w, inner_steps, schedule, bar)
     stats.update(
         unet_evaluations=den.evaluations,
         unet_backward_evaluations=den.backward_evaluations,
         seconds=round(time.perf_counter() - started, 3),
-        early_stop=early_stop if method in ("null-text", "dpl") else None,
+        schedule=schedule if method in ("null-text", "dpl") else None,
         inner_steps=inner_steps if method in ("null-text", "dpl") else None,
     )
     if method in ("null-text", "dpl") and embeddings.uncond_pooled is not None:
@@ -312,7 +312,8 @@ def invert(
         height=int(H),
         width=int(W),
         model=den.identity(),
-        scheduler=dict(den.scheduler.config),
+        # explicit values only: diffusers drops keys listed in _use_default_values when reloading
+        scheduler={k: v for k, v in den.scheduler.config.items() if not k.startswith("_")},
         null_embeddings=None if null is None else null.cpu(),
         null_pooled=None if null_pooled is None else null_pooled.cpu(),
         source_embeddings=None if source is None else source.cpu(),
@@ -328,7 +329,7 @@ def _null_text(
     embeddings: PromptEmbeddings,
     w: float,
     inner_steps: int,
-    early_stop: Literal["fast", "official"],
+    schedule: Literal["fast", "official"],
     bar: Any,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     nulls = []
@@ -339,7 +340,7 @@ def _null_text(
         step = null_text_step(
             den, z, t, k, trajectory[k + 1].to(den.device), embeddings.cond, current,
             guidance_scale=w, pooled=embeddings.pooled, uncond_pooled=embeddings.uncond_pooled,
-            inner_steps=inner_steps, early_stop=early_stop,
+            inner_steps=inner_steps, schedule=schedule,
         )
         nulls.append(step.null)
         current = step.null
