@@ -1,0 +1,332 @@
+"""Multi-subject consistency (IR-Diffusion): subject masks, reposition geometry, layer gating and the
+routings that isolation and reference attention execute. Tensors in, tensors out; nothing here
+knows about diffusers pipelines.
+
+Terms (per self-attention layer of ``h x w`` tokens):
+
+* ``T_i``: subject ``i``'s mask in the target (scene) image; ``R_i``: its mask in reference
+  (portrait) ``i``. Masks are (h, w) bool grids, resized from their source resolution by
+  :func:`resize_mask` (bilinear, min-max normalised, Otsu-binarised, as IR-Diffusion).
+* Isolation: a target token in ``T_i`` never attends to a target token in ``T_j`` (``i != j``);
+  background and each subject's attention to itself are untouched.
+* Reference attention: a target query in ``T_i`` (kept by the query-side dropout) may also attend,
+  in the same softmax, to reference ``i``'s tokens inside the repositioned mask ``R~_i``, with an
+  optional additive logit bias.
+* Reposition: reference ``i``'s features are cropped to ``R_i``'s box and resized (nearest) into
+  ``T_i``'s box before they are projected to keys and values, so the reference subject sits where
+  the target subject is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "otsu_threshold",
+    "binarise",
+    "resize_mask",
+    "resolve_overlaps",
+    "bounding_box",
+    "reposition",
+    "group_labels",
+    "isolation_table",
+    "reference_table",
+    "query_dropout",
+    "transformer_blocks",
+    "Gating",
+    "IRDiffusion",
+    "masks_from_maps",
+]
+
+
+# ------------------------------------------------------------------------------------------------
+# masks
+# ------------------------------------------------------------------------------------------------
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 256) -> float:
+    """Otsu's threshold of ``values`` (any shape) after min-max normalisation to [0, 1].
+
+    Returns the threshold in the normalised scale; a constant input returns 1.0 (nothing above).
+    """
+    x = values.detach().float().flatten()
+    lo, hi = float(x.min()), float(x.max())
+    if not math.isfinite(lo) or not math.isfinite(hi) or hi - lo <= 0:
+        return 1.0
+    x = (x - lo) / (hi - lo)
+    hist = torch.histc(x, bins=bins, min=0.0, max=1.0).double()
+    total = hist.sum()
+    centres = (torch.arange(bins, dtype=torch.float64) + 0.5) / bins
+    weight_low = torch.cumsum(hist, 0)
+    weight_high = total - weight_low
+    mass_low = torch.cumsum(hist * centres, 0)
+    mean_low = mass_low / weight_low.clamp_min(1e-12)
+    mean_high = (mass_low[-1] - mass_low) / weight_high.clamp_min(1e-12)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    between[(weight_low == 0) | (weight_high == 0)] = -1
+    best = int(torch.argmax(between))
+    return float((best + 1) / bins)
+
+
+def binarise(saliency: torch.Tensor) -> torch.Tensor:
+    """(h, w) float map -> bool mask: min-max normalise, then Otsu threshold (strictly above)."""
+    x = saliency.detach().float()
+    lo, hi = x.min(), x.max()
+    if float(hi - lo) <= 0:
+        return torch.zeros_like(x, dtype=torch.bool)
+    x = (x - lo) / (hi - lo)
+    return x > otsu_threshold(x)
+
+
+def resize_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) bool/float mask -> (h, w) bool at another resolution: bilinear resize, min-max
+    normalisation and Otsu binarisation (IR-Diffusion's rule). A mask already at ``size`` is
+    returned as bool unchanged."""
+    if tuple(mask.shape) == tuple(size):
+        return mask.bool() if mask.dtype == torch.bool else mask > 0.5
+    if not bool(mask.any()):
+        return torch.zeros(size, dtype=torch.bool, device=mask.device)
+    resized = F.interpolate(mask.float()[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return binarise(resized)
+
+
+def resolve_overlaps(masks: torch.Tensor) -> torch.Tensor:
+    """(n, h, w) bool masks -> exclusive masks: a token claimed by several subjects goes to the
+    subject with the smallest mask (processed from smallest to largest, as IR-Diffusion)."""
+    out = torch.zeros_like(masks, dtype=torch.bool)
+    taken = torch.zeros(masks.shape[1:], dtype=torch.bool, device=masks.device)
+    for i in sorted(range(masks.shape[0]), key=lambda j: int(masks[j].sum())):
+        out[i] = masks[i].bool() & ~taken
+        taken |= out[i]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# reposition
+# ------------------------------------------------------------------------------------------------
+
+
+def bounding_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """Tight box ``(top, left, bottom, right)`` (bottom/right exclusive) of an (h, w) mask, or None if empty."""
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    if len(rows) == 0:
+        return None
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def reposition(
+    features: torch.Tensor, reference_mask: torch.Tensor, target_mask: torch.Tensor, *, keep_aspect: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a reference subject into the target subject's box.
+
+    Args:
+        features: (C, h, w) reference features (the layer's normalised input).
+        reference_mask: (h, w) bool ``R_i``; target_mask: (h, w) bool ``T_i``.
+        keep_aspect: False (IR-Diffusion): each axis is scaled on its own to fill the target box;
+            True: one scale ``min(s_y, s_x)``, the result centred in the target box.
+
+    Returns ``(moved, moved_mask)``: (C, h, w) features, zero outside the pasted subject, and the
+    (h, w) bool mask moved the same way. An empty target mask leaves the masked reference where it
+    is; an empty reference mask gives zeros and an empty mask.
+    """
+    c, h, w = features.shape
+    masked = features * reference_mask.to(features.dtype)
+    box_r, box_t = bounding_box(reference_mask), bounding_box(target_mask)
+    if box_r is None:
+        return torch.zeros_like(features), torch.zeros_like(reference_mask, dtype=torch.bool)
+    if box_t is None:
+        return masked, reference_mask.bool().clone()
+    r0, c0, r1, c1 = box_r
+    t0, s0, t1, s1 = box_t
+    th, tw = t1 - t0, s1 - s0
+    if keep_aspect:
+        scale = min(th / (r1 - r0), tw / (c1 - c0))
+        nh, nw = max(1, round((r1 - r0) * scale)), max(1, round((c1 - c0) * scale))
+        t0, s0 = t0 + (th - nh) // 2, s0 + (tw - nw) // 2
+        th, tw = nh, nw
+    crop = masked[:, r0:r1, c0:c1]
+    crop_mask = reference_mask[r0:r1, c0:c1].float()
+    moved = torch.zeros_like(features)
+    moved_mask = torch.zeros((h, w), dtype=torch.bool, device=features.device)
+    moved[:, t0 : t0 + th, s0 : s0 + tw] = F.interpolate(crop[None].float(), size=(th, tw), mode="nearest")[0].to(features.dtype)
+    moved_mask[t0 : t0 + th, s0 : s0 + tw] = F.interpolate(crop_mask[None, None], size=(th, tw), mode="nearest")[0, 0] > 0
+    return moved, moved_mask
+
+
+# ------------------------------------------------------------------------------------------------
+# routing tables
+# ------------------------------------------------------------------------------------------------
+
+DENY = float("-inf")
+
+
+def group_labels(masks: torch.Tensor) -> torch.Tensor:
+    """(n, N) bool exclusive subject masks -> (N,) int64 labels: 0 = background, ``i + 1`` = subject ``i``."""
+    labels = torch.zeros(masks.shape[1], dtype=torch.long, device=masks.device)
+    for i in range(masks.shape[0]):
+        labels[masks[i].bool()] = i + 1
+    return labels
+
+
+def isolation_table(subjects: int, *, isolate: bool = True) -> torch.Tensor:
+    """(n + 1, n + 1) table over [background, subject 1..n] for queries x keys of the same image:
+    subject ``i`` may not attend to subject ``j != i``; everything else is allowed."""
+    table = torch.zeros(subjects + 1, subjects + 1)
+    if isolate:
+        for i in range(1, subjects + 1):
+            for j in range(1, subjects + 1):
+                if i != j:
+                    table[i, j] = DENY
+    return table
+
+
+def reference_table(subjects: int, *, isolate: bool = True, reference_bias: float = 0.0) -> torch.Tensor:
+    """Table of the extended self-attention of a target image over ``n`` references and itself.
+
+    Query groups (``2n + 1``): 0 = background, ``i`` = subject ``i`` (1..n) kept by the query
+    dropout, ``n + i`` = subject ``i`` dropped. Key groups (``2n + 2``): 0 = target background,
+    ``i`` = target subject ``i``, ``n + i`` = reference ``i`` inside its moved mask, ``2n + 1`` =
+    reference tokens outside their masks (never attended).
+
+    Kept subject-``i`` queries may use reference ``i``'s subject keys (plus ``reference_bias``);
+    everything else about references is denied; the target block follows :func:`isolation_table`.
+    """
+    n = subjects
+    table = torch.full((2 * n + 1, 2 * n + 2), DENY)
+    own = isolation_table(n, isolate=isolate)
+    table[0, : n + 1] = own[0]
+    for i in range(1, n + 1):
+        table[i, : n + 1] = own[i]
+        table[n + i, : n + 1] = own[i]
+        table[i, n + i] = float(reference_bias)
+    return table
+
+
+def query_dropout(labels: torch.Tensor, subjects: int, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Relabel each subject query (label ``i`` in 1..n) to ``n + i`` ("dropped") with
+    ``probability``, drawing from ``generator`` (never the global RNG). Returns new labels."""
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1], got {probability}")
+    draw = torch.rand(labels.shape, generator=generator, device=generator.device).to(labels.device)
+    dropped = (labels > 0) & (labels <= subjects) & (draw < probability)
+    return torch.where(dropped, labels + subjects, labels)
+
+
+# ------------------------------------------------------------------------------------------------
+# gating
+# ------------------------------------------------------------------------------------------------
+
+
+def transformer_blocks(unet: torch.nn.Module) -> list[str]:
+    """Self-attention processor names (``...attn1.processor``) of a UNet2DConditionModel's
+    transformer blocks in CALL order: down blocks, mid block, up blocks (diffusers registers
+    ``up_blocks`` before ``mid_block``, so its processor dict is not in call order)."""
+    names: list[str] = []
+    parts = [("down_blocks", getattr(unet, "down_blocks", [])), ("mid_block", [getattr(unet, "mid_block", None)]), ("up_blocks", getattr(unet, "up_blocks", []))]
+    for prefix, blocks in parts:
+        for b, block in enumerate(blocks):
+            if block is None:
+                continue
+            base = prefix if prefix == "mid_block" else f"{prefix}.{b}"
+            for a, attention in enumerate(getattr(block, "attentions", []) or []):
+                for t, _ in enumerate(getattr(attention, "transformer_blocks", []) or []):
+                    names.append(f"{base}.attentions.{a}.transformer_blocks.{t}.attn1.processor")
+    return names
+
+
+@dataclass(frozen=True)
+class Gating:
+    """Which transformer blocks and steps use reference attention (isolation runs everywhere).
+
+    Attributes:
+        first_block: first block index (call order, 0-based) with reference attention; None =
+            the default for the model: 36 of 70 for SDXL-shaped UNets (IR-Diffusion), otherwise the
+            first decoder block.
+        last_block: last block index (inclusive); None = the last block.
+        start, end: fraction of the denoising steps with reference attention (IR: all, 0..1).
+    """
+
+    first_block: int | None = None
+    last_block: int | None = None
+    start: float = 0.0
+    end: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.start <= self.end <= 1.0):
+            raise ValueError(f"Gating needs 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
+        for name in ("first_block", "last_block"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+    def blocks(self, unet: torch.nn.Module) -> list[str]:
+        """The processor names of the gated blocks."""
+        names = transformer_blocks(unet)
+        first = self.first_block
+        if first is None:
+            if len(names) == 70:
+                first = 36
+            else:
+                down = sum(1 for n in names if n.startswith("down_blocks"))
+                mid = sum(1 for n in names if n.startswith("mid_block"))
+                first = down + mid
+        last = len(names) - 1 if self.last_block is None else self.last_block
+        return names[first : last + 1]
+
+    def active(self, step: int, steps: int) -> bool:
+        """Whether step ``step`` (0-based) of ``steps`` uses reference attention."""
+        return steps > 0 and self.start <= step / steps < self.end
+
+
+def masks_from_maps(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Subject masks from averaged cross-attention maps: each (h, w) map -> Otsu-binarised bool;
+    overlaps resolved by :func:`resolve_overlaps`. Returns (n, h, w) bool."""
+    return resolve_overlaps(torch.stack([binarise(m) for m in maps]))
+
+
+REPOSITION_MODES = ("bbox", "keep-aspect", "none")
+
+
+@dataclass(frozen=True)
+class IRDiffusion:
+    """IR-Diffusion settings (defaults: the paper's).
+
+    Attributes:
+        isolate: isolation attention between the subjects of a target image (every layer, step).
+        reference: extended self-attention to the references in the gated blocks.
+        reposition: ``"bbox"`` (per-axis scaling into the target box, IR-Diffusion),
+            ``"keep-aspect"`` (one scale, centred) or ``"none"`` (references stay where they are).
+        dropout: probability that a target subject query is denied its reference (query side,
+            drawn once per step and resolution from a private generator seeded with ``seed``).
+        reference_bias: added to every allowed reference logit.
+        mutual_cross: lambda of masked mutual cross-attention: inside subject ``i``'s mask the
+            cross-attention output is ``(1 - lambda) * own + lambda * (attention to subject i's
+            portrait prompt)``; 0 turns it off.
+        gating: which blocks and steps use reference attention.
+        seed: seed of the dropout generator.
+    """
+
+    isolate: bool = True
+    reference: bool = True
+    reposition: str = "bbox"
+    dropout: float = 0.5
+    reference_bias: float = 0.0
+    mutual_cross: float = 0.9
+    gating: Gating = Gating()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.reposition not in REPOSITION_MODES:
+            raise ValueError(f"reposition must be one of {REPOSITION_MODES}, got {self.reposition!r}")
+        for name in ("dropout", "mutual_cross"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not math.isfinite(float(self.reference_bias)):
+            raise ValueError(f"reference_bias must be finite, got {self.reference_bias}")

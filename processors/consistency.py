@@ -1,0 +1,205 @@
+"""IR-Diffusion processors: isolation, reference (extended, repositioned) self-attention and masked
+mutual cross-attention for the target rows of a batch laid out as ``[ref_1 .. ref_n, target]`` per
+CFG half. Reference rows run plain attention, so they reproduce their rehearsal exactly.
+
+The routing of each call is a :class:`attnctrl.kernels.Routing` (group labels plus a small table);
+the kernel layer executes it without a dense mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from attnctrl import kernels
+from attnctrl.consistency import (
+    IRDiffusion,
+    group_labels,
+    isolation_table,
+    query_dropout,
+    reference_table,
+    reposition,
+    resize_mask,
+    resolve_overlaps,
+)
+from attnctrl.kernels.routing import Routing
+from attnctrl.store import resolution_of
+
+from ._projection import output, project
+
+__all__ = ["ConsistencyState", "ConsistencyProcessor"]
+
+
+@dataclass
+class ConsistencyState:
+    """Per-generation state shared by every layer.
+
+    Attributes:
+        settings: the IR-Diffusion options.
+        target_masks: (n, H, W) bool subject masks in the target image; reference_masks: (n, H, W)
+            bool masks of subject ``i`` in reference ``i`` (any resolution: resized per layer).
+        latent_hw: the latent grid of the current generation.
+        gated: processor names of the blocks with reference attention.
+        steps: number of denoising steps; step: the current one (set by the pipeline's hook).
+
+    The batch holds ``rows_per_half = n + 1`` rows per CFG half; the target is the last of each.
+    """
+
+    settings: IRDiffusion
+    target_masks: torch.Tensor
+    reference_masks: torch.Tensor
+    latent_hw: tuple[int, int]
+    gated: frozenset[str]
+    steps: int
+    step: int = 0
+    _cache: dict[Any, Any] = field(default_factory=dict)
+
+    @property
+    def subjects(self) -> int:
+        return int(self.target_masks.shape[0])
+
+    @property
+    def rows_per_half(self) -> int:
+        return self.subjects + 1
+
+    def masks_at(self, grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, h, w) target and reference masks at ``grid`` (cached)."""
+        key = ("masks", grid, str(device))
+        if key not in self._cache:
+            target = torch.stack([resize_mask(m, grid) for m in self.target_masks]).to(device)
+            # a token claimed by two subjects after resizing goes to the smaller one
+            self._cache[key] = (resolve_overlaps(target), torch.stack([resize_mask(m, grid) for m in self.reference_masks]).to(device))
+        return self._cache[key]
+
+    def query_labels(self, grid: tuple[int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N,) target labels without and with this step's query dropout (drawn once per step and
+        grid from a generator seeded by (seed, step, grid))."""
+        key = ("labels", grid, self.step, str(device))
+        if key not in self._cache:
+            target, _ = self.masks_at(grid, device)
+            labels = group_labels(target.flatten(1))
+            seed = hash((int(self.settings.seed), int(self.step), grid)) % (2**63)
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+            dropped = query_dropout(labels.cpu(), self.subjects, float(self.settings.dropout), generator).to(device)
+            self._cache = {k: v for k, v in self._cache.items() if not (k[0] == "labels" and k[2] != self.step)}
+            self._cache[key] = (labels, dropped)
+        return self._cache[key]
+
+
+class ConsistencyProcessor:
+    """One attention layer under IR-Diffusion. Shapes: ``hidden_states`` (batch, N, C) with batch
+    ``(n + 1)`` or ``2 (n + 1)`` (CFG); ``encoder_hidden_states`` (batch, L, C_text) for
+    cross-attention."""
+
+    def __init__(self, state: ConsistencyState, name: str) -> None:
+        self.state = state
+        self.name = name
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        call = project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        hidden = kernels.attention(call.query, call.key, call.value, scale=attn.scale, mask=call.mask)
+        state = self.state
+        rows = call.query.shape[0]
+        per_half = state.rows_per_half
+        grid = resolution_of(call.query.shape[2], state.latent_hw)
+        if grid is None or rows % per_half or state.subjects == 0 or call.mask is not None:
+            return output(attn, hidden, call)
+        targets = list(range(per_half - 1, rows, per_half))
+        hidden = hidden.clone()
+        if call.is_cross:
+            if state.settings.mutual_cross > 0:
+                for t in targets:
+                    hidden[t] = self._mutual_cross(attn, call, t, grid)
+            return output(attn, hidden, call)
+        flat = hidden_states if hidden_states.ndim == 3 else hidden_states.flatten(2).transpose(1, 2)
+        use_reference = (
+            state.settings.reference
+            and self.name in state.gated
+            and state.settings.gating.active(state.step, state.steps)
+        )
+        for t in targets:
+            if use_reference:
+                hidden[t] = self._with_references(attn, call, flat, t, grid)
+            elif state.settings.isolate and state.subjects > 1:
+                hidden[t] = self._isolated(attn, call, t, grid)
+        return output(attn, hidden, call)
+
+    # -- target rows ----------------------------------------------------------------------------
+    def _isolated(self, attn: Any, call: Any, t: int, grid: tuple[int, int]) -> torch.Tensor:
+        labels, _ = self.state.query_labels(grid, call.query.device)
+        routing = Routing(
+            query_groups=labels[None], key_groups=labels[None],
+            table=isolation_table(self.state.subjects).to(call.query.device),
+        )
+        return kernels.attention(call.query[t : t + 1], call.key[t : t + 1], call.value[t : t + 1], scale=attn.scale, mask=routing)[0]
+
+    def _with_references(self, attn: Any, call: Any, flat: torch.Tensor, t: int, grid: tuple[int, int]) -> torch.Tensor:
+        state = self.state
+        n = state.subjects
+        device = call.query.device
+        target_masks, reference_masks = state.masks_at(grid, device)
+        labels, dropped = state.query_labels(grid, device)
+        h, w = grid
+        first_ref = t - n
+        keys, values, key_labels = [], [], []
+        for i in range(n):
+            features = flat[first_ref + i].transpose(0, 1).reshape(-1, h, w)
+            if state.settings.reposition == "none":
+                moved = features * reference_masks[i].to(features.dtype)
+                moved_mask = reference_masks[i]
+            else:
+                moved, moved_mask = reposition(
+                    features, reference_masks[i], target_masks[i], keep_aspect=state.settings.reposition == "keep-aspect"
+                )
+            tokens = moved.flatten(1).transpose(0, 1)[None]  # (1, N, C)
+            k, v = _key_value(attn, tokens, call.heads)
+            keys.append(k)
+            values.append(v)
+            key_labels.append(torch.where(moved_mask.flatten(), n + 1 + i, 2 * n + 1))
+        keys.append(call.key[t : t + 1])
+        values.append(call.value[t : t + 1])
+        key_labels.append(labels)
+        table = reference_table(n, isolate=state.settings.isolate, reference_bias=state.settings.reference_bias).to(device)
+        routing = Routing(query_groups=dropped[None], key_groups=torch.cat(key_labels)[None], table=table)
+        return kernels.attention(
+            call.query[t : t + 1], torch.cat(keys, dim=2), torch.cat(values, dim=2), scale=attn.scale, mask=routing
+        )[0]
+
+    def _mutual_cross(self, attn: Any, call: Any, t: int, grid: tuple[int, int]) -> torch.Tensor:
+        state = self.state
+        lam = float(state.settings.mutual_cross)
+        target_masks, _ = state.masks_at(grid, call.query.device)
+        q = call.query[t : t + 1]
+        own = kernels.attention(q, call.key[t : t + 1], call.value[t : t + 1], scale=attn.scale)[0]
+        mixed = own.clone()
+        first_ref = t - state.subjects
+        for i in range(state.subjects):
+            inside = target_masks[i].flatten()
+            if not bool(inside.any()):
+                continue
+            r = first_ref + i
+            subject = kernels.attention(q, call.key[r : r + 1], call.value[r : r + 1], scale=attn.scale)[0]
+            mixed[:, inside] = (1 - lam) * own[:, inside] + lam * subject[:, inside]
+        return mixed
+
+
+def _key_value(attn: Any, tokens: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, H, N, D) keys and values of ``tokens`` (1, N, C) with the layer's own projections."""
+    key = attn.to_k(tokens)
+    value = attn.to_v(tokens)
+    head_dim = key.shape[-1] // heads
+    key = key.view(1, -1, heads, head_dim).transpose(1, 2)
+    value = value.view(1, -1, heads, value.shape[-1] // heads).transpose(1, 2)
+    if getattr(attn, "norm_k", None) is not None:
+        key = attn.norm_k(key)
+    return key, value
