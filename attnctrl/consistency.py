@@ -154,7 +154,7 @@ def reposition(
     crop_mask = reference_mask[r0:r1, c0:c1].float()
     moved = torch.zeros_like(features)
     moved_mask = torch.zeros((h, w), dtype=torch.bool, device=features.device)
-    moved[:, t0 : t0 + th, s0 : s0 + tw] = F.interpolate(crop[None].float(), size=(th, tw), mode="nearest")[0].to(features.dtype)
+    moved[:, t0 : t0 + th, s0 : s0 + tw] = F.interpolate(crop[None], size=(th, tw), mode="nearest")[0]
     moved_mask[t0 : t0 + th, s0 : s0 + tw] = F.interpolate(crop_mask[None, None], size=(th, tw), mode="nearest")[0, 0] > 0
     return moved, moved_mask
 
@@ -175,9 +175,9 @@ def group_labels(masks: torch.Tensor) -> torch.Tensor:
 
 
 def isolation_table(subjects: int, *, isolate: bool = True) -> torch.Tensor:
-    """(n + 1, n + 1) table over [background, subject 1..n] for queries x keys of the same image:
+    """(n + 1, n + 1) float64 table over [background, subject 1..n] for queries x keys of the same image:
     subject ``i`` may not attend to subject ``j != i``; everything else is allowed."""
-    table = torch.zeros(subjects + 1, subjects + 1)
+    table = torch.zeros(subjects + 1, subjects + 1, dtype=torch.float64)
     if isolate:
         for i in range(1, subjects + 1):
             for j in range(1, subjects + 1):
@@ -198,7 +198,7 @@ def reference_table(subjects: int, *, isolate: bool = True, reference_bias: floa
     everything else about references is denied; the target block follows :func:`isolation_table`.
     """
     n = subjects
-    table = torch.full((2 * n + 1, 2 * n + 2), DENY)
+    table = torch.full((2 * n + 1, 2 * n + 2), DENY, dtype=torch.float64)
     own = isolation_table(n, isolate=isolate)
     table[0, : n + 1] = own[0]
     for i in range(1, n + 1):
