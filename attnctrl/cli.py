@@ -1,4 +1,4 @@
-"""The ``attnctrl`` command line: ``edit``, ``invert``, ``demo``, ``backends``, ``train-shapes``.
+"""The ``attnctrl`` command line: ``edit``, ``invert``, ``consistent``, ``demo``, ``app``, ``backends``, ``train-shapes``.
 
 A thin layer: it parses options into :mod:`attnctrl` edit objects, calls
 :func:`attnctrl.pipelines.load_pipeline` and the pipeline, and draws pictures with
@@ -641,6 +641,87 @@ DEMO_EDITS: tuple[dict[str, Any], ...] = (
 )
 
 
+def parse_subject(text: str) -> tuple[str, str, str]:
+    """``NAME=PROMPT@WORD`` -> (name, prompt, word)."""
+    name, sep, rest = text.partition("=")
+    prompt, at, word = rest.rpartition("@")
+    if not sep or not at or not name.strip() or not prompt.strip() or not word.strip():
+        raise UsageError(f"--subject {text!r}: expected NAME=\"PORTRAIT PROMPT\"@WORD, e.g. cat=\"a photo of a cat\"@cat")
+    return name.strip(), prompt.strip(), word.strip()
+
+
+def cmd_consistent(args: argparse.Namespace) -> int:
+    import torch
+
+    from .consistency import Gating, IRDiffusion
+    from .io import save_png_atomic, write_json_atomic
+    from .pipelines.consistency import ConsistentSubjectsPipeline, ConsistentSubjectsXLPipeline, Subject
+
+    subjects = [Subject(*parse_subject(text)) for text in args.subject]
+    if not args.scene:
+        raise UsageError("give at least one --scene \"PROMPT\"")
+    _check_positive_int(args.steps, "--steps")
+    _check_guidance(args.guidance)
+    size = parse_size(args.size)
+    try:
+        settings = IRDiffusion(
+            isolate=not args.no_isolate, reference=not args.no_reference, reposition=args.reposition,
+            dropout=args.dropout, reference_bias=args.reference_bias, mutual_cross=args.mutual_cross,
+            gating=Gating(first_block=args.first_block, last_block=args.last_block), seed=args.seed,
+        )
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    model = args.model
+    if model is None:
+        from .models import SHAPES
+
+        model = SHAPES
+    _threads_for(model, device)
+    loaded = _load(model, device, dtype)
+    cls = ConsistentSubjectsXLPipeline if hasattr(loaded, "text_encoder_2") else ConsistentSubjectsPipeline
+    pipe = cls.from_pipe(loaded)
+    extra: dict[str, Any] = {}
+    if size is not None:
+        extra["width"], extra["height"] = size
+    started = time.perf_counter()
+    out = pipe(
+        subjects=subjects, scenes=list(args.scene), settings=settings, num_inference_steps=args.steps,
+        guidance_scale=args.guidance, generator=torch.Generator("cpu").manual_seed(args.seed), **extra,
+    )
+    seconds = time.perf_counter() - started
+    os.makedirs(args.out, exist_ok=True)
+    files = []
+    for subject, image, mask in zip(subjects, out.references, out.reference_masks):
+        files.append(save_png_atomic(image, os.path.join(args.out, f"reference_{_safe(subject.name)}.png")))
+        files.append(save_png_atomic(_mask_image(mask, image.size), os.path.join(args.out, f"reference_{_safe(subject.name)}_mask.png")))
+    for k, (image, masks) in enumerate(zip(out.scenes, out.scene_masks)):
+        files.append(save_png_atomic(image, os.path.join(args.out, f"scene_{k}.png")))
+        for name, mask in masks.items():
+            files.append(save_png_atomic(_mask_image(mask, image.size), os.path.join(args.out, f"scene_{k}_mask_{_safe(name)}.png")))
+    record = {
+        "model": model, "subjects": [dataclasses.asdict(s) for s in subjects], "scenes": list(args.scene),
+        "scene_subjects": out.scene_subjects, "settings": describe(settings), "steps": args.steps,
+        "guidance": args.guidance, "seed": args.seed, "seconds": round(seconds, 2), "files": [os.path.basename(f) for f in files],
+        "versions": versions(),
+    }
+    write_json_atomic(record, os.path.join(args.out, "run.json"))
+    print(f"{args.out}: {len(subjects)} references and {len(out.scenes)} scenes in {seconds:.1f} s")
+    return 0
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "subject"
+
+
+def _mask_image(mask: Any, size: tuple[int, int]) -> Any:
+    from PIL import Image
+
+    array = (mask.detach().cpu().numpy().astype("uint8") * 255)
+    return Image.fromarray(array, mode="L").resize(size, Image.Resampling.NEAREST)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     import attnctrl as A
 
@@ -742,6 +823,56 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+_LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def parse_file_size(text: str) -> str | int:
+    """``--max-file-size``: a whole number of bytes (-> int) or a size like ``10mb`` (b, kb, mb, gb)."""
+    import re
+
+    raw = text.strip().lower().replace(" ", "")
+    match = re.fullmatch(r"(\d+)(b|kb|mb|gb)?", raw)
+    if match is None or int(match.group(1)) <= 0:
+        raise UsageError(f"--max-file-size {text!r}: expected a size like 10mb, 500kb or a whole number of bytes")
+    return raw if match.group(2) else int(match.group(1))
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise UsageError("the web UI needs gradio: pip install 'attnctrl[app]'") from None
+    from .app import launch
+    from .app.options import OptionError
+    from .models import SHAPES
+
+    if args.port is not None and not 0 < args.port < 65536:
+        raise UsageError(f"--port {args.port}: expected a port number between 1 and 65535")
+    for option, value in (("--concurrency", args.concurrency), ("--queue-size", args.queue_size),
+                          ("--max-models", args.max_models), ("--steps", args.steps)):
+        _check_positive_int(value, option)
+    if args.steps > 100:
+        raise UsageError(f"--steps {args.steps}: the forms allow at most 100 steps")
+    max_file_size = parse_file_size(args.max_file_size)
+    device = _resolve_device(args.device)
+    _threads_for(args.model or SHAPES, device)
+    if args.host not in _LOOPBACK_HOSTS:
+        print(f"note: listening on {args.host}, so other machines can reach the app (the default is 127.0.0.1)",
+              file=sys.stderr, flush=True)
+    if args.share:
+        print("note: --share makes a public gradio.live link to this app: anyone with the link can use it",
+              file=sys.stderr, flush=True)
+    try:
+        launch(
+            args.model, host=args.host, port=args.port, share=args.share, device=device, dtype=args.dtype,
+            backend=args.backend, concurrency=args.concurrency, queue_size=args.queue_size,
+            max_file_size=max_file_size, max_models=args.max_models, steps=args.steps,
+        )
+    except OptionError as err:
+        raise UsageError(str(err)) from None
+    return 0
+
+
 def cmd_train_shapes(argv: list[str]) -> int:
     from .models.shapes.train import main as train_main
 
@@ -835,6 +966,34 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="the inversion file to write")
     i.set_defaults(func=cmd_invert)
 
+    c = sub.add_parser(
+        "consistent",
+        help="generate scenes with consistent subjects (IR-Diffusion)",
+        description="Generate a reference portrait per subject and every scene with the subjects kept consistent "
+        "(IR-Diffusion: isolation, repositioned reference attention, masked mutual cross-attention). Writes "
+        "DIR/reference_NAME.png, DIR/scene_K.png, the subject masks as PNGs and DIR/run.json.",
+    )
+    c.add_argument("--subject", action="append", required=True, metavar='NAME="PROMPT"@WORD',
+                   help='a subject: its name, portrait prompt and the word naming it (repeat for several)')
+    c.add_argument("--scene", action="append", default=[], metavar="PROMPT", help="a scene prompt naming subjects by their word (repeat)")
+    c.add_argument("--model", default=None, help="diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
+    c.add_argument("--out", required=True, metavar="DIR")
+    c.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    c.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    c.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    c.add_argument("--size", default=None, help="WxH in pixels (default: the model's native size)")
+    c.add_argument("--no-isolate", action="store_true", help="turn isolation attention off")
+    c.add_argument("--no-reference", action="store_true", help="turn reference attention off")
+    c.add_argument("--reposition", choices=("bbox", "keep-aspect", "none"), default="bbox")
+    c.add_argument("--dropout", type=float, default=0.5, help="query-side dropout of reference attention (default 0.5)")
+    c.add_argument("--reference-bias", type=float, default=0.0, help="added to reference logits (default 0)")
+    c.add_argument("--mutual-cross", type=float, default=0.9, help="masked mutual cross-attention lambda (default 0.9; 0 = off)")
+    c.add_argument("--first-block", type=int, default=None, help="first transformer block (call order) with reference attention")
+    c.add_argument("--last-block", type=int, default=None, help="last transformer block with reference attention")
+    c.add_argument("--device", choices=DEVICES, default="auto")
+    c.add_argument("--dtype", choices=DTYPES, default="auto")
+    c.set_defaults(func=cmd_consistent)
+
     d = sub.add_parser(
         "demo",
         help="run a few edits on the embedded shapes model (offline)",
@@ -847,6 +1006,30 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--guidance", type=float, default=7.5, help=argparse.SUPPRESS)
     d.add_argument("--device", choices=DEVICES, default="auto")
     d.set_defaults(func=cmd_demo)
+
+    a = sub.add_parser(
+        "app",
+        help="start the web UI (Gradio; needs the 'app' extra)",
+        description="Serve the attnctrl web UI: Edit, Attention maps, Real image and Consistent subjects tabs. It "
+        "listens on 127.0.0.1 only unless --host says otherwise, makes a public link only with --share, runs model "
+        "calls through a queue (--concurrency at once; calls on one model never overlap) and limits uploads "
+        "(--max-file-size). Example: attnctrl app --port 7860",
+    )
+    a.add_argument("--model", default=None,
+                   help="the model shown first: a diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
+    a.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network interface)")
+    a.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one, or $GRADIO_SERVER_PORT)")
+    a.add_argument("--share", action="store_true", help="also make a public gradio.live link (anyone with it can use the app)")
+    a.add_argument("--device", choices=DEVICES, default="auto")
+    a.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
+    a.add_argument("--backend", default=None, help="attention kernel backend for every model (default: the best for each call; see 'attnctrl backends')")
+    a.add_argument("--concurrency", type=int, default=1, help="model calls running at once (default 1)")
+    a.add_argument("--queue-size", type=int, default=16, help="requests waiting in the queue at most (default 16)")
+    a.add_argument("--max-file-size", default="10mb", help="largest upload, e.g. 10mb (default 10mb)")
+    a.add_argument("--max-models", type=int, default=2, help="loaded models kept in memory (default 2)")
+    a.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"default sampling steps in the forms (default {DEFAULT_STEPS})")
+    a.set_defaults(func=cmd_app)
 
     b = sub.add_parser("backends", help="list the attention kernel backends and whether each can run here")
     b.set_defaults(func=cmd_backends)
