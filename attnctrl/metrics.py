@@ -68,15 +68,24 @@ def locality(probs: torch.Tensor, query_positions: torch.Tensor, key_positions: 
 @dataclass
 class SubjectConsistency:
     """Per subject: the colour and shape found in its reference, and in how many of the scenes that
-    name it the same colour+shape object was found. ``rate`` is the overall fraction."""
+    name it the same colour+shape object (``carried``) or an object of the same colour
+    (``colour_carried``) was found, as (hits, scenes). ``rate``/``colour_rate`` are the overall
+    fractions. Shape detection on generated images is indicative only (see ``analyze``)."""
 
     reference: dict[str, tuple[str, str] | None]
     carried: dict[str, tuple[int, int]]
+    colour_carried: dict[str, tuple[int, int]]
 
     @property
     def rate(self) -> float:
         hits = sum(h for h, _ in self.carried.values())
         total = sum(t for _, t in self.carried.values())
+        return hits / total if total else 0.0
+
+    @property
+    def colour_rate(self) -> float:
+        hits = sum(h for h, _ in self.colour_carried.values())
+        total = sum(t for _, t in self.colour_carried.values())
         return hits / total if total else 0.0
 
 
@@ -103,10 +112,15 @@ def subject_consistency(
         objects = analyze(_array(image))
         found[name] = (objects[0].colour, objects[0].shape) if objects else None
     carried = {name: [0, 0] for name in subject_names}
+    colour = {name: [0, 0] for name in subject_names}
     for image, names in zip(scenes, scene_subjects):
         objects = [(o.colour, o.shape) for o in analyze(_array(image))]
         for name in names:
             carried[name][1] += 1
-            if found.get(name) is not None and found[name] in objects:
+            colour[name][1] += 1
+            want = found.get(name)
+            if want is not None and want in objects:
                 carried[name][0] += 1
-    return SubjectConsistency(found, {k: (v[0], v[1]) for k, v in carried.items()})
+            if want is not None and any(c == want[0] for c, _ in objects):
+                colour[name][0] += 1
+    return SubjectConsistency(found, {k: (v[0], v[1]) for k, v in carried.items()}, {k: (v[0], v[1]) for k, v in colour.items()})

@@ -255,3 +255,32 @@ def test_pipeline_refuses_bad_input(sd_pipe):
         pipe(subjects=[], scenes=["a dog"])
     with pytest.raises(ValueError, match="unique"):
         pipe(subjects=[Subject("a", "a cat", "cat"), Subject("a", "a dog", "dog")], scenes=["a cat"])
+
+
+def test_xl_pipeline_runs_with_the_sdxl_topology(sdxl_pipe):
+    from attnctrl.pipelines.consistency import ConsistentSubjectsXLPipeline, Subject
+
+    pipe = ConsistentSubjectsXLPipeline.from_pipe(sdxl_pipe)
+    out = pipe(subjects=[Subject("a", "a red cat", "cat"), Subject("b", "a blue dog", "dog")], scenes=["a cat and a dog"],
+               num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert len(out.scenes) == 1 and out.scene_subjects == [["a", "b"]]
+
+
+def test_subject_consistency_metric_on_rendered_scenes():
+    from attnctrl.metrics import subject_consistency
+    from attnctrl.models.shapes import Scene, SceneObject, render
+
+    def scene(*objects):
+        return render(Scene("white", tuple(SceneObject(c, s, p) for c, s, p in objects)))
+
+    references = [scene(("red", "circle", "in the centre")), scene(("blue", "square", "in the centre"))]
+    scenes = [
+        scene(("red", "circle", "on the left"), ("blue", "square", "on the right")),  # both carried
+        scene(("green", "circle", "at the top")),  # red circle lost
+        scene(("blue", "circle", "at the bottom")),  # blue kept, shape lost
+    ]
+    result = subject_consistency(references, scenes, ["r", "b"], [["r", "b"], ["r"], ["b"]])
+    assert result.reference == {"r": ("red", "circle"), "b": ("blue", "square")}
+    assert result.carried == {"r": (1, 2), "b": (1, 2)}
+    assert result.colour_carried == {"r": (1, 2), "b": (2, 2)}
+    assert result.rate == 0.5 and result.colour_rate == 0.75
