@@ -41,7 +41,8 @@ ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bf
 # Floor of the "2x naive" rule (relative to the output magnitude).
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-7, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
-BACKENDS = available_backends()
+# Backends that run tensor masks ("flex" runs only group routings: tests/test_routing.py).
+BACKENDS = [n for n in available_backends() if {"none", "bool", "additive"} <= get_backend(n).capabilities.mask_kinds]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 # (B, H, Nq, Nk, D, Dv)
@@ -184,7 +185,7 @@ class FakeBackend(Backend):
 
 
 def test_builtin_backends_registered():
-    assert {"reference", "sdpa"} <= set(registered_backends())
+    assert {"reference", "sdpa", "flex"} <= set(registered_backends())
     assert registered_backends().index("sdpa") < registered_backends().index("reference")
     assert {"reference", "sdpa"} <= set(BACKENDS)
     assert get_backend("sdpa").capabilities.priority > get_backend("reference").capabilities.priority
@@ -499,19 +500,19 @@ def test_auto_selection_failure_lists_every_backend(isolated_registry):
     register_backend(FakeBackend("cuda-only", devices=("cuda",)))
     register_backend(FakeBackend("no-routing", mask_kinds=("none",)))
 
-    class Routing:
-        mask_kind = "routing"
+    class BlockSparse:
+        mask_kind = "block"
 
     q, k, v = _qkv()
     with pytest.raises(NoBackendError) as info:
-        attention(q, k, v, mask=Routing())
+        attention(q, k, v, mask=BlockSparse())
     message = str(info.value)
     assert set(info.value.reasons) == set(registered_backends())
     for name in registered_backends():
         assert f"  {name}: " in message
     assert "cuda-only: device 'cpu' not supported" in message
-    assert "reference: mask kind 'routing' not supported" in message
-    assert "sdpa: mask kind 'routing' not supported" in message
+    assert "reference: mask kind 'block' not supported" in message
+    assert "sdpa: mask kind 'block' not supported" in message
 
 
 def test_custom_backend_is_selected_and_listed(isolated_registry):

@@ -18,7 +18,17 @@ picks, per call, the highest-priority backend that accepts the call; a name (or 
 backend with the reason it refused. There is no process-wide "active backend".
 
 Built-in backends: ``"sdpa"`` (priority 10, ``torch.nn.functional.scaled_dot_product_attention``)
-and ``"reference"`` (priority 0, explicit float32 softmax).
+and ``"reference"`` (priority 0, explicit float32 softmax); optional, registered lazily: ``"flex"``
+(priority 20, FlexAttention; group routings only, and in automatic selection only where it pays:
+compiled, off CPU, routings larger than one sdpa chunk; see ``attnctrl/kernels/_flex.py``).
+
+Structured masks
+----------------
+:class:`Routing` (``mask_kind == "routing"``): per-token group labels of queries and keys plus a
+small group-by-group table (0 allow, -inf deny, finite = additive bias). Every built-in backend
+runs it without materialising the full ``(B, Nq, Nk)`` mask (``reference`` excepted: it is the
+brute-force ground truth). A structured mask may define ``check_compatible(q, k)``;
+:func:`attention` calls it before selecting a backend, so misfits raise a shape error.
 
 Adding a backend
 ----------------
@@ -44,6 +54,8 @@ its priority is highest among those accepting the call.
 
 from __future__ import annotations
 
+import torch
+
 from ..errors import AttentionShapeError, NoBackendError
 from ._registry import (
     Backend,
@@ -59,6 +71,7 @@ from ._registry import (
     unregister_backend,
 )
 from .reference import ReferenceBackend, reference_attention
+from .routing import Routing
 from .sdpa import SdpaBackend
 
 __all__ = [
@@ -68,6 +81,7 @@ __all__ = [
     "LazyBackend",
     "NoBackendError",
     "ReferenceBackend",
+    "Routing",
     "SdpaBackend",
     "attention",
     "attention_with_probs",
@@ -84,4 +98,22 @@ __all__ = [
 register_backend(ReferenceBackend(), replace=True)
 register_backend(SdpaBackend(), replace=True)
 
-# Optional backends are registered here as LazyBackend entries once their modules exist.
+# Optional backends: LazyBackend entries, imported when first considered.
+
+#: Declared capabilities of the "flex" backend (FlexAttention). Head dims and dtypes that only
+#: the compiled kernel refuses (float64, head dim < 16) are checked per call by its refusal().
+FLEX_CAPS = Capabilities(
+    devices=frozenset({"cpu", "cuda", "xpu"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64}),
+    max_head_dim=None,
+    mask_kinds=frozenset({"routing"}),
+    returns_probs=True,
+    supports_autograd=True,  # CUDA/XPU only: refused on CPU when an input requires grad
+    priority=20,
+    # Forward is deterministic; the backward's dq accumulation on GPU is not documented as such.
+    deterministic=False,
+)
+register_backend(
+    LazyBackend("flex", FLEX_CAPS, module="attnctrl.kernels._flex"),
+    replace=True,
+)

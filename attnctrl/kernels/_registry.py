@@ -124,7 +124,8 @@ def mask_kind(mask: object) -> str:
 
     ``None`` -> ``"none"``; a bool tensor -> ``"bool"``; a floating tensor -> ``"additive"``; any
     other object -> its ``mask_kind`` attribute (structured masks such as group routings declare
-    one). Anything else raises ``TypeError``.
+    one). Anything else raises ``TypeError``. A structured mask may also define
+    ``check_compatible(q, k)``, which :func:`attention` calls before selecting a backend.
     """
     if mask is None:
         return MASK_NONE
@@ -220,6 +221,26 @@ class Backend(abc.ABC):
             return "does not support autograd (an input requires grad; wrap the call in torch.no_grad())"
         if not caps.deterministic and torch.are_deterministic_algorithms_enabled():
             return "not deterministic, and torch.use_deterministic_algorithms(True) is on"
+        return None
+
+    def auto_selection_refusal(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        mask: object,
+        need_probs: bool,
+        need_grad: bool,
+    ) -> str | None:
+        """``None``, or why this backend steps aside in AUTOMATIC selection although it accepts the call.
+
+        Called only when ``backend=None`` and only after :meth:`refusal` accepted. A backend whose
+        static priority is high because it wins on some calls (e.g. FlexAttention on large
+        structured masks) uses it to leave the calls where it does not pay to lower-priority
+        backends; forcing it by name still runs it. The reason shows up in
+        :class:`NoBackendError` listings like a refusal. The generic version returns ``None``.
+        """
         return None
 
     @abc.abstractmethod
@@ -346,6 +367,21 @@ class LazyBackend(Backend):
             return reason
         assert self._loaded is not None
         return self._loaded.refusal(q, k, v, mask=mask, need_probs=need_probs, need_grad=need_grad)
+
+    def auto_selection_refusal(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        mask: object,
+        need_probs: bool,
+        need_grad: bool,
+    ) -> str | None:
+        target = self._load()
+        if target is None:
+            return self._load_error
+        return target.auto_selection_refusal(q, k, v, mask=mask, need_probs=need_probs, need_grad=need_grad)
 
     def _target(self) -> Backend:
         target = self._load()
@@ -499,6 +535,11 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object
 
     mask_kind(mask)  # TypeError for unsupported mask objects
     if not isinstance(mask, torch.Tensor):
+        # Structured masks may check that they fit this call (e.g. Routing: label counts, batch,
+        # device) so that a mismatch is a shape error here, not a refusal by every backend.
+        check_compatible = getattr(mask, "check_compatible", None)
+        if mask is not None and callable(check_compatible):
+            check_compatible(q, k)
         return mask
     if mask.device != q.device:
         raise ValueError(f"mask is on {mask.device} but q is on {q.device}; move it with mask.to(q.device)")
@@ -585,8 +626,8 @@ def select_backend(
     need_grad: bool,
 ) -> Backend:
     """The backend to run a validated call: the forced one (name or instance) if it accepts it,
-    else the highest-priority registered backend that accepts it. Raises :class:`NoBackendError`
-    with every refusal reason."""
+    else the highest-priority registered backend that accepts it and does not step aside
+    (:meth:`Backend.auto_selection_refusal`). Raises :class:`NoBackendError` with every reason."""
     if backend is not None:
         chosen = backend if isinstance(backend, Backend) else get_backend(backend)
         reason = chosen.refusal(q, k, v, mask=mask, need_probs=need_probs, need_grad=need_grad)
@@ -602,6 +643,8 @@ def select_backend(
     for candidate in _ORDERED:
         try:
             reason = candidate.refusal(q, k, v, mask=mask, need_probs=need_probs, need_grad=need_grad)
+            if reason is None:
+                reason = candidate.auto_selection_refusal(q, k, v, mask=mask, need_probs=need_probs, need_grad=need_grad)
         except Exception as err:  # a broken plugin must not hide the others
             reason = f"refusal check failed: {type(err).__name__}: {err}"
         if reason is None:

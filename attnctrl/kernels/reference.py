@@ -7,13 +7,27 @@ small problems and code that really needs every probability.
 Math is done in float32 (float64 for float64 inputs); the output is cast back to ``q.dtype`` and
 probabilities are returned as float32. Fully-masked query rows give zero probabilities and zero
 output instead of NaN.
+
+Group routings (:class:`~attnctrl.kernels.routing.Routing`) are run by materialising
+:meth:`Routing.dense` in the compute dtype: the brute-force ground truth of every other backend.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._registry import FLOAT_DTYPES, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, Backend, Capabilities, check_inputs, resolve_scale
+from ._registry import (
+    FLOAT_DTYPES,
+    MASK_ADDITIVE,
+    MASK_BOOL,
+    MASK_NONE,
+    Backend,
+    Capabilities,
+    check_inputs,
+    mask_kind,
+    resolve_scale,
+)
+from .routing import MASK_ROUTING, Routing
 
 __all__ = ["ReferenceBackend", "compute_dtype", "masked_scores", "reference_attention", "softmax_probs"]
 
@@ -55,8 +69,10 @@ def softmax_probs(q: torch.Tensor, k: torch.Tensor, *, scale: float, mask: torch
 
 
 def _reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | Routing | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(mask, Routing):
+        mask = mask.dense(compute_dtype(q.dtype))
     probs = softmax_probs(q, k, scale=scale, mask=mask)
     out = torch.matmul(probs, v.to(probs.dtype)).to(q.dtype)
     return out, probs
@@ -68,7 +84,7 @@ def reference_attention(
     v: torch.Tensor,
     *,
     scale: float | None = None,
-    mask: torch.Tensor | None = None,
+    mask: torch.Tensor | Routing | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention the explicit way, returning the output and the full probability matrix.
 
@@ -76,7 +92,8 @@ def reference_attention(
         q: ``(B, H, Nq, D)``; k: ``(B, H, Nk, D)``; v: ``(B, H, Nk, Dv)``.
         scale: ``None`` means ``D ** -0.5``.
         mask: ``None``, bool (True = may attend) or additive float, broadcastable to
-            ``(B, H, Nq, Nk)``.
+            ``(B, H, Nq, Nk)``, or a :class:`~attnctrl.kernels.routing.Routing` (materialised
+            with :meth:`Routing.dense`).
 
     Returns:
         ``out`` ``(B, H, Nq, Dv)`` in ``q.dtype`` and ``probs`` ``(B, H, Nq, Nk)`` float32.
@@ -86,8 +103,11 @@ def reference_attention(
             out = (p @ v.float()).to(q.dtype)
     """
     mask = check_inputs(q, k, v, mask)
-    if mask is not None and not isinstance(mask, torch.Tensor):
-        raise TypeError("reference_attention takes only tensor masks; structured masks need a backend that understands them")
+    if mask is not None and not isinstance(mask, (torch.Tensor, Routing)):
+        raise TypeError(
+            "reference_attention takes tensor masks and Routing objects; other structured masks need a "
+            "backend that understands them (call attnctrl.kernels.attention)"
+        )
     out, probs = _reference(q, k, v, scale=resolve_scale(scale, q.shape[-1]), mask=mask)
     return out, probs.float()
 
@@ -100,15 +120,30 @@ class ReferenceBackend(Backend):
         devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
         dtypes=FLOAT_DTYPES,
         max_head_dim=None,
-        mask_kinds=frozenset({MASK_NONE, MASK_BOOL, MASK_ADDITIVE}),
+        mask_kinds=frozenset({MASK_NONE, MASK_BOOL, MASK_ADDITIVE, MASK_ROUTING}),
         returns_probs=True,
         supports_autograd=True,
         priority=0,
         deterministic=True,
     )
 
+    def refusal(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        mask: object,
+        need_probs: bool,
+        need_grad: bool,
+    ) -> str | None:
+        reason = super().refusal(q, k, v, mask=mask, need_probs=need_probs, need_grad=need_grad)
+        if reason is None and mask_kind(mask) == MASK_ROUTING and not isinstance(mask, Routing):
+            reason = f"a 'routing' mask must be an attnctrl.kernels.Routing, got {type(mask).__name__}"
+        return reason
+
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | Routing | None
     ) -> torch.Tensor:
         """``(B, H, Nq, Dv)`` in ``q.dtype``."""
         return _reference(q, k, v, scale=scale, mask=mask)[0]
@@ -121,7 +156,7 @@ class ReferenceBackend(Backend):
         *,
         columns: torch.Tensor | None,
         scale: float,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | Routing | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out (B, H, Nq, Dv), probs (B, H, Nq, C) float32)``."""
         out, probs = _reference(q, k, v, scale=scale, mask=mask)

@@ -14,6 +14,19 @@ probabilities of the selected columns from a chunked pass: for each block of que
 block has at most ``chunk_max_elements`` entries, the row log-sum-exp and the selected columns'
 scores give ``exp(score - lse)``. Only ``(B, H, Nq, C)`` is ever kept (without autograd; with
 autograd the chunks are saved for the backward pass as usual).
+
+Group routings (:class:`~attnctrl.kernels.routing.Routing`, mask kind ``"routing"``):
+
+* keys that no query may attend to (their group is denied to every query group present, e.g.
+  reference tokens outside the subject masks) are dropped first when at most
+  ``routing_key_fraction`` of the keys remain: one ``index_select`` of k and v, and every later
+  step runs on fewer keys (:meth:`Routing.attended_keys`);
+* the additive mask is materialised one query chunk at a time, each chunk's mask holding at most
+  ``routing_chunk_max_elements`` entries (``B' x rows x Nk``, ``B'`` the routing's batch, 1 when
+  shared), and SDPA runs per chunk; a call that fits in one chunk is a single SDPA call. So the
+  extra memory is bounded by the chunk (plus the kept keys), never ``B x Nq x Nk``;
+* dead queries are found from the table (``O(Gq Gk)``), their table rows opened for the kernel
+  and their output zeroed.
 """
 
 from __future__ import annotations
@@ -21,8 +34,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._registry import FLOAT_DTYPES, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, Backend, Capabilities
+from ._registry import FLOAT_DTYPES, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, Backend, Capabilities, mask_kind
 from .reference import compute_dtype, masked_scores, softmax_probs
+from .routing import MASK_ROUTING, Routing
 
 __all__ = ["SdpaBackend", "dead_rows"]
 
@@ -46,6 +60,12 @@ class SdpaBackend(Backend):
         chunk_max_elements: otherwise the row log-sum-exp is computed over query chunks whose
             score block has at most this many elements (default ``2**24``; at least one query
             row per chunk).
+        routing_chunk_max_elements: a :class:`Routing` mask is materialised over query chunks of
+            at most this many mask elements (default ``2**24``, 64 MB in float32; at least one
+            query row per chunk).
+        routing_key_fraction: never-attended keys of a routing are dropped before attention when
+            at most this fraction of the keys is kept (default 0.75; 0 disables, 1 always drops).
+            The copy of the kept k/v costs memory, so it is done only when it saves enough.
     """
 
     name = "sdpa"
@@ -53,16 +73,25 @@ class SdpaBackend(Backend):
         devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
         dtypes=FLOAT_DTYPES,
         max_head_dim=None,
-        mask_kinds=frozenset({MASK_NONE, MASK_BOOL, MASK_ADDITIVE}),
+        mask_kinds=frozenset({MASK_NONE, MASK_BOOL, MASK_ADDITIVE, MASK_ROUTING}),
         returns_probs=True,
         supports_autograd=True,
         priority=10,
         deterministic=True,
     )
 
-    def __init__(self, *, explicit_probs_max_elements: int = 2**25, chunk_max_elements: int = 2**24) -> None:
+    def __init__(
+        self,
+        *,
+        explicit_probs_max_elements: int = 2**25,
+        chunk_max_elements: int = 2**24,
+        routing_chunk_max_elements: int = 2**24,
+        routing_key_fraction: float = 0.75,
+    ) -> None:
         self.explicit_probs_max_elements = int(explicit_probs_max_elements)
         self.chunk_max_elements = max(1, int(chunk_max_elements))
+        self.routing_chunk_max_elements = max(1, int(routing_chunk_max_elements))
+        self.routing_key_fraction = float(routing_key_fraction)
 
     def refusal(
         self,
@@ -77,12 +106,16 @@ class SdpaBackend(Backend):
         reason = super().refusal(q, k, v, mask=mask, need_probs=need_probs, need_grad=need_grad)
         if reason is None and q.device.type == "mps" and q.dtype == torch.float64:
             reason = "float64 is not supported on mps"
+        if reason is None and mask_kind(mask) == MASK_ROUTING and not isinstance(mask, Routing):
+            reason = f"a 'routing' mask must be an attnctrl.kernels.Routing, got {type(mask).__name__}"
         return reason
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | Routing | None
     ) -> torch.Tensor:
         """``(B, H, Nq, Dv)`` in ``q.dtype``; an additive mask is cast to ``q.dtype`` first."""
+        if isinstance(mask, Routing):
+            return self._routing_forward(q, k, v, scale=scale, routing=mask)
         if mask is None:
             return F.scaled_dot_product_attention(q, k, v, scale=scale)
         if mask.dtype != torch.bool and mask.dtype != q.dtype:
@@ -95,6 +128,43 @@ class SdpaBackend(Backend):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe, scale=scale)
         return out.masked_fill(dead, 0.0)
 
+    def routing_chunk_rows(self, routing: Routing, num_keys: int | None = None) -> int:
+        """Query rows per chunk of a routing's materialised mask over ``num_keys`` keys (default
+        all ``Nk``); at least 1."""
+        keys = routing.num_keys if num_keys is None else num_keys
+        return max(1, self.routing_chunk_max_elements // max(1, routing.batch_size * keys))
+
+    def _routing_forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, routing: Routing
+    ) -> torch.Tensor:
+        """SDPA over query chunks, each with its slice of the routing's additive mask."""
+        b, h, nq, _ = q.shape
+        nk = k.shape[2]
+        columns = None
+        if self.routing_key_fraction > 0:
+            attended = routing.attended_keys()
+            kept = int(attended.sum())  # one host sync; it decides the shapes below
+            if kept == 0:  # nobody may attend to anything: every query is dead
+                return q.new_zeros((b, h, nq, v.shape[-1]))
+            if kept < nk and kept <= self.routing_key_fraction * nk:
+                columns = attended.nonzero().squeeze(1)
+                k, v = k.index_select(2, columns), v.index_select(2, columns)
+        rows = self.routing_chunk_rows(routing, k.shape[2])
+        if nq <= rows:
+            mask = routing.additive_rows(0, nq, q.dtype, columns=columns, open_dead_rows=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        else:
+            out = q.new_empty((b, h, nq, v.shape[-1]))
+            for start in range(0, nq, rows):
+                stop = min(nq, start + rows)
+                mask = routing.additive_rows(start, stop, q.dtype, columns=columns, open_dead_rows=True)
+                out[:, :, start:stop] = F.scaled_dot_product_attention(
+                    q[:, :, start:stop], k, v, attn_mask=mask, scale=scale
+                )
+                del mask  # free this chunk's mask before the next one is built
+        dead = routing.dead_queries()[:, None, :, None]  # (B', 1, Nq, 1)
+        return out.masked_fill(dead, 0.0)
+
     def forward_with_probs(
         self,
         q: torch.Tensor,
@@ -103,12 +173,15 @@ class SdpaBackend(Backend):
         *,
         columns: torch.Tensor | None,
         scale: float,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | Routing | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(out (B, H, Nq, Dv) in q.dtype, probs (B, H, Nq, C) float32)``."""
         b, h, nq, _ = q.shape
         nk = k.shape[2]
         if b * h * nq * nk <= self.explicit_probs_max_elements:
+            if isinstance(mask, Routing):
+                # Small enough to hold every probability, so the dense mask is small too.
+                mask = mask.dense(compute_dtype(q.dtype))
             probs = softmax_probs(q, k, scale=scale, mask=mask)
             out = torch.matmul(probs, v.to(probs.dtype)).to(q.dtype)
             if columns is not None:
@@ -124,10 +197,11 @@ class SdpaBackend(Backend):
         *,
         columns: torch.Tensor | None,
         scale: float,
-        mask: torch.Tensor | None,
+        mask: torch.Tensor | Routing | None,
     ) -> torch.Tensor:
         """Probabilities ``(B, H, Nq, C)`` float32 of the selected key columns, computed over query
-        chunks so that no more than ``chunk_max_elements`` scores exist at once (plus the result)."""
+        chunks so that no more than ``chunk_max_elements`` scores exist at once (plus the result).
+        A routing mask is materialised per chunk (its chunk is smaller than the score chunk)."""
         b, h, nq, _ = q.shape
         nk = k.shape[2]
         ct = compute_dtype(q.dtype)
@@ -140,7 +214,10 @@ class SdpaBackend(Backend):
         for start in range(0, nq, rows):
             stop = min(nq, start + rows)
             q_c = q[:, :, start:stop]
-            m_c = None if mask is None else (mask if mask.shape[-2] == 1 else mask[:, :, start:stop])
+            if isinstance(mask, Routing):
+                m_c = mask.additive_rows(start, stop, ct)
+            else:
+                m_c = None if mask is None else (mask if mask.shape[-2] == 1 else mask[:, :, start:stop])
             scores = masked_scores(q_c, k_ct, scale=scale, mask=m_c)  # (B, H, rows, Nk)
             lse = torch.logsumexp(scores, dim=-1, keepdim=True)
             # Fully-masked rows have lse = -inf and scores = -inf: use lse = 0 so exp gives 0, not NaN.
