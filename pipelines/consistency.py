@@ -68,7 +68,17 @@ class ConsistentSubjectsOutput(BaseOutput):
     scene_subjects: list[list[str]] = field(default_factory=list)
 
 
-def _mask_tensor(mask: Any) -> torch.Tensor:
+def _mask_tensor(mask: Any, size: tuple[int, int]) -> torch.Tensor:
+    """A user mask as (H, W) bool: a bool/float tensor or array (> 0.5 is inside), or a box
+    ``(x0, y0, x1, y1)`` in pixels of the ``size`` = (height, width) image (end exclusive)."""
+    if isinstance(mask, (tuple, list)) and len(mask) == 4 and all(isinstance(v, (int, float)) for v in mask):
+        x0, y0, x1, y1 = (int(round(v)) for v in mask)
+        height, width = size
+        if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
+            raise ValueError(f"box {tuple(mask)} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height} (pixels, end exclusive)")
+        box = torch.zeros(size, dtype=torch.bool)
+        box[y0:y1, x0:x1] = True
+        return box
     if isinstance(mask, torch.Tensor):
         return mask.detach().cpu().bool() if mask.dtype == torch.bool else mask.detach().cpu().float() > 0.5
     array = np.asarray(mask)
@@ -102,8 +112,9 @@ class _ConsistentCall:
             scenes: scene prompts naming subjects by their ``word``.
             settings: IR-Diffusion options (isolation, reference attention, reposition, dropout,
                 mutual cross-attention lambda, gating).
-            reference_masks: optional (n, H, W) masks of each subject in its portrait.
-            scene_masks: optional, per scene, (k, H, W) masks of the subjects it names (in
+            reference_masks: optional, per subject, its mask in its portrait: an (H, W) bool
+                tensor/array or a box ``(x0, y0, x1, y1)`` in pixels.
+            scene_masks: optional, per scene, the masks (or boxes) of the subjects it names (in
                 ``subjects`` order).
             mask_fn: optional ``mask_fn(pil_image, word) -> (H, W) bool array``: an external
                 segmenter used instead of the attention maps where no mask is given.
@@ -149,7 +160,7 @@ class _ConsistentCall:
                 if given is None and mask_fn is not None:
                     given = mask_fn(reference_images[i], s.word)
                 if given is not None:
-                    ref_masks.append(_mask_tensor(given))
+                    ref_masks.append(_mask_tensor(given, (height, width)))
                 else:
                     attention_map = store.word_maps(i, s.word).float().cpu()
                     ref_masks.append(binarise(attention_map))
@@ -177,9 +188,9 @@ class _ConsistentCall:
                 for k, i in enumerate(present):
                     mask = None
                     if given is not None:
-                        mask = _mask_tensor(given[k])
+                        mask = _mask_tensor(given[k], (height, width))
                     elif mask_fn is not None:
-                        mask = _mask_tensor(mask_fn(rehearsal.images[0], subjects[i].word))
+                        mask = _mask_tensor(mask_fn(rehearsal.images[0], subjects[i].word), (height, width))
                     if mask is None:
                         mask = binarise(session.attention.word_maps(0, subjects[i].word).float().cpu())
                     target.append(resize_mask(mask, grid) if tuple(mask.shape) != grid else mask)

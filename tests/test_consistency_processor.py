@@ -284,3 +284,20 @@ def test_subject_consistency_metric_on_rendered_scenes():
     assert result.carried == {"r": (1, 2), "b": (1, 2)}
     assert result.colour_carried == {"r": (1, 2), "b": (2, 2)}
     assert result.rate == 0.5 and result.colour_rate == 0.75
+
+
+def test_pipeline_takes_user_boxes(sd_pipe):
+    from attnctrl.pipelines.consistency import ConsistentSubjectsPipeline, Subject
+
+    pipe = ConsistentSubjectsPipeline.from_pipe(sd_pipe)
+    subjects = [Subject("a", "a red cat", "cat"), Subject("b", "a blue dog", "dog")]
+    out = pipe(
+        subjects=subjects, scenes=["a cat and a dog"], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+        reference_masks=[(8, 8, 24, 24), (8, 8, 24, 24)], scene_masks=[[(0, 0, 16, 32), (16, 0, 32, 32)]],
+    )
+    left = torch.zeros(32, 32, dtype=torch.bool)
+    left[:, :16] = True
+    assert torch.equal(out.scene_masks[0]["a"], left) and torch.equal(out.scene_masks[0]["b"], ~left)
+    assert int(out.reference_masks[0].sum()) == 16 * 16
+    with pytest.raises(ValueError, match="box"):
+        pipe(subjects=subjects[:1], scenes=["a cat"], num_inference_steps=1, reference_masks=[(0, 0, 40, 8)])
