@@ -1,4 +1,4 @@
-"""The ``attnctrl`` command line: ``edit``, ``invert``, ``consistent``, ``demo``, ``app``, ``backends``, ``train-shapes``.
+"""The ``attnctrl`` command line: ``edit``, ``invert``, ``consistent``, ``batch``, ``demo``, ``app``, ``backends``, ``train-shapes``.
 
 A thin layer: it parses options into :mod:`attnctrl` edit objects, calls
 :func:`attnctrl.pipelines.load_pipeline` and the pipeline, and draws pictures with
@@ -873,6 +873,13 @@ def cmd_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from .batch import run_batch
+
+    return run_batch(args.jobs, args.out, model=args.model, device=args.device, dtype=args.dtype,
+                     progress=not args.no_progress)
+
+
 def cmd_train_shapes(argv: list[str]) -> int:
     from .models.shapes.train import main as train_main
 
@@ -993,6 +1000,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", choices=DEVICES, default="auto")
     c.add_argument("--dtype", choices=DTYPES, default="auto")
     c.set_defaults(func=cmd_consistent)
+
+    bt = sub.add_parser(
+        "batch",
+        help="run many generate/edit/invert-and-edit/consistent jobs from a JSON-lines file (resumable)",
+        description="Run the jobs of JOBS.jsonl (one JSON object per line: an id, a kind and the options of the "
+        "matching command; see attnctrl.batch) into DIR/ID/, recording each job's status in DIR/results.jsonl. "
+        "The whole file is checked first; finished jobs are skipped on rerun; a failed job never stops the others "
+        "(exit code 1 if any failed). Several processes: accelerate launch --multi_gpu --num_processes N -m attnctrl batch ... "
+        'Example line: {"id": "swap", "kind": "edit", "prompt": "a red circle", "to": "a blue circle", "steps": 30}',
+    )
+    bt.add_argument("jobs", metavar="JOBS.jsonl", help="the jobs file")
+    bt.add_argument("--out", required=True, metavar="DIR", help="output folder (DIR/ID/ per job, DIR/results.jsonl)")
+    bt.add_argument("--model", default=None,
+                    help="model for jobs that name none: a diffusers folder or hub id; default: the embedded shapes model")
+    bt.add_argument("--device", choices=DEVICES, default="auto")
+    bt.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
+    bt.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bt.set_defaults(func=cmd_batch)
 
     d = sub.add_parser(
         "demo",
