@@ -10,6 +10,7 @@ from typing import Any
 
 from . import errors, kernels
 from .edits import LocalBlend, Refine, Replace, Reweight
+from .efficient import AgentAttention
 from .inversion import Inversion
 
 __version__ = "0.1.0"
@@ -20,7 +21,10 @@ __all__ = [
     "Reweight",
     "LocalBlend",
     "Inversion",
+    "AgentAttention",
     "control",
+    "apply",
+    "remove",
     "errors",
     "kernels",
     "__version__",
@@ -32,4 +36,8 @@ def __getattr__(name: str) -> Any:
         from .pipelines.control import control
 
         return control
+    if name in ("apply", "remove"):
+        from .pipelines import efficient
+
+        return getattr(efficient, name)
     raise AttributeError(f"module 'attnctrl' has no attribute {name!r}")
