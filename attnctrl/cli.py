@@ -314,6 +314,22 @@ def _load(model: str, device: str, dtype: Any) -> Any:
         raise UsageError(f"cannot load model {model!r}: {message}") from None
 
 
+def _load_from_args(args: argparse.Namespace) -> tuple[Any, str, float]:
+    """The pipeline named by ``--model`` (default: the shapes model) on ``--device``/``--dtype``:
+    (pipeline, model, seconds it took to load)."""
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    model = args.model
+    if model is None:
+        from .models import SHAPES
+
+        model = SHAPES
+    _threads_for(model, device)
+    started = time.perf_counter()
+    pipe = _load(model, device, dtype)
+    return pipe, model, time.perf_counter() - started
+
+
 def _generate(pipe: Any, prompts: Sequence[str], edit: Any, *, seed: int, steps: int, guidance: float,
               size: tuple[int, int] | None, materialise: bool) -> Any:
     import torch
@@ -453,16 +469,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
         raise UsageError("--words applies to --method dpl (the nouns Dynamic Prompt Learning learns)")
     _check_inversion_path(args.output, "-o")
     _check_images(images)
-    device = _resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
-    model = args.model
-    if model is None:
-        from .models import SHAPES
-
-        model = SHAPES
-
-    _threads_for(model, device)
-    pipe = _load(model, device, dtype)
+    pipe, model, _ = _load_from_args(args)
     inversion = invert(
         pipe, images, prompts[0] if len(prompts) == 1 else prompts, method=args.method,
         num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
@@ -500,19 +507,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         inversion = _load_inversion(args.inversion, args.index)
     elif args.image is not None:
         _check_images([args.image])
-    device = _resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
-    model = args.model
-    if model is None:
-        from .models import SHAPES
-
-        model = SHAPES
-
-    _threads_for(model, device)
-    t0 = time.perf_counter()
-    pipe = _load(model, device, dtype)
+    pipe, model, t_load = _load_from_args(args)
     set_scheduler(pipe, args.scheduler)
-    t_load = time.perf_counter() - t0
 
     timings: dict[str, float] = {"load": round(t_load, 3)}
     if args.image is not None:
@@ -579,8 +575,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "size": [width, height],
         # editing from an inversion samples with DDIM on the inversion's schedule (the pipeline's is restored after)
         "scheduler": "DDIMScheduler" if inversion is not None else type(pipe.scheduler).__name__,
-        "device": device,
-        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(pipe.device),
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
         "threads": _torch_threads(),
         "materialise": bool(args.materialise),
         "attention_words": words,
@@ -671,15 +667,7 @@ def cmd_consistent(args: argparse.Namespace) -> int:
         )
     except ValueError as err:
         raise UsageError(str(err)) from None
-    device = _resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
-    model = args.model
-    if model is None:
-        from .models import SHAPES
-
-        model = SHAPES
-    _threads_for(model, device)
-    loaded = _load(model, device, dtype)
+    loaded, model, _ = _load_from_args(args)
     cls = ConsistentSubjectsXLPipeline if hasattr(loaded, "text_encoder_2") else ConsistentSubjectsPipeline
     pipe = cls.from_pipe(loaded)
     extra: dict[str, Any] = {}
@@ -783,8 +771,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "guidance": args.guidance,
         "scheduler": type(pipe.scheduler).__name__,
-        "device": device,
-        "dtype": str(dtype).replace("torch.", ""),
+        "device": str(pipe.device),
+        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
         "threads": _torch_threads(),
         "edits": records,
         "timings_s": {"load": round(t_load, 3), "total": round(time.perf_counter() - t_start, 3)},
