@@ -41,6 +41,8 @@ __all__ = [
     "Gating",
     "IRDiffusion",
     "masks_from_maps",
+    "ConsistentSelfAttention",
+    "shared_routing_labels",
 ]
 
 
@@ -330,3 +332,58 @@ class IRDiffusion:
                 raise ValueError(f"{name} must be in [0, 1], got {value}")
         if not math.isfinite(float(self.reference_bias)):
             raise ValueError(f"reference_bias must be finite, got {self.reference_bias}")
+
+
+@dataclass(frozen=True)
+class ConsistentSelfAttention:
+    """StoryDiffusion's consistent self-attention, as a routing preset.
+
+    Every image of a batch (per CFG half) attends, in its decoder self-attention, to all of its own
+    tokens plus a random sample of the other images' tokens. The sample is one draw over all tokens
+    of all images (probability ``rate`` per token), the same for every image, drawn per layer call
+    from a private generator seeded with ``seed`` (never the global RNG).
+
+    Attributes:
+        rate: sampling rate of the other images' tokens (StoryDiffusion: 0.5).
+        start: fraction of the steps run with stock attention first (StoryDiffusion: 5 of 50).
+        middle, late: probability that a layer call uses the shared attention in steps before and
+            after ``switch`` (StoryDiffusion: 0.7 until step 20 of 50, then 0.9).
+        switch: fraction of the steps where ``late`` takes over (20 of 50 = 0.4).
+        seed: seed of the private generator.
+    """
+
+    rate: float = 0.5
+    start: float = 0.1
+    middle: float = 0.7
+    late: float = 0.9
+    switch: float = 0.4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rate", "start", "middle", "late", "switch"):
+            value = float(getattr(self, name))
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise ValueError(f"ConsistentSelfAttention.{name} must be in [0, 1], got {value}")
+
+    def use_probability(self, step: int, steps: int) -> float:
+        """Probability that a layer call of step ``step`` (0-based, of ``steps``) shares attention."""
+        if steps <= 0 or step / steps < self.start:
+            return 0.0
+        return self.middle if step / steps < self.switch else self.late
+
+
+def shared_routing_labels(images: int, tokens: int, sampled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Labels and table of consistent self-attention over ``images`` images of ``tokens`` tokens.
+
+    ``sampled``: (images * tokens,) bool, the shared sample over the concatenated keys. Returns
+    (query labels (images, tokens): the image index, key labels (images * tokens,): ``2 j + s``
+    for image ``j`` and sampled flag ``s``, table (images, 2 images) float64: image ``i`` may
+    attend to all of its own tokens and to every sampled token)."""
+    query = torch.arange(images).repeat_interleave(tokens).reshape(images, tokens)
+    key = 2 * torch.arange(images).repeat_interleave(tokens) + sampled.long().cpu()
+    table = torch.full((images, 2 * images), DENY, dtype=torch.float64)
+    for i in range(images):
+        table[i, 2 * i] = 0.0
+        table[i, 2 * i + 1] = 0.0
+        table[i, 1::2] = 0.0
+    return query, key, table

@@ -18,6 +18,7 @@ A scene uses the subjects whose word it contains; a scene naming none of them is
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -27,14 +28,14 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from attnctrl.consistency import IRDiffusion, binarise, resize_mask, resolve_overlaps
+from attnctrl.consistency import ConsistentSelfAttention, IRDiffusion, binarise, resize_mask, resolve_overlaps, transformer_blocks
 from attnctrl.errors import WordNotFoundError
 from attnctrl.tokens import tokenize_prompt
 
 from .control import check_pipeline, control
 from .p2p import _pipeline_lock
 
-__all__ = ["Subject", "ConsistentSubjectsPipeline", "ConsistentSubjectsXLPipeline", "ConsistentSubjectsOutput"]
+__all__ = ["Subject", "ConsistentSubjectsPipeline", "ConsistentSubjectsXLPipeline", "ConsistentSubjectsOutput", "consistent_self_attention"]
 
 MaskFn = Callable[[Any, str], Any]
 
@@ -268,3 +269,51 @@ class ConsistentSubjectsPipeline(_ConsistentCall, StableDiffusionPipeline):
 class ConsistentSubjectsXLPipeline(_ConsistentCall, StableDiffusionXLPipeline):
     """SDXL with IR-Diffusion's consistent subjects; arguments as :class:`ConsistentSubjectsPipeline`.
     With 70 transformer blocks the reference attention defaults to blocks 36-69 (the paper's)."""
+
+
+@contextlib.contextmanager
+def consistent_self_attention(
+    pipe: Any, settings: ConsistentSelfAttention = ConsistentSelfAttention(), *, cfg: bool = True, layers: Sequence[str] | None = None
+) -> Any:
+    """StoryDiffusion-style consistent self-attention (a preset of the routing primitive) on a stock
+    SD/SDXL pipeline for the block: generate several prompts in one batch (one image each, e.g.
+    the same character in several situations) and the images share identity through their
+    decoder self-attention. Restores the previous processors on exit, also after an exception.
+
+    Args:
+        settings: sampling rate, warm-up and per-call probabilities, seed.
+        cfg: the calls use classifier-free guidance (``guidance_scale > 1``): the batch is two halves
+            that never mix. Pass False when guidance is off.
+        layers: processor names to patch (default: every decoder self-attention layer).
+
+    Yields the :class:`~attnctrl.processors.consistency.SharedAttentionState`.
+    """
+    from attnctrl.processors import install, restore
+    from attnctrl.processors._install import bind_timestep
+    from attnctrl.processors.consistency import SharedAttentionState, SharedSelfAttentionProcessor
+
+    check_pipeline(pipe)
+    if not isinstance(settings, ConsistentSelfAttention):
+        raise TypeError(f"settings must be an attnctrl.consistency.ConsistentSelfAttention, got {type(settings).__name__}")
+    names = set(layers) if layers is not None else {n for n in transformer_blocks(pipe.unet) if n.startswith("up_blocks")}
+    unknown = names - set(pipe.unet.attn_processors)
+    if unknown:
+        raise ValueError(f"not attention processors of this UNet: {sorted(unknown)[:3]}")
+    state = SharedAttentionState(settings, halves=2 if cfg else 1)
+    previous = {"step": None}
+
+    def pre_forward(module: Any, args: tuple, kwargs: dict) -> None:
+        timestep, _ = bind_timestep(module, args, kwargs)
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        distinct = sorted({float(x) for x in pipe.scheduler.timesteps}, reverse=True) or [t]
+        step = min(range(len(distinct)), key=lambda i: abs(distinct[i] - t))
+        if previous["step"] is None or step < previous["step"]:
+            state.restart()  # a new generation: the same seed gives the same samples
+        previous["step"] = step
+        state.step, state.steps = step, len(distinct)
+
+    install(pipe.unet, lambda name, module: SharedSelfAttentionProcessor(state, name) if name in names else None, pre_forward=pre_forward)
+    try:
+        yield state
+    finally:
+        restore(pipe.unet)

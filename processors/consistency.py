@@ -29,7 +29,7 @@ from attnctrl.store import resolution_of
 
 from ._projection import output, project
 
-__all__ = ["ConsistencyState", "ConsistencyProcessor"]
+__all__ = ["ConsistencyState", "ConsistencyProcessor", "SharedAttentionState", "SharedSelfAttentionProcessor"]
 
 
 @dataclass
@@ -203,3 +203,67 @@ def _key_value(attn: Any, tokens: torch.Tensor, heads: int) -> tuple[torch.Tenso
     if getattr(attn, "norm_k", None) is not None:
         key = attn.norm_k(key)
     return key, value
+
+
+@dataclass
+class SharedAttentionState:
+    """Per-generation state of :class:`SharedSelfAttentionProcessor`: the settings, the number of
+    batch halves (2 with classifier-free guidance), the step index (set by the pipeline's hook) and
+    the private generator the samples are drawn from."""
+
+    settings: Any
+    halves: int = 2
+    step: int = 0
+    steps: int = 1
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu"))
+
+    def restart(self) -> None:
+        self.generator.manual_seed(int(self.settings.seed))
+
+
+class SharedSelfAttentionProcessor:
+    """StoryDiffusion's consistent self-attention on one layer: each image of a CFG half attends to
+    its own tokens plus the shared random sample of all images' tokens (see
+    :class:`attnctrl.consistency.ConsistentSelfAttention`). Shapes: ``hidden_states`` (batch, N, C)
+    with batch ``halves x images``."""
+
+    def __init__(self, state: SharedAttentionState, name: str) -> None:
+        self.state = state
+        self.name = name
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        from attnctrl.consistency import shared_routing_labels
+
+        call = project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        state = self.state
+        rows, heads, n, d = call.query.shape
+        probability = state.settings.use_probability(state.step, state.steps)
+        images = rows // max(state.halves, 1)
+        use = (
+            not call.is_cross and call.mask is None and images > 1 and rows % state.halves == 0
+            and probability > 0 and float(torch.rand((), generator=state.generator)) < probability
+        )
+        if not use:
+            hidden = kernels.attention(call.query, call.key, call.value, scale=attn.scale, mask=call.mask)
+            return output(attn, hidden, call)
+        sampled = torch.rand(images * n, generator=state.generator) < float(state.settings.rate)
+        query_labels, key_labels, table = shared_routing_labels(images, n, sampled)
+        device = call.query.device
+        routing = Routing(query_groups=query_labels.reshape(1, -1).to(device), key_groups=key_labels[None].to(device), table=table.to(device))
+        outs = []
+        for h in range(state.halves):
+            part = slice(h * images, (h + 1) * images)
+            q = call.query[part].transpose(0, 1).reshape(1, heads, images * n, d)
+            k = call.key[part].transpose(0, 1).reshape(1, heads, images * n, -1)
+            v = call.value[part].transpose(0, 1).reshape(1, heads, images * n, call.value.shape[-1])
+            out = kernels.attention(q, k, v, scale=attn.scale, mask=routing)
+            outs.append(out.reshape(heads, images, n, -1).transpose(0, 1))
+        return output(attn, torch.cat(outs), call)

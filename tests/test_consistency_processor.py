@@ -301,3 +301,94 @@ def test_pipeline_takes_user_boxes(sd_pipe):
     assert int(out.reference_masks[0].sum()) == 16 * 16
     with pytest.raises(ValueError, match="box"):
         pipe(subjects=subjects[:1], scenes=["a cat"], num_inference_steps=1, reference_masks=[(0, 0, 40, 8)])
+
+
+# ---------------------------------------------------------------------------------------------
+# StoryDiffusion preset: consistent self-attention
+# ---------------------------------------------------------------------------------------------
+
+
+def _shared_state(**kwargs):
+    from attnctrl.consistency import ConsistentSelfAttention
+    from attnctrl.processors.consistency import SharedAttentionState
+
+    settings = ConsistentSelfAttention(**{"start": 0.0, "middle": 1.0, "late": 1.0, **kwargs})
+    state = SharedAttentionState(settings, halves=2)
+    state.restart()
+    return state
+
+
+def test_shared_attention_matches_brute_force():
+    from attnctrl.processors.consistency import SharedSelfAttentionProcessor
+
+    attn = _attention_module()
+    images = 3
+    g = torch.Generator().manual_seed(8)
+    hidden = torch.randn(2 * images, N, C, generator=g, dtype=torch.float64)
+    state = _shared_state(rate=0.5, seed=4)
+    out = SharedSelfAttentionProcessor(state, "layer")(attn, hidden)
+    # replay the processor's draws: one "use" draw, then the shared sample
+    replay = torch.Generator().manual_seed(4)
+    torch.rand((), generator=replay)
+    sampled = torch.rand(images * N, generator=replay) < 0.5
+    d = 4
+    for half in (0, 1):
+        rows = hidden[half * images : (half + 1) * images]
+        q, k, v = attn.to_q(rows), attn.to_k(rows), attn.to_v(rows)
+        k_all, v_all = k.reshape(-1, C), v.reshape(-1, C)
+        for i in range(images):
+            allowed = sampled.clone()
+            allowed[i * N : (i + 1) * N] = True
+            bias = torch.where(allowed, 0.0, -math.inf).double()
+            heads = []
+            for h in range(2):
+                s = q[i][:, h * d : (h + 1) * d] @ k_all[:, h * d : (h + 1) * d].T * attn.scale + bias
+                heads.append(torch.softmax(s, -1) @ v_all[:, h * d : (h + 1) * d])
+            expected = attn.to_out[0](torch.cat(heads, -1))
+            torch.testing.assert_close(out[half * images + i], expected, rtol=0, atol=1e-9)
+
+
+def test_shared_attention_without_samples_is_stock_and_leaves_the_rng_alone():
+    from attnctrl.processors.consistency import SharedSelfAttentionProcessor
+
+    attn = _attention_module()
+    g = torch.Generator().manual_seed(9)
+    hidden = torch.randn(6, N, C, generator=g, dtype=torch.float64)
+    rng = torch.random.get_rng_state()
+    out = SharedSelfAttentionProcessor(_shared_state(rate=0.0), "layer")(attn, hidden)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    torch.testing.assert_close(out, _stock(attn, hidden), rtol=0, atol=1e-12)
+    warm_up = _shared_state(rate=1.0, start=0.5)
+    warm_up.step, warm_up.steps = 1, 10  # inside the stock warm-up
+    torch.testing.assert_close(SharedSelfAttentionProcessor(warm_up, "layer")(attn, hidden), _stock(attn, hidden), rtol=0, atol=1e-12)
+    # the halves never mix
+    changed = hidden.clone()
+    changed[:3] = torch.randn(3, N, C, generator=g, dtype=torch.float64)
+    a = SharedSelfAttentionProcessor(_shared_state(rate=0.7), "layer")(attn, hidden)
+    b = SharedSelfAttentionProcessor(_shared_state(rate=0.7), "layer")(attn, changed)
+    assert torch.equal(a[3:], b[3:])
+
+
+def test_consistent_self_attention_on_a_stock_pipeline(sd_pipe):
+    from attnctrl.consistency import ConsistentSelfAttention
+    from attnctrl.pipelines.consistency import consistent_self_attention
+    from attnctrl.processors import is_installed
+
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pipe(sd_pipe)
+    prompts = ["a cat on a mat", "a cat in the snow", "a cat by the sea"]
+
+    def run():
+        return pipe(prompts, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    plain = run()
+    with consistent_self_attention(pipe, ConsistentSelfAttention(start=0.0, middle=1.0, late=1.0)):
+        shared = run()
+        again = run()
+    assert not is_installed(pipe.unet)
+    assert torch.equal(torch.from_numpy(shared), torch.from_numpy(again))  # same seed, same samples
+    assert not torch.allclose(torch.from_numpy(shared), torch.from_numpy(plain))
+    torch.testing.assert_close(torch.from_numpy(run()), torch.from_numpy(plain), rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        ConsistentSelfAttention(rate=1.5)
