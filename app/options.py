@@ -83,29 +83,11 @@ def parse_blend(text: str | None, num_prompts: int) -> list[list[str]] | None:
     """Blend lines -> one list of words per prompt (source first), or None without blend words.
 
     A line with one word applies to every prompt; ``cat, tiger`` gives one word per prompt (as many
-    comma-separated words as prompts, source first).
+    comma-separated words as prompts, source first). The rule of ``attnctrl edit --blend``.
     """
-    lines = parse_lines(text)
-    if not lines:
-        return None
-    per_prompt: list[list[str]] = [[] for _ in range(num_prompts)]
-    for line in lines:
-        parts = [p.strip() for p in line.split(",")]
-        if any(not p for p in parts):
-            raise OptionError(f"Blend words: {line!r} has an empty word")
-        if len(parts) == 1:
-            targets = [(words, parts[0]) for words in per_prompt]
-        elif len(parts) == num_prompts:
-            targets = list(zip(per_prompt, parts))
-        else:
-            raise OptionError(
-                f"Blend words: {line!r} has {len(parts)} comma-separated words for {num_prompts} prompts; give one word "
-                "for every prompt, or one word per prompt (source first)"
-            )
-        for words, word in targets:
-            if word not in words:
-                words.append(word)
-    return per_prompt
+    from attnctrl.cli import parse_blend as parse_blend_option
+
+    return parse_blend_option(parse_lines(text), num_prompts, label="Blend words", error=OptionError)
 
 
 def _window(text: str, what: str) -> float | tuple[float, float]:
@@ -134,21 +116,11 @@ def parse_cross_words(text: str | None) -> dict[str, float | tuple[float, float]
 
 
 def parse_size(text: str | None) -> tuple[int, int] | None:
-    """``"WxH"`` (or ``"N"`` for NxN) -> (width, height); blank -> None (the model's own size)."""
-    raw = (text or "").lower().replace("×", "x").replace(" ", "")
-    if not raw:
-        return None
-    parts = raw.split("x")
-    if len(parts) == 1:
-        parts = parts * 2
-    if len(parts) != 2 or not all(p.isdigit() for p in parts):
-        raise OptionError(f"Size {text.strip()!r}: expected WIDTHxHEIGHT in pixels, e.g. 512x512 (or blank for the model's own)")
-    w, h = (int(p) for p in parts)
-    if w <= 0 or h <= 0 or w % 8 or h % 8:
-        raise OptionError(f"Size {text.strip()!r}: width and height must be positive multiples of 8 (e.g. 512x512 or 64x64)")
-    if w > MAX_SIDE or h > MAX_SIDE:
-        raise OptionError(f"Size {text.strip()!r}: at most {MAX_SIDE} pixels per side")
-    return w, h
+    """``"WxH"`` (or ``"N"`` for NxN) -> (width, height); blank -> None (the model's own size).
+    The rule of ``attnctrl edit --size``, with the UI's own limit."""
+    from attnctrl.cli import parse_size as parse_size_option
+
+    return parse_size_option(text, label="Size", error=OptionError, max_side=MAX_SIDE)
 
 
 def parse_subjects(text: str | None) -> list[tuple[str, str, str]]:

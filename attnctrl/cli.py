@@ -102,11 +102,14 @@ def parse_weights(values: Sequence[str] | None) -> dict[str, float | tuple[float
     return weights
 
 
-def parse_blend(values: Sequence[str] | None, num_prompts: int) -> list[list[str]] | None:
+def parse_blend(
+    values: Sequence[str] | None, num_prompts: int, *, label: str = "--blend", error: type[ValueError] = UsageError
+) -> list[list[str]] | None:
     """``--blend`` entries -> one list of words per prompt (source first).
 
     ``--blend WORD`` adds WORD for every prompt; ``--blend cat,tiger`` gives one word per prompt
-    (as many comma-separated words as prompts). Repeat the option to combine.
+    (as many comma-separated words as prompts). Repeat the option to combine. ``label`` and
+    ``error`` name the option and the exception in messages (the web UI and batch files reuse this).
     """
     if not values:
         return None
@@ -114,38 +117,40 @@ def parse_blend(values: Sequence[str] | None, num_prompts: int) -> list[list[str
     for text in values:
         parts = [p.strip() for p in text.split(",")]
         if any(not p for p in parts):
-            raise UsageError(f"--blend {text!r}: empty word")
+            raise error(f"{label} {text!r}: empty word")
         if len(parts) == 1:
-            for words in per_prompt:
-                if parts[0] not in words:
-                    words.append(parts[0])
+            targets = [(words, parts[0]) for words in per_prompt]
         elif len(parts) == num_prompts:
-            for words, word in zip(per_prompt, parts):
-                if word not in words:
-                    words.append(word)
+            targets = list(zip(per_prompt, parts))
         else:
-            raise UsageError(
-                f"--blend {text!r}: {len(parts)} comma-separated words for {num_prompts} prompts; give one word "
+            raise error(
+                f"{label} {text!r}: {len(parts)} comma-separated words for {num_prompts} prompts; give one word "
                 "for every prompt, or one per prompt (source first)"
             )
+        for words, word in targets:
+            if word not in words:
+                words.append(word)
     return per_prompt
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    """``"WxH"`` (or ``"N"`` for NxN) -> (width, height); both positive multiples of 8."""
-    if text is None:
+def parse_size(
+    text: str | None, *, label: str = "--size", error: type[ValueError] = UsageError, max_side: int = MAX_SIDE
+) -> tuple[int, int] | None:
+    """``"WxH"`` (or ``"N"`` for NxN) -> (width, height); both positive multiples of 8. None or
+    blank -> None. ``label``, ``error`` and ``max_side`` let the web UI reuse the rule."""
+    raw = (text or "").lower().replace("×", "x").replace(" ", "")
+    if not raw:
         return None
-    raw = text.lower().replace("×", "x").strip()
     parts = raw.split("x")
     if len(parts) == 1:
         parts = parts * 2
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise UsageError(f"--size {text!r}: expected WIDTHxHEIGHT in pixels, e.g. --size 512x512")
+    if len(parts) != 2 or not all(p.isdigit() for p in parts):
+        raise error(f"{label} {text!r}: expected WIDTHxHEIGHT in pixels, e.g. {label} 512x512")
     w, h = (int(p) for p in parts)
     if w <= 0 or h <= 0 or w % 8 or h % 8:
-        raise UsageError(f"--size {text!r}: width and height must be positive multiples of 8 (e.g. 512x512 or 64x64)")
-    if w > MAX_SIDE or h > MAX_SIDE:
-        raise UsageError(f"--size {text!r}: at most {MAX_SIDE} pixels per side")
+        raise error(f"{label} {text!r}: width and height must be positive multiples of 8 (e.g. 512x512 or 64x64)")
+    if w > max_side or h > max_side:
+        raise error(f"{label} {text!r}: at most {max_side} pixels per side")
     return w, h
 
 
