@@ -107,30 +107,33 @@ class ConsistencyProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         call = project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        hidden = kernels.attention(call.query, call.key, call.value, scale=attn.scale, mask=call.mask)
         state = self.state
         rows = call.query.shape[0]
         per_half = state.rows_per_half
         grid = resolution_of(call.query.shape[2], state.latent_hw)
-        if grid is None or rows % per_half or state.subjects == 0 or call.mask is not None:
+        mode = None
+        if grid is not None and rows % per_half == 0 and state.subjects > 0 and call.mask is None:
+            if call.is_cross:
+                mode = "mutual" if state.settings.mutual_cross > 0 else None
+            elif state.settings.reference and self.name in state.gated and state.settings.gating.active(state.step, state.steps):
+                mode = "reference"
+            elif state.settings.isolate and state.subjects > 1:
+                mode = "isolate"
+        if mode is None:
+            hidden = kernels.attention(call.query, call.key, call.value, scale=attn.scale, mask=call.mask)
             return output(attn, hidden, call)
         targets = list(range(per_half - 1, rows, per_half))
-        hidden = hidden.clone()
-        if call.is_cross:
-            if state.settings.mutual_cross > 0:
-                for t in targets:
-                    hidden[t] = self._mutual_cross(attn, call, t, grid)
-            return output(attn, hidden, call)
+        others = [r for r in range(rows) if r not in targets]
+        # reference rows: stock attention, computed once; target rows: the policy
+        hidden = call.query.new_empty((*call.query.shape[:3], call.value.shape[-1]))
+        hidden[others] = kernels.attention(call.query[others], call.key[others], call.value[others], scale=attn.scale)
         flat = hidden_states if hidden_states.ndim == 3 else hidden_states.flatten(2).transpose(1, 2)
-        use_reference = (
-            state.settings.reference
-            and self.name in state.gated
-            and state.settings.gating.active(state.step, state.steps)
-        )
         for t in targets:
-            if use_reference:
+            if mode == "mutual":
+                hidden[t] = self._mutual_cross(attn, call, t, grid)
+            elif mode == "reference":
                 hidden[t] = self._with_references(attn, call, flat, t, grid)
-            elif state.settings.isolate and state.subjects > 1:
+            else:
                 hidden[t] = self._isolated(attn, call, t, grid)
         return output(attn, hidden, call)
 
