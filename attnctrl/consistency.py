@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +39,6 @@ __all__ = [
     "transformer_blocks",
     "Gating",
     "IRDiffusion",
-    "masks_from_maps",
     "ConsistentSelfAttention",
     "shared_routing_labels",
 ]
@@ -285,11 +283,6 @@ class Gating:
         """Whether step ``step`` (0-based) of ``steps`` uses reference attention."""
         return steps > 0 and self.start <= step / steps < self.end
 
-
-def masks_from_maps(maps: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Subject masks from averaged cross-attention maps: each (h, w) map -> Otsu-binarised bool;
-    overlaps resolved by :func:`resolve_overlaps`. Returns (n, h, w) bool."""
-    return resolve_overlaps(torch.stack([binarise(m) for m in maps]))
 
 
 REPOSITION_MODES = ("bbox", "keep-aspect", "none")

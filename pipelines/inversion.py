@@ -260,7 +260,7 @@ def invert(
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts for {len(images)} images; give one prompt, or one per image")
     native, multiple = image_geometry(pipe)
-    pixels = torch.stack([load_image(im, height=height, width=width, native=native, multiple=multiple) for im in images]) if images else None
+    pixels = torch.stack([load_image(im, height=height, width=width, native=native, multiple=multiple) for im in images])
     sizes = {tuple(p.shape[-2:]) for p in pixels}
     if len(sizes) != 1:
         raise ValueError(f"images of one batch must share a size, got {sorted(sizes)}; give height= and width=")
