@@ -10,9 +10,9 @@ import torch
 from attnctrl import kernels
 from attnctrl.efficient import AgentAttention, agent_attention, agent_counts, merge_agents, pool_agents
 
-from ._projection import output, project
+from ._projection import Projected, output, project
 
-__all__ = ["AgentAttentionProcessor", "AgentState"]
+__all__ = ["AgentAttentionProcessor", "AgentState", "PolicyProcessor"]
 
 
 class AgentState:
@@ -80,19 +80,32 @@ class AgentState:
         return (h, w) if h * w == n_tokens else None
 
 
-class AgentAttentionProcessor:
-    """AgentSD agent attention for one self-attention layer; stock attention elsewhere.
+class PolicyProcessor:
+    """Base of the efficient-attention processors (agent, proxy, grouped, window).
 
-    At an active step, on a layer at an allowed resolution, agent features are built from the
-    layer input (the block's normalised hidden states) by :func:`~attnctrl.efficient.merge_agents`
-    or :func:`~attnctrl.efficient.pool_agents`, projected with ``to_q`` (and ``norm_q``), and the
-    output is :func:`~attnctrl.efficient.agent_attention`. Otherwise, or when AgentSD's gate
-    ``2·n_agents < N`` fails, it runs stock attention through :func:`attnctrl.kernels.attention`.
+    A subclass implements :meth:`policy_attention`; ``__call__`` projects, asks the policy, and runs
+    stock attention through :func:`attnctrl.kernels.attention` whenever the policy declines (cross-
+    attention, inactive step, unsupported layer). Prompt-to-Prompt composes with a policy through the
+    same method: on a layer where it replaces self-attention it calls ``policy_attention`` with the
+    source rows' queries and keys and the edited rows' values, which is the source "map" applied to
+    the edited values because every policy is linear in V.
+
+    ``state`` must have a ``config`` with a ``backend`` attribute.
     """
 
-    def __init__(self, state: AgentState, name: str) -> None:
+    def __init__(self, state: Any, name: str) -> None:
         self.state = state
         self.name = name
+
+    def policy_attention(self, attn: Any, hidden_states: torch.Tensor, call: Projected) -> torch.Tensor | None:
+        """The layer's attention output ``(B, H, N, Dv)`` under the policy, or None for stock attention.
+
+        Args:
+            attn: the diffusers ``Attention`` module.
+            hidden_states: the processor's input ``(B, N, C)`` (the block's normalised hidden states).
+            call: the projected ``query``/``key``/``value`` ``(B, H, N, D)`` of this call.
+        """
+        raise NotImplementedError
 
     def __call__(
         self,
@@ -104,41 +117,53 @@ class AgentAttentionProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         call = project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        hidden = None if call.is_cross else self.policy_attention(attn, hidden_states, call)
+        if hidden is None:
+            hidden = kernels.attention(
+                call.query, call.key, call.value, scale=attn.scale, mask=call.mask, backend=self.state.config.backend
+            )
+        return output(attn, hidden, call)
+
+
+class AgentAttentionProcessor(PolicyProcessor):
+    """AgentSD agent attention for one self-attention layer; stock attention elsewhere.
+
+    At an active step, on a layer at an allowed resolution, agent features are built from the
+    layer input (the block's normalised hidden states) by :func:`~attnctrl.efficient.merge_agents`
+    or :func:`~attnctrl.efficient.pool_agents`, projected with ``to_q`` (and ``norm_q``), and the
+    output is :func:`~attnctrl.efficient.agent_attention`. Otherwise, or when AgentSD's gate
+    ``2·n_agents < N`` fails, it runs stock attention through :func:`attnctrl.kernels.attention`.
+    """
+
+    def policy_attention(self, attn: Any, hidden_states: torch.Tensor, call: Projected) -> torch.Tensor | None:
         config = self.state.config
         grid = None
         if (
             self.state.active
-            and not call.is_cross
             and call.mask is None
             and hidden_states.ndim == 3
             and getattr(attn, "group_norm", None) is None
             and getattr(attn, "spatial_norm", None) is None
         ):
             grid = self.state.layer_grid(hidden_states.shape[1])
-        if grid is not None:
-            h, w = grid
-            if config.agents == "merge":
-                counts = agent_counts(h, w, sx=config.sx, sy=config.sy, agent_ratio=config.agent_ratio)
-                if not counts.active:
-                    grid = None
-            elif 2 * math.ceil(h / config.sy) * math.ceil(w / config.sx) >= h * w:
-                grid = None
         if grid is None:
-            hidden = kernels.attention(call.query, call.key, call.value, scale=attn.scale, mask=call.mask, backend=config.backend)
-            return output(attn, hidden, call)
+            return None
         h, w = grid
         if config.agents == "merge":
+            if not agent_counts(h, w, sx=config.sx, sy=config.sy, agent_ratio=config.agent_ratio).active:
+                return None
             generator = self.state.generator if config.use_rand and hidden_states.shape[0] % 2 == 0 else None
             feats = merge_agents(hidden_states, h, w, sx=config.sx, sy=config.sy, agent_ratio=config.agent_ratio, generator=generator)
         else:
+            if 2 * math.ceil(h / config.sy) * math.ceil(w / config.sx) >= h * w:
+                return None
             feats = pool_agents(hidden_states, h, w, sx=config.sx, sy=config.sy)
         agents = attn.to_q(feats)
         batch, heads, _, head_dim = call.query.shape
         agents = agents.view(batch, -1, heads, head_dim).transpose(1, 2)
         if getattr(attn, "norm_q", None) is not None:
             agents = attn.norm_q(agents)
-        hidden = agent_attention(
+        return agent_attention(
             call.query, call.key, call.value, agents, scale=attn.scale,
             scale_exponent=config.scale_exponent, shortcut=config.shortcut, backend=config.backend,
         )
-        return output(attn, hidden, call)
