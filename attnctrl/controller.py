@@ -127,8 +127,13 @@ class EditController:
         is_cross: bool,
         scale: float | None = None,
         mask: torch.Tensor | None = None,
+        attend: Any = None,
     ) -> torch.Tensor:
-        """One attention call of the denoiser, (batch, heads, N, D) tensors in and out."""
+        """One attention call of the denoiser, (batch, heads, N, D) tensors in and out.
+
+        ``attend``: the layer's efficient-attention policy for a self-attention call (see
+        :func:`attnctrl.p2p.edited_attention`), None for exact attention.
+        """
         if self.latent_hw is None:
             raise RuntimeError("the denoiser hook did not run: install processors with attnctrl.control or our pipelines")
         layout = RowLayout.from_batch(q.shape[0], len(self.prompts), self.images_per_prompt)
@@ -154,6 +159,7 @@ class EditController:
             mask=mask,
             materialise=self.materialise,
             backend=self.backend,
+            attend=None if is_cross else attend,
         )
         if probs is not None:
             self.store.record(hw, probs)

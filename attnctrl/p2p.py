@@ -15,6 +15,7 @@ and is the reference the tests compare against.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -22,7 +23,11 @@ from . import kernels
 from .kernels.reference import softmax_probs
 from .plan import CrossStep
 
-__all__ = ["RowLayout", "edited_attention"]
+__all__ = ["RowLayout", "SelfAttend", "edited_attention"]
+
+#: A layer's own self-attention, ``(q, k, v, row_map) -> out``: (B, H, N, D) tensors, ``row_map`` a
+#: (B,) int64 tensor saying which batch row's layer input each row's queries and keys come from.
+SelfAttend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,7 @@ def edited_attention(
     mask: torch.Tensor | None = None,
     materialise: bool = False,
     backend: str | None = None,
+    attend: SelfAttend | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention with the Prompt-to-Prompt edit of this call.
 
@@ -93,19 +99,31 @@ def edited_attention(
             shape (B*n, N, M) float32 (what the attention store records).
         materialise: use the explicit reference path (builds the full probability matrix).
         backend: kernel backend name for the fused path (None = best available).
+        attend: the layer's own attention for a self-attention call (an efficient-attention policy),
+            called as ``attend(q, k, v, row_map)`` where batch row ``i`` now carries the queries and
+            keys of row ``row_map[i]``; None = exact attention. Replacing self-attention stays
+            exact in spirit: a policy that is linear in V applies the source's (approximate) map
+            to the edited rows' values.
 
     Returns:
         ``(out, probs)`` with ``out`` of shape (batch, heads, N, Dv).
     """
     if materialise:
+        if attend is not None:
+            raise ValueError(
+                "materialise=True runs the official algorithm on explicit attention maps and cannot run an "
+                "efficient-attention policy's layers; remove the policy (attnctrl.remove) or use materialise=False"
+            )
         return _materialised(q, k, v, layout, cross, replace_self, want_probs, scale, mask)
     rows, sources, edits = layout.edited_rows()
     active_cross = cross is not None and not cross.is_identity() and len(rows) > 0
+    row_map = torch.arange(q.shape[0])
     if replace_self and len(rows) > 0:
         q = q.clone()
         k = k.clone()
         q[rows] = q[sources]
         k[rows] = k[sources]
+        row_map[rows] = sources
     v_main = v
     if active_cross:
         a, d = cross.fused_coefficients()
@@ -126,6 +144,8 @@ def edited_attention(
             q[cond], k[cond], v_main[cond], scale=scale, mask=_rows(mask, cond), backend=backend
         )
         probs = p.mean(dim=1)
+    elif attend is not None:
+        out = attend(q, k, v_main, row_map)
     else:
         out = kernels.attention(q, k, v_main, scale=scale, mask=mask, backend=backend)
 

@@ -11,7 +11,7 @@ from attnctrl.edits import Refine, Replace, Reweight
 from attnctrl.errors import UnsupportedModelError
 from attnctrl.plan import compile_edit, compile_prompts
 from attnctrl.processors import PromptToPromptProcessor, install, is_installed, restore
-from attnctrl.processors._install import bind_timestep
+from attnctrl.processors._install import bind_timestep, layers_installed
 from attnctrl.store import AttentionStore
 
 __all__ = ["control", "EditSession", "check_pipeline"]
@@ -50,6 +50,26 @@ class EditSession:
         return self.controller.step_end(pipe, step, timestep, callback_kwargs)
 
 
+def _applied_policies(unet: Any) -> dict[str, Any]:
+    """Processor name -> efficient-attention processor, when only an ``attnctrl.apply`` policy is installed.
+
+    Prompt-to-Prompt layers over such a policy (its layers keep their attention, the edit acts on V);
+    any other attnctrl install (an open control block, a pipeline call in progress) is refused.
+    """
+    from attnctrl.processors.efficient import PolicyProcessor
+
+    if not is_installed(unet):
+        return {}
+    processors = unet.attn_processors
+    ours = {name: p for name, p in processors.items() if type(p).__module__.startswith("attnctrl.")}
+    if layers_installed(unet) == 1 and all(isinstance(p, PolicyProcessor) for p in ours.values()):
+        return {name: p for name, p in ours.items()}
+    raise RuntimeError(
+        "attnctrl processors are already installed on this UNet (an open attnctrl.control block, or a "
+        "Prompt2Prompt pipeline call in progress); nested control on one pipeline is not supported"
+    )
+
+
 @contextlib.contextmanager
 def control(
     pipe: Any,
@@ -79,10 +99,11 @@ def control(
         backend: kernel backend name (None = best available).
     """
     check_pipeline(pipe)
-    if is_installed(pipe.unet):
-        raise RuntimeError(
-            "attnctrl processors are already installed on this UNet (an open attnctrl.control block, or a "
-            "Prompt2Prompt pipeline call in progress); nested control on one pipeline is not supported"
+    policies = _applied_policies(pipe.unet)
+    if materialise and policies:
+        raise ValueError(
+            "materialise=True builds explicit attention maps and cannot run the efficient-attention policy "
+            "applied to this pipeline; call attnctrl.remove(pipe) first, or use materialise=False"
         )
     if edit is not None:
         plan = compile_edit(edit, pipe.tokenizer, prompts)
@@ -102,7 +123,12 @@ def control(
         controller.timesteps_source = pipe.scheduler
         controller.observe_denoiser_call(timestep, sample)
 
-    install(pipe.unet, lambda name, module: PromptToPromptProcessor(controller, name), pre_forward=pre_forward)
+    install(
+        pipe.unet,
+        lambda name, module: PromptToPromptProcessor(controller, name, policy=policies.get(name)),
+        pre_forward=pre_forward,
+        on_top=bool(policies),
+    )
     try:
         yield EditSession(controller)
     finally:

@@ -14,7 +14,7 @@ from typing import Any
 
 from attnctrl.efficient import AgentAttention
 from attnctrl.errors import UnsupportedModelError
-from attnctrl.processors._install import bind_timestep, install, is_installed, restore
+from attnctrl.processors._install import bind_timestep, install, is_installed, layers_installed, restore
 
 __all__ = ["apply", "remove", "EfficientHandle", "SUPPORTED"]
 
@@ -75,6 +75,11 @@ class EfficientHandle:
         """Restore the original processors if this handle's install is still the current one."""
         if not self.installed:
             return False
+        if layers_installed(self.model) > 1:
+            raise RuntimeError(
+                "other attnctrl processors are installed over this efficient-attention policy (an open "
+                "attnctrl.control block or a pipeline call in progress); remove the policy after it ends"
+            )
         restore(self.model)
         setattr(self.model, _HANDLE, None)
         return True
@@ -103,7 +108,7 @@ def apply(pipe_or_model: Any, config: AgentAttention, *, scheduler: Any = None) 
         raise TypeError(f"attnctrl.apply: expected an attnctrl.AgentAttention config, got {type(config).__name__}")
     model, own_scheduler = _resolve(pipe_or_model)
     scheduler = scheduler if scheduler is not None else own_scheduler
-    if is_installed(model) and getattr(model, _HANDLE, None) is None:
+    if is_installed(model) and (getattr(model, _HANDLE, None) is None or layers_installed(model) > 1):
         raise RuntimeError(
             "other attnctrl processors are installed on this UNet (an open attnctrl.control block or a "
             "pipeline call in progress); apply agent attention outside it"
@@ -126,7 +131,7 @@ def apply(pipe_or_model: Any, config: AgentAttention, *, scheduler: Any = None) 
         timestep, sample = bind_timestep(module, args, kwargs)
         state.observe(timestep, sample)
 
-    install(model, make, pre_forward=pre_forward)
+    install(model, make, pre_forward=pre_forward, replace=True)
     handle = EfficientHandle(model, config, state)
     setattr(model, _HANDLE, handle)
     return handle

@@ -14,10 +14,11 @@ from attnctrl.errors import UnsupportedModelError
 
 from ._projection import check_supported
 
-__all__ = ["install", "restore", "is_installed", "attention_modules"]
+__all__ = ["install", "restore", "is_installed", "layers_installed", "attention_modules"]
 
 _SAVED = "_attnctrl_saved_processors"
 _HOOKS = "_attnctrl_hooks"
+_STACK = "_attnctrl_install_stack"
 
 
 def attention_modules(model: Any) -> dict[str, Any]:
@@ -43,15 +44,36 @@ def install(
     make_processor: Callable[[str, Any], Any | None],
     *,
     pre_forward: Callable[[Any, tuple, dict], None] | None = None,
+    replace: bool = False,
+    on_top: bool = False,
 ) -> None:
     """Replace the processors of ``model``.
 
     Args:
         model: a diffusers model with ``attn_processors``.
-        make_processor: ``(name, attention_module) -> processor`` or None to keep that layer's.
+        make_processor: ``(name, attention_module) -> processor`` or None to keep that layer's
+            current processor.
         pre_forward: called as ``pre_forward(model, args, kwargs)`` before every forward.
+        replace: if attnctrl processors are installed, restore the original ones first (re-applying
+            the same feature).
+        on_top: if attnctrl processors are installed, install over them as a layer; :func:`restore`
+            then removes only this layer and the layer below keeps its processors and hooks
+            (Prompt-to-Prompt over an efficient-attention policy).
+
+    Raises:
+        RuntimeError: attnctrl processors are installed and neither ``replace`` nor ``on_top`` is set
+            (installing silently over them would drop them).
     """
-    restore(model)
+    if is_installed(model):
+        if replace:
+            while restore(model):
+                pass
+        elif not on_top:
+            raise RuntimeError(
+                f"attnctrl processors are already installed on this {type(model).__name__} (an efficient-"
+                "attention policy from attnctrl.apply, an open attnctrl.control block or a pipeline call in "
+                "progress); remove them first, e.g. attnctrl.remove(pipe)"
+            )
     modules = attention_modules(model)
     current = dict(model.attn_processors)
     new = dict(current)
@@ -63,7 +85,12 @@ def install(
         if reason is not None:
             raise UnsupportedModelError(f"{name}: {reason}")
         new[name] = processor
-    setattr(model, _SAVED, current)
+    if is_installed(model):  # on_top: remember the layer below
+        stack = getattr(model, _STACK, None) or []
+        stack.append((current, getattr(model, _HOOKS, None) or []))
+        setattr(model, _STACK, stack)
+    else:
+        setattr(model, _SAVED, current)
     model.set_attn_processor(dict(new))
     hooks = []
     if pre_forward is not None:
@@ -73,13 +100,29 @@ def install(
     setattr(model, _HOOKS, hooks)
 
 
+def layers_installed(model: Any) -> int:
+    """How many attnctrl installs are stacked on ``model`` (0 = stock processors)."""
+    if not is_installed(model):
+        return 0
+    return 1 + len(getattr(model, _STACK, None) or [])
+
+
 def restore(model: Any) -> bool:
-    """Put back the processors the model had before :func:`install`. Returns False if none were saved."""
-    saved = getattr(model, _SAVED, None)
+    """Undo the top :func:`install`: put back the processors (and hooks) it replaced.
+
+    Returns False if nothing was installed.
+    """
     for handle in getattr(model, _HOOKS, None) or []:
         handle.remove()
     if hasattr(model, _HOOKS):
         setattr(model, _HOOKS, [])
+    stack = getattr(model, _STACK, None)
+    if stack:
+        processors, hooks = stack.pop()
+        model.set_attn_processor(dict(processors))
+        setattr(model, _HOOKS, hooks)
+        return True
+    saved = getattr(model, _SAVED, None)
     if saved is None:
         return False
     model.set_attn_processor(dict(saved))

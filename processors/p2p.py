@@ -3,13 +3,15 @@ to :class:`attnctrl.controller.EditController`."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 
+from attnctrl import kernels
 from attnctrl.controller import EditController
 
-from ._projection import output, project
+from ._projection import Projected, output, project
 
 __all__ = ["PromptToPromptProcessor"]
 
@@ -27,9 +29,11 @@ class PromptToPromptProcessor:
     (batch, L, C_text) for cross-attention, None for self-attention.
     """
 
-    def __init__(self, controller: EditController, name: str) -> None:
+    def __init__(self, controller: EditController, name: str, policy: Any = None) -> None:
         self.controller = controller
         self.name = name
+        #: the efficient-attention processor this layer had (a ``PolicyProcessor``), or None
+        self.policy = policy
 
     def __call__(
         self,
@@ -41,7 +45,22 @@ class PromptToPromptProcessor:
         **kwargs: Any,
     ) -> torch.Tensor:
         call = project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        attend = None
+        if self.policy is not None and not call.is_cross:
+            attend = self._policy_attend(attn, hidden_states, call)
         hidden = self.controller.attention(
-            call.query, call.key, call.value, is_cross=call.is_cross, scale=attn.scale, mask=call.mask
+            call.query, call.key, call.value, is_cross=call.is_cross, scale=attn.scale, mask=call.mask, attend=attend
         )
         return output(attn, hidden, call)
+
+    def _policy_attend(self, attn: Any, hidden_states: torch.Tensor, call: Projected) -> Any:
+        policy = self.policy
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row_map: torch.Tensor) -> torch.Tensor:
+            inputs = hidden_states[row_map.to(hidden_states.device)] if hidden_states.ndim == 3 else hidden_states
+            out = policy.policy_attention(attn, inputs, dataclasses.replace(call, query=q, key=k, value=v))
+            if out is None:
+                out = kernels.attention(q, k, v, scale=attn.scale, mask=call.mask, backend=self.controller.backend)
+            return out
+
+        return attend
