@@ -27,6 +27,8 @@ __all__ = [
     "run_consistent",
     "display",
     "inversion_summary",
+    "run_speed",
+    "SpeedResult",
 ]
 
 DISPLAY_SIDE = 256
@@ -284,3 +286,39 @@ def run_consistent(
         f"guidance {guidance:g}, seed {seed}, {seconds:.1f} s"
     )
     return ConsistentResult(references=references, scenes=scene_items, masks=masks, summary=summary)
+
+
+@dataclass
+class SpeedResult:
+    images: list[tuple[Any, str]]
+    table: str
+    summary: str
+
+
+def run_speed(
+    model: LoadedModel,
+    prompt: str,
+    policies: Sequence[Any],
+    *,
+    seed: int,
+    steps: int,
+    guidance: float,
+    size: tuple[int, int] | None,
+    progress: Any = None,
+) -> SpeedResult:
+    """Stock attention and each policy from the same noise, with seconds per step (attnctrl.speed)."""
+    from attnctrl.speed import compare_speed
+
+    if not prompt or not prompt.strip():
+        raise OptionError("Prompt: give a prompt to generate")
+    started = time.perf_counter()
+    with model.lock:  # the policy is applied to the shared UNet only while this request holds it
+        report = compare_speed(model.pipe, prompt.strip(), list(policies), seed=seed, steps=steps, guidance=guidance,
+                               size=size, progress=progress)
+    seconds = time.perf_counter() - started
+    images = [(display(r.image), f"{r.label}: {r.seconds_per_step:.3f} s/step ({report.speedup(r):.2f}x)") for r in report.runs]
+    w, h = report.size
+    summary = (f"{len(report.runs)} generations of {prompt.strip()!r} on {model.display_name}: {w}x{h}, {steps} steps, "
+               f"guidance {guidance:g}, seed {seed}, {seconds:.1f} s in all. Speed-up = stock s/step / policy s/step "
+               "(median step; on the small shapes model attention is a small part of a step, so expect little).")
+    return SpeedResult(images=images, table=report.table(), summary=summary)

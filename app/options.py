@@ -140,6 +140,32 @@ def parse_subjects(text: str | None) -> list[tuple[str, str, str]]:
     return subjects
 
 
+def parse_policies(selected: Sequence[str] | None, options_text: str | None) -> list[Any]:
+    """Efficient-attention configs of the Speed tab: the ticked policy names, each with the options
+    of its line in ``options_text`` (``NAME:KEY=VALUE,...``, one per line) if there is one."""
+    from attnctrl.speed import POLICIES, parse_policy
+
+    names = [str(n).strip().lower() for n in (selected or [])]
+    if not names:
+        raise OptionError("Speed: tick at least one efficient-attention policy to compare with stock attention")
+    lines = {}
+    for line in parse_lines(options_text):
+        name = line.partition(":")[0].strip().lower()
+        if name not in POLICIES:
+            raise OptionError(f"Policy options: {line!r} does not start with one of {', '.join(POLICIES)}")
+        lines[name] = line
+    unused = sorted(set(lines) - set(names))
+    if unused:
+        raise OptionError(f"Policy options: options given for {', '.join(unused)}, which is not ticked")
+    configs = []
+    for name in names:
+        try:
+            configs.append(parse_policy(lines.get(name, name)))
+        except ValueError as err:
+            raise OptionError(f"Policy options: {err}") from None
+    return configs
+
+
 def check_int(value: Any, what: str, low: int, high: int) -> int:
     """``value`` (a Gradio number, possibly a float or None) as an int in [low, high]."""
     if value is None or isinstance(value, bool):

@@ -18,6 +18,7 @@ import gradio as gr
 
 from attnctrl.consistency import REPOSITION_MODES, IRDiffusion
 from attnctrl.inversion import METHODS
+from attnctrl.speed import POLICIES
 
 from . import actions
 from .models import SHAPES_NAME, ModelCache, check_model
@@ -30,6 +31,7 @@ from .options import (
     check_number,
     edit_form,
     parse_lines,
+    parse_policies,
     parse_size,
     parse_subjects,
     user_message,
@@ -154,7 +156,8 @@ def _edit_inputs(c: dict[str, Any]) -> list[Any]:
 
 INTRO = """# attnctrl
 Training-free attention control for diffusers: edit a generated or real image by editing its prompt
-(Prompt-to-Prompt), look at each word's attention, and keep subjects consistent across scenes.
+(Prompt-to-Prompt), look at each word's attention, keep subjects consistent across scenes, and time
+efficient attention (agent, proxy, grouped, window) against stock attention.
 The default model is the small embedded **shapes** model (64x64 scenes of coloured shapes; offline);
 type a hub id (`org/name`) or a local diffusers folder to use another Stable Diffusion 1.x/2.x or SDXL model."""
 
@@ -264,6 +267,17 @@ def build_app(
             result.summary,
         )
 
+    @guard
+    def speed(model_text, prompt, selected, options_text, seed, steps_, guidance, size,
+              progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        policies = parse_policies(selected, options_text)
+        seed, steps_, guidance, size = _sampling(seed, steps_, guidance, size)
+        progress(0, desc="Loading the model")
+        loaded = cache.get(model_text)
+        result = actions.run_speed(loaded, prompt, policies, seed=seed, steps=steps_, guidance=guidance, size=size,
+                                   progress=lambda fraction, desc: progress(fraction, desc=desc))
+        return result.images, result.table + "\n\n" + result.summary
+
     # ---------------------------------------------------------------- layout
     with gr.Blocks(title="attnctrl", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
@@ -362,6 +376,25 @@ def build_app(
                 [subjects_box, scenes_box], label="Examples (shapes model, offline)",
             )
 
+        with gr.Tab("Speed", elem_id="tab-speed"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    speed_prompt = gr.Textbox(label="Prompt", value="a red circle on the left and a blue square at the top right",
+                                              elem_id="speed-prompt")
+                    speed_policies = gr.CheckboxGroup(list(POLICIES), value=["agent", "window"], label="Efficient attention",
+                                                      elem_id="speed-policies",
+                                                      info="agent: AgentSD; proxy: window + proxy tokens; grouped: GRAT; window: HiDiffusion MSW-MSA")
+                    speed_options = gr.Textbox(label="Policy options (optional, one per line: NAME:KEY=VALUE,...)", lines=2,
+                                               placeholder="agent:agents=pool,steps=0,0.6\ngrouped:pattern=criss-cross",
+                                               elem_id="speed-options")
+                    with gr.Accordion("Sampling", open=False):
+                        ss = _sampling_controls("speed", steps=min(steps, 20))
+                    speed_button = gr.Button("Compare", variant="primary", elem_id="speed-run")
+                with gr.Column(scale=3):
+                    speed_gallery = gr.Gallery(label="Stock attention and each policy (same noise)", columns=3, format="png",
+                                               height="auto", preview=False, elem_id="speed-gallery")
+                    speed_info = gr.Markdown(elem_id="speed-info")
+
         # ------------------------------------------------------------ events
         load_button.click(load_model, [model_box], [model_info], **heavy)
         edit_button.click(
@@ -372,6 +405,10 @@ def build_app(
         maps_button.click(
             maps, [model_box, maps_choice, maps_prompt, maps_words, ms["seed"], ms["steps"], ms["guidance"], ms["size"], last],
             [maps_image, maps_info], **heavy,
+        )
+        speed_button.click(
+            speed, [model_box, speed_prompt, speed_policies, speed_options, ss["seed"], ss["steps"], ss["guidance"], ss["size"]],
+            [speed_gallery, speed_info], **heavy,
         )
         upload.change(preview, [upload], [preview_image])
         invert_button.click(invert, [model_box, upload, caption, method, inv_steps, inv_guidance],

@@ -10,7 +10,7 @@ from typing import Any
 
 from . import errors, kernels
 from .edits import LocalBlend, Refine, Replace, Reweight
-from .efficient import AgentAttention
+from .efficient import AgentAttention, GroupedAttention, ProxyAttention, WindowAttention
 from .inversion import Inversion
 
 __version__ = "0.1.0"
@@ -22,6 +22,9 @@ __all__ = [
     "LocalBlend",
     "Inversion",
     "AgentAttention",
+    "WindowAttention",
+    "ProxyAttention",
+    "GroupedAttention",
     "control",
     "apply",
     "remove",

@@ -16,12 +16,13 @@ One job per line (blank lines and lines starting with ``#`` are ignored). Every 
 
 - every kind: ``model`` (overrides ``--model``), ``steps`` (default 50), ``guidance`` (default 7.5),
   ``size`` (``"WxH"``, ``"N"`` or ``[W, H]``; multiples of 8);
-- ``generate``: ``prompt``, ``seed`` (default 0), ``scheduler``;
+- ``generate``: ``prompt``, ``seed`` (default 0), ``scheduler``, ``efficient`` (an efficient-attention
+  policy as ``--efficient``: ``"agent"``, ``"window:shift=none"``...);
 - ``edit``: ``prompt``, ``to`` (a prompt or a list; optional with ``weights``), ``mode``
   (``replace``/``refine``), ``weights`` (``{"WORD": X}`` or ``{"WORD": [X1, X2]}``), ``blend`` (a list
   of words as ``--blend``: ``"cat"`` or ``"cat,tiger"``, or one list of words per prompt), ``cross``
   (a fraction, a ``[start, end]`` pair, or ``{"default": ..., "WORD": ...}``), ``self``, ``seed``,
-  ``scheduler``;
+  ``scheduler``, ``efficient``;
 - ``invert-and-edit``: ``image`` (relative to the jobs file's folder), ``method`` (default
   ``null-text``) and the edit fields except ``seed`` and ``scheduler``;
 - ``consistent``: ``subjects`` (``[{"name", "prompt", "word"}, ...]``), ``scenes`` (prompts), ``seed``.
@@ -67,8 +68,8 @@ KINDS = ("generate", "edit", "invert-and-edit", "consistent")
 _COMMON = {"id", "kind", "model", "steps", "guidance", "size"}
 _EDIT = {"prompt", "to", "mode", "weights", "blend", "cross", "self"}
 FIELDS: dict[str, set[str]] = {
-    "generate": _COMMON | {"prompt", "seed", "scheduler"},
-    "edit": _COMMON | _EDIT | {"seed", "scheduler"},
+    "generate": _COMMON | {"prompt", "seed", "scheduler", "efficient"},
+    "edit": _COMMON | _EDIT | {"seed", "scheduler", "efficient"},
     "invert-and-edit": _COMMON | _EDIT | {"image", "method"},
     "consistent": _COMMON | {"subjects", "scenes", "seed"},
 }
@@ -264,6 +265,15 @@ def _validate(L: _Line, raw: Any, default_model: str, base_dir: str) -> tuple[st
         if raw["scheduler"] not in SCHEDULERS:
             raise L.error("scheduler", f"expected one of {', '.join(SCHEDULERS)}, got {json.dumps(raw['scheduler'])}")
         p["scheduler"] = raw["scheduler"]
+    if "efficient" in FIELDS[kind] and raw.get("efficient") is not None:
+        from .speed import parse_policy
+
+        text = _string(L, "efficient", raw["efficient"])
+        try:
+            parse_policy(text)
+        except ValueError as err:
+            raise L.error("efficient", str(err)) from None
+        p["efficient"] = text.strip()
     if kind == "generate":
         p["prompt"] = _string(L, "prompt", raw.get("prompt"))
     elif kind in ("edit", "invert-and-edit"):
@@ -403,9 +413,14 @@ def _run_job(job: Job, models: _Models, folder: str) -> list[str]:
     p = job.params
     files: list[tuple[str, Any]] = []
     if job.kind in ("generate", "edit"):
+        from .pipelines.efficient import apply
+        from .speed import parse_policy
+
         pipe = models.get(p["model"])
         original = pipe.scheduler
         set_scheduler(pipe, p.get("scheduler"))
+        policy = parse_policy(p.get("efficient"))
+        handle = apply(pipe, policy) if policy is not None else None
         try:
             prompts = [p["prompt"]] if job.kind == "generate" else [p["prompt"]] + p["to"]
             edit = None if job.kind == "generate" else _build(p)
@@ -414,6 +429,8 @@ def _run_job(job: Job, models: _Models, folder: str) -> list[str]:
                        **_size_kwargs(p))
         finally:
             pipe.scheduler = original
+            if handle is not None:
+                handle.remove()
         if job.kind == "generate":
             files.append(("image.png", out.images[0]))
         else:

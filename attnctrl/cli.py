@@ -1,4 +1,4 @@
-"""The ``attnctrl`` command line: ``edit``, ``invert``, ``consistent``, ``batch``, ``demo``, ``app``, ``backends``, ``train-shapes``.
+"""The ``attnctrl`` command line: ``edit``, ``invert``, ``consistent``, ``speed``, ``batch``, ``demo``, ``app``, ``backends``, ``train-shapes``.
 
 A thin layer: it parses options into :mod:`attnctrl` edit objects, calls
 :func:`attnctrl.pipelines.load_pipeline` and the pipeline, and draws pictures with
@@ -335,6 +335,55 @@ def _load_from_args(args: argparse.Namespace) -> tuple[Any, str, float]:
     return pipe, model, time.perf_counter() - started
 
 
+def parse_efficient(text: str | None) -> Any:
+    """``--efficient NAME[:KEY=VALUE,...]`` -> an efficient-attention config or None (see attnctrl.speed)."""
+    from .speed import parse_policy
+
+    try:
+        return parse_policy(text)
+    except ValueError as err:  # includes the configs' own InvalidWeightError
+        raise UsageError(f"--efficient: {err}") from None
+
+
+def cmd_speed(args: argparse.Namespace) -> int:
+    from . import viz
+    from .io import save_png_atomic, write_json_atomic
+    from .speed import compare_speed
+
+    policies = [parse_efficient(text) for text in args.efficient]
+    if any(p is None for p in policies):
+        raise UsageError("--efficient: name a policy (agent, proxy, grouped, window); stock attention always runs first")
+    _check_positive_int(args.steps, "--steps")
+    _check_guidance(args.guidance)
+    size = parse_size(args.size)
+    pipe, model, _ = _load_from_args(args)
+    from tqdm.auto import tqdm
+
+    pipe.set_progress_bar_config(disable=False)  # one bar per generation, labelled by the outer bar
+    with tqdm(total=len(policies) + 1, desc="generations", unit="run", file=sys.stderr) as bar:
+        def progress(fraction: float, desc: str) -> None:
+            bar.set_description(desc)
+            bar.n = round(fraction * (len(policies) + 1))
+            bar.refresh()
+
+        report = compare_speed(pipe, args.prompt, policies, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                               size=size, progress=progress)
+        bar.n = bar.total
+        bar.refresh()
+    os.makedirs(args.out, exist_ok=True)
+    files = []
+    for run in report.runs:
+        files.append(save_png_atomic(run.image, os.path.join(args.out, f"{run.label}.png")))
+    labels = [f"{r.label}: {r.seconds_per_step:.3f} s/step ({report.speedup(r):.2f}x)" for r in report.runs]
+    viz.image_grid([r.image for r in report.runs], 1, len(report.runs), labels, path=os.path.join(args.out, "grid.png"))
+    record = {"model": model, "prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+              "size": list(report.size), "runs": report.rows(), "files": [os.path.basename(f) for f in files] + ["grid.png"],
+              "versions": versions()}
+    write_json_atomic(record, os.path.join(args.out, "speed.json"))
+    print(report.table())
+    return 0
+
+
 def _generate(pipe: Any, prompts: Sequence[str], edit: Any, *, seed: int, steps: int, guidance: float,
               size: tuple[int, int] | None, materialise: bool) -> Any:
     import torch
@@ -507,6 +556,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     self_steps = parse_window(args.self_steps, "--self") if args.self_steps is not None else 0.4
     blend = parse_blend(args.blend, len(prompts))
     edit = build_edit(args.mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend)
+    policy = parse_efficient(args.efficient)
+    if policy is not None and args.materialise:
+        raise UsageError("--materialise runs explicit attention maps and cannot be combined with --efficient")
     inversion = None
     if args.inversion is not None:
         inversion = _load_inversion(args.inversion, args.index)
@@ -514,6 +566,10 @@ def cmd_edit(args: argparse.Namespace) -> int:
         _check_images([args.image])
     pipe, model, t_load = _load_from_args(args)
     set_scheduler(pipe, args.scheduler)
+    if policy is not None:
+        from .pipelines.efficient import apply
+
+        apply(pipe, policy)
 
     timings: dict[str, float] = {"load": round(t_load, 3)}
     if args.image is not None:
@@ -584,6 +640,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "dtype": str(pipe.unet.dtype).replace("torch.", ""),
         "threads": _torch_threads(),
         "materialise": bool(args.materialise),
+        "efficient": None if policy is None else repr(policy),
         "attention_words": words,
         "timings_s": timings,
         "versions": versions(),
@@ -937,8 +994,33 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", choices=DEVICES, default="auto")
     e.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
     e.add_argument("--materialise", action="store_true", help="run the explicit reference attention instead of fused kernels")
+    e.add_argument("--efficient", metavar="POLICY[:KEY=VALUE,...]", default=None,
+                   help="efficient attention under the edit: agent, proxy, grouped or window, with config options, e.g. "
+                   "'agent:agents=pool' or 'window:shift=none' (see 'attnctrl speed')")
     e.add_argument("--out", required=True, metavar="DIR", help="output folder")
     e.set_defaults(func=cmd_edit)
+
+    sp = sub.add_parser(
+        "speed",
+        help="time generation with efficient attention (agent, proxy, grouped, window) against stock attention",
+        description="Generate PROMPT with stock attention and with each --efficient policy from the same noise, and "
+        "write DIR/stock.png, DIR/POLICY.png, DIR/grid.png and DIR/speed.json (seconds per step, speed-up).",
+        epilog="examples:\n  attnctrl speed --efficient agent --efficient window --out out/speed\n"
+        "  attnctrl speed --efficient 'grouped:group=4,pattern=criss-cross' --size 512x512 --steps 10 --out out/speed",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sp.add_argument("--efficient", action="append", required=True, metavar="POLICY[:KEY=VALUE,...]",
+                    help="a policy to compare (repeat for several): agent, proxy, grouped, window, with config options")
+    sp.add_argument("--prompt", default="a red circle on the left and a blue square at the top right")
+    sp.add_argument("--model", default=None, help="diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
+    sp.add_argument("--out", required=True, metavar="DIR")
+    sp.add_argument("--steps", type=int, default=20)
+    sp.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    sp.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    sp.add_argument("--size", default=None, help="WxH in pixels (default: the model's native size)")
+    sp.add_argument("--device", choices=DEVICES, default="auto")
+    sp.add_argument("--dtype", choices=DTYPES, default="auto")
+    sp.set_defaults(func=cmd_speed)
 
     i = sub.add_parser(
         "invert",

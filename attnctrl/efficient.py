@@ -12,8 +12,22 @@ N×N matrix is built. Agent features come from the normalised block input (the `
 ToMe-style bipartite soft matching (``agents="merge"``, AgentSD's choice) or by average pooling
 over the same cells (``agents="pool"``), and are projected with the layer's query projection.
 
-This module does not import diffusers. The processor is :mod:`attnctrl.processors.efficient`;
-``attnctrl.apply`` / ``attnctrl.remove`` install it.
+Three more policies share the lifecycle (``research/efficient-attention-anchors.md`` §3-§5):
+
+* :class:`WindowAttention` -- HiDiffusion's MSW-MSA: self-attention inside 2×2 windows of
+  ⌈H/2⌉×⌈W/2⌉ tokens, cyclically shifted by a random quarter of the window per forward; optional
+  Swin mask for the wrapped tokens; odd sizes padded (masked) instead of resized.
+* :class:`ProxyAttention` -- a training-free approximation of PT-DiT's proxy tokens: each query
+  attends, in one softmax, to its own window and to every window's mean key/value ("proxy"),
+  the proxies carrying a ``+log(tokens they average)`` logit bias.
+* :class:`GroupedAttention` -- GRAT: tokens in g×g groups, each query group attends to the groups
+  in a Chebyshev neighbourhood (GRAT-B) or in its group row and column (GRAT-X), run as a
+  :class:`~attnctrl.kernels.Routing` over group-major tokens or gathered into dense batches.
+
+Token grids are row-major ``(h, w)`` with ``N = h·w``; attention tensors are ``(B, H, N, D)``.
+
+This module does not import diffusers. The processors are in :mod:`attnctrl.processors.efficient`;
+``attnctrl.apply`` / ``attnctrl.remove`` install them.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ import torch.nn.functional as F
 from . import kernels
 from .edits import normalize_window
 from .errors import InvalidWeightError
+from .kernels.routing import Routing
 
 __all__ = [
     "AgentAttention",
@@ -37,6 +52,28 @@ __all__ = [
     "merge_agents",
     "pool_agents",
     "agent_attention",
+    "WindowAttention",
+    "ProxyAttention",
+    "GroupedAttention",
+    "POLICIES",
+    "window_size",
+    "window_shift",
+    "window_partition",
+    "window_merge",
+    "window_regions",
+    "window_routing",
+    "window_attention",
+    "window_proxies",
+    "proxy_attention",
+    "group_permutation",
+    "to_group_major",
+    "from_group_major",
+    "group_neighbours",
+    "grouped_routing",
+    "grouped_attention",
+    "density",
+    "grouped_density",
+    "grouped_is_dense",
 ]
 
 
@@ -53,6 +90,61 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidWeightError(f"AgentAttention: {name} must be a positive int, got {value!r}")
     return value
+
+
+def _pair(name: str, value: Any, *, owner: str, example: str) -> tuple[int, int]:
+    """A positive int or a (rows, cols) pair of positive ints, as a pair."""
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in pair)
+    ):
+        raise InvalidWeightError(
+            f"{owner}: {name} must be a positive int or a (rows, cols) pair of positive ints, e.g. {example}; "
+            f"got {value!r}"
+        )
+    return (int(pair[0]), int(pair[1]))
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...], *, owner: str) -> str:
+    if value not in options:
+        listed = ", ".join(repr(o) for o in options)
+        raise InvalidWeightError(f"{owner}: {name} must be one of {listed}; got {value!r}")
+    return value
+
+
+def _check_gating(config: Any, owner: str, *, default_steps: str) -> None:
+    """Validate and normalise the fields every policy shares (``steps``, ``max_downsample``,
+    ``layers``, ``seed`` when present); ``default_steps`` is quoted in the steps error."""
+    object.__setattr__(config, "steps", normalize_window(config.steps, f"{owner}.steps (default {default_steps})"))
+    limit = config.max_downsample
+    if limit is not None and (isinstance(limit, bool) or limit not in (1, 2, 4, 8)):
+        raise InvalidWeightError(
+            f"{owner}: max_downsample must be None (the highest-resolution level with attention) or 1, 2, 4 "
+            f"or 8; got {limit!r}"
+        )
+    if config.layers is not None:
+        layers = (config.layers,) if isinstance(config.layers, str) else tuple(config.layers)
+        if not layers or not all(isinstance(x, str) and x for x in layers):
+            raise InvalidWeightError(
+                f"{owner}: layers must be None or non-empty processor-name substrings such as "
+                f"('down_blocks.0',) or ('transformer_blocks.3.',); got {config.layers!r}"
+            )
+        object.__setattr__(config, "layers", layers)
+    seed = getattr(config, "seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidWeightError(f"{owner}: seed must be an int, got {seed!r}")
+    backend = config.backend
+    if backend is not None and not isinstance(backend, (str, kernels.Backend)):
+        raise InvalidWeightError(
+            f"{owner}: backend must be None (best available) or a backend name such as 'sdpa'; got {backend!r}"
+        )
+
+
+def _steps_active(steps: tuple[float, float], step: int, num_steps: int) -> bool:
+    start, end = steps
+    return num_steps > 0 and start * num_steps <= step < end * num_steps
 
 
 @dataclass(frozen=True)
@@ -252,3 +344,635 @@ def agent_attention(
             raise ValueError("agent_attention: the shortcut needs self-attention (as many values as queries)")
         out = out + shortcut * v.to(out.dtype)
     return out
+
+
+# =============================================================================================
+# Window attention (HiDiffusion MSW-MSA)
+# =============================================================================================
+
+#: Quarters of the window a random shift is drawn from (HiDiffusion: 0, 1/4, 2/4, 3/4).
+SHIFT_QUARTERS = 4
+#: Region label of padding tokens in :func:`window_regions` (real tokens use 0..3).
+PAD_REGION = 4
+
+
+@dataclass(frozen=True)
+class WindowAttention:
+    """HiDiffusion's shifted-window self-attention (MSW-MSA), frozen and validated.
+
+    Self-attention runs inside ``windows = (2, 2)`` windows of ``⌈h/2⌉×⌈w/2⌉`` tokens, so each
+    patched layer does 1/4 of the score work. Before partitioning, the token grid is rolled
+    cyclically by the same fraction of the window on both axes, drawn per forward uniformly from
+    {0, 1/4, 2/4, 3/4} (HiDiffusion), and rolled back afterwards.
+
+    Differences from HiDiffusion, all deliberate:
+
+    * the shift comes from a private generator seeded with ``seed`` and reseeded at the start of
+      every generation (HiDiffusion draws ``torch.rand`` from the global RNG, which shifts every
+      later use of the global seed);
+    * ``swin_mask=True`` keeps tokens that the roll wrapped across the border from attending to
+      the tokens they were wrapped next to (Swin's mask; HiDiffusion has none, so it is off by
+      default);
+    * a grid that does not split evenly is padded with masked tokens, not resized bicubically.
+
+    Args:
+        windows: windows per (rows, cols); the grid is cut into at most that many windows of
+            ``⌈h/rows⌉×⌈w/cols⌉`` tokens. ``(1, 1)`` with no shift is full attention.
+        shift: ``"random"`` (HiDiffusion) or ``"none"``.
+        swin_mask: mask attention between wrapped and unwrapped tokens of a window.
+        steps: ``(start, end)`` fractions of the sampling steps it is active (default all, as
+            HiDiffusion); a single number ``e`` means ``(0, e)``.
+        max_downsample: None (default) patches the self-attention of the highest-resolution level
+            that has attention (HiDiffusion's blocks: SD 1.x/2.x the latent level, SDXL the
+            2×-downsampled one; every block of a DiT); 1/2/4/8 as in tomesd.
+        layers: optional processor-name substrings restricting the patched layers further.
+        seed: seed of the private generator the shifts are drawn from.
+        backend: kernel backend name (None = best available).
+    """
+
+    windows: Any = (2, 2)
+    shift: str = "random"
+    swin_mask: bool = False
+    steps: Any = (0.0, 1.0)
+    max_downsample: int | None = None
+    layers: Any = None
+    seed: int = 0
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = "WindowAttention"
+        object.__setattr__(self, "windows", _pair("windows", self.windows, owner=owner, example="(2, 2)"))
+        _choice("shift", self.shift, ("random", "none"), owner=owner)
+        if not isinstance(self.swin_mask, bool):
+            raise InvalidWeightError(f"{owner}: swin_mask must be True or False, got {self.swin_mask!r}")
+        _check_gating(self, owner, default_steps="(0.0, 1.0)")
+
+    def step_active(self, step: int, num_steps: int) -> bool:
+        """Whether step ``step`` (0-based) of ``num_steps`` uses window attention."""
+        return _steps_active(self.steps, step, num_steps)
+
+
+def window_size(h: int, w: int, windows: tuple[int, int]) -> tuple[int, int]:
+    """Tokens per window ``(⌈h/rows⌉, ⌈w/cols⌉)`` when an ``h×w`` grid is cut into ``windows``."""
+    return (-(-h // windows[0]), -(-w // windows[1]))
+
+
+def window_shift(window: tuple[int, int], quarter: int) -> tuple[int, int]:
+    """Cyclic shift ``(dy, dx)`` in tokens for ``quarter`` (0-3) quarters of the window."""
+    return (quarter * window[0] // SHIFT_QUARTERS, quarter * window[1] // SHIFT_QUARTERS)
+
+
+def _padded(h: int, w: int, window: tuple[int, int]) -> tuple[int, int]:
+    return (-(-h // window[0]) * window[0], -(-w // window[1]) * window[1])
+
+
+def window_partition(
+    x: torch.Tensor, h: int, w: int, window: tuple[int, int], shift: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
+    """Cut row-major tokens into windows stacked on the batch axis.
+
+    The ``h×w`` grid is rolled by ``-shift`` (token ``(r, c)`` moves to ``(r - dy, c - dx)`` mod
+    the grid), padded with zeros at the bottom/right to whole windows, and cut into
+    ``P = ⌈h/wh⌉·⌈w/ww⌉`` windows of ``n = wh·ww`` tokens, row-major inside each window.
+
+    Args:
+        x: ``(B, H, N, D)`` with ``N = h·w``.
+        window: ``(wh, ww)`` tokens per window.
+        shift: ``(dy, dx)`` cyclic shift in tokens.
+
+    Returns:
+        ``(B·P, H, n, D)``; row ``b·P + p`` is window ``p`` (row-major over windows) of batch ``b``.
+    """
+    b, heads, n_tok, d = x.shape
+    if n_tok != h * w:
+        raise ValueError(f"window_partition: {n_tok} tokens is not a {h}x{w} grid")
+    hp, wp = _padded(h, w, window)
+    grid = x.reshape(b, heads, h, w, d)  # a view for the usual transposed projections
+    if shift != (0, 0):
+        grid = torch.roll(grid, shifts=(-shift[0], -shift[1]), dims=(2, 3))
+    if (hp, wp) != (h, w):
+        grid = F.pad(grid, (0, 0, 0, wp - w, 0, hp - h))
+    py, px = hp // window[0], wp // window[1]
+    grid = grid.reshape(b, heads, py, window[0], px, window[1], d).permute(0, 2, 4, 1, 3, 5, 6)
+    return grid.reshape(b * py * px, heads, window[0] * window[1], d)
+
+
+def window_merge(
+    x: torch.Tensor, batch: int, h: int, w: int, window: tuple[int, int], shift: tuple[int, int] = (0, 0)
+) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B·P, H, n, D)`` -> ``(B, H, h·w, D)`` (padding dropped,
+    roll undone)."""
+    hp, wp = _padded(h, w, window)
+    py, px = hp // window[0], wp // window[1]
+    heads, d = x.shape[1], x.shape[-1]
+    grid = x.reshape(batch, py, px, heads, window[0], window[1], d).permute(0, 3, 1, 4, 2, 5, 6)
+    grid = grid.reshape(batch, heads, hp, wp, d)[:, :, :h, :w]
+    if shift != (0, 0):
+        grid = torch.roll(grid, shifts=shift, dims=(2, 3))
+    return grid.reshape(batch, heads, h * w, d)
+
+
+def window_regions(
+    h: int,
+    w: int,
+    window: tuple[int, int],
+    shift: tuple[int, int] = (0, 0),
+    *,
+    swin_mask: bool = False,
+    device: Any = None,
+) -> torch.Tensor:
+    """Region label of every token of every window, in :func:`window_partition` order: ``(P, n)`` int64.
+
+    Padding is :data:`PAD_REGION`. With ``swin_mask`` a real token is labelled ``2·wy + wx``, where
+    ``wy`` (``wx``) says whether the roll wrapped it across the top/bottom (left/right) border:
+    tokens with different labels were not neighbours before the roll. Without it every real
+    token is 0.
+    """
+    hp, wp = _padded(h, w, window)
+    rows = torch.arange(hp, device=device)
+    cols = torch.arange(wp, device=device)
+    labels = torch.zeros(hp, wp, dtype=torch.long, device=device)
+    if swin_mask:
+        # After rolling by -dy, the last dy real rows are the ones that came from the top.
+        wrapped_rows = (rows >= h - shift[0]) & (shift[0] > 0)
+        wrapped_cols = (cols >= w - shift[1]) & (shift[1] > 0)
+        labels = 2 * wrapped_rows.long()[:, None] + wrapped_cols.long()[None, :]
+    labels = labels.masked_fill((rows[:, None] >= h) | (cols[None, :] >= w), PAD_REGION)
+    py, px = hp // window[0], wp // window[1]
+    labels = labels.reshape(py, window[0], px, window[1]).permute(0, 2, 1, 3)
+    return labels.reshape(py * px, window[0] * window[1])
+
+
+def _region_table(device: Any) -> torch.Tensor:
+    """Identity routing table over the regions: a token attends only to its own region. Padding
+    queries see padding keys, so no row is ever fully masked (their output is dropped)."""
+    table = torch.full((PAD_REGION + 1, PAD_REGION + 1), float("-inf"), device=device)
+    return table.fill_diagonal_(0.0)
+
+
+def _needs_region_mask(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], swin_mask: bool) -> bool:
+    return _padded(h, w, window) != (h, w) or (swin_mask and shift != (0, 0))
+
+
+def window_routing(
+    h: int,
+    w: int,
+    window: tuple[int, int],
+    shift: tuple[int, int] = (0, 0),
+    *,
+    swin_mask: bool = False,
+    batch: int = 1,
+    device: Any = None,
+) -> Routing | None:
+    """The :class:`~attnctrl.kernels.Routing` of a window batch (``batch·P`` rows of ``n`` tokens):
+    region labels of :func:`window_regions` with an identity table, so padding keys and (with
+    ``swin_mask``) tokens of another region are masked. None when nothing needs masking."""
+    if not _needs_region_mask(h, w, window, shift, swin_mask):
+        return None
+    labels = window_regions(h, w, window, shift, swin_mask=swin_mask, device=device).repeat(batch, 1)
+    return Routing(labels, labels, _region_table(device))
+
+
+def window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    h: int,
+    w: int,
+    *,
+    windows: tuple[int, int] = (2, 2),
+    shift: tuple[int, int] = (0, 0),
+    swin_mask: bool = False,
+    scale: float | None = None,
+    backend: Any = None,
+    routing: Routing | None | str = "build",
+) -> torch.Tensor:
+    """Self-attention inside (shifted) windows, one :func:`attnctrl.kernels.attention` call.
+
+    Args:
+        q, k, v: ``(B, H, N, D)``, ``(B, H, N, D)``, ``(B, H, N, Dv)``; ``N = h·w`` row-major.
+        windows: windows per (rows, cols); window size from :func:`window_size`.
+        shift: ``(dy, dx)`` cyclic shift in tokens (:func:`window_shift`).
+        swin_mask: mask pairs of tokens that the roll wrapped apart (:func:`window_regions`).
+        routing: ``"build"`` (default) or a prebuilt :func:`window_routing` for this call (callers
+            reuse one across layers so backends can cache it).
+
+    Returns:
+        ``(B, H, N, Dv)`` in ``q.dtype``.
+    """
+    b = q.shape[0]
+    window = window_size(h, w, windows)
+    if isinstance(routing, str):
+        routing = window_routing(h, w, window, shift, swin_mask=swin_mask, batch=b, device=q.device)
+    parts = [window_partition(x, h, w, window, shift) for x in (q, k, v)]
+    out = kernels.attention(*parts, scale=scale, mask=routing, backend=backend)
+    return window_merge(out, b, h, w, window, shift)
+
+
+# =============================================================================================
+# Proxy attention (a training-free approximation of PT-DiT)
+# =============================================================================================
+
+
+@dataclass(frozen=True)
+class ProxyAttention:
+    """Window attention plus window-averaged proxy tokens, in one softmax; frozen and validated.
+
+    A **training-free approximation** of PT-DiT's proxy-token attention (Qihoo-T2X, §3.4 of the
+    research note), not PT-DiT itself: PT-DiT trains separate proxy, proxy-cross and
+    shifted-window attention modules; here a pretrained layer's own Q/K/V are reused. Each query
+    attends, in one softmax, to
+
+    * the keys/values of its own ``window`` (``n`` tokens), and
+    * ``M`` proxies, one per ``proxy_window`` of the unshifted grid: the mean of that window's keys
+      and values, with an additive logit bias ``+log(c)`` (``c`` = tokens averaged), so that a
+      proxy weighs like the ``c`` tokens it stands for when their keys are alike.
+
+    With the window covering the whole grid this is full attention plus one proxy. Score pairs per
+    query: ``n + M`` instead of ``N`` (1024² PixArt, 64×64 tokens, 8×8 windows: 128 vs 4096).
+
+    Args:
+        window: local window ``(rows, cols)`` in tokens (an int for square); PT-DiT's 8×8.
+        proxy_window: window the proxies average over (None = ``window``, PT-DiT's release).
+        shift: ``"alternate"`` (layers with an odd index among the patched ones roll the grid
+            cyclically by half a window, PT-DiT's shifted-window branch) or ``"none"``.
+        swin_mask: on shifted layers, keep tokens that the roll wrapped across the border from
+            attending to the tokens they were wrapped next to (PT-DiT masks them softly).
+        steps, max_downsample, layers, backend: as in :class:`WindowAttention` (default: every
+            step; every block of a DiT, the highest-resolution attention level of a UNet).
+
+    Grids that do not split into whole windows are padded; padded keys are masked and edge
+    proxies average only real tokens.
+    """
+
+    window: Any = (8, 8)
+    proxy_window: Any = None
+    shift: str = "alternate"
+    swin_mask: bool = True
+    steps: Any = (0.0, 1.0)
+    max_downsample: int | None = None
+    layers: Any = None
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = "ProxyAttention"
+        object.__setattr__(self, "window", _pair("window", self.window, owner=owner, example="8 or (8, 8)"))
+        if self.proxy_window is not None:
+            object.__setattr__(
+                self, "proxy_window", _pair("proxy_window", self.proxy_window, owner=owner, example="None or (8, 8)")
+            )
+        _choice("shift", self.shift, ("alternate", "none"), owner=owner)
+        if not isinstance(self.swin_mask, bool):
+            raise InvalidWeightError(f"{owner}: swin_mask must be True or False, got {self.swin_mask!r}")
+        _check_gating(self, owner, default_steps="(0.0, 1.0)")
+
+    def step_active(self, step: int, num_steps: int) -> bool:
+        """Whether step ``step`` (0-based) of ``num_steps`` uses proxy attention."""
+        return _steps_active(self.steps, step, num_steps)
+
+    def layer_shift(self, layer_index: int) -> tuple[int, int]:
+        """Cyclic shift ``(dy, dx)`` of the patched layer with this index (0-based)."""
+        if self.shift == "alternate" and layer_index % 2 == 1:
+            return (self.window[0] // 2, self.window[1] // 2)
+        return (0, 0)
+
+
+def window_proxies(x: torch.Tensor, h: int, w: int, window: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of each window's tokens (unshifted grid; partial edge windows average their real tokens).
+
+    Args:
+        x: ``(B, H, N, D)``, ``N = h·w`` row-major.
+
+    Returns:
+        ``(B, H, M, D)`` means in ``x.dtype`` (accumulated in float32) and ``(M,)`` float32 token
+        counts, ``M = ⌈h/wh⌉·⌈w/ww⌉`` in row-major window order.
+    """
+    b, heads, _, d = x.shape
+    hp, wp = _padded(h, w, window)
+    py, px = hp // window[0], wp // window[1]
+    grid = F.pad(x.reshape(b, heads, h, w, d), (0, 0, 0, wp - w, 0, hp - h))
+    sums = grid.reshape(b, heads, py, window[0], px, window[1], d).sum(dim=(3, 5), dtype=torch.float32)
+    ones = F.pad(torch.ones(h, w, device=x.device), (0, wp - w, 0, hp - h))
+    counts = ones.reshape(py, window[0], px, window[1]).sum(dim=(1, 3)).reshape(py * px)
+    means = sums.reshape(b, heads, py * px, d) / counts[:, None]
+    return means.to(x.dtype), counts
+
+
+def proxy_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    h: int,
+    w: int,
+    *,
+    window: tuple[int, int] = (8, 8),
+    proxy_window: tuple[int, int] | None = None,
+    shift: tuple[int, int] = (0, 0),
+    swin_mask: bool = True,
+    scale: float | None = None,
+    backend: Any = None,
+) -> torch.Tensor:
+    """Window attention with proxy tokens in the same softmax (see :class:`ProxyAttention`).
+
+    The windows go to the batch axis: ``q`` becomes ``(B·P, H, n, D)``, and each window's keys
+    are its ``n`` own keys followed by the ``M`` proxies, ``(B·P, H, n + M, D)``. The proxies'
+    ``+log(count)`` bias is an additive ``(1, 1, 1, n + M)`` mask broadcast over every window; it
+    becomes ``(B·P, 1, n, n + M)`` only when padding or the Swin mask needs per-window masking.
+    One :func:`attnctrl.kernels.attention` call; nothing is ``N×N``. The proxies are repeated
+    per window, so K/V memory is ``(n + M)/n`` times that of full attention.
+
+    Args:
+        q, k, v: ``(B, H, N, D)``, ``(B, H, N, D)``, ``(B, H, N, Dv)``; ``N = h·w`` row-major.
+        window: local window ``(wh, ww)`` tokens; proxy_window: proxies' window (None = window).
+        shift: ``(dy, dx)`` cyclic shift of the local windows (the proxies never shift).
+        swin_mask: with a shift, mask pairs the roll wrapped apart.
+
+    Returns:
+        ``(B, H, N, Dv)`` in ``q.dtype``.
+    """
+    b, heads, _, d = q.shape
+    key_proxies, counts = window_proxies(k, h, w, proxy_window or window)
+    value_proxies, _ = window_proxies(v, h, w, proxy_window or window)
+    q_w, k_w, v_w = (window_partition(x, h, w, window, shift) for x in (q, k, v))
+    n_windows, n, m = q_w.shape[0] // b, q_w.shape[2], counts.numel()
+
+    def with_proxies(local: torch.Tensor, proxies: torch.Tensor) -> torch.Tensor:
+        per_window = proxies[:, None].expand(b, n_windows, heads, m, proxies.shape[-1])
+        return torch.cat([local, per_window.reshape(b * n_windows, heads, m, -1)], dim=2)
+
+    bias = torch.cat([torch.zeros(n, device=q.device), counts.log()])
+    if _needs_region_mask(h, w, window, shift, swin_mask):
+        labels = window_regions(h, w, window, shift, swin_mask=swin_mask, device=q.device)  # (P, n)
+        local = _region_table(q.device)[labels[:, :, None], labels[:, None, :]]  # (P, n, n)
+        proxies = bias[n:].expand(n_windows, n, m)
+        mask = torch.cat([local, proxies], dim=-1)[:, None].repeat(b, 1, 1, 1)  # (B·P, 1, n, n + M)
+    else:
+        mask = bias.view(1, 1, 1, n + m)
+    out = kernels.attention(
+        q_w, with_proxies(k_w, key_proxies), with_proxies(v_w, value_proxies), scale=scale, mask=mask, backend=backend
+    )
+    return window_merge(out, b, h, w, window, shift)
+
+
+# =============================================================================================
+# Grouped attention (GRAT)
+# =============================================================================================
+
+#: GRAT-B and GRAT-X.
+GROUP_PATTERNS = ("neighborhood", "criss-cross")
+
+
+@dataclass(frozen=True)
+class GroupedAttention:
+    """GRAT grouped block-sparse self-attention, frozen and validated.
+
+    Tokens are cut into ``group×group`` groups; all queries of a group attend to the same key
+    groups: those within Chebyshev distance ``radius`` of their group (``"neighborhood"``,
+    GRAT-B; radius 1 = the 3×3 groups around it) or those sharing its group row or group column
+    (``"criss-cross"``, GRAT-X). Training-free, like GRAT.
+
+    Default ``group=16``: 256 tokens per group, the token count of GRAT's released (4, 8, 8)
+    video groups, and exactly two 128-token tiles in group-major order, so the block-sparse
+    kernels (FlexAttention's BlockMask, the triton backend) see only full or empty tiles. It gives
+    about 12% density at 128×128 tokens (N = 16384) with the 3×3 neighbourhood; use
+    :func:`density` to choose another setting. Grids smaller than ~3 groups per side are
+    (nearly) full attention: lower ``group`` there (e.g. 8 for 64×64 tokens, density 12%).
+
+    Args:
+        group: tokens per group side (int) or ``(rows, cols)``; edge groups are partial.
+        pattern: ``"neighborhood"`` (GRAT-B) or ``"criss-cross"`` (GRAT-X).
+        radius: Chebyshev radius of the neighbourhood, in groups (``"neighborhood"`` only).
+        implementation: ``"routing"`` (a :class:`~attnctrl.kernels.Routing` over group-major
+            tokens, run by the kernel backend: block-sparse on flex/triton), ``"gather"``
+            (gather each group's allowed key groups into a dense buffer; runs on any backend and
+            device at ``S``× the K/V memory, ``S`` = key groups per query group) or ``"auto"``
+            (gather on CPU, routing elsewhere).
+        steps, max_downsample, layers, backend: as in :class:`WindowAttention` (default: every
+            step; the highest-resolution attention level of a UNet, every block of a DiT).
+    """
+
+    group: Any = 16
+    pattern: str = "neighborhood"
+    radius: int = 1
+    implementation: str = "auto"
+    steps: Any = (0.0, 1.0)
+    max_downsample: int | None = None
+    layers: Any = None
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        owner = "GroupedAttention"
+        object.__setattr__(self, "group", _pair("group", self.group, owner=owner, example="16 or (16, 16)"))
+        _choice("pattern", self.pattern, GROUP_PATTERNS, owner=owner)
+        if isinstance(self.radius, bool) or not isinstance(self.radius, int) or self.radius < 0:
+            raise InvalidWeightError(
+                f"{owner}: radius must be an int >= 0 (groups around the query's group; 1 = 3x3), got {self.radius!r}"
+            )
+        _choice("implementation", self.implementation, ("auto", "routing", "gather"), owner=owner)
+        _check_gating(self, owner, default_steps="(0.0, 1.0)")
+
+    def step_active(self, step: int, num_steps: int) -> bool:
+        """Whether step ``step`` (0-based) of ``num_steps`` uses grouped attention."""
+        return _steps_active(self.steps, step, num_steps)
+
+
+def _group_grid(h: int, w: int, group: tuple[int, int]) -> tuple[int, int]:
+    return (-(-h // group[0]), -(-w // group[1]))
+
+
+def group_permutation(
+    h: int, w: int, group: tuple[int, int], *, device: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major <-> group-major token order.
+
+    Group-major order lists the groups row-major over the group grid, and each group's tokens
+    row-major inside it, so every group is contiguous (partial edge groups are shorter).
+
+    Returns:
+        ``(perm, inverse)``, both ``(N,)`` int64: ``x_group_major = x[..., perm, :]`` and
+        ``x = x_group_major[..., inverse, :]``.
+    """
+    gx = _group_grid(h, w, group)[1]
+    rows = torch.arange(h, device=device)[:, None] // group[0]
+    cols = torch.arange(w, device=device)[None, :] // group[1]
+    group_of_token = (rows * gx + cols).flatten()
+    perm = torch.argsort(group_of_token, stable=True)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=device)
+    return perm, inverse
+
+
+def to_group_major(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, D)`` row-major -> group-major (``perm`` from :func:`group_permutation`)."""
+    return x.index_select(2, perm)
+
+
+def from_group_major(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """``(B, H, N, D)`` group-major -> row-major (``inverse`` from :func:`group_permutation`)."""
+    return x.index_select(2, inverse)
+
+
+def _group_allow(gy: int, gx: int, pattern: str, radius: int, device: Any = None) -> torch.Tensor:
+    """``(G, G)`` bool: query group (row) may attend to key group (column); ``G = gy·gx``."""
+    rows = torch.arange(gy * gx, device=device) // gx
+    cols = torch.arange(gy * gx, device=device) % gx
+    dr = (rows[:, None] - rows[None, :]).abs()
+    dc = (cols[:, None] - cols[None, :]).abs()
+    if pattern == "neighborhood":
+        return torch.maximum(dr, dc) <= radius
+    if pattern == "criss-cross":
+        return (dr == 0) | (dc == 0)
+    raise ValueError(f"pattern must be one of {GROUP_PATTERNS}, got {pattern!r}")
+
+
+def group_neighbours(
+    h: int, w: int, group: tuple[int, int], pattern: str = "neighborhood", radius: int = 1, *, device: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key groups of every query group, as fixed-width slots (for gather-then-dense).
+
+    Neighbourhood: ``S = (2r+1)²`` slots in row-major offset order; slots past the border are
+    invalid. Criss-cross: ``S = gx + gy - 1`` slots (the group row, then the rest of the group
+    column), all valid. Groups are numbered row-major over the group grid.
+
+    Returns:
+        ``(index (G, S) int64, valid (G, S) bool)``; invalid slots point at the query group itself.
+    """
+    gy, gx = _group_grid(h, w, group)
+    own = torch.arange(gy * gx, device=device)
+    rows, cols = own // gx, own % gx
+    if pattern == "neighborhood":
+        offsets = torch.arange(-radius, radius + 1, device=device)
+        dr = offsets.repeat_interleave(offsets.numel())
+        dc = offsets.repeat(offsets.numel())
+        r, c = rows[:, None] + dr[None, :], cols[:, None] + dc[None, :]
+        valid = (r >= 0) & (r < gy) & (c >= 0) & (c < gx)
+        index = torch.where(valid, r * gx + c, own[:, None])
+        return index, valid
+    if pattern == "criss-cross":
+        same_row = rows[:, None] * gx + torch.arange(gx, device=device)[None, :]  # (G, gx)
+        others = torch.arange(gy - 1, device=device)[None, :]
+        other_rows = others + (others >= rows[:, None]).long()  # every row but the group's own
+        same_col = other_rows * gx + cols[:, None]  # (G, gy - 1)
+        index = torch.cat([same_row, same_col], dim=1)
+        return index, torch.ones_like(index, dtype=torch.bool)
+    raise ValueError(f"pattern must be one of {GROUP_PATTERNS}, got {pattern!r}")
+
+
+def grouped_routing(
+    h: int, w: int, group: tuple[int, int], pattern: str = "neighborhood", radius: int = 1, *, device: Any = None
+) -> Routing:
+    """The :class:`~attnctrl.kernels.Routing` of grouped attention over GROUP-MAJOR tokens.
+
+    Labels ``(1, N)`` are the group ids (row-major over the group grid) of the tokens in
+    :func:`group_permutation` order, so each group is a contiguous run; the ``(G, G)`` table is
+    0 where the query group may attend to the key group and ``-inf`` elsewhere. Every group sees
+    itself, so no query is fully masked.
+    """
+    gy, gx = _group_grid(h, w, group)
+    perm, _ = group_permutation(h, w, group, device=device)
+    rows = torch.arange(h, device=device)[:, None] // group[0]
+    cols = torch.arange(w, device=device)[None, :] // group[1]
+    labels = (rows * gx + cols).flatten()[perm][None]
+    allow = _group_allow(gy, gx, pattern, radius, device)
+    table = torch.zeros(allow.shape, device=device).masked_fill(~allow, float("-inf"))
+    return Routing(labels, labels, table)
+
+
+def density(h: int, w: int, group: Any = 16, pattern: str = "neighborhood", radius: int = 1) -> float:
+    """Fraction of the ``N²`` (query, key) pairs grouped attention computes on an ``h×w`` grid.
+
+    Exact, partial edge groups included: ``Σ_{allowed (g, g')} |g|·|g'| / N²``.
+    Example: ``density(128, 128, 16)`` is 0.118 (3×3 neighbourhood of 16×16 groups).
+    """
+    group = _pair("group", group, owner="density", example="16 or (16, 16)")
+    gy, gx = _group_grid(h, w, group)
+    row_sizes = torch.tensor([min(group[0], h - i * group[0]) for i in range(gy)], dtype=torch.float64)
+    col_sizes = torch.tensor([min(group[1], w - j * group[1]) for j in range(gx)], dtype=torch.float64)
+    sizes = (row_sizes[:, None] * col_sizes[None, :]).flatten()  # (G,) tokens per group
+    allowed = _group_allow(gy, gx, pattern, radius).double()
+    return float(sizes @ allowed @ sizes) / float(h * w) ** 2
+
+
+def grouped_is_dense(h: int, w: int, group: tuple[int, int], pattern: str = "neighborhood", radius: int = 1) -> bool:
+    """Whether every query group may attend to every key group (grouped attention = full attention)."""
+    gy, gx = _group_grid(h, w, group)
+    if pattern == "criss-cross":
+        return gy == 1 or gx == 1
+    return radius >= max(gy, gx) - 1
+
+
+def grouped_density(h: int, w: int, config: GroupedAttention) -> float:
+    """:func:`density` of a :class:`GroupedAttention` config on an ``h×w`` token grid."""
+    return density(h, w, config.group, config.pattern, config.radius)
+
+
+def grouped_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    h: int,
+    w: int,
+    *,
+    group: tuple[int, int] = (16, 16),
+    pattern: str = "neighborhood",
+    radius: int = 1,
+    implementation: str = "auto",
+    scale: float | None = None,
+    backend: Any = None,
+    routing: Routing | None = None,
+    permutation: tuple[torch.Tensor, torch.Tensor] | None = None,
+    neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """GRAT grouped self-attention, one :func:`attnctrl.kernels.attention` call.
+
+    ``"routing"``: permute q/k/v to group-major order, attend with :func:`grouped_routing` as the
+    mask, permute back. ``"gather"``: cut q into padded groups on the batch axis
+    ``(B·G, H, m, D)`` (``m = group rows·cols``), gather each group's ``S`` allowed key groups
+    into ``(B·G, H, S·m, D)`` and attend densely, masking padding and missing border neighbours
+    with a ``(B·G, 1, 1, S·m)`` bool mask. ``"auto"``: gather on CPU, routing elsewhere.
+
+    Args:
+        q, k, v: ``(B, H, N, D)``, ``(B, H, N, D)``, ``(B, H, N, Dv)``; ``N = h·w`` row-major.
+        routing, permutation, neighbours: prebuilt :func:`grouped_routing`,
+            :func:`group_permutation`, :func:`group_neighbours` for this grid (callers cache them).
+
+    Returns:
+        ``(B, H, N, Dv)`` in ``q.dtype``.
+    """
+    if implementation == "auto":
+        implementation = "gather" if q.device.type == "cpu" else "routing"
+    if implementation == "routing":
+        if routing is None:
+            routing = grouped_routing(h, w, group, pattern, radius, device=q.device)
+        perm, inverse = permutation or group_permutation(h, w, group, device=q.device)
+        out = kernels.attention(
+            to_group_major(q, perm), to_group_major(k, perm), to_group_major(v, perm),
+            scale=scale, mask=routing, backend=backend,
+        )
+        return from_group_major(out, inverse)
+    if implementation != "gather":
+        raise ValueError(f"implementation must be 'auto', 'routing' or 'gather', got {implementation!r}")
+    b, heads = q.shape[:2]
+    index, valid = neighbours or group_neighbours(h, w, group, pattern, radius, device=q.device)
+    n_groups, slots = index.shape
+    m = group[0] * group[1]
+
+    def gathered(x: torch.Tensor) -> torch.Tensor:
+        grouped = window_partition(x, h, w, group).view(b, n_groups, heads, m, x.shape[-1])
+        picked = grouped.index_select(1, index.flatten()).view(b, n_groups, slots, heads, m, x.shape[-1])
+        return picked.transpose(2, 3).reshape(b * n_groups, heads, slots * m, x.shape[-1])
+
+    mask = None
+    # Decided from the shapes, not from the tensors (no host sync): keys are missing where groups
+    # are padded, and a neighbourhood of radius >= 1 always runs past the border somewhere.
+    if h % group[0] or w % group[1] or (pattern == "neighborhood" and radius > 0):
+        real = window_regions(h, w, group, device=q.device) != PAD_REGION  # (G, m)
+        keep = valid[:, :, None] & real[index]  # (G, S, m)
+        mask = keep.view(1, n_groups, 1, 1, slots * m).expand(b, -1, -1, -1, -1).reshape(b * n_groups, 1, 1, slots * m)
+    queries = window_partition(q, h, w, group)
+    out = kernels.attention(queries, gathered(k), gathered(v), scale=scale, mask=mask, backend=backend)
+    return window_merge(out, b, h, w, group)
+
+
+#: Every efficient-attention config :func:`attnctrl.apply` accepts.
+POLICIES = (AgentAttention, WindowAttention, ProxyAttention, GroupedAttention)

@@ -1,10 +1,13 @@
-"""``attnctrl.apply`` / ``attnctrl.remove``: install an efficient-attention policy on a pipeline or UNet.
+"""``attnctrl.apply`` / ``attnctrl.remove``: install an efficient-attention policy on a pipeline or model.
 
 tomesd-style lifecycle with processors instead of class swaps::
 
     handle = attnctrl.apply(pipe, attnctrl.AgentAttention())
     image = pipe(prompt).images[0]
     attnctrl.remove(pipe)            # or handle.remove(), or ``with attnctrl.apply(...):``
+
+Policies: :class:`~attnctrl.AgentAttention` (UNets), :class:`~attnctrl.WindowAttention`,
+:class:`~attnctrl.ProxyAttention` and :class:`~attnctrl.GroupedAttention` (UNets and PixArt DiTs).
 """
 
 from __future__ import annotations
@@ -12,32 +15,60 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from attnctrl.efficient import AgentAttention
+from attnctrl.efficient import POLICIES, AgentAttention
 from attnctrl.errors import UnsupportedModelError
-from attnctrl.processors._install import bind_timestep, install, is_installed, layers_installed, restore
+from attnctrl.processors._install import (
+    attention_modules,
+    bind_timestep,
+    install,
+    is_installed,
+    layers_installed,
+    restore,
+)
 
-__all__ = ["apply", "remove", "EfficientHandle", "SUPPORTED"]
+__all__ = ["apply", "remove", "EfficientHandle", "SUPPORTED", "SUPPORTED_DIT"]
 
 SUPPORTED = (
     "diffusers UNet2DConditionModel (Stable Diffusion 1.x/2.x, SDXL) or a pipeline whose .unet is one "
     "(StableDiffusionPipeline, StableDiffusionXLPipeline and their subclasses)"
 )
+SUPPORTED_DIT = (
+    "diffusers PixArtTransformer2DModel or a pipeline whose .transformer is one (PixArtAlphaPipeline, "
+    "PixArtSigmaPipeline); WindowAttention, ProxyAttention and GroupedAttention only"
+)
 _HANDLE = "_attnctrl_efficient_handle"
 
 
-def _resolve(pipe_or_model: Any) -> tuple[Any, Any]:
-    """(UNet, scheduler or None) of a pipeline or a UNet."""
-    from diffusers import UNet2DConditionModel
+def _resolve(pipe_or_model: Any, config: Any = None) -> tuple[Any, Any, int]:
+    """(denoiser, scheduler or None, patch size) of a pipeline, a UNet or a PixArt transformer.
 
-    if isinstance(pipe_or_model, UNet2DConditionModel):
-        return pipe_or_model, None
-    unet = getattr(pipe_or_model, "unet", None)
+    The patch size turns the latent size into the token grid of the highest-resolution level
+    (1 for a UNet). ``config`` None accepts every supported denoiser (for :func:`remove`).
+    """
+    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+
+    unet = pipe_or_model if isinstance(pipe_or_model, UNet2DConditionModel) else getattr(pipe_or_model, "unet", None)
     if isinstance(unet, UNet2DConditionModel):
-        return unet, getattr(pipe_or_model, "scheduler", None)
+        scheduler = None if unet is pipe_or_model else getattr(pipe_or_model, "scheduler", None)
+        return unet, scheduler, 1
+    transformer = pipe_or_model
+    if not isinstance(transformer, PixArtTransformer2DModel):
+        transformer = getattr(pipe_or_model, "transformer", None)
+    policy = type(config).__name__ if config is not None else "efficient attention"
+    if isinstance(transformer, PixArtTransformer2DModel):
+        if isinstance(config, AgentAttention):
+            raise UnsupportedModelError(
+                f"AgentAttention (AgentSD) is for UNets; for the PixArt transformer of {type(pipe_or_model).__name__} "
+                f"use attnctrl.ProxyAttention, attnctrl.GroupedAttention or attnctrl.WindowAttention. "
+                f"AgentAttention supports: {SUPPORTED}"
+            )
+        scheduler = None if transformer is pipe_or_model else getattr(pipe_or_model, "scheduler", None)
+        return transformer, scheduler, int(transformer.config.patch_size)
     denoiser = unet if unet is not None else getattr(pipe_or_model, "transformer", pipe_or_model)
+    supported = SUPPORTED if isinstance(config, AgentAttention) else f"{SUPPORTED}; {SUPPORTED_DIT}"
     raise UnsupportedModelError(
         f"{type(pipe_or_model).__name__} (denoiser {type(denoiser).__name__}) is not supported by "
-        f"agent attention; supported: {SUPPORTED}"
+        f"{policy}; supported: {supported}"
     )
 
 
@@ -49,6 +80,8 @@ def _selected(name: str, config: Any) -> bool:
 
 def _level(model: Any, name: str) -> int:
     """Resolution level of a UNet processor name: 0 = latent resolution, +1 per downsampling."""
+    if name.startswith("transformer_blocks."):  # a DiT: every block attends over the same token grid
+        return 0
     match = re.match(r"(down_blocks|up_blocks)\.(\d+)\.", name)
     n_down = len(getattr(model, "down_blocks", ()))
     if match is None:  # mid_block
@@ -94,38 +127,49 @@ class EfficientHandle:
         return f"EfficientHandle({self.config!r}, installed={self.installed})"
 
 
-def apply(pipe_or_model: Any, config: AgentAttention, *, scheduler: Any = None) -> EfficientHandle:
-    """Install ``config`` on ``pipe.unet`` (or a UNet). Applying again replaces the previous install;
-    :func:`remove` always restores the processors that were there before the first one.
+def apply(pipe_or_model: Any, config: Any, *, scheduler: Any = None) -> EfficientHandle:
+    """Install ``config`` on ``pipe.unet`` / ``pipe.transformer`` (or a UNet / PixArt transformer).
+    Applying again replaces the previous install; :func:`remove` always restores the processors
+    that were there before the first one.
+
+    ``config`` is an :class:`~attnctrl.AgentAttention` (UNets only), :class:`~attnctrl.WindowAttention`,
+    :class:`~attnctrl.ProxyAttention` or :class:`~attnctrl.GroupedAttention`.
 
     The step index comes from the timestep's position in ``scheduler.timesteps`` (default: the
-    pipeline's scheduler). For a bare UNet pass the scheduler that drives it; without one, steps
+    pipeline's scheduler). For a bare model pass the scheduler that drives it; without one, steps
     are counted as the timestep changes and the step fractions are taken of the steps seen so far.
     """
-    from attnctrl.processors.efficient import AgentAttentionProcessor, AgentState
+    from attnctrl.processors.efficient import PolicyState, processor_class
 
-    if not isinstance(config, AgentAttention):
-        raise TypeError(f"attnctrl.apply: expected an attnctrl.AgentAttention config, got {type(config).__name__}")
-    model, own_scheduler = _resolve(pipe_or_model)
+    if not isinstance(config, POLICIES):
+        names = ", ".join(f"attnctrl.{t.__name__}" for t in POLICIES)
+        raise TypeError(
+            f"attnctrl.apply: expected an efficient-attention config ({names}), got {type(config).__name__}"
+        )
+    model, own_scheduler, patch_size = _resolve(pipe_or_model, config)
     scheduler = scheduler if scheduler is not None else own_scheduler
     if is_installed(model) and (getattr(model, _HANDLE, None) is None or layers_installed(model) > 1):
         raise RuntimeError(
             "other attnctrl processors are installed on this UNet (an open attnctrl.control block or a "
-            "pipeline call in progress); apply agent attention outside it"
+            "pipeline call in progress); apply the efficient-attention policy outside it"
         )
-    state = AgentState(config, scheduler)
+    state = PolicyState(config, scheduler, patch_size=patch_size)
+    processor = processor_class(config)
 
     names = [name for name in model.attn_processors if _selected(name, config)]
     if config.max_downsample is None:  # the highest-resolution level that has self-attention
         levels = {name: _level(model, name) for name in names}
         top = min(levels.values(), default=None)
         names = [name for name in names if levels[name] == top]
-    chosen = frozenset(names)
+    # Self-attention only: a layer whose module is cross-attention keeps its processor.
+    modules = attention_modules(model)
+    names = [name for name in names if not getattr(modules.get(name), "is_cross_attention", False)]
+    index_of = {name: i for i, name in enumerate(names)}  # model order, for per-layer choices (proxy shift)
 
     def make(name: str, module: Any) -> Any:
-        if name not in chosen or getattr(module, "is_cross_attention", False):
+        if name not in index_of:
             return None
-        return AgentAttentionProcessor(state, name)
+        return processor(state, name, index_of[name])
 
     def pre_forward(module: Any, args: tuple, kwargs: dict) -> None:
         timestep, sample = bind_timestep(module, args, kwargs)
@@ -139,7 +183,7 @@ def apply(pipe_or_model: Any, config: AgentAttention, *, scheduler: Any = None) 
 
 def remove(pipe_or_model: Any) -> bool:
     """Restore the processors ``pipe.unet`` (or the UNet) had before :func:`apply`; False if none applied."""
-    model, _ = _resolve(pipe_or_model)
+    model, _, _ = _resolve(pipe_or_model)
     handle = getattr(model, _HANDLE, None)
     if handle is None:
         return False

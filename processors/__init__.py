@@ -1,7 +1,24 @@
 """diffusers attention processors: thin adapters from an ``Attention`` module to attnctrl."""
 
 from ._install import attention_modules, install, is_installed, restore
-from .efficient import AgentAttentionProcessor
+from .efficient import (
+    AgentAttentionProcessor,
+    GroupedAttentionProcessor,
+    PolicyProcessor,
+    ProxyAttentionProcessor,
+    WindowAttentionProcessor,
+)
 from .p2p import PromptToPromptProcessor
 
-__all__ = ["PromptToPromptProcessor", "AgentAttentionProcessor", "install", "restore", "is_installed", "attention_modules"]
+__all__ = [
+    "PromptToPromptProcessor",
+    "PolicyProcessor",
+    "AgentAttentionProcessor",
+    "WindowAttentionProcessor",
+    "ProxyAttentionProcessor",
+    "GroupedAttentionProcessor",
+    "install",
+    "restore",
+    "is_installed",
+    "attention_modules",
+]

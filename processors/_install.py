@@ -6,6 +6,7 @@ puts exactly those back, and installing again first restores them (installing tw
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import torch
@@ -130,13 +131,44 @@ def restore(model: Any) -> bool:
     return True
 
 
+def _denoiser_inputs(model: Any) -> tuple[str, int, int]:
+    """(name of the latent input, its position, position of ``timestep``) in ``model.forward``.
+
+    UNets take ``forward(sample, timestep, ...)``; DiTs such as PixArt take ``forward(hidden_states,
+    encoder_hidden_states=None, timestep=None, ...)``. Read from the signature so that a timestep
+    passed by position is found in either; ``("sample", 0, 1)`` when it cannot be read.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return "sample", 0, 1
+    if not params:
+        return "sample", 0, 1
+    name = next((n for n in ("sample", "hidden_states") if n in params), params[0])
+    sample_at = params.index(name)
+    timestep_at = params.index("timestep") if "timestep" in params else 1
+    return name, sample_at, timestep_at
+
+
 def bind_timestep(model: Any, args: tuple, kwargs: dict) -> tuple[Any, torch.Tensor]:
-    """(timestep, sample) of a denoiser forward call, whether passed by position or keyword."""
-    sample = kwargs["sample"] if "sample" in kwargs else args[0]
+    """(timestep, latent input) of a denoiser forward call, whether passed by position or keyword.
+
+    The latent input is ``sample`` for a UNet and ``hidden_states`` (the latent, before patch
+    embedding) for a DiT such as PixArt.
+    """
+    name, sample_at, timestep_at = _denoiser_inputs(model)
+    if name in kwargs:
+        sample = kwargs[name]
+    elif len(args) > sample_at:
+        sample = args[sample_at]
+    else:
+        raise UnsupportedModelError(f"{type(model).__name__}.forward was called without its input {name!r}")
     if "timestep" in kwargs:
         timestep = kwargs["timestep"]
-    elif len(args) > 1:
-        timestep = args[1]
+    elif len(args) > timestep_at:
+        timestep = args[timestep_at]
     else:
         raise UnsupportedModelError(f"{type(model).__name__}.forward was called without a timestep")
+    if timestep is None:
+        raise UnsupportedModelError(f"{type(model).__name__}.forward was called with timestep=None")
     return timestep, sample

@@ -1,59 +1,113 @@
-"""The agent-attention processor (AgentSD) and its per-generation state."""
+"""The efficient-attention processors (agent, window, proxy, grouped) and their per-generation state."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Callable
 
 import torch
 
 from attnctrl import kernels
-from attnctrl.efficient import AgentAttention, agent_attention, agent_counts, merge_agents, pool_agents
+from attnctrl.efficient import (
+    SHIFT_QUARTERS,
+    AgentAttention,
+    GroupedAttention,
+    ProxyAttention,
+    WindowAttention,
+    agent_attention,
+    agent_counts,
+    group_neighbours,
+    group_permutation,
+    grouped_attention,
+    grouped_is_dense,
+    grouped_routing,
+    merge_agents,
+    pool_agents,
+    proxy_attention,
+    window_attention,
+    window_routing,
+    window_shift,
+    window_size,
+)
 
 from ._projection import Projected, output, project
 
-__all__ = ["AgentAttentionProcessor", "AgentState", "PolicyProcessor"]
+__all__ = [
+    "AgentAttentionProcessor",
+    "AgentState",
+    "GroupedAttentionProcessor",
+    "PolicyProcessor",
+    "PolicyState",
+    "ProxyAttentionProcessor",
+    "WindowAttentionProcessor",
+    "processor_class",
+    "policy_state_for",
+]
 
 
-class AgentState:
-    """Step index, latent size and the private generator shared by the processors of one install.
+class PolicyState:
+    """Step index, token grid, private generator and caches shared by the processors of one install.
 
     :meth:`observe` runs before every denoiser forward (a pre-forward hook). The step index comes
     from the timestep: its position in the scheduler's schedule when one is known, else a counter
     that advances when the timestep changes (so second-order samplers and CFG batching schedule
     correctly). A step index that goes back starts a new generation and reseeds the generator.
+
+    The token grid of the highest-resolution level is the latent size divided by ``patch_size``:
+    1 for a UNet (its top level attends over latent pixels), ``model.config.patch_size`` for a
+    DiT such as PixArt (patch embedding). ``config`` is a policy config: it needs
+    ``step_active(step, num_steps)``, ``max_downsample`` and ``backend``; ``seed`` is read when
+    present (default 0).
     """
 
-    def __init__(self, config: AgentAttention, scheduler: Any = None) -> None:
+    #: Entries kept in :meth:`cached` (a handful of grids per generation; oldest evicted).
+    cache_size = 16
+
+    def __init__(self, config: Any, scheduler: Any = None, *, patch_size: int = 1) -> None:
         self.config = config
         self.scheduler = scheduler
+        self.patch_size = int(patch_size)
         self.generator = torch.Generator(device="cpu")
         self.step = -1
         self.num_steps = 0
         self.latent_hw: tuple[int, int] | None = None
         self._last_t: float | None = None
+        self._cache: OrderedDict[Any, Any] = OrderedDict()
         self.reset()
 
     def reset(self) -> None:
-        self.generator.manual_seed(self.config.seed)
+        self.generator.manual_seed(getattr(self.config, "seed", 0))
         self.step = -1
         self.num_steps = 0
         self._last_t = None
 
-    def observe(self, timestep: Any, sample: torch.Tensor) -> None:
+    def observe(
+        self, timestep: Any, sample: torch.Tensor, *, step: int | None = None, num_steps: int | None = None
+    ) -> None:
+        """Record one denoiser call: its timestep and its input ``sample`` ``(B, C, H, W)`` (latent).
+
+        ``step``/``num_steps`` override the schedule lookup (for driving a processor by hand,
+        e.g. in benchmarks); both must be given together.
+        """
         t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        schedule = getattr(self.scheduler, "timesteps", None)
+        schedule = getattr(self.scheduler, "timesteps", None) if step is None else None
         distinct: list[float] = []
         if schedule is not None:
             for x in (float(v) for v in schedule):
                 if not distinct or x != distinct[-1]:
                     distinct.append(x)
-        if distinct:
+        if step is not None:
+            if num_steps is None:
+                raise ValueError("observe: give num_steps together with step")
+            index = int(step)
+        elif distinct:
             index = min(range(len(distinct)), key=lambda i: abs(distinct[i] - t))
             num_steps = len(distinct)
         else:
             index = self.step + (1 if t != self._last_t else 0)
             num_steps = max(self.num_steps, index + 1)
+        assert num_steps is not None
         if index < self.step:
             self.reset()
         self._last_t = t
@@ -64,14 +118,33 @@ class AgentState:
     def active(self) -> bool:
         return self.step >= 0 and self.config.step_active(self.step, self.num_steps)
 
+    @property
+    def token_hw(self) -> tuple[int, int] | None:
+        """Token grid of the highest-resolution level: the latent size over the patch size."""
+        if self.latent_hw is None:
+            return None
+        return (self.latent_hw[0] // self.patch_size, self.latent_hw[1] // self.patch_size)
+
+    def cached(self, key: Any, build: Callable[[], Any]) -> Any:
+        """``build()`` once per ``key`` (routings, permutations) for this install; reusing the same
+        objects across layers and steps also lets kernel backends reuse what they derived."""
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        value = build()
+        self._cache[key] = value
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return value
+
     def layer_grid(self, n_tokens: int) -> tuple[int, int] | None:
         """(h, w) of a layer with ``n_tokens`` tokens if it is within ``max_downsample``, else None.
 
         With ``max_downsample=None`` the layers were already chosen by level at install time.
         """
-        if self.latent_hw is None:
+        if self.token_hw is None:
             return None
-        hl, wl = self.latent_hw
+        hl, wl = self.token_hw
         ds = math.ceil(math.sqrt(hl * wl / n_tokens))
         limit = self.config.max_downsample
         if limit is not None and ds > limit:
@@ -93,9 +166,28 @@ class PolicyProcessor:
     ``state`` must have a ``config`` with a ``backend`` attribute.
     """
 
-    def __init__(self, state: Any, name: str) -> None:
+    def __init__(self, state: Any, name: str, layer_index: int = 0) -> None:
         self.state = state
         self.name = name
+        #: position of this layer among the layers the policy patched (0-based, model order)
+        self.layer_index = layer_index
+
+    def active_grid(self, attn: Any, hidden_states: torch.Tensor, call: Projected) -> tuple[int, int] | None:
+        """The layer's token grid ``(h, w)`` when the policy applies to this call, else None.
+
+        It applies at an active step, on plain self-attention over a 2-D token grid at an allowed
+        resolution: no attention mask (the policies bring their own), 3-D ``(B, N, C)`` input and
+        no group/spatial norm (which would make the tokens not a plain grid).
+        """
+        if (
+            not self.state.active
+            or call.mask is not None
+            or hidden_states.ndim != 3
+            or getattr(attn, "group_norm", None) is not None
+            or getattr(attn, "spatial_norm", None) is not None
+        ):
+            return None
+        return self.state.layer_grid(call.query.shape[2])
 
     def policy_attention(self, attn: Any, hidden_states: torch.Tensor, call: Projected) -> torch.Tensor | None:
         """The layer's attention output ``(B, H, N, Dv)`` under the policy, or None for stock attention.
@@ -137,15 +229,7 @@ class AgentAttentionProcessor(PolicyProcessor):
 
     def policy_attention(self, attn: Any, hidden_states: torch.Tensor, call: Projected) -> torch.Tensor | None:
         config = self.state.config
-        grid = None
-        if (
-            self.state.active
-            and call.mask is None
-            and hidden_states.ndim == 3
-            and getattr(attn, "group_norm", None) is None
-            and getattr(attn, "spatial_norm", None) is None
-        ):
-            grid = self.state.layer_grid(hidden_states.shape[1])
+        grid = self.active_grid(attn, hidden_states, call)
         if grid is None:
             return None
         h, w = grid
@@ -167,3 +251,127 @@ class AgentAttentionProcessor(PolicyProcessor):
             call.query, call.key, call.value, agents, scale=attn.scale,
             scale_exponent=config.scale_exponent, shortcut=config.shortcut, backend=config.backend,
         )
+
+
+#: The old name of :class:`PolicyState` (agent attention was the first policy).
+AgentState = PolicyState
+
+
+class WindowAttentionProcessor(PolicyProcessor):
+    """HiDiffusion MSW-MSA for one self-attention layer (:class:`~attnctrl.efficient.WindowAttention`).
+
+    At an active step the cyclic shift is drawn per call from the install's private generator
+    (never the global RNG), one draw for the whole batch, and the output is
+    :func:`~attnctrl.efficient.window_attention` on the call's q/k/v.
+    """
+
+    def policy_attention(self, attn: Any, hidden_states: torch.Tensor, call: Projected) -> torch.Tensor | None:
+        grid = self.active_grid(attn, hidden_states, call)
+        if grid is None:
+            return None
+        config: WindowAttention = self.state.config
+        h, w = grid
+        window = window_size(h, w, config.windows)
+        quarter = 0
+        if config.shift == "random":
+            quarter = int(torch.randint(SHIFT_QUARTERS, (1,), generator=self.state.generator))
+        shift = window_shift(window, quarter)
+        batch, device = call.query.shape[0], call.query.device
+        routing = self.state.cached(
+            ("window", h, w, window, shift, config.swin_mask, batch, device),
+            lambda: window_routing(h, w, window, shift, swin_mask=config.swin_mask, batch=batch, device=device),
+        )
+        return window_attention(
+            call.query, call.key, call.value, h, w, windows=config.windows, shift=shift,
+            swin_mask=config.swin_mask, scale=attn.scale, backend=config.backend, routing=routing,
+        )
+
+
+class ProxyAttentionProcessor(PolicyProcessor):
+    """Proxy-token attention for one self-attention layer (:class:`~attnctrl.efficient.ProxyAttention`).
+
+    The layer's shift follows its position among the patched layers (``layer_index``): with
+    ``shift="alternate"`` odd layers use half-window shifted windows.
+    """
+
+    def policy_attention(self, attn: Any, hidden_states: torch.Tensor, call: Projected) -> torch.Tensor | None:
+        grid = self.active_grid(attn, hidden_states, call)
+        if grid is None:
+            return None
+        config: ProxyAttention = self.state.config
+        h, w = grid
+        return proxy_attention(
+            call.query, call.key, call.value, h, w, window=config.window, proxy_window=config.proxy_window,
+            shift=config.layer_shift(self.layer_index), swin_mask=config.swin_mask, scale=attn.scale,
+            backend=config.backend,
+        )
+
+
+class GroupedAttentionProcessor(PolicyProcessor):
+    """GRAT grouped attention for one self-attention layer (:class:`~attnctrl.efficient.GroupedAttention`).
+
+    The routing, the group-major permutation and the gather table are built once per grid and
+    device for the install and shared by its layers and steps.
+    """
+
+    def policy_attention(self, attn: Any, hidden_states: torch.Tensor, call: Projected) -> torch.Tensor | None:
+        grid = self.active_grid(attn, hidden_states, call)
+        if grid is None:
+            return None
+        config: GroupedAttention = self.state.config
+        h, w = grid
+        if grouped_is_dense(h, w, config.group, config.pattern, config.radius):
+            return None  # every query sees every key: that is stock attention, without the detour
+        device = call.query.device
+        implementation = config.implementation
+        if implementation == "auto":
+            implementation = "gather" if device.type == "cpu" else "routing"
+        shape = (h, w, config.group, config.pattern, config.radius, device)
+        extra: dict[str, Any] = {}
+        if implementation == "routing":
+            extra["routing"] = self.state.cached(
+                ("grouped-routing", *shape),
+                lambda: grouped_routing(h, w, config.group, config.pattern, config.radius, device=device),
+            )
+            extra["permutation"] = self.state.cached(
+                ("group-permutation", h, w, config.group, device),
+                lambda: group_permutation(h, w, config.group, device=device),
+            )
+        else:
+            extra["neighbours"] = self.state.cached(
+                ("group-neighbours", *shape),
+                lambda: group_neighbours(h, w, config.group, config.pattern, config.radius, device=device),
+            )
+        return grouped_attention(
+            call.query, call.key, call.value, h, w, group=config.group, pattern=config.pattern,
+            radius=config.radius, implementation=implementation, scale=attn.scale, backend=config.backend, **extra,
+        )
+
+
+_PROCESSORS: dict[type, type[PolicyProcessor]] = {
+    AgentAttention: AgentAttentionProcessor,
+    WindowAttention: WindowAttentionProcessor,
+    ProxyAttention: ProxyAttentionProcessor,
+    GroupedAttention: GroupedAttentionProcessor,
+}
+
+
+def processor_class(config: Any) -> type[PolicyProcessor]:
+    """The processor class of an efficient-attention config (``TypeError`` for anything else)."""
+    for config_type, processor in _PROCESSORS.items():
+        if isinstance(config, config_type):
+            return processor
+    names = ", ".join(f"attnctrl.{t.__name__}" for t in _PROCESSORS)
+    raise TypeError(f"expected an efficient-attention config ({names}), got {type(config).__name__}")
+
+
+def policy_state_for(
+    config: Any, *, name: str = "layer", layer_index: int = 0, scheduler: Any = None, patch_size: int = 1
+) -> tuple[PolicyState, PolicyProcessor]:
+    """A fresh state and one processor for ``config``, to drive a single layer by hand.
+
+    Set it with ``attn.set_processor(processor)`` and call ``state.observe(timestep, latent,
+    step=..., num_steps=...)`` before the layer runs (``attnctrl.apply`` does both for a model).
+    """
+    state = PolicyState(config, scheduler, patch_size=patch_size)
+    return state, processor_class(config)(state, name, layer_index)

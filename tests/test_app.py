@@ -427,7 +427,7 @@ def test_build_app_wires_the_tabs(sd_pipe):
                   "Image (PNG, JPEG, WebP)", "Subjects (one per line: name | portrait prompt | word)"):
         assert label in labels
     tabs = {c.get("props", {}).get("label") for c in config["components"] if c.get("type") == "tabitem"}
-    assert tabs == {"Edit", "Attention maps", "Real image", "Consistent subjects"}
+    assert tabs == {"Edit", "Attention maps", "Real image", "Consistent subjects", "Speed"}
     fns = {fn.name: fn.fn for fn in demo.fns.values()}
     gallery, summary, state = fns["edit"]("shapes", SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, 0, 2, 7.5, "32x32")
     assert len(gallery) == 2 and gallery[1][1] == f"edit 1: {EDITED}" and state.prompts == [SOURCE, EDITED]
@@ -444,6 +444,15 @@ def test_build_app_wires_the_tabs(sd_pipe):
         fns["maps"]("shapes", "Last edit", "", "", 0, 2, 7.5, "", None)
     with pytest.raises(gr.Error, match="Invert an image first"):
         fns["edit_real"]("shapes", None, EDITED, "replace", "", "", 0.8, "", 0.4)
+    gallery, info = fns["speed"]("shapes", SOURCE, ["agent", "window"], "window:shift=none", 0, 3, 7.5, "32x32")
+    assert [caption.split(":")[0] for _, caption in gallery] == ["stock", "agent", "window"]
+    assert "| window |" in info and "s / step" in info
+    with pytest.raises(gr.Error, match="tick at least one"):
+        fns["speed"]("shapes", SOURCE, [], "", 0, 3, 7.5, "32x32")
+    with pytest.raises(gr.Error, match="no option 'sift'"):
+        fns["speed"]("shapes", SOURCE, ["window"], "window:sift=none", 0, 3, 7.5, "32x32")
+    with pytest.raises(gr.Error, match="not ticked"):
+        fns["speed"]("shapes", SOURCE, ["agent"], "window:shift=none", 0, 3, 7.5, "32x32")
 
 
 def test_launch_listens_on_loopback_and_limits_uploads():

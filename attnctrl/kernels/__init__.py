@@ -21,6 +21,11 @@ Built-in backends: ``"sdpa"`` (priority 10, ``torch.nn.functional.scaled_dot_pro
 and ``"reference"`` (priority 0, explicit float32 softmax); optional, registered lazily: ``"flex"``
 (priority 20, FlexAttention; group routings only, and in automatic selection only where it pays:
 compiled, off CPU, routings larger than one sdpa chunk; see ``attnctrl/kernels/_flex.py``).
+``"triton"`` (priority 15, forward-only Triton flash attention: no mask or group routings with
+key-tile skipping, probabilities of selected columns; CUDA, or CPU under ``TRITON_INTERPRET=1``
+when forced; see ``attnctrl/kernels/_triton.py``).
+``"xformers"`` (priority 5, ``xformers.ops.memory_efficient_attention``, CUDA only, when forced;
+dense masks and block-diagonal window routings; see ``attnctrl/kernels/_xformers.py``).
 
 Structured masks
 ----------------
@@ -115,5 +120,45 @@ FLEX_CAPS = Capabilities(
 )
 register_backend(
     LazyBackend("flex", FLEX_CAPS, module="attnctrl.kernels._flex"),
+    replace=True,
+)
+
+#: Declared capabilities of the "triton" backend (forward-only Triton flash attention, dense or
+#: group-routed with key-tile skipping). CPU only under TRITON_INTERPRET=1 and bfloat16 never
+#: there; in automatic selection it steps aside off CUDA and for unmasked calls without
+#: probabilities (see attnctrl/kernels/_triton.py).
+TRITON_CAPS = Capabilities(
+    devices=frozenset({"cuda", "cpu"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    max_head_dim=256,
+    mask_kinds=frozenset({"none", "routing"}),
+    returns_probs=True,
+    supports_autograd=False,
+    priority=15,
+    deterministic=True,
+)
+register_backend(
+    LazyBackend("triton", TRITON_CAPS, module="attnctrl.kernels._triton", requires=("triton",),
+                install_hint="pip install attnctrl[triton]"),
+    replace=True,
+)
+
+#: Declared capabilities of the "xformers" backend (xformers.ops.memory_efficient_attention).
+#: Priority 5, below sdpa: on CUDA SDPA already runs FlashAttention, so xformers runs only when
+#: forced (see attnctrl/kernels/_xformers.py). Routings: block-diagonal windows only, checked per
+#: call by its refusal().
+XFORMERS_CAPS = Capabilities(
+    devices=frozenset({"cuda"}),
+    dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
+    max_head_dim=256,  # xformers' flash/ck operators stop at 256; only its slow cutlass path goes beyond
+    mask_kinds=frozenset({"none", "bool", "additive", "routing"}),
+    returns_probs=False,
+    supports_autograd=True,
+    priority=5,
+    deterministic=False,  # its flash backward is not deterministic
+)
+register_backend(
+    LazyBackend("xformers", XFORMERS_CAPS, module="attnctrl.kernels._xformers", requires=("xformers",),
+                install_hint="pip install attnctrl[xformers]"),
     replace=True,
 )
