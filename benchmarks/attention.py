@@ -41,7 +41,8 @@ How to run
     python benchmarks/attention.py --part unet --size 1024 --variants sdpa agent tomesd
 
 ``tomesd`` comes from PyPI (``pip install tomesd``; not a dependency of attnctrl). Results: markdown
-tables on stdout, ``benchmarks/results/attention.md`` and ``attention.json``; progress on stderr.
+tables on stdout, ``benchmarks/results/attention.md`` and ``attention.json`` (``attention-layer.*`` /
+``attention-unet.*`` with ``--part``); progress on stderr.
 """
 
 from __future__ import annotations
@@ -96,9 +97,7 @@ def grouped_config(side: int) -> tuple[Any, float]:
     from attnctrl.efficient import grouped_density
 
     best = None
-    for group in range(2, side + 1):
-        if side % group:
-            continue
+    for group in range(2, side + 1):  # edge groups may be partial: any size is allowed
         config = attnctrl.GroupedAttention(group=group)
         density = grouped_density(side, side, config)
         if best is None or abs(density - TARGET_DENSITY) < abs(best[1] - TARGET_DENSITY):
@@ -322,10 +321,11 @@ def main() -> int:
     if not args.no_write:
         from attnctrl.io import atomic_write_bytes, write_json_atomic
 
-        atomic_write_bytes(RESULTS / "attention.md", markdown.encode("utf-8"))
+        stem = "attention" if args.part == "all" else f"attention-{args.part}"
+        atomic_write_bytes(RESULTS / f"{stem}.md", markdown.encode("utf-8"))
         write_json_atomic({"command": sys.argv[1:], "environment": env, "layer": layer_results, "unet": unet_results,
-                           "notes": notes, "elapsed_s": time.time() - started}, RESULTS / "attention.json")
-        print(f"wrote {RESULTS / 'attention.md'}", file=sys.stderr)
+                           "notes": notes, "elapsed_s": time.time() - started}, RESULTS / f"{stem}.json")
+        print(f"wrote {RESULTS / (stem + '.md')}", file=sys.stderr)
     return 0
 
 
