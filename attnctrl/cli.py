@@ -946,6 +946,55 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see '{self.prog} --help')\n")
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Wraps descriptions as usual but prints the examples epilog line by line."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if text.startswith("examples:"):
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+#: ``--help`` examples of every subcommand (all run offline on the shapes model unless --model says otherwise).
+EXAMPLES = {
+    "edit": [
+        'attnctrl edit --prompt "a red circle on the left" --to "a blue circle on the left" --blend circle --out out/swap',
+        'attnctrl edit --prompt "a red circle on the left" --weight red=2 --out out/reweight',
+        'attnctrl edit --prompt "a red circle" --to "a small red circle on a white background" --mode refine --out out/refine',
+        'attnctrl edit --image photo.png --prompt "a red circle on the left" --to "a green circle on the left" --out out/real',
+        'attnctrl edit --efficient agent --prompt "a red circle on the left" --to "a blue circle on the left" --out out/fast',
+    ],
+    "invert": [
+        'attnctrl invert photo.png --prompt "a red circle on the left" -o photo.safetensors',
+        'attnctrl invert a.png b.png --prompt "a red circle" --prompt "a blue star" --method dpl -o two.safetensors',
+    ],
+    "consistent": [
+        'attnctrl consistent --subject ball="a red circle in the centre"@circle --scene "a red circle on the left" --out story/',
+        'attnctrl consistent --subject red="a red circle"@circle --subject blue="a blue square"@square '
+        '--scene "a circle on the left and a square on the right" --reposition keep-aspect --out story/',
+    ],
+    "speed": [
+        "attnctrl speed --efficient agent --efficient window --out out/speed",
+        "attnctrl speed --efficient 'grouped:group=4,pattern=criss-cross' --size 512x512 --steps 10 --out out/speed",
+    ],
+    "batch": [
+        "attnctrl batch jobs.jsonl --out results/",
+        "accelerate launch --multi_gpu --num_processes 2 -m attnctrl batch jobs.jsonl --out results/",
+    ],
+    "demo": ["attnctrl demo --out attnctrl-demo"],
+    "app": ["attnctrl app", "attnctrl app --model stable-diffusion-v1-5/stable-diffusion-v1-5 --port 8080 --concurrency 2"],
+    "backends": ["attnctrl backends"],
+}
+
+
+def _add_examples(sub: Any) -> None:
+    for name, parser in sub.choices.items():
+        lines = EXAMPLES.get(name)
+        if lines:
+            parser.epilog = "examples:\n" + "\n".join(f"  {line}" for line in lines)
+            parser.formatter_class = _HelpFormatter
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .inversion import METHODS
 
@@ -1005,9 +1054,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="time generation with efficient attention (agent, proxy, grouped, window) against stock attention",
         description="Generate PROMPT with stock attention and with each --efficient policy from the same noise, and "
         "write DIR/stock.png, DIR/POLICY.png, DIR/grid.png and DIR/speed.json (seconds per step, speed-up).",
-        epilog="examples:\n  attnctrl speed --efficient agent --efficient window --out out/speed\n"
-        "  attnctrl speed --efficient 'grouped:group=4,pattern=criss-cross' --size 512x512 --steps 10 --out out/speed",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sp.add_argument("--efficient", action="append", required=True, metavar="POLICY[:KEY=VALUE,...]",
                     help="a policy to compare (repeat for several): agent, proxy, grouped, window, with config options")
@@ -1139,6 +1185,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="train the embedded shapes model (arguments as scripts/train_shapes.py; see train-shapes --help)",
         add_help=False,
     )
+    _add_examples(sub)
     return parser
 
 

@@ -219,3 +219,19 @@ def test_demo_flow(sd_pipe, monkeypatch, tmp_path, capsys, keep_threads):
     record = json.loads((out / "demo.json").read_text())
     assert [e["name"] for e in record["edits"]] == [s["name"] for s in cli.DEMO_EDITS]
     assert str(out / "demo.png") in printed and str(out / "demo.json") in printed
+
+
+def test_every_subcommand_help_shows_examples_that_parse(capsys):
+    import shlex
+
+    parser = cli.build_parser()
+    for name in ("edit", "invert", "consistent", "speed", "batch", "demo", "app", "backends"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([name, "--help"])
+        shown = capsys.readouterr().out
+        assert "examples:\n  attnctrl" in shown or "examples:\n  accelerate" in shown, name
+        for line in cli.EXAMPLES[name]:
+            assert line in shown
+            argv = shlex.split(line)
+            argv = argv[argv.index("attnctrl") + 1:] if argv[0] == "accelerate" else argv[1:]
+            assert parser.parse_args(argv).command == name
