@@ -22,7 +22,8 @@ Variants: ``sdpa`` (stock processors, the baseline), ``agent`` (``attnctrl.apply
 AgentAttention())``, at a step where it is active), ``tomesd`` (``tomesd.apply_patch(unet)`` at its
 defaults, ratio 0.5, with SDPA on: its known weak spot), ``window``, ``proxy``, ``grouped`` (top level).
 
-Per variant: one warm-up call (skipped for layers above 16384 tokens, where a call takes minutes),
+Per variant: one warm-up call (skipped for layers above 16384 tokens, where a call takes minutes,
+and for the UNet with ``--no-unet-warmup``),
 then ``--repeats`` timed calls, median reported; peak memory is the growth of the peak during the
 timed calls over what is held after the warm-up (CPU ``VmHWM``; CUDA ``max_memory_allocated``).
 "max err" compares the layer's output with the baseline's on 16 query rows, which says how far the
@@ -143,6 +144,21 @@ def _timed(fn: Any, device: str, repeats: int, warmup: bool, memory: Memory) -> 
     return out, first_s, times, base, memory.peak()
 
 
+def _exact_rows(attn: Any, x: Any, rows: Any) -> Any:
+    """Full attention output of the layer at the query positions ``rows`` only: ``(B, len(rows), C)``."""
+    import torch.nn.functional as F
+
+    b, _, c = x.shape
+    heads = attn.heads
+
+    def split(t: Any) -> Any:
+        return t.view(b, -1, heads, t.shape[-1] // heads).transpose(1, 2)
+
+    q, k, v = split(attn.to_q(x[:, rows])), split(attn.to_k(x)), split(attn.to_v(x))
+    out = F.scaled_dot_product_attention(q, k, v, scale=attn.scale).transpose(1, 2).reshape(b, len(rows), c)
+    return attn.to_out[1](attn.to_out[0](out))
+
+
 def run_layer(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -170,8 +186,7 @@ def run_layer(spec: dict[str, Any]) -> dict[str, Any]:
     with torch.no_grad():
         out, first_s, times, base, peak = _timed(lambda: attn(x), device, spec["repeats"], n <= 16384, memory)
         rows = torch.randperm(n, generator=torch.Generator().manual_seed(SEED + 1))[:CHECK_ROWS]
-        attn.set_processor(AttnProcessor2_0())
-        exact = attn(x)[:, rows]
+        exact = _exact_rows(attn, x, rows)
     err = ((out[:, rows] - exact).norm() / exact.norm()).item()
     return {"variant": variant, "tokens": n, "head_dim": head_dim, "first_call_s": first_s, "times_s": times,
             "time_s": median(times), "peak_delta_bytes": peak - base, "rel_err": err, "loadavg_1min": os.getloadavg()[0],
@@ -202,7 +217,7 @@ def run_unet(spec: dict[str, Any]) -> dict[str, Any]:
     memory = Memory(device)
     with torch.no_grad():
         out, first_s, times, base, peak = _timed(
-            lambda: unet(sample, 999, encoder_hidden_states=text).sample, device, spec["repeats"], True, memory
+            lambda: unet(sample, 999, encoder_hidden_states=text).sample, device, spec["repeats"], spec["warmup"], memory
         )
     return {"variant": variant, "size": spec["size"], "first_call_s": first_s, "times_s": times, "time_s": median(times),
             "peak_delta_bytes": peak - base, "out_norm": out.float().norm().item(), "loadavg_1min": os.getloadavg()[0],
@@ -264,6 +279,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=1024, help="UNet image size (multiple of 64)")
     parser.add_argument("--variants", nargs="+", choices=UNET_VARIANTS, default=list(UNET_VARIANTS), help="UNet variants")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--unet-warmup", action=argparse.BooleanOptionalAction, default=True,
+                        help="one untimed UNet call first (--no-unet-warmup: time the first call; eager PyTorch on CPU "
+                        "has little one-off cost, and a 1024² step takes minutes there)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -298,7 +316,7 @@ def main() -> int:
         print(sections[-1] + "\n", flush=True)
     if args.part in ("unet", "all"):
         for variant in args.variants:
-            spec = {**common, "part": "unet", "size": args.size, "variant": variant}
+            spec = {**common, "part": "unet", "size": args.size, "variant": variant, "warmup": args.unet_warmup}
             child = run_child(__file__, spec, timeout_s=args.timeout)
             unet_results.append({"variant": variant, **child.data, "status": child.status, "message": child.message})
             print(f"[unet {args.size} {variant}] {child.status} in {child.wall_s:.0f} s", file=sys.stderr, flush=True)
