@@ -14,6 +14,10 @@
    cross-attention (:class:`attnctrl.IRDiffusion`).
 
 A scene uses the subjects whose word it contains; a scene naming none of them is generated plainly.
+
+Two presets work on a stock pipeline instead, as context managers around its calls:
+:func:`consistent_self_attention` (StoryDiffusion) and :func:`subject_shared_attention`
+(ConsiStory's subject-driven shared attention).
 """
 
 from __future__ import annotations
@@ -28,14 +32,29 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from attnctrl.consistency import ConsistentSelfAttention, IRDiffusion, binarise, resize_mask, resolve_overlaps, transformer_blocks
-from attnctrl.errors import WordNotFoundError
+from attnctrl.consistency import (
+    ConsiStory,
+    ConsistentSelfAttention,
+    IRDiffusion,
+    binarise,
+    resize_mask,
+    resolve_overlaps,
+    transformer_blocks,
+)
+from attnctrl.errors import InvalidWeightError, PromptMismatchError, WordNotFoundError
 from attnctrl.tokens import tokenize_prompt
 
 from .control import check_pipeline, control
 from .p2p import _pipeline_lock
 
-__all__ = ["Subject", "ConsistentSubjectsPipeline", "ConsistentSubjectsXLPipeline", "ConsistentSubjectsOutput", "consistent_self_attention"]
+__all__ = [
+    "Subject",
+    "ConsistentSubjectsPipeline",
+    "ConsistentSubjectsXLPipeline",
+    "ConsistentSubjectsOutput",
+    "consistent_self_attention",
+    "subject_shared_attention",
+]
 
 MaskFn = Callable[[Any, str], Any]
 
@@ -317,3 +336,146 @@ def consistent_self_attention(
         yield state
     finally:
         restore(pipe.unet)
+
+
+def _subject_positions(tokenizer: Any, prompts: Sequence[str], subject_words: str | Sequence[str | Sequence[str]]) -> tuple[tuple[int, ...], ...]:
+    """Per prompt, the token positions of its subject words (every word's tokens, united).
+
+    ``subject_words``: one word for every prompt, or one entry per prompt, each a word or a list of
+    words ("dog", ["dog", "hat"]). Raises WordNotFoundError naming the prompt and its words."""
+    if isinstance(subject_words, str):
+        entries: list[Any] = [subject_words] * len(prompts)
+    elif isinstance(subject_words, Sequence):
+        entries = list(subject_words)
+        if len(entries) != len(prompts):
+            raise PromptMismatchError(
+                f"subject_words has {len(entries)} entries for {len(prompts)} prompts; give one word (or list of "
+                "words) per prompt, or a single word shared by every prompt"
+            )
+    else:
+        raise InvalidWeightError(
+            f"subject_words must be a word or a list with one word (or list of words) per prompt, got {subject_words!r}"
+        )
+    out = []
+    for index, (prompt, entry) in enumerate(zip(prompts, entries)):
+        words = [entry] if isinstance(entry, str) else entry
+        if not isinstance(words, Sequence) or not words or not all(isinstance(w, str) for w in words):
+            raise InvalidWeightError(f"subject_words[{index}] must be a word or a non-empty list of words, got {entry!r}")
+        tokens = tokenize_prompt(tokenizer, str(prompt))
+        positions: set[int] = set()
+        for word in words:
+            try:
+                positions.update(tokens.positions_of(word))
+            except WordNotFoundError as err:
+                raise WordNotFoundError(f"subject word of prompt {index}: {err}") from None
+        out.append(tuple(sorted(positions)))
+    return tuple(out)
+
+
+def _level_factor(name: str, down_blocks: int, up_blocks: int) -> int:
+    """Downsampling factor of the UNet level a processor ``name`` sits at (down block ``b``: 2^b,
+    mid block: 2^(down - 1), up block ``b``: 2^(up - 1 - b))."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        return 2 ** int(parts[1])
+    if parts[0] == "up_blocks":
+        return 2 ** (up_blocks - 1 - int(parts[1]))
+    return 2 ** (down_blocks - 1)
+
+
+@contextlib.contextmanager
+def subject_shared_attention(
+    pipe: Any,
+    settings: ConsiStory,
+    subject_words: str | Sequence[str | Sequence[str]],
+    *,
+    prompts: Sequence[str],
+    cfg: bool = True,
+    images_per_prompt: int = 1,
+) -> Any:
+    """ConsiStory's subject-driven shared attention (a preset of the routing primitive) on a stock
+    SD/SDXL pipeline for the block: generate several prompts showing one subject in one batch (one
+    image each by default) and the subject's appearance is shared through the decoder
+    self-attention, inside the subject masks only. Restores the previous processors on exit, also
+    after an exception.
+
+    Args:
+        settings: anchors, key dropout, start step, mask level and window, query blending, layers,
+            seed (:class:`attnctrl.consistency.ConsiStory`).
+        subject_words: the words naming the subject in each prompt: one word for all prompts, or per
+            prompt a word or a list of words (their masks are united).
+        prompts: the prompts the pipeline will be called with, in the same order (the first
+            ``settings.anchors`` images are the anchors: keep their prompts simple).
+        cfg: the calls use classifier-free guidance (``guidance_scale > 1``): the batch is two halves
+            that never mix. Pass False when guidance is off.
+        images_per_prompt: the pipeline call's ``num_images_per_prompt``.
+
+    Installs, on the UNet: every cross-attention layer records the subject words' maps at the mask
+    level (the others compute plain attention); the shared self-attention layers run SDSA from step
+    ``settings.start_step``. With query blending, an extra stock UNet pass runs on the blended
+    steps. Feature injection is not included (see :class:`~attnctrl.consistency.ConsiStory`).
+
+    Yields the :class:`~attnctrl.processors.consistency.SubjectSharedState` (``state.masks(grid,
+    device)`` gives the current subject masks).
+
+    Raises:
+        WordNotFoundError: a subject word is not in its prompt (the message lists the prompt's words).
+        PromptMismatchError: ``subject_words`` does not have one entry per prompt; during the call,
+            when the batch is not ``prompts x images_per_prompt`` per CFG half.
+    """
+    from attnctrl.processors import install, restore
+    from attnctrl.processors._install import bind_timestep
+    from attnctrl.processors.consistency import SubjectSharedProcessor, SubjectSharedState
+
+    check_pipeline(pipe)
+    if not isinstance(settings, ConsiStory):
+        raise TypeError(f"settings must be an attnctrl.consistency.ConsiStory, got {type(settings).__name__}")
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise PromptMismatchError(f"prompts must be a non-empty list of the prompts the pipeline is called with, got {prompts!r}")
+    if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
+        raise InvalidWeightError(f"images_per_prompt must be an int >= 1, got {images_per_prompt!r}")
+    positions = _subject_positions(pipe.tokenizer, list(prompts), subject_words)
+    unet = pipe.unet
+    blocks = transformer_blocks(unet)
+    shared = {n for n in blocks if settings.layers == "all" or n.startswith("up_blocks")}
+    processors = set(unet.attn_processors)
+    cross = {n.replace(".attn1.", ".attn2.") for n in blocks} & processors
+    if not cross:
+        raise ValueError("this UNet has no cross-attention layers to make subject masks from")
+    down, up = len(getattr(unet, "down_blocks", [])), len(getattr(unet, "up_blocks", []))
+    factors = sorted({_level_factor(n, down, up) for n in cross})
+    state = SubjectSharedState(settings, positions, images_per_prompt=images_per_prompt, halves=2 if cfg else 1)
+    previous: dict[str, Any] = {"step": None}
+
+    def pre_forward(module: Any, args: tuple, kwargs: dict) -> None:
+        if state.vanilla:  # the nested stock pass below
+            return
+        timestep, sample = bind_timestep(module, args, kwargs)
+        latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        distinct = sorted({float(x) for x in pipe.scheduler.timesteps}, reverse=True) or [t]
+        step = min(range(len(distinct)), key=lambda i: abs(distinct[i] - t))
+        if previous["step"] is None or step < previous["step"] or latent_hw != state.latent_hw:
+            state.restart()  # a new generation: fresh maps, and the same seed gives the same dropout
+            state.latent_hw = latent_hw
+            grids = {(-(-latent_hw[0] // f), -(-latent_hw[1] // f)) for f in factors}
+            state.mask_grid = settings.mask_grid(grids)
+        previous["step"] = step
+        state.begin_step(step, len(distinct))
+        if settings.blend_weight(step, len(distinct)) is not None:
+            # query blending: a stock pass of the same inputs stores the shared layers' queries
+            state.vanilla = True
+            try:
+                module(*args, **kwargs)
+            finally:
+                state.vanilla = False
+
+    install(
+        unet,
+        lambda name, module: SubjectSharedProcessor(state, name, share=name in shared) if name in shared or name in cross else None,
+        pre_forward=pre_forward,
+    )
+    try:
+        yield state
+    finally:
+        restore(unet)

@@ -2,12 +2,17 @@
 mutual cross-attention for the target rows of a batch laid out as ``[ref_1 .. ref_n, target]`` per
 CFG half. Reference rows run plain attention, so they reproduce their rehearsal exactly.
 
+Also the two batch-sharing presets: StoryDiffusion's consistent self-attention
+(:class:`SharedSelfAttentionProcessor`) and ConsiStory's subject-driven shared attention
+(:class:`SubjectSharedProcessor`, which also records the cross-attention its masks come from).
+
 The routing of each call is a :class:`attnctrl.kernels.Routing` (group labels plus a small table);
 the kernel layer executes it without a dense mask.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +20,11 @@ import torch
 
 from attnctrl import kernels
 from attnctrl.consistency import (
+    ConsiStory,
     IRDiffusion,
+    key_dropout,
+    subject_mask,
+    subject_routing_labels,
     group_labels,
     isolation_table,
     query_dropout,
@@ -24,12 +33,20 @@ from attnctrl.consistency import (
     resize_mask,
     resolve_overlaps,
 )
+from attnctrl.errors import PromptMismatchError
 from attnctrl.kernels.routing import Routing
 from attnctrl.store import resolution_of
 
 from ._projection import output, project
 
-__all__ = ["ConsistencyState", "ConsistencyProcessor", "SharedAttentionState", "SharedSelfAttentionProcessor"]
+__all__ = [
+    "ConsistencyState",
+    "ConsistencyProcessor",
+    "SharedAttentionState",
+    "SharedSelfAttentionProcessor",
+    "SubjectSharedState",
+    "SubjectSharedProcessor",
+]
 
 
 @dataclass
@@ -265,6 +282,246 @@ class SharedSelfAttentionProcessor:
         for h in range(state.halves):
             part = slice(h * images, (h + 1) * images)
             q = call.query[part].transpose(0, 1).reshape(1, heads, images * n, d)
+            k = call.key[part].transpose(0, 1).reshape(1, heads, images * n, -1)
+            v = call.value[part].transpose(0, 1).reshape(1, heads, images * n, call.value.shape[-1])
+            out = kernels.attention(q, k, v, scale=attn.scale, mask=routing)
+            outs.append(out.reshape(heads, images, n, -1).transpose(0, 1))
+        return output(attn, torch.cat(outs), call)
+
+
+# ------------------------------------------------------------------------------------------------
+# ConsiStory preset: subject-driven shared attention
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SubjectSharedState:
+    """Per-generation state of :class:`SubjectSharedProcessor` (ConsiStory's SDSA), shared by every
+    layer.
+
+    Attributes:
+        settings: the :class:`attnctrl.consistency.ConsiStory` options.
+        positions: per prompt, the token positions of its subject words in the padded text sequence.
+        images_per_prompt: images per prompt. One CFG half holds ``len(positions) *
+            images_per_prompt`` images, each prompt's images next to each other (diffusers' layout).
+        halves: 2 with classifier-free guidance (rows ``[unconditional..., conditional...]``), else 1.
+        latent_hw: the latent grid of the current generation; mask_grid: the cross-attention level
+            (h, w) the masks are made from. Both are set by the pipeline's hook.
+        step, steps: the current step (0-based) and the number of steps (set by the hook).
+        vanilla: True during query blending's extra stock pass.
+        generator: the private dropout generator, reseeded by :meth:`restart`.
+        history: the anchors' subject-token maps of the last ``mask_steps`` finished steps, each
+            (anchors, h, w, C) float32, C = len(:attr:`columns`), averaged over the layers.
+        queries: the vanilla queries of the current step, layer name -> (batch, heads, N, d).
+    """
+
+    settings: ConsiStory
+    positions: tuple[tuple[int, ...], ...]
+    images_per_prompt: int = 1
+    halves: int = 2
+    latent_hw: tuple[int, int] | None = None
+    mask_grid: tuple[int, int] | None = None
+    step: int = 0
+    steps: int = 1
+    vanilla: bool = False
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu"))
+    history: deque = field(default_factory=deque)
+    queries: dict[str, torch.Tensor] = field(default_factory=dict)
+    _sum: torch.Tensor | None = None
+    _count: int = 0
+    _cache: dict[Any, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.positions = tuple(tuple(int(p) for p in ps) for ps in self.positions)
+        self.history = deque(self.history, maxlen=int(self.settings.mask_steps))
+        self.generator.manual_seed(int(self.settings.seed))
+
+    @property
+    def images(self) -> int:
+        """Images per CFG half."""
+        return len(self.positions) * self.images_per_prompt
+
+    @property
+    def anchors(self) -> int:
+        return min(int(self.settings.anchors), self.images)
+
+    @property
+    def columns(self) -> list[int]:
+        """The text positions recorded: every prompt's subject positions, sorted, once each."""
+        return sorted({p for ps in self.positions for p in ps})
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def restart(self) -> None:
+        """A new generation: reseed the generator (same seed, same dropout) and forget the maps."""
+        self.generator.manual_seed(int(self.settings.seed))
+        self.history.clear()
+        self._sum, self._count = None, 0
+        self._cache.clear()
+        self.queries.clear()
+        self.step = 0
+
+    def begin_step(self, step: int, steps: int) -> None:
+        """Enter step ``step`` of ``steps``: the maps of the step that ended join the history and
+        the per-step draws and vanilla queries are dropped."""
+        if step != self.step:
+            if self._count:
+                self.history.append(self._sum / self._count)
+            self._sum, self._count = None, 0
+            self._cache.clear()
+            self.queries.clear()
+        self.step, self.steps = step, steps
+
+    def check_batch(self, rows: int) -> int:
+        """Images per CFG half of a call with ``rows`` rows; raises if it is not the batch this
+        state was set up for (the subject positions would belong to other prompts)."""
+        if rows % self.halves or rows // self.halves != self.images:
+            halves = " in two CFG halves" if self.halves == 2 else ""
+            raise PromptMismatchError(
+                f"subject-driven shared attention was set up for {self.images} images per CFG half "
+                f"({len(self.positions)} prompts x {self.images_per_prompt}), but the UNet got a batch of {rows}{halves}; "
+                "give the pipeline the same prompts, images_per_prompt=num_images_per_prompt, and cfg=False "
+                "when guidance_scale <= 1"
+            )
+        return self.images
+
+    # -- masks ----------------------------------------------------------------------------------
+    def record(self, probs: torch.Tensor) -> None:
+        """Add one layer's cross-attention at :attr:`mask_grid` to the current step.
+
+        ``probs``: (rows, N, C) head-averaged probabilities of the :attr:`columns` for every row of
+        the call; the anchors of the conditional half (the last half) are kept."""
+        images = self.check_batch(probs.shape[0])
+        first = (self.halves - 1) * images
+        h, w = self.mask_grid
+        maps = probs[first : first + self.anchors].detach().float().reshape(self.anchors, h, w, -1)
+        self._sum = maps if self._sum is None else self._sum + maps
+        self._count += 1
+
+    def subject_maps(self) -> list[torch.Tensor] | None:
+        """Per anchor, its subject tokens' maps (P, h, w), averaged over the history; None before
+        the first step has ended."""
+        if not self.history:
+            return None
+        mean = torch.stack(list(self.history)).mean(0)  # (anchors, h, w, C)
+        index = {p: c for c, p in enumerate(self.columns)}
+        out = []
+        for i in range(self.anchors):
+            own = [index[p] for p in self.positions[i // self.images_per_prompt]]
+            out.append(mean[i][..., own].permute(2, 0, 1))
+        return out
+
+    def masks(self, grid: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """(anchors, h * w) bool subject masks at ``grid`` for this step (cached); all False before
+        any map was recorded."""
+        key = ("masks", grid, str(device))
+        if key not in self._cache:
+            maps = self.subject_maps()
+            if maps is None:
+                masks = torch.zeros(self.anchors, grid[0] * grid[1], dtype=torch.bool, device=device)
+            else:
+                masks = torch.stack([subject_mask(m, grid).flatten() for m in maps]).to(device)
+            self._cache[key] = masks
+        return self._cache[key]
+
+    def routing(self, grid: tuple[int, int], device: torch.device) -> Routing | None:
+        """This step's SDSA routing over one CFG half at ``grid`` (the key dropout is drawn once per
+        step and grid), or None when nothing is shared (one image, empty or fully dropped masks)."""
+        key = ("routing", grid, str(device))
+        if key not in self._cache:
+            masks = self.masks(grid, device)
+            routing = None
+            if self.images > 1 and bool(masks.any()):
+                kept = key_dropout(masks, float(self.settings.dropout), self.generator)
+                if bool(kept.any()):
+                    tokens = grid[0] * grid[1]
+                    query, key_labels, table = subject_routing_labels(self.images, tokens, masks, kept)
+                    routing = Routing(
+                        query_groups=query.reshape(1, -1).to(device), key_groups=key_labels[None].to(device), table=table.to(device)
+                    )
+            self._cache[key] = routing
+        return self._cache[key]
+
+
+class SubjectSharedProcessor:
+    """ConsiStory's subject-driven shared attention on one layer (see
+    :class:`attnctrl.consistency.ConsiStory`).
+
+    Self-attention of a shared layer (``share=True``): each image of a CFG half attends to its own
+    tokens plus the anchors' kept subject tokens, as one :class:`~attnctrl.kernels.Routing` over the
+    half's concatenated tokens; during query blending its queries are mixed with the stored vanilla
+    ones. Cross-attention at the mask level: computed as usual while the subject columns'
+    probabilities are recorded. Anything else: plain attention.
+
+    Shapes: ``hidden_states`` (batch, N, C) or (batch, C, h, w), batch = ``halves x images``.
+    """
+
+    def __init__(self, state: SubjectSharedState, name: str, share: bool = True) -> None:
+        self.state = state
+        self.name = name
+        self.share = share
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        call = project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        if call.mask is None:
+            if call.is_cross:
+                if self._records(call):
+                    return self._record(attn, call)
+            elif self.share:
+                return self._shared(attn, call)
+        hidden = kernels.attention(call.query, call.key, call.value, scale=attn.scale, mask=call.mask)
+        return output(attn, hidden, call)
+
+    def _grid(self, call: Any) -> tuple[int, int] | None:
+        latent = self.state.latent_hw
+        return None if latent is None else resolution_of(call.query.shape[2], latent)
+
+    def _records(self, call: Any) -> bool:
+        state = self.state
+        return not state.vanilla and state.mask_grid is not None and self._grid(call) == state.mask_grid
+
+    def _record(self, attn: Any, call: Any) -> torch.Tensor:
+        state = self.state
+        hidden, probs = kernels.attention_with_probs(call.query, call.key, call.value, columns=state.columns, scale=attn.scale)
+        state.record(probs.mean(1))
+        return output(attn, hidden, call)
+
+    def _shared(self, attn: Any, call: Any) -> torch.Tensor:
+        state = self.state
+        rows, heads, n, d = call.query.shape
+        weight = state.settings.blend_weight(state.step, state.steps)
+        if state.vanilla:
+            # the stock pass of query blending: keep this layer's queries for the real pass
+            if weight is not None:
+                state.queries[self.name] = call.query.detach()
+            hidden = kernels.attention(call.query, call.key, call.value, scale=attn.scale)
+            return output(attn, hidden, call)
+        query = call.query
+        vanilla = state.queries.get(self.name)
+        if weight is not None and vanilla is not None and vanilla.shape == query.shape:
+            query = weight * vanilla + (1 - weight) * query
+        grid = self._grid(call)
+        routing = None
+        if grid is not None and state.settings.shares(state.step):
+            state.check_batch(rows)
+            routing = state.routing(grid, query.device)
+        if routing is None:
+            hidden = kernels.attention(query, call.key, call.value, scale=attn.scale)
+            return output(attn, hidden, call)
+        images = state.images
+        outs = []
+        for h in range(state.halves):
+            # one half's images as one sequence: the routing decides who sees whom, and the halves
+            # are separate calls, so unconditional and conditional tokens never meet
+            part = slice(h * images, (h + 1) * images)
+            q = query[part].transpose(0, 1).reshape(1, heads, images * n, d)
             k = call.key[part].transpose(0, 1).reshape(1, heads, images * n, -1)
             v = call.value[part].transpose(0, 1).reshape(1, heads, images * n, call.value.shape[-1])
             out = kernels.attention(q, k, v, scale=attn.scale, mask=routing)
