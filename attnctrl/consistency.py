@@ -493,7 +493,7 @@ class ConsiStory:
         start, end = self.query_blend
         return start + (end - start) * step / max(steps - 1, 1)
 
-    def mask_grid(self, grids: "list[tuple[int, int]] | set[tuple[int, int]]") -> tuple[int, int]:
+    def mask_grid(self, grids: list[tuple[int, int]] | set[tuple[int, int]]) -> tuple[int, int]:
         """The cross-attention level (h, w) the masks are made from, among the model's ``grids``:
         the one whose side ``sqrt(h * w)`` is nearest to ``mask_resolution``, ties to the finer."""
         if not grids:

@@ -419,7 +419,8 @@ class SubjectSharedState:
             if maps is None:
                 masks = torch.zeros(self.anchors, grid[0] * grid[1], dtype=torch.bool, device=device)
             else:
-                masks = torch.stack([subject_mask(m, grid).flatten() for m in maps]).to(device)
+                # Otsu's histogram runs on the CPU; the maps are small (P x h x w per anchor)
+                masks = torch.stack([subject_mask(m.cpu(), grid).flatten() for m in maps]).to(device)
             self._cache[key] = masks
         return self._cache[key]
 
