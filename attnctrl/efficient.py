@@ -926,10 +926,11 @@ def grouped_attention(
     """GRAT grouped self-attention, one :func:`attnctrl.kernels.attention` call.
 
     ``"routing"``: permute q/k/v to group-major order, attend with :func:`grouped_routing` as the
-    mask, permute back. ``"gather"``: cut q into padded groups on the batch axis
-    ``(B·G, H, m, D)`` (``m = group rows·cols``), gather each group's ``S`` allowed key groups
-    into ``(B·G, H, S·m, D)`` and attend densely, masking padding and missing border neighbours
-    with a ``(B·G, 1, 1, S·m)`` bool mask. ``"auto"``: gather on CPU, routing elsewhere.
+    mask, permute back. ``"gather"``: cut q into padded groups ``(B·H, G, m, D)`` (``m = group
+    rows·cols``; the groups on the kernel's head axis), gather each group's ``S`` allowed key groups
+    into ``(B·H, G, S·m, D)`` and attend densely; groups with fewer valid neighbours (at the border)
+    run as separate calls over their valid slots only, and padding inside partial groups is masked
+    with a bool key mask. ``"auto"``: gather on CPU, routing elsewhere.
 
     Args:
         q, k, v: ``(B, H, N, D)``, ``(B, H, N, D)``, ``(B, H, N, Dv)``; ``N = h·w`` row-major.
@@ -957,21 +958,66 @@ def grouped_attention(
     n_groups, slots = index.shape
     m = group[0] * group[1]
 
-    def gathered(x: torch.Tensor) -> torch.Tensor:
-        grouped = window_partition(x, h, w, group).view(b, n_groups, heads, m, x.shape[-1])
-        picked = grouped.index_select(1, index.flatten()).view(b, n_groups, slots, heads, m, x.shape[-1])
-        return picked.transpose(2, 3).reshape(b * n_groups, heads, slots * m, x.shape[-1])
+    # Layout (B·H, G, tokens, D): attention is independent per (batch, head) pair, so the groups can
+    # sit on the kernel's head axis. Gathering a group's neighbours is then one index_select whose
+    # result is already contiguous in the layout the kernel wants (with the groups on the batch axis
+    # it needs a transpose copy as well, of the 9x-sized buffer).
+    def grouped(x: torch.Tensor) -> torch.Tensor:
+        return _to_groups(x, h, w, group)  # (B, H, G, m, D)
 
-    mask = None
-    # Decided from the shapes, not from the tensors (no host sync): keys are missing where groups
-    # are padded, and a neighbourhood of radius >= 1 always runs past the border somewhere.
-    if h % group[0] or w % group[1] or (pattern == "neighborhood" and radius > 0):
-        real = window_regions(h, w, group, device=q.device) != PAD_REGION  # (G, m)
-        keep = valid[:, :, None] & real[index]  # (G, S, m)
-        mask = keep.view(1, n_groups, 1, 1, slots * m).expand(b, -1, -1, -1, -1).reshape(b * n_groups, 1, 1, slots * m)
-    queries = window_partition(q, h, w, group)
-    out = kernels.attention(queries, gathered(k), gathered(v), scale=scale, mask=mask, backend=backend)
-    return window_merge(out, b, h, w, group)
+    qg, kg, vg = grouped(q), grouped(k), grouped(v)
+    real = None
+    if h % group[0] or w % group[1]:
+        real = window_regions(h, w, group, device=q.device) != PAD_REGION  # (G, m): False on padding
+    out = q.new_empty(b, heads, n_groups, m, v.shape[-1])
+    # Groups are split by their number of valid slots (for a 3x3 neighbourhood: corner, edge and
+    # interior groups), each class one dense call over exactly its valid key groups, so no score is
+    # computed for a neighbour past the border; only padding inside partial groups is masked.
+    for members, slots_index in _slot_classes(index, valid):
+        n_members, n_slots = slots_index.shape
+
+        def pick(x: torch.Tensor) -> torch.Tensor:
+            return x.index_select(2, slots_index.flatten()).view(b * heads, n_members, n_slots * m, x.shape[-1])
+
+        queries = qg.index_select(2, members).view(b * heads, n_members, m, q.shape[-1])
+        mask = None if real is None else real[slots_index].view(1, n_members, 1, n_slots * m)
+        part = kernels.attention(queries, pick(kg), pick(vg), scale=scale, mask=mask, backend=backend)
+        out.index_copy_(2, members, part.view(b, heads, n_members, m, -1))
+    return _from_groups(out, h, w, group)
+
+
+def _slot_classes(index: torch.Tensor, valid: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Query groups split by how many valid key slots they have: ``[(members (G_c,), slots (G_c, S_c))]``
+    with only the valid slots, in their original order."""
+    counts = valid.sum(dim=1).cpu()
+    classes = []
+    for count in sorted(set(counts.tolist())):
+        members = torch.nonzero(counts == count).flatten().to(index.device)
+        picked = index[members][valid[members]].view(len(members), count)
+        classes.append((members, picked))
+    return classes
+
+
+def _to_groups(x: torch.Tensor, h: int, w: int, group: tuple[int, int]) -> torch.Tensor:
+    """``(B, H, h·w, D)`` row-major tokens -> ``(B, H, G, m, D)``: groups row-major over the group grid
+    (zero-padded at the bottom/right to whole groups), tokens row-major inside each group."""
+    b, heads, _, d = x.shape
+    hp, wp = _padded(h, w, group)
+    grid = x.reshape(b, heads, h, w, d)
+    if (hp, wp) != (h, w):
+        grid = F.pad(grid, (0, 0, 0, wp - w, 0, hp - h))
+    py, px = hp // group[0], wp // group[1]
+    grid = grid.view(b, heads, py, group[0], px, group[1], d).permute(0, 1, 2, 4, 3, 5, 6)
+    return grid.reshape(b, heads, py * px, group[0] * group[1], d)
+
+
+def _from_groups(x: torch.Tensor, h: int, w: int, group: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`_to_groups`: ``(B, H, G, m, D)`` -> ``(B, H, h·w, D)`` (padding dropped)."""
+    b, heads, _, _, d = x.shape
+    hp, wp = _padded(h, w, group)
+    py, px = hp // group[0], wp // group[1]
+    grid = x.view(b, heads, py, px, group[0], group[1], d).permute(0, 1, 2, 4, 3, 5, 6).reshape(b, heads, hp, wp, d)
+    return grid[:, :, :h, :w].reshape(b, heads, h * w, d)
 
 
 #: Every efficient-attention config :func:`attnctrl.apply` accepts.

@@ -98,7 +98,9 @@ def grouped_config(side: int) -> tuple[Any, float]:
     from attnctrl.efficient import grouped_density
 
     best = None
-    for group in range(2, side + 1):  # edge groups may be partial: any size is allowed
+    for group in range(2, side + 1):
+        if side % group:  # whole groups only: partial edge groups compute padding
+            continue
         config = attnctrl.GroupedAttention(group=group)
         density = grouped_density(side, side, config)
         if best is None or abs(density - TARGET_DENSITY) < abs(best[1] - TARGET_DENSITY):
