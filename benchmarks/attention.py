@@ -329,7 +329,8 @@ def main() -> int:
     loads = [r["loadavg_1min"] for r in layer_results + unet_results if "loadavg_1min" in r]
     notes = [
         f"Device {device}, {args.dtype}, {args.threads} torch thread(s), median of {args.repeats} timed call(s) after one "
-        f"warm-up (1 call, no warm-up, above 16384 tokens); torch {env.get('torch')}; {env.get('cpu', env.get('gpu', ''))}.",
+        f"warm-up (layers above 16384 tokens: 1 call, no warm-up; UNet: "
+        f"{'one warm-up' if args.unet_warmup else 'no warm-up'}); torch {env.get('torch')}; {env.get('cpu', env.get('gpu', ''))}.",
         "speed-up: baseline time / variant time (higher is better). peak Δ: memory growth during the timed calls.",
         "rel. diff vs exact: ||out - exact|| / ||exact|| on 16 query rows: how far the approximation is from full attention.",
     ]
