@@ -288,6 +288,13 @@ def test_training_configs_are_consistent(tokenizer):
     assert len(vae_config()["block_out_channels"]) == 3  # 64x64 -> 16x16
     sched = DDIMScheduler(**scheduler_config())
     assert sched.config.set_alpha_to_one is False and sched.config.steps_offset == 1
+    assert sched.config.prediction_type == "v_prediction"  # layout is learnt at high noise (see the docstring)
+    assert scheduler_config("epsilon")["prediction_type"] == "epsilon"
+    with pytest.raises(ValueError, match="v_prediction"):
+        scheduler_config("sample")
+    from attnctrl.models.shapes.train import _prediction_type
+
+    assert _prediction_type({}) == "epsilon" and _prediction_type({"prediction_type": "v_prediction"}) == "v_prediction"
 
 
 def test_shipped_model_folder():

@@ -7,7 +7,7 @@ Phases (state kept in ``work_dir``, so ``resume=True`` continues where a run sto
 2. ``encode``: the pre-rendered pool of scenes is encoded once (posterior mean); the latent
    ``scaling_factor`` is 1 / std of those latents and is stored in the VAE config.
 3. ``unet``: a ``UNet2DConditionModel`` and a ``CLIPTextModel`` trained jointly on the pre-encoded
-   latents (epsilon prediction, DDPM ``scaled_linear`` betas as in SD, min-SNR-5 weighting, 10%
+   latents (v-prediction, DDPM ``scaled_linear`` betas as in SD, min-SNR-5 weighting, 10%
    empty captions for classifier-free guidance, AdamW with warmup + cosine decay, EMA weights).
 4. ``export``: a stock Stable Diffusion folder (EMA weights, DDIM scheduler config, CLIP tokenizer)
    written atomically to ``out_dir``.
@@ -97,14 +97,23 @@ def text_config(tokenizer) -> dict[str, Any]:
     )
 
 
-def scheduler_config() -> dict[str, Any]:
-    """Noise schedule shared by training (DDPM) and the shipped DDIMScheduler."""
+def scheduler_config(prediction_type: str = "v_prediction") -> dict[str, Any]:
+    """Noise schedule shared by training (DDPM) and the shipped DDIMScheduler.
+
+    v-prediction, not epsilon: at high noise an epsilon target barely depends on the image (x_t is
+    almost all noise, so predicting eps ~ x_t is nearly free), and that is where the layout is
+    decided. Trained on epsilon, the model learnt colours and shapes but not position words (its
+    x0 estimate at t=999 was the same for "on the left" and "on the right"); a v target is ~ -x0
+    there, so the layout is what the loss measures.
+    """
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     return dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
-        prediction_type="epsilon",
+        prediction_type=prediction_type,
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
@@ -204,6 +213,7 @@ def train(
     cond_drop: float = 0.1,
     ema_decay: float = 0.999,
     min_snr_gamma: float = 5.0,
+    prediction_type: str = "v_prediction",
     checkpoint_minutes: float = 5.0,
     resume: bool = False,
     device: str | None = None,
@@ -242,6 +252,12 @@ def train(
             planned_steps=max_steps, scaling_factor=None, seed=seed, pool_size=pool_size,
             batch_size=batch_size,
         )
+    if "prediction_type" not in state:
+        # a run that has not trained its UNet yet takes the requested target; older ones used epsilon
+        state["prediction_type"] = prediction_type if int(state.get("unet_step", 0)) == 0 else "epsilon"
+    elif state["prediction_type"] != prediction_type:
+        _log(f"continuing with the checkpoint's prediction_type={state['prediction_type']!r} (not {prediction_type!r})")
+    prediction_type = str(state["prediction_type"])
     if "pool_size" not in state:
         # checkpoints from before pool_size was recorded: trust the pre-encoded latents on disk
         found = [n for n in os.listdir(work_dir) if n.startswith(f"latents_{seed}_") and n.endswith(".safetensors")]
@@ -418,7 +434,9 @@ def train(
         ema = [ema_sd[str(i)].to(dev) for i in range(len(params))]
         if os.path.exists(os.path.join(ckpt, "unet_opt.safetensors")):
             _opt_from_flat(opt, _load_tensors(os.path.join(ckpt, "unet_opt.safetensors")))
-    noise_sched = DDPMScheduler(**{k: v for k, v in scheduler_config().items() if k not in ("set_alpha_to_one", "steps_offset")})
+    noise_sched = DDPMScheduler(
+        **{k: v for k, v in scheduler_config(prediction_type).items() if k not in ("set_alpha_to_one", "steps_offset")}
+    )
     alphas_cumprod = noise_sched.alphas_cumprod.to(dev)
     snr_all = alphas_cumprod / (1 - alphas_cumprod)
 
@@ -481,8 +499,13 @@ def train(
             hidden = text_encoder(ids)[0]
             pred = unet(noisy, t, hidden).sample
             snr = snr_all[t]
-            w = torch.clamp(snr, max=min_snr_gamma) / snr
-            loss = (w * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+            if prediction_type == "v_prediction":
+                target = noise_sched.get_velocity(x0, noise, t)
+                w = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)  # min-SNR-gamma for a v target
+            else:
+                target = noise
+                w = torch.clamp(snr, max=min_snr_gamma) / snr
+            loss = (w * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -511,7 +534,7 @@ def train(
     if os.path.exists(ft):  # decoder fine-tuned by finetune_decoder() (same encoder, same latents)
         vae.load_state_dict(_load_tensors(ft))
         _log(f"exporting with the fine-tuned decoder {ft}")
-    _export(out_dir, vae, text_encoder, tokenizer, unet)
+    _export(out_dir, vae, text_encoder, tokenizer, unet, _prediction_type(state))
     state["phase"] = "done"
     save_ckpt({})
     _log(f"wrote {out_dir} ({_dir_mb(out_dir):.1f} MB); total {elapsed() / 60:.1f} min")
@@ -625,11 +648,16 @@ def finetune_decoder(
     return out_path
 
 
+def _prediction_type(state: dict[str, Any]) -> str:
+    """The target a checkpoint was trained on (checkpoints from before v-prediction: epsilon)."""
+    return str(state.get("prediction_type", "epsilon"))
+
+
 def _dir_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2**20
 
 
-def _export(out_dir: str, vae, text_encoder, tokenizer, unet) -> None:
+def _export(out_dir: str, vae, text_encoder, tokenizer, unet, prediction_type: str) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -637,7 +665,7 @@ def _export(out_dir: str, vae, text_encoder, tokenizer, unet) -> None:
         text_encoder=text_encoder.eval().cpu(),
         tokenizer=tokenizer,
         unet=unet.eval().cpu(),
-        scheduler=DDIMScheduler(**scheduler_config()),
+        scheduler=DDIMScheduler(**scheduler_config(prediction_type)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -679,7 +707,7 @@ def export_checkpoint(work_dir: str, out_dir: str, *, use_ema: bool = True) -> s
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(ema[str(i)])
-    _export(out_dir, vae, text_encoder, tokenizer, unet)
+    _export(out_dir, vae, text_encoder, tokenizer, unet, _prediction_type(state))
     return out_dir
 
 _CLI_DOC = """Train attnctrl's embedded shapes model from scratch (resumable).
@@ -708,6 +736,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--device", default=None, help="cuda / cpu (default: cuda if available)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prediction-type", choices=("v_prediction", "epsilon"), default="v_prediction",
+                   help="UNet target (default v_prediction; a resumed run keeps its checkpoint's)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--export-checkpoint", action="store_true", help="only export --work's checkpoint to --out")
     p.add_argument("--finetune-decoder", type=float, default=None, metavar="MINUTES",
@@ -735,6 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         resume=a.resume,
         device=a.device,
         threads=a.threads,
+        prediction_type=a.prediction_type,
     )
     return 0
 
