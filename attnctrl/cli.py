@@ -359,7 +359,6 @@ def cmd_speed(args: argparse.Namespace) -> int:
     pipe, model, _ = _load_from_args(args)
     from tqdm.auto import tqdm
 
-    pipe.set_progress_bar_config(disable=False)  # one bar per generation, labelled by the outer bar
     with tqdm(total=len(policies) + 1, desc="generations", unit="run", file=sys.stderr) as bar:
         def progress(fraction: float, desc: str) -> None:
             bar.set_description(desc)
@@ -559,6 +558,9 @@ def cmd_edit(args: argparse.Namespace) -> int:
     policy = parse_efficient(args.efficient)
     if policy is not None and args.materialise:
         raise UsageError("--materialise runs explicit attention maps and cannot be combined with --efficient")
+    if policy is not None and args.image is not None and args.method == "dpl":
+        raise UsageError("--method dpl reads exact attention maps and cannot run under --efficient; invert with "
+                         "'attnctrl invert --method dpl' first and edit the file with --inversion and --efficient")
     inversion = None
     if args.inversion is not None:
         inversion = _load_inversion(args.inversion, args.index)

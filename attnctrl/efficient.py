@@ -955,7 +955,7 @@ def grouped_attention(
         raise ValueError(f"implementation must be 'auto', 'routing' or 'gather', got {implementation!r}")
     b, heads = q.shape[:2]
     index, valid = neighbours or group_neighbours(h, w, group, pattern, radius, device=q.device)
-    n_groups, slots = index.shape
+    n_groups = index.shape[0]
     m = group[0] * group[1]
 
     # Layout (B·H, G, tokens, D): attention is independent per (batch, head) pair, so the groups can

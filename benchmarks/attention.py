@@ -59,7 +59,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
-    GB,
     Memory,
     child_main,
     environment,

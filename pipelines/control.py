@@ -56,14 +56,13 @@ def _applied_policies(unet: Any) -> dict[str, Any]:
     Prompt-to-Prompt layers over such a policy (its layers keep their attention, the edit acts on V);
     any other attnctrl install (an open control block, a pipeline call in progress) is refused.
     """
+    from attnctrl.pipelines.efficient import applied_handle
     from attnctrl.processors.efficient import PolicyProcessor
 
     if not is_installed(unet):
         return {}
-    processors = unet.attn_processors
-    ours = {name: p for name, p in processors.items() if type(p).__module__.startswith("attnctrl.")}
-    if layers_installed(unet) == 1 and all(isinstance(p, PolicyProcessor) for p in ours.values()):
-        return {name: p for name, p in ours.items()}
+    if layers_installed(unet) == 1 and applied_handle(unet) is not None:  # only a policy, nothing over it
+        return {name: p for name, p in unet.attn_processors.items() if isinstance(p, PolicyProcessor)}
     raise RuntimeError(
         "attnctrl processors are already installed on this UNet (an open attnctrl.control block, or a "
         "Prompt2Prompt pipeline call in progress); nested control on one pipeline is not supported"

@@ -26,7 +26,7 @@ from attnctrl.processors._install import (
     restore,
 )
 
-__all__ = ["apply", "remove", "EfficientHandle", "SUPPORTED", "SUPPORTED_DIT"]
+__all__ = ["apply", "remove", "applied_handle", "EfficientHandle", "SUPPORTED", "SUPPORTED_DIT"]
 
 SUPPORTED = (
     "diffusers UNet2DConditionModel (Stable Diffusion 1.x/2.x, SDXL) or a pipeline whose .unet is one "
@@ -179,6 +179,11 @@ def apply(pipe_or_model: Any, config: Any, *, scheduler: Any = None) -> Efficien
     handle = EfficientHandle(model, config, state)
     setattr(model, _HANDLE, handle)
     return handle
+
+
+def applied_handle(model: Any) -> EfficientHandle | None:
+    """The handle of the policy ``attnctrl.apply`` installed on ``model`` (a UNet or DiT), or None."""
+    return getattr(model, _HANDLE, None)
 
 
 def remove(pipe_or_model: Any) -> bool:

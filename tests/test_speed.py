@@ -72,6 +72,9 @@ def test_speed_and_edit_reject_bad_policies(model_dir, tmp_path, capsys):
     code = cli.main(["edit", "--model", model_dir, "--prompt", PROMPT, "--to", "a photo of a dog on the grass",
                      "--efficient", "window", "--materialise", "--out", str(tmp_path)])
     assert code == 2 and "--materialise" in capsys.readouterr().err
+    code = cli.main(["edit", "--model", model_dir, "--prompt", PROMPT, "--to", "a photo of a dog on the grass",
+                     "--efficient", "window", "--image", "missing.png", "--method", "dpl", "--out", str(tmp_path)])
+    assert code == 2 and "--method dpl" in capsys.readouterr().err
 
 
 def test_edit_with_efficient_attention(model_dir, tmp_path):
