@@ -157,7 +157,7 @@ def _edit_inputs(c: dict[str, Any]) -> list[Any]:
 INTRO = """# attnctrl
 Training-free attention control for diffusers: edit a generated or real image by editing its prompt
 (Prompt-to-Prompt), look at each word's attention, keep subjects consistent across scenes, and time
-efficient attention (agent, proxy, grouped, window) against stock attention.
+efficient attention (agent, agentsd, proxy, grouped, window) against stock attention.
 The default model is the small embedded **shapes** model (64x64 scenes of coloured shapes; offline);
 type a hub id (`org/name`) or a local diffusers folder to use another Stable Diffusion 1.x/2.x or SDXL model."""
 
@@ -383,7 +383,7 @@ def build_app(
                                               elem_id="speed-prompt")
                     speed_policies = gr.CheckboxGroup(list(POLICIES), value=["agent", "window"], label="Efficient attention",
                                                       elem_id="speed-policies",
-                                                      info="agent: AgentSD; proxy: window + proxy tokens; grouped: GRAT; window: HiDiffusion MSW-MSA")
+                                                      info="agent: AgentSD's agent attention; agentsd: AgentSD's full schedule (agents + ToMe merge, then ToMe); proxy: window + proxy tokens; grouped: GRAT; window: HiDiffusion MSW-MSA")
                     speed_options = gr.Textbox(label="Policy options (optional, one per line: NAME:KEY=VALUE,...)", lines=2,
                                                placeholder="agent:agents=pool,steps=0,0.6\ngrouped:pattern=criss-cross",
                                                elem_id="speed-options")

@@ -352,7 +352,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
 
     policies = [parse_efficient(text) for text in args.efficient]
     if any(p is None for p in policies):
-        raise UsageError("--efficient: name a policy (agent, proxy, grouped, window); stock attention always runs first")
+        raise UsageError("--efficient: name a policy (agent, agentsd, proxy, grouped, window); stock attention always runs first")
     _check_positive_int(args.steps, "--steps")
     _check_guidance(args.guidance)
     size = parse_size(args.size)
@@ -1053,12 +1053,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "speed",
-        help="time generation with efficient attention (agent, proxy, grouped, window) against stock attention",
+        help="time generation with efficient attention (agent, agentsd, proxy, grouped, window) against stock attention",
         description="Generate PROMPT with stock attention and with each --efficient policy from the same noise, and "
         "write DIR/stock.png, DIR/POLICY.png, DIR/grid.png and DIR/speed.json (seconds per step, speed-up).",
     )
     sp.add_argument("--efficient", action="append", required=True, metavar="POLICY[:KEY=VALUE,...]",
-                    help="a policy to compare (repeat for several): agent, proxy, grouped, window, with config options")
+                    help="a policy to compare (repeat for several): agent, agentsd, proxy, grouped, window, with config options")
     sp.add_argument("--prompt", default="a red circle on the left and a blue square at the top right")
     sp.add_argument("--model", default=None, help="diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
     sp.add_argument("--out", required=True, metavar="DIR")

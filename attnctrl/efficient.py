@@ -50,6 +50,10 @@ __all__ = [
     "agent_counts",
     "cell_partition",
     "merge_agents",
+    "BipartiteMatch",
+    "bipartite_match",
+    "merge_tokens",
+    "unmerge_tokens",
     "pool_agents",
     "agent_attention",
     "WindowAttention",
@@ -174,6 +178,15 @@ class AgentAttention:
             uses top-left.
         seed: seed of the private generator (the global RNG is never used).
         backend: kernel backend name (None = best available).
+        merge_ratio: ToMe's main merge (AgentSD's ``ratio``; 0 = off, the default): on the agent
+            steps, the ``⌊N·merge_ratio⌋`` sources most similar to their destination are merged
+            into it (by mean, same cells and matching as the agents) before attention, attention
+            runs on the N' = N − r merged tokens, and each merged token takes its destination's
+            output. Merging the projected q/k/v equals merging the layer input for the linear
+            projections of SD/SDXL.
+        tome_after: after the agent steps, keep merging with ``merge_ratio`` on ToMe's 2×2 cells
+            with plain attention (AgentSD's late steps) instead of running stock attention.
+            Needs ``merge_ratio > 0``. :meth:`agentsd` gives AgentSD's recommended schedule.
     """
 
     agents: str = "merge"
@@ -188,6 +201,16 @@ class AgentAttention:
     use_rand: bool = True
     seed: int = 0
     backend: str | None = None
+    merge_ratio: float = 0.0
+    tome_after: bool = False
+
+    @classmethod
+    def agentsd(cls, **overrides: Any) -> "AgentAttention":
+        """AgentSD's recommended schedule: agents from 4×4 cells (agent_ratio 0.95) with ToMe's main
+        merge at ratio 0.4 for the first 40% of steps, then ToMe alone (2×2 cells, ratio 0.4)."""
+        settings: dict[str, Any] = dict(agents="merge", sx=4, sy=4, agent_ratio=0.95, steps=(0.0, 0.4), merge_ratio=0.4, tome_after=True)
+        settings.update(overrides)
+        return cls(**settings)
 
     def __post_init__(self) -> None:
         if self.agents not in ("merge", "pool"):
@@ -211,11 +234,24 @@ class AgentAttention:
             raise InvalidWeightError(f"AgentAttention: use_rand must be a bool, got {self.use_rand!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InvalidWeightError(f"AgentAttention: seed must be an int, got {self.seed!r}")
+        _finite("merge_ratio", self.merge_ratio, low=0.0, high=1.0)
+        if not isinstance(self.tome_after, bool):
+            raise InvalidWeightError(f"AgentAttention: tome_after must be True or False, got {self.tome_after!r}")
+        if self.tome_after and self.merge_ratio <= 0.0:
+            raise InvalidWeightError("AgentAttention: tome_after=True merges with merge_ratio, which is 0; set merge_ratio (AgentSD: 0.4)")
 
-    def step_active(self, step: int, num_steps: int) -> bool:
+    def agents_active(self, step: int, num_steps: int) -> bool:
         """Whether step ``step`` (0-based) of ``num_steps`` uses agent attention."""
         start, end = self.steps
         return num_steps > 0 and start * num_steps <= step < end * num_steps
+
+    def tome_active(self, step: int, num_steps: int) -> bool:
+        """Whether step ``step`` is one of the ToMe-only steps after the agent steps (``tome_after``)."""
+        return self.tome_after and num_steps > 0 and step >= self.steps[1] * num_steps
+
+    def step_active(self, step: int, num_steps: int) -> bool:
+        """Whether step ``step`` (0-based) of ``num_steps`` runs anything but stock attention."""
+        return self.agents_active(step, num_steps) or self.tome_active(step, num_steps)
 
 
 class AgentCounts(NamedTuple):
@@ -232,9 +268,8 @@ class AgentCounts(NamedTuple):
 def agent_counts(h: int, w: int, *, sx: int = 4, sy: int = 4, agent_ratio: float = 0.95, ratio: float = 0.0) -> AgentCounts:
     """Agent and merged token counts for an ``h×w`` layer, and whether agent attention is gated on.
 
-    ``ratio`` is ToMe's main merge ratio (AgentSD's 0.4; attnctrl's processor does not merge the
-    tokens attention runs on, so it uses 0). The gate is AgentSD's: agents are used only while
-    ``2·n_agents < N'``.
+    ``ratio`` is ToMe's main merge ratio (AgentSD's 0.4; :class:`AgentAttention`'s ``merge_ratio``,
+    0 by default). The gate is AgentSD's: agents are used only while ``2·n_agents < N'``.
     """
     n = h * w
     n_dst = (h // sy) * (w // sx)
@@ -266,6 +301,92 @@ def cell_partition(
     return dst.to(device), src.to(device)
 
 
+class BipartiteMatch(NamedTuple):
+    """ToMe bipartite soft matching of one layer input (:func:`bipartite_match`).
+
+    ``dst`` (Nd,) and ``src`` (Ns,) are flat token indices; ``order`` (B, Ns) ranks the sources of
+    each batch row by their best cosine similarity to a destination, most similar first; ``target``
+    (B, Ns) is each source's best destination (an index into ``dst``).
+    """
+
+    dst: torch.Tensor
+    src: torch.Tensor
+    order: torch.Tensor
+    target: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.dst.numel() + self.src.numel())
+
+
+def bipartite_match(
+    x: torch.Tensor, h: int, w: int, *, sx: int = 4, sy: int = 4, generator: torch.Generator | None = None
+) -> BipartiteMatch:
+    """Match every source to its most cosine-similar destination (one destination per ``sx×sy`` cell,
+    random if ``generator``), as ToMe and AgentSD do on the normalised block input ``x`` ``(B, N, C)``."""
+    b, n, c = x.shape
+    if n != h * w:
+        raise ValueError(f"bipartite_match: {n} tokens is not {h}x{w}")
+    dst, src = cell_partition(h, w, sx, sy, generator=generator, device=x.device)
+    metric = F.normalize(x.float(), dim=-1)
+    scores = metric[:, src] @ metric[:, dst].transpose(-1, -2)  # (B, Nsrc, Ndst): N²/16, as in ToMe
+    node_max, node_idx = scores.max(dim=-1)
+    order = node_max.argsort(dim=-1, descending=True)
+    return BipartiteMatch(dst, src, order, node_idx)
+
+
+def _token_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B, M) indices expanded to gather/scatter along dim 2 of a ``(B, H, *, D)`` tensor."""
+    return index[:, None, :, None].expand(-1, like.shape[1], -1, like.shape[-1])
+
+
+def merge_tokens(t: torch.Tensor, match: BipartiteMatch, r: int) -> torch.Tensor:
+    """Merge the ``r`` best-matched sources into their destinations by mean.
+
+    Args:
+        t: ``(B, N, C)`` or ``(B, H, N, D)`` tokens in the order ``match`` was computed on.
+        r: sources merged (0 <= r <= Ns).
+
+    Returns:
+        ``(B, N − r, C)`` or ``(B, H, N − r, D)``: the unmerged sources (in ``match.order``) followed
+        by the destinations averaged with the sources merged into them.
+    """
+    flat = t.ndim == 3
+    t4 = t.unsqueeze(1) if flat else t
+    n_src = match.src.numel()
+    if not 0 <= r <= n_src:
+        raise ValueError(f"merge_tokens: r must be in [0, {n_src}], got {r}")
+    ts, td = t4[:, :, match.src], t4[:, :, match.dst]
+    kept = ts.gather(2, _token_index(match.order[:, r:], ts))
+    merged_order = match.order[:, :r]
+    merged = ts.gather(2, _token_index(merged_order, ts))
+    target = _token_index(match.target.gather(1, merged_order), ts)
+    acc = torch.promote_types(t.dtype, torch.float32)  # half-precision means lose the small groups' weight
+    dst = td.to(acc).scatter_reduce(2, target, merged.to(acc), reduce="mean", include_self=True).to(t.dtype)
+    out = torch.cat([kept, dst], dim=2)
+    return out.squeeze(1) if flat else out
+
+
+def unmerge_tokens(t: torch.Tensor, match: BipartiteMatch, r: int) -> torch.Tensor:
+    """Inverse layout of :func:`merge_tokens`: ``(B, [H,] N − r, D)`` -> ``(B, [H,] N, D)``, each merged
+    source taking its destination's row (ToMe's un-merge by copy)."""
+    flat = t.ndim == 3
+    t4 = t.unsqueeze(1) if flat else t
+    n_src = match.src.numel()
+    n_kept = n_src - r
+    if t4.shape[2] != n_kept + match.dst.numel():
+        raise ValueError(f"unmerge_tokens: expected {n_kept + match.dst.numel()} tokens, got {t4.shape[2]}")
+    kept, dst = t4[:, :, :n_kept], t4[:, :, n_kept:]
+    src = t4.new_empty(t4.shape[0], t4.shape[1], n_src, t4.shape[-1])
+    src.scatter_(2, _token_index(match.order[:, r:], src), kept)
+    merged_order = match.order[:, :r]
+    src.scatter_(2, _token_index(merged_order, src), dst.gather(2, _token_index(match.target.gather(1, merged_order), dst)))
+    out = t4.new_empty(t4.shape[0], t4.shape[1], match.n_tokens, t4.shape[-1])
+    out[:, :, match.src] = src
+    out[:, :, match.dst] = dst
+    return out.squeeze(1) if flat else out
+
+
 def merge_agents(
     x: torch.Tensor,
     h: int,
@@ -275,34 +396,26 @@ def merge_agents(
     sy: int = 4,
     agent_ratio: float = 0.95,
     generator: torch.Generator | None = None,
+    match: BipartiteMatch | None = None,
 ) -> torch.Tensor:
     """Agent features by ToMe bipartite soft matching (AgentSD).
 
     Args:
         x: ``(B, N, C)`` normalised block input, N = h·w in row-major order.
         generator: private generator for the random destination per cell (None = top-left).
+        match: a matching of ``x`` already computed (then ``sx``, ``sy`` and ``generator`` are unused).
 
     Returns:
         ``(B, n, C)``: the unmerged sources followed by the destinations averaged with the sources
         merged into them. The same cells are used for every batch row.
     """
-    b, n, c = x.shape
+    n = x.shape[1]
     if n != h * w:
         raise ValueError(f"merge_agents: {n} tokens is not {h}x{w}")
-    dst, src = cell_partition(h, w, sx, sy, generator=generator, device=x.device)
-    metric = F.normalize(x.float(), dim=-1)
-    a, bm = metric[:, src], metric[:, dst]
-    scores = a @ bm.transpose(-1, -2)  # (B, Nsrc, Ndst): N²/16, as in ToMe
-    node_max, node_idx = scores.max(dim=-1)
-    order = node_max.argsort(dim=-1, descending=True)
-    r = min(src.numel(), int(math.floor(n * agent_ratio)))
-    merged, kept = order[:, :r], order[:, r:]
-    xs, xd = x[:, src], x[:, dst]
-    kept_feat = xs.gather(1, kept.unsqueeze(-1).expand(-1, -1, c))
-    merged_feat = xs.gather(1, merged.unsqueeze(-1).expand(-1, -1, c))
-    target = node_idx.gather(1, merged).unsqueeze(-1).expand(-1, -1, c)
-    dst_feat = xd.float().scatter_reduce(1, target, merged_feat.float(), reduce="mean", include_self=True)
-    return torch.cat([kept_feat, dst_feat.to(x.dtype)], dim=1)
+    if match is None:
+        match = bipartite_match(x, h, w, sx=sx, sy=sy, generator=generator)
+    r = min(match.src.numel(), int(math.floor(n * agent_ratio)))
+    return merge_tokens(x, match, r)
 
 
 def pool_agents(x: torch.Tensor, h: int, w: int, *, sx: int = 4, sy: int = 4) -> torch.Tensor:

@@ -22,9 +22,11 @@ import torch
 
 __all__ = ["SpeedRun", "SpeedReport", "compare_speed", "parse_policy", "POLICIES"]
 
-#: Names accepted by :func:`parse_policy` and the CLI's ``--efficient``, and their config classes.
+#: Names accepted by :func:`parse_policy` and the CLI's ``--efficient``, and their config classes
+#: (``Class.preset`` names a classmethod that gives the preset's defaults).
 POLICIES = {
     "agent": "AgentAttention",
+    "agentsd": "AgentAttention.agentsd",
     "proxy": "ProxyAttention",
     "grouped": "GroupedAttention",
     "window": "WindowAttention",
@@ -69,7 +71,9 @@ def parse_policy(text: str | None) -> Any:
     name = name.strip().lower()
     if name not in POLICIES:
         raise ValueError(f"unknown efficient-attention policy {name!r}: use one of {', '.join(POLICIES)} (or none)")
-    cls = getattr(attnctrl, POLICIES[name])
+    class_name, _, preset = POLICIES[name].partition(".")
+    cls = getattr(attnctrl, class_name)
+    build = getattr(cls, preset) if preset else cls
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     fields = list(defaults)
     items: list[list[str]] = []
@@ -84,16 +88,18 @@ def parse_policy(text: str | None) -> Any:
     kwargs = {}
     for key, value in items:
         if key not in fields:
-            raise ValueError(f"{POLICIES[name]} has no option {key!r}; options: {', '.join(fields)}")
+            raise ValueError(f"{class_name} has no option {key!r}; options: {', '.join(fields)}")
         # a word option (shift="none", agents="pool") stays a word
         kwargs[key] = value.strip() if isinstance(defaults[key], str) else _value(value)
-    return cls(**kwargs)
+    return build(**kwargs)
 
 
 def policy_label(config: Any) -> str:
     """Short name of a config for tables and captions (``agent``, ``window``...)."""
     if config is None:
         return "stock"
+    if type(config).__name__ == "AgentAttention" and config.tome_after:
+        return "agentsd"
     for name, cls_name in POLICIES.items():
         if type(config).__name__ == cls_name:
             return name

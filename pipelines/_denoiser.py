@@ -94,12 +94,19 @@ class Denoiser:
         a = self._alpha(int(t))
         return a**0.5 * output + (1 - a) ** 0.5 * sample
 
+    def to_x0_and_epsilon(self, output: torch.Tensor, sample: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean-latent and noise estimates at ``t``. A v-prediction output gives both without a
+        division, so this also holds at t=999 of a zero-terminal-SNR schedule (alpha 0)."""
+        a = self._alpha(int(t))
+        if self.prediction_type == "epsilon":
+            return (sample - (1 - a) ** 0.5 * output) / a**0.5, output
+        return a**0.5 * sample - (1 - a) ** 0.5 * output, a**0.5 * output + (1 - a) ** 0.5 * sample
+
     def step(self, sample: torch.Tensor, output: torch.Tensor, t: int) -> torch.Tensor:
         """Deterministic DDIM step (eta 0) from ``t`` to the previous timestep; the same update as
         ``DDIMScheduler.step``."""
-        a_t, a_prev = self._alpha(int(t)), self._alpha(self.prev_timestep(int(t)))
-        eps = self.to_epsilon(output, sample, t)
-        x0 = (sample - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        a_prev = self._alpha(self.prev_timestep(int(t)))
+        x0, eps = self.to_x0_and_epsilon(output, sample, t)
         return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
 
     def inverse_step(self, sample: torch.Tensor, output: torch.Tensor, t: int) -> torch.Tensor:

@@ -17,14 +17,17 @@ from attnctrl.efficient import (
     WindowAttention,
     agent_attention,
     agent_counts,
+    bipartite_match,
     group_neighbours,
     group_permutation,
     grouped_attention,
     grouped_is_dense,
     grouped_routing,
     merge_agents,
+    merge_tokens,
     pool_agents,
     proxy_attention,
+    unmerge_tokens,
     window_attention,
     window_routing,
     window_shift,
@@ -223,23 +226,37 @@ class AgentAttentionProcessor(PolicyProcessor):
     At an active step, on a layer at an allowed resolution, agent features are built from the
     layer input (the block's normalised hidden states) by :func:`~attnctrl.efficient.merge_agents`
     or :func:`~attnctrl.efficient.pool_agents`, projected with ``to_q`` (and ``norm_q``), and the
-    output is :func:`~attnctrl.efficient.agent_attention`. Otherwise, or when AgentSD's gate
-    ``2·n_agents < N`` fails, it runs stock attention through :func:`attnctrl.kernels.attention`.
+    output is :func:`~attnctrl.efficient.agent_attention`. With ``merge_ratio`` the q/k/v are first
+    merged by ToMe (:func:`~attnctrl.efficient.merge_tokens`) and the output un-merged; on the
+    ``tome_after`` steps it runs plain attention on the ToMe-merged tokens. Otherwise, or when
+    AgentSD's gate ``2·n_agents < N'`` fails, it runs stock attention through
+    :func:`attnctrl.kernels.attention`.
     """
 
     def policy_attention(self, attn: Any, hidden_states: torch.Tensor, call: Projected) -> torch.Tensor | None:
-        config = self.state.config
+        config: AgentAttention = self.state.config
         grid = self.active_grid(attn, hidden_states, call)
         if grid is None:
             return None
         h, w = grid
+        n = h * w
+        generator = self.state.generator if config.use_rand and hidden_states.shape[0] % 2 == 0 else None
+        if not config.agents_active(self.state.step, self.state.num_steps):
+            # AgentSD's late steps (tome_after): ToMe alone, on its 2x2 cells
+            match = bipartite_match(hidden_states, h, w, sx=2, sy=2, generator=generator)
+            r = min(match.src.numel(), int(math.floor(n * config.merge_ratio)))
+            q, k, v = (merge_tokens(t, match, r) for t in (call.query, call.key, call.value))
+            return unmerge_tokens(kernels.attention(q, k, v, scale=attn.scale, backend=config.backend), match, r)
+        match = None
+        if config.agents == "merge" or config.merge_ratio > 0:
+            match = bipartite_match(hidden_states, h, w, sx=config.sx, sy=config.sy, generator=generator)
+        r = 0 if match is None else min(match.src.numel(), int(math.floor(n * config.merge_ratio)))
         if config.agents == "merge":
-            if not agent_counts(h, w, sx=config.sx, sy=config.sy, agent_ratio=config.agent_ratio).active:
+            if not agent_counts(h, w, sx=config.sx, sy=config.sy, agent_ratio=config.agent_ratio, ratio=config.merge_ratio).active:
                 return None
-            generator = self.state.generator if config.use_rand and hidden_states.shape[0] % 2 == 0 else None
-            feats = merge_agents(hidden_states, h, w, sx=config.sx, sy=config.sy, agent_ratio=config.agent_ratio, generator=generator)
+            feats = merge_agents(hidden_states, h, w, agent_ratio=config.agent_ratio, match=match)
         else:
-            if 2 * math.ceil(h / config.sy) * math.ceil(w / config.sx) >= h * w:
+            if 2 * math.ceil(h / config.sy) * math.ceil(w / config.sx) >= n - r:
                 return None
             feats = pool_agents(hidden_states, h, w, sx=config.sx, sy=config.sy)
         agents = attn.to_q(feats)
@@ -247,10 +264,14 @@ class AgentAttentionProcessor(PolicyProcessor):
         agents = agents.view(batch, -1, heads, head_dim).transpose(1, 2)
         if getattr(attn, "norm_q", None) is not None:
             agents = attn.norm_q(agents)
-        return agent_attention(
-            call.query, call.key, call.value, agents, scale=attn.scale,
+        q, k, v = call.query, call.key, call.value
+        if r:
+            q, k, v = (merge_tokens(t, match, r) for t in (q, k, v))
+        out = agent_attention(
+            q, k, v, agents, scale=attn.scale,
             scale_exponent=config.scale_exponent, shortcut=config.shortcut, backend=config.backend,
         )
+        return unmerge_tokens(out, match, r) if r else out
 
 
 #: The old name of :class:`PolicyState` (agent attention was the first policy).

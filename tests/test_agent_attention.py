@@ -12,9 +12,12 @@ from attnctrl.efficient import (
     AgentAttention,
     agent_attention,
     agent_counts,
+    bipartite_match,
     cell_partition,
     merge_agents,
+    merge_tokens,
     pool_agents,
+    unmerge_tokens,
 )
 from attnctrl.errors import InvalidScheduleError, InvalidWeightError, UnsupportedModelError
 from attnctrl.kernels import reference_attention
@@ -54,6 +57,9 @@ def test_defaults_match_the_note():
         ({"max_downsample": 3}, InvalidWeightError),
         ({"layers": ()}, InvalidWeightError),
         ({"seed": 1.5}, InvalidWeightError),
+        ({"merge_ratio": 1.2}, InvalidWeightError),
+        ({"tome_after": True}, InvalidWeightError),  # nothing to merge with
+        ({"tome_after": 1}, InvalidWeightError),
     ],
 )
 def test_config_validation(kwargs, error):
@@ -76,6 +82,161 @@ def test_sd15_512_counts_and_gate_match_the_note():
     # attnctrl's processor (no main ToMe merge) at the same layer
     ours = agent_counts(64, 64)
     assert (ours.n_agents, ours.n_merged, ours.active) == (256, 4096, True)
+
+
+def test_agentsd_preset_and_its_schedule():
+    c = AgentAttention.agentsd()
+    assert (c.sx, c.sy, c.agent_ratio, c.merge_ratio, c.tome_after, c.steps) == (4, 4, 0.95, 0.4, True, (0.0, 0.4))
+    assert [c.agents_active(i, 50) for i in range(50)] == [True] * 20 + [False] * 30
+    assert [c.tome_active(i, 50) for i in range(50)] == [False] * 20 + [True] * 30
+    assert all(c.step_active(i, 50) for i in range(50))
+    assert AgentAttention.agentsd(merge_ratio=0.3).merge_ratio == 0.3
+    assert not AgentAttention().tome_active(30, 50)
+
+
+def _brute_force_merge(x, match, r):
+    """Per batch row, with Python lists: the merged tokens and, for every original token, the
+    merged row it is represented by."""
+    rows, owners = [], []
+    for b in range(x.shape[0]):
+        order = match.order[b].tolist()
+        src, dst = match.src.tolist(), match.dst.tolist()
+        target = match.target[b].tolist()
+        kept = order[r:]
+        groups = {j: [dst[j]] for j in range(len(dst))}
+        for i in order[:r]:
+            groups[target[i]].append(src[i])
+        merged = [x[b, src[i]] for i in kept] + [torch.stack([x[b, t] for t in groups[j]]).mean(0) for j in range(len(dst))]
+        owner = {}
+        for pos, i in enumerate(kept):
+            owner[src[i]] = pos
+        for j, members in groups.items():
+            for t in members:
+                owner[t] = len(kept) + j
+        rows.append(torch.stack(merged))
+        owners.append([owner[t] for t in range(match.n_tokens)])
+    return torch.stack(rows), owners
+
+
+@pytest.mark.parametrize("h, w, sx, sy, r", [(8, 8, 4, 4, 40), (9, 10, 4, 4, 50), (8, 8, 2, 2, 0), (6, 7, 2, 2, 21)])
+def test_merge_and_unmerge_tokens_match_a_brute_force_reference(h, w, sx, sy, r):
+    gen = torch.Generator().manual_seed(h * w + r)
+    x = torch.randn(2, h * w, 5, generator=gen, dtype=torch.float64)
+    match = bipartite_match(x, h, w, sx=sx, sy=sy, generator=torch.Generator().manual_seed(3))
+    merged = merge_tokens(x, match, r)
+    expected, owners = _brute_force_merge(x, match, r)
+    assert merged.shape == (2, h * w - r, 5)
+    torch.testing.assert_close(merged, expected, atol=1e-12, rtol=0)
+    # with heads: the same per head
+    per_head = merge_tokens(torch.stack([x, 2 * x], dim=1), match, r)
+    torch.testing.assert_close(per_head[:, 1], 2 * expected, atol=1e-12, rtol=0)
+    # un-merge: every token takes the row it was merged into
+    back = unmerge_tokens(merged, match, r)
+    for b in range(2):
+        torch.testing.assert_close(back[b], merged[b, owners[b]], atol=0, rtol=0)
+    if r == 0:
+        assert torch.equal(back, x)  # a permutation and its inverse
+    with pytest.raises(ValueError):
+        merge_tokens(x, match, match.src.numel() + 1)
+    with pytest.raises(ValueError):
+        unmerge_tokens(x, match, r + 1)
+
+
+def _tiny_attention(dim=16, heads=2, seed=0):
+    from diffusers.models.attention_processor import Attention
+
+    torch.manual_seed(seed)
+    return Attention(dim, heads=heads, dim_head=dim // heads).eval()
+
+
+class _FixedState:
+    """A PolicyState stand-in: a step, a grid and a private generator."""
+
+    def __init__(self, config, step, num_steps, h, w, seed=0):
+        self.config = config
+        self.step, self.num_steps = step, num_steps
+        self.active = config.step_active(step, num_steps)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._grid = (h, w)
+
+    def layer_grid(self, n_tokens):
+        return self._grid if n_tokens == self._grid[0] * self._grid[1] else None
+
+
+def _project(attn, x):
+    b, n, _ = x.shape
+    heads = attn.heads
+    q, k, v = (f(x).view(b, n, heads, -1).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
+    return q, k, v
+
+
+def _out(attn, o):
+    b, heads, n, d = o.shape
+    return attn.to_out[0](o.transpose(1, 2).reshape(b, n, heads * d))
+
+
+@pytest.mark.parametrize("agents", ["merge", "pool"])
+def test_processor_main_merge_equals_merging_the_layer_input(agents):
+    """AgentSD merges the block input before attn1; the processor merges projected q/k/v. For
+    linear projections these agree: merge(x) -> agent attention -> un-merge is the reference."""
+    from attnctrl.processors.efficient import AgentAttentionProcessor
+
+    h = w = 12
+    attn = _tiny_attention()
+    x = torch.randn(2, h * w, 16, generator=torch.Generator().manual_seed(5))
+    config = AgentAttention(agents=agents, merge_ratio=0.4, steps=1.0)
+    processor = AgentAttentionProcessor(_FixedState(config, 0, 4, h, w, seed=9), "attn1")
+    with torch.no_grad():
+        got = processor(attn, x)
+        match = bipartite_match(x, h, w, sx=4, sy=4, generator=torch.Generator().manual_seed(9))
+        r = int(h * w * 0.4)
+        feats = merge_agents(x, h, w, match=match) if agents == "merge" else pool_agents(x, h, w)
+        merged = merge_tokens(x, match, r)
+        q, k, v = _project(attn, merged)
+        a = attn.to_q(feats).view(2, -1, attn.heads, 8).transpose(1, 2)
+        o = _explicit(q, k, v, a, attn.scale, 0.3, 0.075).float()
+        expected = unmerge_tokens(_out(attn, o), match, r)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    stock = attn(x)
+    assert not torch.allclose(got, stock, atol=1e-3)
+
+
+def test_processor_tome_after_the_agent_steps():
+    from attnctrl.processors.efficient import AgentAttentionProcessor
+
+    h, w = 10, 12
+    attn = _tiny_attention(seed=1)
+    x = torch.randn(2, h * w, 16, generator=torch.Generator().manual_seed(6))
+    config = AgentAttention.agentsd()
+    processor = AgentAttentionProcessor(_FixedState(config, 3, 4, h, w, seed=2), "attn1")  # step 3 of 4: past 40%
+    with torch.no_grad():
+        got = processor(attn, x)
+        match = bipartite_match(x, h, w, sx=2, sy=2, generator=torch.Generator().manual_seed(2))
+        r = int(h * w * 0.4)
+        q, k, v = _project(attn, merge_tokens(x, match, r))
+        o, _ = reference_attention(q, k, v, scale=attn.scale)
+        expected = unmerge_tokens(_out(attn, o), match, r)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # without tome_after the same step is stock attention
+    plain = AgentAttentionProcessor(_FixedState(AgentAttention(merge_ratio=0.4), 3, 4, h, w), "attn1")
+    with torch.no_grad():
+        torch.testing.assert_close(plain(attn, x), attn(x), atol=1e-6, rtol=1e-6)
+
+
+def test_agentsd_preset_end_to_end_and_exactly_removed(sd_pipe):
+    pipe = _stock_sd(sd_pipe)
+
+    def run():
+        return pipe("a red circle", num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    stock = run()
+    with attnctrl.apply(pipe, AgentAttention.agentsd(sx=2, sy=2)):
+        patched = run()
+        again = run()
+    assert torch.isfinite(torch.from_numpy(patched)).all()
+    assert torch.equal(torch.from_numpy(patched), torch.from_numpy(again))
+    assert not torch.equal(torch.from_numpy(patched), torch.from_numpy(stock))
+    assert torch.equal(torch.from_numpy(run()), torch.from_numpy(stock))
 
 
 def test_merge_agents_count_and_determinism():

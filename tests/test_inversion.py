@@ -73,6 +73,32 @@ def test_ddim_step_matches_diffusers(sd_pipe, prediction_type):
         torch.testing.assert_close(den.step(sample, output, t), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_ddim_step_matches_diffusers_on_a_zero_terminal_snr_schedule(sd_pipe):
+    """The shapes model's schedule: v-prediction, SNR 0 at t=999, trailing steps (alpha 0 at the first step)."""
+    from diffusers import DDIMScheduler
+
+    from attnctrl.models.shapes.train import scheduler_config
+    from attnctrl.pipelines._denoiser import Denoiser
+
+    original = sd_pipe.scheduler
+    sd_pipe.scheduler = DDIMScheduler(**scheduler_config("v_prediction", zero_terminal_snr=True))
+    try:
+        den = Denoiser(sd_pipe, height=32, width=32)
+        scheduler = DDIMScheduler.from_config(sd_pipe.scheduler.config)
+    finally:
+        sd_pipe.scheduler = original
+    scheduler.set_timesteps(7)
+    den.timesteps(7)
+    assert scheduler.timesteps[0] == 999 and float(den.alphas[999]) == 0.0
+    g = torch.Generator().manual_seed(0)
+    sample, output = torch.randn(2, 4, 5, 3, generator=g), torch.randn(2, 4, 5, 3, generator=g)
+    for t in scheduler.timesteps.tolist():
+        expected = scheduler.step(output, t, sample).prev_sample
+        got = den.step(sample, output, t)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_inverse_step_undoes_step_for_a_fixed_prediction(sd_pipe):
     from attnctrl.pipelines._denoiser import Denoiser
 

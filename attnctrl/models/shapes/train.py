@@ -97,27 +97,50 @@ def text_config(tokenizer) -> dict[str, Any]:
     )
 
 
-def scheduler_config(prediction_type: str = "v_prediction") -> dict[str, Any]:
+def scheduler_config(prediction_type: str = "v_prediction", zero_terminal_snr: bool | None = None) -> dict[str, Any]:
     """Noise schedule shared by training (DDPM) and the shipped DDIMScheduler.
 
-    v-prediction, not epsilon: at high noise an epsilon target barely depends on the image (x_t is
-    almost all noise, so predicting eps ~ x_t is nearly free), and that is where the layout is
-    decided. Trained on epsilon, the model learnt colours and shapes but not position words (its
-    x0 estimate at t=999 was the same for "on the left" and "on the right"); a v target is ~ -x0
-    there, so the layout is what the loss measures.
+    v-prediction on a zero-terminal-SNR schedule (Lin et al., 2023), sampled with "trailing" steps.
+    On the usual scaled-linear schedule the noisiest training input still holds 7% of the image
+    (alphas_cumprod[999] = 0.0047). For these big flat blobs that is enough to read the layout off
+    x_t, so the model learnt to take the layout from the noise and the colour from the prompt: its
+    x0 estimate at t=999 was the same for "on the left" and "on the right", and generation put
+    objects wherever the initial noise leaned. With SNR 0 at t=999 the only source of the layout is
+    the prompt. Zero SNR needs a v target (an epsilon model cannot recover x0 from pure noise).
+
+    ``zero_terminal_snr`` defaults to True for v-prediction and must be False for epsilon.
     """
     if prediction_type not in ("epsilon", "v_prediction"):
         raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+    if zero_terminal_snr is None:
+        zero_terminal_snr = prediction_type == "v_prediction"
+    if zero_terminal_snr and prediction_type != "v_prediction":
+        raise ValueError("zero_terminal_snr=True needs prediction_type='v_prediction': at SNR 0 noise says nothing about x0")
     return dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
         prediction_type=prediction_type,
+        rescale_betas_zero_snr=bool(zero_terminal_snr),
+        timestep_spacing="trailing" if zero_terminal_snr else "leading",
         clip_sample=False,
         set_alpha_to_one=False,
-        steps_offset=1,
+        steps_offset=0 if zero_terminal_snr else 1,
     )
+
+
+def loss_weight(snr: torch.Tensor, prediction_type: str, min_snr_gamma: float) -> torch.Tensor:
+    """Per-sample weight of the squared error on the network's target.
+
+    In terms of the x0 error both weightings are ``min(snr, gamma)`` (min-SNR-gamma), plus 1 for v:
+    without it a v loss is weighted by ~snr at high noise, i.e. not at all at SNR 0, which is where
+    a zero-terminal-SNR model must learn the layout from the prompt.
+    """
+    clamped = torch.clamp(snr, max=min_snr_gamma)
+    if prediction_type == "v_prediction":
+        return (clamped + 1.0) / (snr + 1.0)
+    return clamped / snr
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,6 +237,7 @@ def train(
     ema_decay: float = 0.999,
     min_snr_gamma: float = 5.0,
     prediction_type: str = "v_prediction",
+    zero_terminal_snr: bool | None = None,
     checkpoint_minutes: float = 5.0,
     resume: bool = False,
     device: str | None = None,
@@ -258,6 +282,16 @@ def train(
     elif state["prediction_type"] != prediction_type:
         _log(f"continuing with the checkpoint's prediction_type={state['prediction_type']!r} (not {prediction_type!r})")
     prediction_type = str(state["prediction_type"])
+    if "zero_terminal_snr" not in state:
+        # runs whose UNet has not started take the requested schedule; older ones used scaled-linear
+        started = int(state.get("unet_step", 0)) > 0
+        state["zero_terminal_snr"] = False if started else bool(scheduler_config(prediction_type, zero_terminal_snr)["rescale_betas_zero_snr"])
+    if zero_terminal_snr is not None and bool(zero_terminal_snr) != bool(state["zero_terminal_snr"]):
+        scheduler_config(prediction_type, zero_terminal_snr)  # validates the combination
+        _log(f"switching the noise schedule to zero_terminal_snr={zero_terminal_snr} at UNet step {state['unet_step']}")
+        state.setdefault("schedule_changes", []).append([int(state["unet_step"]), bool(zero_terminal_snr)])
+        state["zero_terminal_snr"] = bool(zero_terminal_snr)
+    zero_terminal_snr = bool(state["zero_terminal_snr"])
     if "pool_size" not in state:
         # checkpoints from before pool_size was recorded: trust the pre-encoded latents on disk
         found = [n for n in os.listdir(work_dir) if n.startswith(f"latents_{seed}_") and n.endswith(".safetensors")]
@@ -435,7 +469,7 @@ def train(
         if os.path.exists(os.path.join(ckpt, "unet_opt.safetensors")):
             _opt_from_flat(opt, _load_tensors(os.path.join(ckpt, "unet_opt.safetensors")))
     noise_sched = DDPMScheduler(
-        **{k: v for k, v in scheduler_config(prediction_type).items() if k not in ("set_alpha_to_one", "steps_offset")}
+        **{k: v for k, v in scheduler_config(prediction_type, zero_terminal_snr).items() if k not in ("set_alpha_to_one", "steps_offset")}
     )
     alphas_cumprod = noise_sched.alphas_cumprod.to(dev)
     snr_all = alphas_cumprod / (1 - alphas_cumprod)
@@ -498,13 +532,8 @@ def train(
                 g["lr"] = cur_lr
             hidden = text_encoder(ids)[0]
             pred = unet(noisy, t, hidden).sample
-            snr = snr_all[t]
-            if prediction_type == "v_prediction":
-                target = noise_sched.get_velocity(x0, noise, t)
-                w = torch.clamp(snr, max=min_snr_gamma) / (snr + 1)  # min-SNR-gamma for a v target
-            else:
-                target = noise
-                w = torch.clamp(snr, max=min_snr_gamma) / snr
+            target = noise_sched.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else noise
+            w = loss_weight(snr_all[t], prediction_type, min_snr_gamma)
             loss = (w * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -534,7 +563,7 @@ def train(
     if os.path.exists(ft):  # decoder fine-tuned by finetune_decoder() (same encoder, same latents)
         vae.load_state_dict(_load_tensors(ft))
         _log(f"exporting with the fine-tuned decoder {ft}")
-    _export(out_dir, vae, text_encoder, tokenizer, unet, _prediction_type(state))
+    _export(out_dir, vae, text_encoder, tokenizer, unet, _prediction_type(state), _zero_terminal_snr(state))
     state["phase"] = "done"
     save_ckpt({})
     _log(f"wrote {out_dir} ({_dir_mb(out_dir):.1f} MB); total {elapsed() / 60:.1f} min")
@@ -653,11 +682,16 @@ def _prediction_type(state: dict[str, Any]) -> str:
     return str(state.get("prediction_type", "epsilon"))
 
 
+def _zero_terminal_snr(state: dict[str, Any]) -> bool:
+    """Whether a checkpoint's noise schedule is zero-terminal-SNR (checkpoints from before it: no)."""
+    return bool(state.get("zero_terminal_snr", False))
+
+
 def _dir_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2**20
 
 
-def _export(out_dir: str, vae, text_encoder, tokenizer, unet, prediction_type: str) -> None:
+def _export(out_dir: str, vae, text_encoder, tokenizer, unet, prediction_type: str, zero_terminal_snr: bool) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(
@@ -665,7 +699,7 @@ def _export(out_dir: str, vae, text_encoder, tokenizer, unet, prediction_type: s
         text_encoder=text_encoder.eval().cpu(),
         tokenizer=tokenizer,
         unet=unet.eval().cpu(),
-        scheduler=DDIMScheduler(**scheduler_config(prediction_type)),
+        scheduler=DDIMScheduler(**scheduler_config(prediction_type, zero_terminal_snr)),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -707,7 +741,7 @@ def export_checkpoint(work_dir: str, out_dir: str, *, use_ema: bool = True) -> s
         with torch.no_grad():
             for i, p in enumerate(params):
                 p.copy_(ema[str(i)])
-    _export(out_dir, vae, text_encoder, tokenizer, unet, _prediction_type(state))
+    _export(out_dir, vae, text_encoder, tokenizer, unet, _prediction_type(state), _zero_terminal_snr(state))
     return out_dir
 
 _CLI_DOC = """Train attnctrl's embedded shapes model from scratch (resumable).
@@ -738,6 +772,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prediction-type", choices=("v_prediction", "epsilon"), default="v_prediction",
                    help="UNet target (default v_prediction; a resumed run keeps its checkpoint's)")
+    p.add_argument("--zero-terminal-snr", choices=("on", "off"), default=None,
+                   help="noise schedule with SNR 0 at t=999 (default: on for v_prediction; a resumed run keeps "
+                        "its checkpoint's unless this is given, and then switches from its current step)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--export-checkpoint", action="store_true", help="only export --work's checkpoint to --out")
     p.add_argument("--finetune-decoder", type=float, default=None, metavar="MINUTES",
@@ -766,6 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         device=a.device,
         threads=a.threads,
         prediction_type=a.prediction_type,
+        zero_terminal_snr=None if a.zero_terminal_snr is None else a.zero_terminal_snr == "on",
     )
     return 0
 
