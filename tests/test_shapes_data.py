@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from attnctrl.models import SHAPES
 from attnctrl.models.shapes import (
@@ -287,14 +288,29 @@ def test_training_configs_are_consistent(tokenizer):
     assert unet_config()["cross_attention_dim"] == cfg.hidden_size
     assert len(vae_config()["block_out_channels"]) == 3  # 64x64 -> 16x16
     sched = DDIMScheduler(**scheduler_config())
-    assert sched.config.set_alpha_to_one is False and sched.config.steps_offset == 1
     assert sched.config.prediction_type == "v_prediction"  # layout is learnt at high noise (see the docstring)
-    assert scheduler_config("epsilon")["prediction_type"] == "epsilon"
+    # zero terminal SNR: the noisiest training input holds nothing of the image, sampled from t=999
+    assert sched.config.rescale_betas_zero_snr and float(sched.alphas_cumprod[-1]) == 0.0
+    sched.set_timesteps(20)
+    assert int(sched.timesteps[0]) == 999 and int(sched.timesteps[-1]) == 49
+    legacy = DDIMScheduler(**scheduler_config("epsilon"))
+    assert legacy.config.steps_offset == 1 and not legacy.config.rescale_betas_zero_snr
+    assert float(legacy.alphas_cumprod[-1]) > 0.004
     with pytest.raises(ValueError, match="v_prediction"):
         scheduler_config("sample")
-    from attnctrl.models.shapes.train import _prediction_type
+    with pytest.raises(ValueError, match="zero_terminal_snr"):
+        scheduler_config("epsilon", zero_terminal_snr=True)
+    from attnctrl.models.shapes.train import _prediction_type, _zero_terminal_snr, loss_weight
 
     assert _prediction_type({}) == "epsilon" and _prediction_type({"prediction_type": "v_prediction"}) == "v_prediction"
+    assert _zero_terminal_snr({}) is False and _zero_terminal_snr({"zero_terminal_snr": True}) is True
+    # in x0 terms both weightings are min(snr, 5) (+1 for v): the v loss keeps weight 1 at SNR 0
+    snr = torch.tensor([0.0, 0.5, 5.0, 100.0], dtype=torch.float64)
+    assert loss_weight(snr, "v_prediction", 5.0)[0] == 1.0
+    x0_weight_v = loss_weight(snr, "v_prediction", 5.0) * (snr + 1)  # a v error is (snr+1)x an x0 error
+    torch.testing.assert_close(x0_weight_v, torch.clamp(snr, max=5.0) + 1)
+    x0_weight_eps = loss_weight(snr[1:], "epsilon", 5.0) * snr[1:]
+    torch.testing.assert_close(x0_weight_eps, torch.clamp(snr[1:], max=5.0))
 
 
 def test_shipped_model_folder():
