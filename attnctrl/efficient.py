@@ -78,6 +78,8 @@ __all__ = [
     "density",
     "grouped_density",
     "grouped_is_dense",
+    "grouped_implementation",
+    "strips_refusal",
 ]
 
 
@@ -833,6 +835,8 @@ def proxy_attention(
 
 #: GRAT-B and GRAT-X.
 GROUP_PATTERNS = ("neighborhood", "criss-cross")
+#: How :func:`grouped_attention` computes (see :class:`GroupedAttention`).
+GROUPED_IMPLEMENTATIONS = ("auto", "routing", "gather", "strips")
 
 
 @dataclass(frozen=True)
@@ -858,8 +862,11 @@ class GroupedAttention:
         implementation: ``"routing"`` (a :class:`~attnctrl.kernels.Routing` over group-major
             tokens, run by the kernel backend: block-sparse on flex/triton), ``"gather"``
             (gather each group's allowed key groups into a dense buffer; runs on any backend and
-            device at ``S``× the K/V memory, ``S`` = key groups per query group) or ``"auto"``
-            (gather on CPU, routing elsewhere).
+            device at ``S``× the K/V memory, ``S`` = key groups per query group), ``"strips"``
+            (CPU, neighbourhood, whole groups: each row of query groups attends to its key group
+            rows as overlapping strided views of the group-major K/V, no copy, on PyTorch's CPU
+            flash kernel, and the partial results are combined by their log-sum-exp) or
+            ``"auto"`` (strips on CPU where they apply, else gather; routing elsewhere).
         steps, max_downsample, layers, backend: as in :class:`WindowAttention` (default: every
             step; the highest-resolution attention level of a UNet, every block of a DiT).
     """
@@ -881,7 +888,7 @@ class GroupedAttention:
             raise InvalidWeightError(
                 f"{owner}: radius must be an int >= 0 (groups around the query's group; 1 = 3x3), got {self.radius!r}"
             )
-        _choice("implementation", self.implementation, ("auto", "routing", "gather"), owner=owner)
+        _choice("implementation", self.implementation, GROUPED_IMPLEMENTATIONS, owner=owner)
         _check_gating(self, owner, default_steps="(0.0, 1.0)")
 
     def step_active(self, step: int, num_steps: int) -> bool:
@@ -1043,7 +1050,8 @@ def grouped_attention(
     rows·cols``; the groups on the kernel's head axis), gather each group's ``S`` allowed key groups
     into ``(B·H, G, S·m, D)`` and attend densely; groups with fewer valid neighbours (at the border)
     run as separate calls over their valid slots only, and padding inside partial groups is masked
-    with a bool key mask. ``"auto"``: gather on CPU, routing elsewhere.
+    with a bool key mask. ``"strips"``: neighbourhood groups on CPU without copying K/V
+    (:func:`_grouped_strips`). ``"auto"``: :func:`grouped_implementation`.
 
     Args:
         q, k, v: ``(B, H, N, D)``, ``(B, H, N, D)``, ``(B, H, N, Dv)``; ``N = h·w`` row-major.
@@ -1054,7 +1062,12 @@ def grouped_attention(
         ``(B, H, N, Dv)`` in ``q.dtype``.
     """
     if implementation == "auto":
-        implementation = "gather" if q.device.type == "cpu" else "routing"
+        implementation = grouped_implementation(q, k, v, h, w, group, pattern, backend)
+    if implementation == "strips":
+        reason = strips_refusal(q, k, v, h, w, group, pattern, backend)
+        if reason is not None:
+            raise ValueError(f"grouped_attention: implementation='strips' does not apply: {reason}; use 'gather'")
+        return _grouped_strips(q, k, v, h, w, group, radius, q.shape[-1] ** -0.5 if scale is None else float(scale))
     if implementation == "routing":
         if routing is None:
             routing = grouped_routing(h, w, group, pattern, radius, device=q.device)
@@ -1065,7 +1078,7 @@ def grouped_attention(
         )
         return from_group_major(out, inverse)
     if implementation != "gather":
-        raise ValueError(f"implementation must be 'auto', 'routing' or 'gather', got {implementation!r}")
+        raise ValueError(f"implementation must be one of {GROUPED_IMPLEMENTATIONS}, got {implementation!r}")
     b, heads = q.shape[:2]
     index, valid = neighbours or group_neighbours(h, w, group, pattern, radius, device=q.device)
     n_groups = index.shape[0]
@@ -1097,6 +1110,90 @@ def grouped_attention(
         part = kernels.attention(queries, pick(kg), pick(vg), scale=scale, mask=mask, backend=backend)
         out.index_copy_(2, members, part.view(b, heads, n_members, m, -1))
     return _from_groups(out, h, w, group)
+
+
+def strips_refusal(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, group: tuple[int, int], pattern: str, backend: Any
+) -> str | None:
+    """``None`` if the ``"strips"`` implementation runs this call, else why not."""
+    from attnctrl.kernels.sdpa import cpu_flash_with_lse_refusal
+
+    if pattern != "neighborhood":
+        return f"it computes the neighbourhood pattern, not {pattern!r}"
+    if h % group[0] or w % group[1]:
+        return f"a {h}x{w} grid does not split into whole {group[0]}x{group[1]} groups"
+    if backend not in (None, "sdpa"):
+        return f"it runs on PyTorch's CPU flash kernel, and backend={backend!r} was asked for"
+    return cpu_flash_with_lse_refusal(q, k, v)
+
+
+def grouped_implementation(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, group: tuple[int, int], pattern: str, backend: Any
+) -> str:
+    """What ``implementation="auto"`` runs: strips on CPU where they apply, else gather; routing
+    (block-sparse kernels) on other devices."""
+    if q.device.type != "cpu":
+        return "routing"
+    return "strips" if strips_refusal(q, k, v, h, w, group, pattern, backend) is None else "gather"
+
+
+def _column_runs(n_cols: int, radius: int) -> list[tuple[int, int, int, int]]:
+    """Runs of query-group columns whose key columns (the neighbourhood clipped at the border) have
+    the same offset and width: ``[(first, end, offset, span)]``; key columns are ``j+offset ..
+    j+offset+span-1`` for every query column ``j`` of the run."""
+    runs: list[tuple[int, int, int, int]] = []
+    for j in range(n_cols):
+        lo, hi = max(0, j - radius), min(n_cols, j + radius + 1)
+        if runs and runs[-1][1] == j and runs[-1][2:] == (lo - j, hi - lo):
+            runs[-1] = (runs[-1][0], j + 1, lo - j, hi - lo)
+        else:
+            runs.append((j, j + 1, lo - j, hi - lo))
+    return runs
+
+
+def _grouped_strips(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, group: tuple[int, int], radius: int, scale: float
+) -> torch.Tensor:
+    """Neighbourhood grouped attention without copying K/V per query group.
+
+    In group-major order the key groups ``j+offset .. j+offset+span-1`` of one group row are one
+    contiguous run of tokens, and moving to the next query column moves that run by one group:
+    for a row of query groups the keys in one key row are an overlapping strided view
+    ``(B·H, columns, span·m, D)`` of K (and V). Each key row is one CPU flash call that also
+    returns the log-sum-exp, and the up to ``2r+1`` partial outputs are combined exactly by it.
+    """
+    from attnctrl.kernels.sdpa import cpu_flash_with_lse
+
+    b, heads, _, d = q.shape
+    gy, gx = h // group[0], w // group[1]
+    m = group[0] * group[1]
+    qg, kg, vg = (_to_groups(x, h, w, group).reshape(b * heads, gy, gx, m, d) for x in (q, k, v))
+    out = torch.empty_like(qg)
+    accumulate = torch.promote_types(q.dtype, torch.float32)
+
+    def strip(x: torch.Tensor, key_row: int, first: int, columns: int, span: int) -> torch.Tensor:
+        start = x.storage_offset() + (key_row * gx + first) * m * d
+        return x.as_strided((b * heads, columns, span * m, d), (x.stride(0), m * d, d, 1), start)
+
+    for row in range(gy):
+        key_rows = range(max(0, row - radius), min(gy, row + radius + 1))
+        for first, end, offset, span in _column_runs(gx, radius):
+            queries = qg[:, row, first:end]
+            parts = [
+                cpu_flash_with_lse(queries, strip(kg, r, first + offset, end - first, span), strip(vg, r, first + offset, end - first, span), scale=scale)
+                for r in key_rows
+            ]
+            if len(parts) == 1:
+                out[:, row, first:end] = parts[0][0]
+                continue
+            lse = torch.stack([part[1] for part in parts])
+            total = torch.logsumexp(lse, dim=0)
+            combined = None
+            for (part, _), part_lse in zip(parts, lse):
+                term = part.to(accumulate) * torch.exp(part_lse - total).unsqueeze(-1).to(accumulate)
+                combined = term if combined is None else combined.add_(term)
+            out[:, row, first:end] = combined
+    return _from_groups(out.view(b, heads, gy * gx, m, d), h, w, group)
 
 
 def _slot_classes(index: torch.Tensor, valid: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -21,6 +21,7 @@ from attnctrl.efficient import (
     group_neighbours,
     group_permutation,
     grouped_attention,
+    grouped_implementation,
     grouped_is_dense,
     grouped_routing,
     merge_agents,
@@ -332,7 +333,8 @@ class GroupedAttentionProcessor(PolicyProcessor):
     """GRAT grouped attention for one self-attention layer (:class:`~attnctrl.efficient.GroupedAttention`).
 
     The routing, the group-major permutation and the gather table are built once per grid and
-    device for the install and shared by its layers and steps.
+    device for the install and shared by its layers and steps. ``implementation="auto"`` picks
+    per call (:func:`~attnctrl.efficient.grouped_implementation`).
     """
 
     def policy_attention(self, attn: Any, hidden_states: torch.Tensor, call: Projected) -> torch.Tensor | None:
@@ -346,7 +348,7 @@ class GroupedAttentionProcessor(PolicyProcessor):
         device = call.query.device
         implementation = config.implementation
         if implementation == "auto":
-            implementation = "gather" if device.type == "cpu" else "routing"
+            implementation = grouped_implementation(call.query, call.key, call.value, h, w, config.group, config.pattern, config.backend)
         shape = (h, w, config.group, config.pattern, config.radius, device)
         extra: dict[str, Any] = {}
         if implementation == "routing":
@@ -358,7 +360,7 @@ class GroupedAttentionProcessor(PolicyProcessor):
                 ("group-permutation", h, w, config.group, device),
                 lambda: group_permutation(h, w, config.group, device=device),
             )
-        else:
+        elif implementation == "gather":
             extra["neighbours"] = self.state.cached(
                 ("group-neighbours", *shape),
                 lambda: group_neighbours(h, w, config.group, config.pattern, config.radius, device=device),

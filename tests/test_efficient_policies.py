@@ -253,10 +253,54 @@ def test_gather_equals_routing_equals_brute_force(h, w, group, pattern, radius):
     gather = grouped_attention(q, k, v, h, w, implementation="gather", **kw)
     routed = grouped_attention(q, k, v, h, w, implementation="routing", backend="reference", **kw)
     flex = grouped_attention(q, k, v, h, w, implementation="routing", backend="flex", **kw)
-    auto = grouped_attention(q, k, v, h, w, **kw)  # gather on CPU
+    auto = grouped_attention(q, k, v, h, w, **kw)  # gather on CPU: strips need one head dim for v
     for out in (gather, routed, flex):
         torch.testing.assert_close(out.double(), ref, atol=TOL, rtol=0)
     assert torch.equal(auto, gather)
+
+
+@pytest.mark.parametrize("radius", [0, 1, 2])
+@pytest.mark.parametrize("h, w, group", [(8, 8, (2, 2)), (12, 9, (4, 3)), (6, 20, (3, 2)), (4, 4, (4, 4))])
+def test_strips_equal_brute_force(h, w, group, radius):
+    q, k, v = _qkv(2, 3, h * w, 16, seed=h * w + radius)
+    ref = _dense(q, k, v, _group_allowed(h, w, group, "neighborhood", radius))
+    kw = dict(group=group, radius=radius)
+    strips = grouped_attention(q, k, v, h, w, implementation="strips", **kw)
+    torch.testing.assert_close(strips.double(), ref, atol=TOL, rtol=0)
+    assert torch.equal(grouped_attention(q, k, v, h, w, **kw), strips)  # auto: strips on CPU
+    assert torch.equal(grouped_attention(q, k, v, h, w, implementation="strips", **kw), strips)  # repeatable
+    # float64 and float16 (the log-sum-exp combination accumulates in float32 or better)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    torch.testing.assert_close(grouped_attention(q64, k64, v64, h, w, implementation="strips", **kw), ref, atol=1e-12, rtol=0)
+    half = grouped_attention(q.half(), k.half(), v.half(), h, w, implementation="strips", **kw)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.double(), ref, atol=4e-3, rtol=0)
+
+
+def test_strips_run_on_strided_inputs_and_refuse_clearly():
+    h, w, group = 8, 12, (4, 4)
+    q, k, v = _qkv(2, 2, h * w, 8, seed=3)
+    ref = _dense(q, k, v, _group_allowed(h, w, group, "neighborhood", 1))
+    # projections of a (B, N, H*D) layout, viewed as (B, H, N, D): non-contiguous heads
+    packed = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    assert not packed[0].is_contiguous()
+    out = grouped_attention(*packed, h, w, group=group, implementation="strips")
+    torch.testing.assert_close(out.double(), ref, atol=TOL, rtol=0)
+    refusals = [
+        (dict(pattern="criss-cross"), (q, k, v), "neighbourhood pattern"),
+        (dict(), (q, k, _qkv(2, 2, h * w, 8, seed=3, dv=4)[2]), "one head dim"),
+        (dict(backend="reference"), (q, k, v), "backend='reference'"),
+    ]
+    for kw, tensors, message in refusals:
+        with pytest.raises(ValueError, match=message):
+            grouped_attention(*tensors, h, w, group=group, implementation="strips", **kw)
+    with pytest.raises(ValueError, match="whole 4x4 groups"):
+        grouped_attention(*_qkv(1, 1, 9 * 12, 8, seed=1), 9, 12, group=group, implementation="strips")
+    with pytest.raises(ValueError, match="forward only"):
+        grouped_attention(q.requires_grad_(), k, v, h, w, group=group, implementation="strips")
+    # auto falls back to gather where strips do not apply
+    partial = _qkv(1, 2, 9 * 12, 8, seed=2)
+    assert torch.equal(grouped_attention(*partial, 9, 12, group=group), grouped_attention(*partial, 9, 12, group=group, implementation="gather"))
 
 
 def test_neighbourhood_covering_every_group_is_full_attention():

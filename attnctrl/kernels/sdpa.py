@@ -38,7 +38,46 @@ from ._registry import FLOAT_DTYPES, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, Backen
 from .reference import compute_dtype, masked_scores, softmax_probs
 from .routing import MASK_ROUTING, Routing
 
-__all__ = ["SdpaBackend", "dead_rows"]
+__all__ = ["SdpaBackend", "dead_rows", "cpu_flash_with_lse", "cpu_flash_with_lse_refusal"]
+
+
+def _cpu_flash_op():
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def cpu_flash_with_lse_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """``None`` if :func:`cpu_flash_with_lse` runs these inputs, else why not."""
+    if not all(t.device.type == "cpu" for t in (q, k, v)):
+        return "PyTorch's CPU flash kernel runs on CPU tensors only"
+    if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
+        return f"PyTorch's CPU flash kernel needs one float dtype for q, k and v, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "the log-sum-exp path is forward only (inputs require grad)"
+    if any(t.ndim != 4 or t.stride(-1) != 1 for t in (q, k, v)):
+        return "PyTorch's CPU flash kernel needs 4-D (B, H, N, D) inputs with a contiguous last dim"
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or not (q.shape[-1] == k.shape[-1] == v.shape[-1]):
+        return f"PyTorch's CPU flash kernel needs matching batch/heads and one head dim, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
+    if _cpu_flash_op() is None:
+        return f"this PyTorch ({torch.__version__}) has no CPU flash attention op"
+    return None
+
+
+def cpu_flash_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention and its row log-sum-exp on PyTorch's CPU flash kernel.
+
+    ``q`` ``(B, H, Nq, D)``, ``k`` and ``v`` ``(B, H, Nk, D)``; the batch and head
+    strides are free (overlapping ``as_strided`` views of one buffer run without a copy). Returns
+    ``(out (B, H, Nq, D), lse (B, H, Nq))``: partial attentions over disjoint key sets
+    combine exactly by their log-sum-exp.
+
+    Raises:
+        ValueError: the inputs are not supported (:func:`cpu_flash_with_lse_refusal` says why).
+    """
+    reason = cpu_flash_with_lse_refusal(q, k, v)
+    if reason is not None:
+        raise ValueError(f"cpu_flash_with_lse: {reason}")
+    out, lse = _cpu_flash_op()(q, k, v, scale=float(scale))
+    return out, lse
 
 
 def dead_rows(mask: torch.Tensor) -> torch.Tensor:
