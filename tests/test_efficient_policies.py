@@ -445,6 +445,45 @@ def test_pixart_apply_remove_restores_stock_output_bit_for_bit(pixart, config):
     assert not pixart._forward_pre_hooks
 
 
+@pytest.fixture(scope="module")
+def pixart_pipe(pixart):
+    """A real ``PixArtAlphaPipeline``: the tiny transformer, a tiny T5 encoder (random weights) over
+    the shapes model's tokenizer, a tiny VAE and DDIM."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtAlphaPipeline
+    from transformers import CLIPTokenizer, T5Config, T5EncoderModel
+
+    from attnctrl.models import SHAPES
+
+    tokenizer = CLIPTokenizer.from_pretrained(SHAPES, subfolder="tokenizer")
+    torch.manual_seed(5)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8), norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, sample_size=32,
+    ).eval()
+    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=pixart, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize("config", [WindowAttention(), ProxyAttention(window=4), GroupedAttention(group=2)], ids=lambda c: type(c).__name__)
+def test_pixart_alpha_pipeline_end_to_end(pixart_pipe, config):
+    def run():
+        return pixart_pipe(
+            "a red circle on the left", num_inference_steps=3, height=32, width=32, output_type="np",
+            use_resolution_binning=False, max_sequence_length=32, clean_caption=False,
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
+    stock = run()
+    with attnctrl.apply(pixart_pipe, config) as handle:
+        patched = run()
+        assert handle.state.token_hw == (8, 8) and handle.state.num_steps == 3
+    assert patched.shape == stock.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(patched)).all()
+    assert not torch.equal(torch.from_numpy(patched), torch.from_numpy(stock))
+    assert torch.equal(torch.from_numpy(run()), torch.from_numpy(stock))
+
+
 def test_pixart_refuses_agent_attention_and_gates_steps(pixart):
     from diffusers import DDIMScheduler
 
