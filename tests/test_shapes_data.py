@@ -311,6 +311,15 @@ def test_training_configs_are_consistent(tokenizer):
     torch.testing.assert_close(x0_weight_v, torch.clamp(snr, max=5.0) + 1)
     x0_weight_eps = loss_weight(snr[1:], "epsilon", 5.0) * snr[1:]
     torch.testing.assert_close(x0_weight_eps, torch.clamp(snr[1:], max=5.0))
+    from attnctrl.models.shapes.train import HIGH_NOISE_START, sample_timesteps
+
+    uniform = sample_timesteps(20000, torch.Generator().manual_seed(0), 0.0)
+    assert torch.equal(uniform, torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(0)))
+    tilted = sample_timesteps(20000, torch.Generator().manual_seed(0), 0.5)
+    assert tilted.min() >= 0 and tilted.max() <= 999
+    high = (tilted >= HIGH_NOISE_START).double().mean().item()
+    assert abs(high - (0.5 + 0.5 * 0.3)) < 0.02  # half drawn from [700, 1000), the other half uniform
+    assert torch.equal(tilted, sample_timesteps(20000, torch.Generator().manual_seed(0), 0.5))
 
 
 def test_shipped_model_folder():

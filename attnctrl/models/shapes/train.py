@@ -130,6 +130,24 @@ def scheduler_config(prediction_type: str = "v_prediction", zero_terminal_snr: b
     )
 
 
+#: Training timesteps at or above this count as "high noise" for :func:`sample_timesteps`.
+HIGH_NOISE_START = 700
+
+
+def sample_timesteps(batch_size: int, generator: torch.Generator, high_noise_fraction: float) -> torch.Tensor:
+    """Training timesteps: uniform over [0, 1000), except that a ``high_noise_fraction`` share of
+    the batch is drawn from [HIGH_NOISE_START, 1000) only.
+
+    The layout (where the object is) is decided at high noise, and only the prompt can decide it
+    there; colour and shape details are learnt at every level. Oversampling high noise spends more
+    of the small budget on what the position words control.
+    """
+    t = torch.randint(0, 1000, (batch_size,), generator=generator)
+    high = torch.randint(HIGH_NOISE_START, 1000, (batch_size,), generator=generator)
+    pick = torch.rand(batch_size, generator=generator) < high_noise_fraction
+    return torch.where(pick, high, t)
+
+
 def loss_weight(snr: torch.Tensor, prediction_type: str, min_snr_gamma: float) -> torch.Tensor:
     """Per-sample weight of the squared error on the network's target.
 
@@ -238,6 +256,7 @@ def train(
     min_snr_gamma: float = 5.0,
     prediction_type: str = "v_prediction",
     zero_terminal_snr: bool | None = None,
+    high_noise_fraction: float | None = None,
     checkpoint_minutes: float = 5.0,
     resume: bool = False,
     device: str | None = None,
@@ -292,6 +311,19 @@ def train(
         state.setdefault("schedule_changes", []).append([int(state["unet_step"]), bool(zero_terminal_snr)])
         state["zero_terminal_snr"] = bool(zero_terminal_snr)
     zero_terminal_snr = bool(state["zero_terminal_snr"])
+    if "high_noise_fraction" not in state:
+        # older checkpoints sampled uniformly; new runs default to half the batch at high noise
+        started = int(state.get("unet_step", 0)) > 0
+        state["high_noise_fraction"] = 0.0 if started else (0.5 if high_noise_fraction is None else float(high_noise_fraction))
+        state["high_noise_from_step"] = 0
+    if high_noise_fraction is not None and float(high_noise_fraction) != float(state["high_noise_fraction"]):
+        if not 0.0 <= float(high_noise_fraction) <= 1.0:
+            raise ValueError(f"high_noise_fraction must be in [0, 1], got {high_noise_fraction}")
+        _log(f"high-noise share of the batch {state['high_noise_fraction']} -> {high_noise_fraction} from UNet step {state['unet_step']}")
+        state["high_noise_fraction"] = float(high_noise_fraction)
+        state["high_noise_from_step"] = int(state["unet_step"])
+    high_noise_fraction = float(state["high_noise_fraction"])
+    high_noise_from_step = int(state["high_noise_from_step"])
     if "pool_size" not in state:
         # checkpoints from before pool_size was recorded: trust the pre-encoded latents on disk
         found = [n for n in os.listdir(work_dir) if n.startswith(f"latents_{seed}_") and n.endswith(".safetensors")]
@@ -523,7 +555,7 @@ def train(
             x0 = latents[torch.from_numpy(idx).to(dev)]
             g_noise = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + 7 + step)
             noise = torch.randn(x0.shape, generator=g_noise).to(dev)
-            t = torch.randint(0, 1000, (batch_size,), generator=g_noise).to(dev)
+            t = sample_timesteps(batch_size, g_noise, high_noise_fraction if step >= high_noise_from_step else 0.0).to(dev)
             noisy = noise_sched.add_noise(x0, noise, t)
             plan = planned or max(step + 1, warmup * 10)
             frac = min(1.0, max(0.0, (step - warmup) / max(1, plan - warmup)))
@@ -775,6 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--zero-terminal-snr", choices=("on", "off"), default=None,
                    help="noise schedule with SNR 0 at t=999 (default: on for v_prediction; a resumed run keeps "
                         "its checkpoint's unless this is given, and then switches from its current step)")
+    p.add_argument("--high-noise-fraction", type=float, default=None,
+                   help=f"share of each batch drawn from t >= {HIGH_NOISE_START} (default 0.5 for a new run; a resumed run "
+                        "keeps its checkpoint's unless this is given)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--export-checkpoint", action="store_true", help="only export --work's checkpoint to --out")
     p.add_argument("--finetune-decoder", type=float, default=None, metavar="MINUTES",
@@ -804,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
         threads=a.threads,
         prediction_type=a.prediction_type,
         zero_terminal_snr=None if a.zero_terminal_snr is None else a.zero_terminal_snr == "on",
+        high_noise_fraction=a.high_noise_fraction,
     )
     return 0
 
