@@ -11,6 +11,8 @@ head dim 40 (SD 1.5's top level, 320 channels) and 64. Variants, each in its own
 * ``agent``      :class:`attnctrl.AgentAttention` defaults (N/16 agents by ToMe bipartite matching,
                  merging included in the time);
 * ``agent-pool`` the same with average-pooled agents;
+* ``agentsd``    :meth:`attnctrl.AgentAttention.agentsd` (AgentSD's schedule) at an agent step: agents plus
+                 ToMe's main merge at ratio 0.4; ``agentsd-late`` (layer only) at a late step: ToMe alone;
 * ``proxy``      :class:`attnctrl.ProxyAttention` defaults (8x8 windows + one averaged proxy per window);
 * ``grouped``    :class:`attnctrl.GroupedAttention`, 3x3 neighbourhood of groups, group size chosen
                  so that the allowed pairs are ~10% of N² (reported as "density");
@@ -75,8 +77,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 HEADS = 8
 BATCH = 2
 SEED = 0
-LAYER_VARIANTS = ("sdpa", "agent", "agent-pool", "proxy", "grouped", "window")
-UNET_VARIANTS = ("sdpa", "agent", "tomesd", "window", "proxy", "grouped")
+LAYER_VARIANTS = ("sdpa", "agent", "agent-pool", "agentsd", "agentsd-late", "proxy", "grouped", "window")
+UNET_VARIANTS = ("sdpa", "agent", "agentsd", "tomesd", "window", "proxy", "grouped")
 TARGET_DENSITY = 0.10
 CHECK_ROWS = 16
 
@@ -116,6 +118,8 @@ def policy(variant: str, side: int) -> tuple[Any, dict[str, Any]]:
         return attnctrl.AgentAttention(), {}
     if variant == "agent-pool":
         return attnctrl.AgentAttention(agents="pool"), {}
+    if variant in ("agentsd", "agentsd-late"):
+        return attnctrl.AgentAttention.agentsd(), {}
     if variant == "proxy":
         return attnctrl.ProxyAttention(), {}
     if variant == "window":
@@ -181,7 +185,8 @@ def run_layer(spec: dict[str, Any]) -> dict[str, Any]:
         config, extra = policy(variant, side)
         state, processor = policy_state_for(config, name="layer")
         # the layer is the top level of a side x side latent, at the first step of 50
-        state.observe(torch.tensor(999), torch.zeros(1, 4, side, side), num_steps=50, step=0)
+        # agentsd-late: a step past the agent steps (ToMe alone)
+        state.observe(torch.tensor(999), torch.zeros(1, 4, side, side), num_steps=50, step=30 if variant == "agentsd-late" else 0)
         attn.set_processor(processor)
     memory = Memory(device)
     with torch.no_grad():
