@@ -339,3 +339,40 @@ def test_shipped_model_folder():
         assert os.path.exists(os.path.join(SHAPES, "tokenizer", f))
     vae = json.load(open(os.path.join(SHAPES, "vae", "config.json"), encoding="utf-8"))
     assert 0.05 < vae["scaling_factor"] < 20
+
+
+def test_training_runs_resumes_and_freezes_the_text_encoder(tmp_path):
+    """A tiny end-to-end run of the training script: VAE, encoding, UNet steps, export, resume."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from attnctrl.models.shapes.train import _load_tensors, build_tokenizer, text_config, train
+
+    work, out = str(tmp_path / "work"), str(tmp_path / "out")
+    common = dict(work_dir=work, pool_size=16, minutes=30, vae_minutes=0.02, batch_size=2, vae_batch_size=2, threads=1, log_every=1000)
+    train(out, max_steps=2, train_text_encoder=True, **common)
+    with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["unet_step"] == 2 and state["train_text_encoder"] is True and state["zero_terminal_snr"] is True
+    assert state["high_noise_fraction"] == 0.5 and state["phase"] == "done"
+    seeded = _load_tensors(os.path.join(work, "ckpt", "text_encoder.safetensors"))
+
+    train(out, max_steps=4, resume=True, train_text_encoder=False, **common)  # freeze from step 2
+    with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["unet_step"] == 4 and state["train_text_encoder"] is False and state["text_encoder_frozen_at_step"] == 2
+    frozen = _load_tensors(os.path.join(work, "ckpt", "text_encoder.safetensors"))
+    torch.manual_seed(1)  # the script's seed + 1: the encoder's random init
+    init = CLIPTextModel(CLIPTextConfig(**text_config(build_tokenizer(str(tmp_path / "tok"))))).state_dict()
+    assert all(torch.equal(frozen[k], init[k]) for k in frozen)
+    assert not all(torch.equal(seeded[k], init[k]) for k in seeded)  # the jointly trained steps moved it
+    with pytest.raises(ValueError, match="cannot be switched"):
+        train(out, max_steps=5, resume=True, train_text_encoder=True, **common)
+
+    pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
+    assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a red circle on the left", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()

@@ -126,7 +126,7 @@ def scheduler_config(prediction_type: str = "v_prediction", zero_terminal_snr: b
         timestep_spacing="trailing" if zero_terminal_snr else "leading",
         clip_sample=False,
         set_alpha_to_one=False,
-        steps_offset=0 if zero_terminal_snr else 1,
+        steps_offset=1,  # unused by "trailing" spacing; 1 keeps diffusers from warning about old configs
     )
 
 
@@ -257,6 +257,7 @@ def train(
     prediction_type: str = "v_prediction",
     zero_terminal_snr: bool | None = None,
     high_noise_fraction: float | None = None,
+    train_text_encoder: bool | None = None,
     checkpoint_minutes: float = 5.0,
     resume: bool = False,
     device: str | None = None,
@@ -324,6 +325,20 @@ def train(
         state["high_noise_from_step"] = int(state["unet_step"])
     high_noise_fraction = float(state["high_noise_fraction"])
     high_noise_from_step = int(state["high_noise_from_step"])
+    reset_text_encoder = False
+    if "train_text_encoder" not in state:
+        # older checkpoints trained it jointly; new runs keep it frozen at its seeded random init
+        started = int(state.get("unet_step", 0)) > 0
+        state["train_text_encoder"] = True if started else bool(train_text_encoder)
+    if train_text_encoder is not None and bool(train_text_encoder) != bool(state["train_text_encoder"]):
+        if train_text_encoder:
+            raise ValueError("a frozen text encoder cannot be switched to joint training on resume; start a new --work dir")
+        _log(f"freezing the text encoder at its seeded random init from UNet step {state['unet_step']} (EMA restarts)")
+        state["train_text_encoder"] = False
+        state["text_encoder_frozen_at_step"] = int(state["unet_step"])
+        state["ema_from_step"] = int(state["unet_step"])
+        reset_text_encoder = True
+    train_text_encoder = bool(state["train_text_encoder"])
     if "pool_size" not in state:
         # checkpoints from before pool_size was recorded: trust the pre-encoded latents on disk
         found = [n for n in os.listdir(work_dir) if n.startswith(f"latents_{seed}_") and n.endswith(".safetensors")]
@@ -489,17 +504,26 @@ def train(
     latents = _load_tensors(lat_path)["latents"].to(dev) * float(state["scaling_factor"])
     vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
 
-    # ================= phase 3: UNet + text encoder =================
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    # ================= phase 3: UNet (+ text encoder) =================
+    # A text encoder trained jointly from scratch collapsed: the UNet first learnt colour words (at
+    # every noise level), and the encoder then shrank every other distinction it was not yet
+    # rewarded for ("square" vs "circle" 1.5% apart, against 23% at its random init). Frozen at
+    # its seeded random init it keeps every word and word order apart, and the UNet's
+    # cross-attention learns to read it.
+    text_encoder.requires_grad_(train_text_encoder)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2, betas=(0.9, 0.99))
     ema = [p.detach().clone() for p in params]
     if os.path.exists(os.path.join(ckpt, "unet.safetensors")):
         unet.load_state_dict(_load_tensors(os.path.join(ckpt, "unet.safetensors")))
-        text_encoder.load_state_dict(_load_tensors(os.path.join(ckpt, "text_encoder.safetensors")), strict=False)
-        ema_sd = _load_tensors(os.path.join(ckpt, "ema.safetensors"))
-        ema = [ema_sd[str(i)].to(dev) for i in range(len(params))]
-        if os.path.exists(os.path.join(ckpt, "unet_opt.safetensors")):
-            _opt_from_flat(opt, _load_tensors(os.path.join(ckpt, "unet_opt.safetensors")))
+        if not reset_text_encoder:
+            text_encoder.load_state_dict(_load_tensors(os.path.join(ckpt, "text_encoder.safetensors")), strict=False)
+            ema_sd = _load_tensors(os.path.join(ckpt, "ema.safetensors"))
+            ema = [ema_sd[str(i)].to(dev) for i in range(len(params))]
+            if os.path.exists(os.path.join(ckpt, "unet_opt.safetensors")):
+                _opt_from_flat(opt, _load_tensors(os.path.join(ckpt, "unet_opt.safetensors")))
+        else:
+            ema = [p.detach().clone() for p in params]
     noise_sched = DDPMScheduler(
         **{k: v for k, v in scheduler_config(prediction_type, zero_terminal_snr).items() if k not in ("set_alpha_to_one", "steps_offset")}
     )
@@ -520,7 +544,7 @@ def train(
 
     if state["phase"] == "unet":
         unet.train()
-        text_encoder.train()
+        text_encoder.train(train_text_encoder)
         reserve = 60.0  # seconds kept for the export
         last_ck = time.time()
         t_measure = None
@@ -562,7 +586,11 @@ def train(
             cur_lr = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
             for g in opt.param_groups:
                 g["lr"] = cur_lr
-            hidden = text_encoder(ids)[0]
+            if train_text_encoder:
+                hidden = text_encoder(ids)[0]
+            else:
+                with torch.no_grad():
+                    hidden = text_encoder(ids)[0]
             pred = unet(noisy, t, hidden).sample
             target = noise_sched.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else noise
             w = loss_weight(snr_all[t], prediction_type, min_snr_gamma)
@@ -571,7 +599,8 @@ def train(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            d = min(ema_decay, (1 + step) / (10 + step))
+            ema_step = step - int(state.get("ema_from_step", 0))
+            d = min(ema_decay, (1 + ema_step) / (10 + ema_step))
             with torch.no_grad():
                 torch._foreach_mul_(ema, d)
                 torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - d)
@@ -769,10 +798,12 @@ def export_checkpoint(work_dir: str, out_dir: str, *, use_ema: bool = True) -> s
     text_encoder.load_state_dict(_load_tensors(os.path.join(ckpt, "text_encoder.safetensors")), strict=False)
     if use_ema:
         ema = _load_tensors(os.path.join(ckpt, "ema.safetensors"))
+        # EMA entries: the UNet's parameters, then the text encoder's when it was trained
         params = list(unet.parameters()) + list(text_encoder.parameters())
         with torch.no_grad():
             for i, p in enumerate(params):
-                p.copy_(ema[str(i)])
+                if str(i) in ema:
+                    p.copy_(ema[str(i)])
     _export(out_dir, vae, text_encoder, tokenizer, unet, _prediction_type(state), _zero_terminal_snr(state))
     return out_dir
 
@@ -810,6 +841,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--high-noise-fraction", type=float, default=None,
                    help=f"share of each batch drawn from t >= {HIGH_NOISE_START} (default 0.5 for a new run; a resumed run "
                         "keeps its checkpoint's unless this is given)")
+    p.add_argument("--text-encoder", choices=("frozen", "trained"), default=None,
+                   help="keep the text encoder at its seeded random init (default for a new run) or train it with "
+                        "the UNet; 'frozen' on a resumed jointly-trained run re-initialises and freezes it there")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--export-checkpoint", action="store_true", help="only export --work's checkpoint to --out")
     p.add_argument("--finetune-decoder", type=float, default=None, metavar="MINUTES",
@@ -840,6 +874,7 @@ def main(argv: list[str] | None = None) -> int:
         prediction_type=a.prediction_type,
         zero_terminal_snr=None if a.zero_terminal_snr is None else a.zero_terminal_snr == "on",
         high_noise_fraction=a.high_noise_fraction,
+        train_text_encoder=None if a.text_encoder is None else a.text_encoder == "trained",
     )
     return 0
 
