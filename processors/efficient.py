@@ -248,17 +248,19 @@ class AgentAttentionProcessor(PolicyProcessor):
             r = min(match.src.numel(), int(math.floor(n * config.merge_ratio)))
             q, k, v = (merge_tokens(t, match, r) for t in (call.query, call.key, call.value))
             return unmerge_tokens(kernels.attention(q, k, v, scale=attn.scale, backend=config.backend), match, r)
+        counts = agent_counts(h, w, sx=config.sx, sy=config.sy, agent_ratio=config.agent_ratio, ratio=config.merge_ratio)
+        r = n - counts.n_merged  # sources ToMe merges away before attention (0 without merge_ratio)
+        # AgentSD's gate (2·n_agents < N'), checked before any matching or random draw
+        if config.agents == "merge" and not counts.active:
+            return None
+        if config.agents == "pool" and 2 * math.ceil(h / config.sy) * math.ceil(w / config.sx) >= n - r:
+            return None
         match = None
-        if config.agents == "merge" or config.merge_ratio > 0:
+        if config.agents == "merge" or r:
             match = bipartite_match(hidden_states, h, w, sx=config.sx, sy=config.sy, generator=generator)
-        r = 0 if match is None else min(match.src.numel(), int(math.floor(n * config.merge_ratio)))
         if config.agents == "merge":
-            if not agent_counts(h, w, sx=config.sx, sy=config.sy, agent_ratio=config.agent_ratio, ratio=config.merge_ratio).active:
-                return None
             feats = merge_agents(hidden_states, h, w, agent_ratio=config.agent_ratio, match=match)
         else:
-            if 2 * math.ceil(h / config.sy) * math.ceil(w / config.sx) >= n - r:
-                return None
             feats = pool_agents(hidden_states, h, w, sx=config.sx, sy=config.sy)
         agents = attn.to_q(feats)
         batch, heads, _, head_dim = call.query.shape
