@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train attnctrl's embedded shapes model: the same as ``attnctrl train-shapes``.
 
-Example (about 80 minutes on a 2-core CPU, resumable):
-    python scripts/train_shapes.py --out attnctrl/models/shapes/model --work runs/shapes --minutes 80
+Example (two hours on a 2-core CPU, resumable):
+    python scripts/train_shapes.py --out attnctrl/models/shapes/model --work runs/shapes --minutes 120
     python scripts/train_shapes.py --out attnctrl/models/shapes/model --work runs/shapes --minutes 120 --resume
 """
 

@@ -207,10 +207,11 @@ def test_null_text_reconstructs_much_better_than_ddim(shapes_pipe, shapes_image,
     vae_limit = psnr(reconstruct(shapes_pipe, inversions["direct"])[0], ref)
     ddim = psnr(reconstruct(shapes_pipe, inversions["ddim"])[0], ref)
     null_text = psnr(reconstruct(shapes_pipe, inversions["null-text"])[0], ref)
-    # Measured (10 steps, guidance 7.5, shipped shapes model): VAE limit 40.2 dB, null-text
-    # 40.6 dB, plain DDIM 28.5 dB. Null-text must close most of the gap.
-    assert null_text > ddim + 4.0, (ddim, null_text, vae_limit)
-    assert null_text > vae_limit - 2.5, (ddim, null_text, vae_limit)
+    # Measured (10 steps, guidance 7.5, shipped shapes model, v-prediction on zero-terminal SNR):
+    # VAE limit 24.1 dB, null-text 24.0 dB, plain DDIM 20.9 dB. Null-text must close most of the gap.
+    assert vae_limit - ddim > 1.5, (ddim, null_text, vae_limit)  # there is a gap to close
+    assert null_text - ddim > 0.8 * (vae_limit - ddim), (ddim, null_text, vae_limit)
+    assert null_text > vae_limit - 1.0, (ddim, null_text, vae_limit)
 
 
 def test_direct_inversion_reconstructs_exactly(shapes_pipe, inversions):

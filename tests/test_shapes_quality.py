@@ -1,11 +1,10 @@
-"""The shipped shapes model follows its colour words, and a P2P colour swap on it works.
+"""The shipped shapes model follows its colour and position words, and a P2P colour swap on it works.
 
 A small fixed subset of ``benchmarks/shapes_quality.py`` (few prompts, one seed, 25 steps), so a
-regression in the model or in the edits shows up in CI within seconds. The shipped weights (3,838
-UNet steps) get colours right and keep more of the object's shape under a colour swap with
-Replace than without it, but they do not yet follow position words or localise cross-attention,
-so position accuracy and the LocalBlend background score are reported by the benchmark and not
-asserted here.
+regression in the model or in the edits shows up in CI within seconds. The shipped weights
+(v-prediction on a zero-terminal-SNR schedule, frozen random text encoder) follow colour and
+position words; two-object prompts, the Replace mask IoU and the LocalBlend background score are
+below their targets and reported by the benchmark, not asserted here.
 """
 
 from __future__ import annotations
@@ -39,11 +38,18 @@ def test_loads_with_stock_pipeline():
 
 
 def test_held_out_colours_followed(shapes_pipe):
-    # Measured: 8/8 right (seed 0, 25 steps) on combinations never seen in training.
+    # Measured: 4/4 right (seed 0, 25 steps) on combinations never seen in training.
     singles = [p for p in held_out_prompts() if len(p.objects) == 1][:4]
     scores = score_generation(shapes_pipe, singles, seeds=[0], steps=STEPS)
     assert scores.single_images == 4
     assert scores.colour_accuracy >= 0.75
+
+
+def test_held_out_positions_followed(shapes_pipe):
+    # Measured: 4/4 right (seed 0, 25 steps); 0.97 on the benchmark's 32 images.
+    singles = [p for p in held_out_prompts() if len(p.objects) == 1][:4]
+    scores = score_generation(shapes_pipe, singles, seeds=[0], steps=STEPS)
+    assert scores.position_accuracy >= 0.75
 
 
 def test_colour_swap_with_replace_changes_the_colour(shapes_pipe):
@@ -55,7 +61,7 @@ def test_colour_swap_with_replace_changes_the_colour(shapes_pipe):
 
 
 def test_replace_keeps_the_object_better_than_a_plain_prompt_change(shapes_pipe):
-    # Measured on the benchmark (6 prompts x 4 seeds): mask IoU 0.39 with Replace, 0.19 without.
+    # Measured here: mask IoU 0.64 with Replace, 0.60 without (benchmark, 6 prompts x 4 seeds: 0.61 both).
     cases = colour_swap_cases()[:3]
     edited = score_colour_swap(shapes_pipe, cases, seeds=[0], edit_factory=lambda c: attnctrl.Replace(), steps=STEPS)
     baseline = score_colour_swap(shapes_pipe, cases, seeds=[0], edit_factory=None, steps=STEPS)

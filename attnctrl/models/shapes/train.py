@@ -241,7 +241,7 @@ def train(
     *,
     work_dir: str = "runs/shapes",
     seed: int = 0,
-    minutes: float = 80.0,
+    minutes: float = 120.0,
     vae_minutes: float = 10.0,
     max_steps: int | None = None,
     pool_size: int = 10_000,
@@ -809,8 +809,8 @@ def export_checkpoint(work_dir: str, out_dir: str, *, use_ema: bool = True) -> s
 
 _CLI_DOC = """Train attnctrl's embedded shapes model from scratch (resumable).
 
-Example (about 80 minutes on a 2-core CPU):
-    attnctrl train-shapes --out attnctrl/models/shapes/model --work runs/shapes --minutes 80
+Example (two hours on a 2-core CPU):
+    attnctrl train-shapes --out attnctrl/models/shapes/model --work runs/shapes --minutes 120
     attnctrl train-shapes --out attnctrl/models/shapes/model --work runs/shapes --minutes 120 --resume
 """
 
@@ -822,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="attnctrl/models/shapes/model", help="diffusers folder to write")
     p.add_argument("--work", default="runs/shapes", help="work dir for checkpoints and latents")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--minutes", type=float, default=80.0, help="total wall-clock budget (over resumes)")
+    p.add_argument("--minutes", type=float, default=120.0, help="total wall-clock budget (over resumes)")
     p.add_argument("--vae-minutes", type=float, default=10.0)
     p.add_argument("--max-steps", type=int, default=None, help="cap on UNet steps")
     p.add_argument("--pool", type=int, default=10_000, help="number of pre-rendered scenes")
