@@ -1167,7 +1167,9 @@ def _grouped_strips(
     b, heads, _, d = q.shape
     gy, gx = h // group[0], w // group[1]
     m = group[0] * group[1]
-    qg, kg, vg = (_to_groups(x, h, w, group).reshape(b * heads, gy, gx, m, d) for x in (q, k, v))
+    # contiguous: the strided strip views below assume this exact layout (with one group column, or
+    # batch 1, _to_groups/reshape can return a view that keeps the input's head-interleaved strides)
+    qg, kg, vg = (_to_groups(x, h, w, group).reshape(b * heads, gy, gx, m, d).contiguous() for x in (q, k, v))
     out = torch.empty_like(qg)
     accumulate = torch.promote_types(q.dtype, torch.float32)
 

@@ -286,6 +286,12 @@ def test_strips_run_on_strided_inputs_and_refuse_clearly():
     assert not packed[0].is_contiguous()
     out = grouped_attention(*packed, h, w, group=group, implementation="strips")
     torch.testing.assert_close(out.double(), ref, atol=TOL, rtol=0)
+    # batch 1 and one group column: grouping the packed layout is a view, not a copy
+    for rows, cols, one_column in [(8, 4, (2, 4)), (12, 4, (4, 4))]:
+        single = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(1, 3, rows * cols, 8, seed=rows)]
+        expected = _dense(*single, _group_allowed(rows, cols, one_column, "neighborhood", 1))
+        got = grouped_attention(*single, rows, cols, group=one_column, implementation="strips")
+        torch.testing.assert_close(got.double(), expected, atol=TOL, rtol=0)
     refusals = [
         (dict(pattern="criss-cross"), (q, k, v), "neighbourhood pattern"),
         (dict(), (q, k, _qkv(2, 2, h * w, 8, seed=3, dv=4)[2]), "one head dim"),
