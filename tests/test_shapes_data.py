@@ -370,6 +370,8 @@ def test_training_runs_resumes_and_freezes_the_text_encoder(tmp_path):
     assert not all(torch.equal(seeded[k], init[k]) for k in seeded)  # the jointly trained steps moved it
     with pytest.raises(ValueError, match="cannot be switched"):
         train(out, max_steps=5, resume=True, train_text_encoder=True, **common)
+    with pytest.raises(ValueError, match="high_noise_fraction must be in"):
+        train(out, max_steps=5, resume=True, high_noise_fraction=1.5, **common)
 
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr

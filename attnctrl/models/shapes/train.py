@@ -302,9 +302,13 @@ def train(
     elif state["prediction_type"] != prediction_type:
         _log(f"continuing with the checkpoint's prediction_type={state['prediction_type']!r} (not {prediction_type!r})")
     prediction_type = str(state["prediction_type"])
+    if high_noise_fraction is not None and not 0.0 <= float(high_noise_fraction) <= 1.0:
+        raise ValueError(f"high_noise_fraction must be in [0, 1], got {high_noise_fraction}")
+    # the switches below: a run whose UNet has not started takes what was asked for; a checkpoint
+    # from before a switch existed keeps what it was trained with until the switch is given
+    started = int(state.get("unet_step", 0)) > 0
     if "zero_terminal_snr" not in state:
         # runs whose UNet has not started take the requested schedule; older ones used scaled-linear
-        started = int(state.get("unet_step", 0)) > 0
         state["zero_terminal_snr"] = False if started else bool(scheduler_config(prediction_type, zero_terminal_snr)["rescale_betas_zero_snr"])
     if zero_terminal_snr is not None and bool(zero_terminal_snr) != bool(state["zero_terminal_snr"]):
         scheduler_config(prediction_type, zero_terminal_snr)  # validates the combination
@@ -314,12 +318,9 @@ def train(
     zero_terminal_snr = bool(state["zero_terminal_snr"])
     if "high_noise_fraction" not in state:
         # older checkpoints sampled uniformly; new runs default to half the batch at high noise
-        started = int(state.get("unet_step", 0)) > 0
         state["high_noise_fraction"] = 0.0 if started else (0.5 if high_noise_fraction is None else float(high_noise_fraction))
         state["high_noise_from_step"] = 0
     if high_noise_fraction is not None and float(high_noise_fraction) != float(state["high_noise_fraction"]):
-        if not 0.0 <= float(high_noise_fraction) <= 1.0:
-            raise ValueError(f"high_noise_fraction must be in [0, 1], got {high_noise_fraction}")
         _log(f"high-noise share of the batch {state['high_noise_fraction']} -> {high_noise_fraction} from UNet step {state['unet_step']}")
         state["high_noise_fraction"] = float(high_noise_fraction)
         state["high_noise_from_step"] = int(state["unet_step"])
@@ -328,7 +329,6 @@ def train(
     reset_text_encoder = False
     if "train_text_encoder" not in state:
         # older checkpoints trained it jointly; new runs keep it frozen at its seeded random init
-        started = int(state.get("unet_step", 0)) > 0
         state["train_text_encoder"] = True if started else bool(train_text_encoder)
     if train_text_encoder is not None and bool(train_text_encoder) != bool(state["train_text_encoder"]):
         if train_text_encoder:
