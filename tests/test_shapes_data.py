@@ -30,6 +30,7 @@ from attnctrl.models.shapes import (
     is_held_out,
     item,
     item_scene,
+    object_masks,
     render,
     sample_scene,
     with_article,
@@ -348,7 +349,7 @@ def test_training_runs_resumes_and_freezes_the_text_encoder(tmp_path):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from attnctrl.models.shapes.train import _load_tensors, build_tokenizer, text_config, train
+    from attnctrl.models.shapes.train import GROUNDING_WEIGHT, _load_tensors, build_tokenizer, text_config, train
 
     work, out = str(tmp_path / "work"), str(tmp_path / "out")
     common = dict(work_dir=work, pool_size=16, minutes=30, vae_minutes=0.02, batch_size=2, vae_batch_size=2, threads=1, log_every=1000)
@@ -372,9 +373,103 @@ def test_training_runs_resumes_and_freezes_the_text_encoder(tmp_path):
         train(out, max_steps=5, resume=True, train_text_encoder=True, **common)
     with pytest.raises(ValueError, match="high_noise_fraction must be in"):
         train(out, max_steps=5, resume=True, high_noise_fraction=1.5, **common)
+    with pytest.raises(ValueError, match="grounding_weight must be"):
+        train(out, max_steps=5, resume=True, grounding_weight=-1.0, **common)
+    assert state["grounding_weight"] == GROUNDING_WEIGHT and state["grounding_from_step"] == 0
+    train(out, max_steps=5, resume=True, grounding_weight=0.0, **common)  # switch the grounding loss off
+    with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["unet_step"] == 5 and state["grounding_weight"] == 0.0 and state["grounding_changes"] == [[4, 0.0]]
 
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle on the left", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_object_masks_cover_each_object_exactly():
+    scene = Scene("black", (SceneObject("red", "star", "on the left", "big"), SceneObject("blue", "square", "at the top", "small")))
+    full = object_masks(scene, 64)
+    assert full.shape == (2, 64, 64) and full.dtype == np.float32 and 0 <= full.min() and full.max() <= 1
+    image = render(scene, 64)
+    found = {d.colour: d for d in analyze(image)}
+    for k, o in enumerate(scene.objects):
+        # the coverage is the object's own anti-aliased footprint: it agrees with what analyze() finds
+        inside = full[k] > 0.5
+        assert (inside & found[o.colour].mask).sum() / (inside | found[o.colour].mask).sum() > 0.9
+        assert abs(full[k].sum() / 64**2 - 2.6 * o.radius**2) < 0.003  # every shape kind: area 2.6 R^2
+    coarse = object_masks(scene, 16)
+    pooled = full.reshape(2, 16, 4, 16, 4).mean(axis=(2, 4))
+    assert np.abs(coarse - pooled).max() < 0.02  # the 16x16 grid is the box average of the fine one
+    assert (coarse[0] * coarse[1]).sum() == 0  # objects never overlap
+
+
+def test_object_token_positions(tokenizer):
+    from attnctrl.models.shapes.train import object_token_positions
+
+    scene = Scene("gray", (SceneObject("orange", "triangle", "on the left", "small"), SceneObject("green", "circle", "at the top")))
+    text = "a green circle at the top and a small orange triangle on the left on a gray background"
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)
+    positions = object_token_positions(tokenizer, scene, text)
+    words = [[tokens[p].replace("</w>", "") for p in ps] for ps in positions]
+    assert words == [["small", "orange", "tri", "angle"], ["green", "circle"]]  # scene order, every sub-word
+    assert object_token_positions(tokenizer, scene, "") == [[], []]
+    cache: dict[str, int] = {}
+    assert object_token_positions(tokenizer, scene, text, cache) == positions and cache["triangle"] == 2
+    for i in range(200):  # every training caption: each object has its colour and shape words
+        sc, text = item_scene(i)
+        toks = tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)
+        for o, ps in zip(sc.objects, object_token_positions(tokenizer, sc, text, cache)):
+            got = "".join(toks[p] for p in ps).replace("</w>", " ")
+            assert o.colour in got and o.shape in got, (text, got)
+
+
+def test_grounding_loss():
+    from attnctrl.models.shapes.train import grounding_loss
+
+    torch.manual_seed(0)
+    targets = torch.zeros(2, 5, 16, 16)
+    targets[0, 1, 2:6, 2:6] = 1.0
+    targets[1, 3, 8:16, 0:8] = 1.0
+    supervised = torch.zeros(2, 5, dtype=torch.bool)
+    supervised[0, 1] = supervised[1, 3] = True
+
+    def probs_from(maps: torch.Tensor) -> torch.Tensor:  # (B, L, S, S) scores -> (B, S*S, L) probabilities
+        return maps.flatten(2).transpose(1, 2).softmax(-1)
+
+    uniform = [torch.full((2, n * n, 5), 0.2) for n in (16, 8, 4)]
+    # uniform attention: the inside share is the (pooled, max-normalised) covered fraction
+    expected = [((1 - 16 / 256) ** 2 + (1 - 64 / 256) ** 2) / 2, ((1 - 4 / 64) ** 2 + (1 - 16 / 64) ** 2) / 2, ((1 - 4 / 16) ** 2 + (1 - 4 / 16) ** 2) / 2]  # 2:6 straddles 4 cells of 4x4
+    assert torch.allclose(grounding_loss(uniform, targets, supervised), torch.tensor(sum(expected) / 3), atol=1e-5)
+    sink_scores = targets * 30.0
+    sink_scores[:, 0] = 30.0 * (1 - targets.sum(1))  # elsewhere every pixel attends to token 0, as to BOS
+    focused = probs_from(sink_scores)
+    assert grounding_loss([focused], targets, supervised) < 1e-6
+    coarse = [torch.full((2, 4, 5), 0.2), focused]  # 2x2 layers are skipped
+    assert torch.allclose(grounding_loss(coarse, targets, supervised), grounding_loss([focused], targets, supervised))
+    scores = torch.randn(2, 5, 16, 16, requires_grad=True)
+    loss = grounding_loss([probs_from(scores)], targets, supervised)
+    loss.backward()
+    assert loss > 0 and scores.grad.abs().sum() > 0 and scores.grad[0, 0].abs().sum() > 0  # via the softmax
+    assert grounding_loss(uniform, targets, torch.zeros_like(supervised)) == 0
+    with pytest.raises(ValueError, match="no cross-attention layer"):
+        grounding_loss([torch.full((2, 4, 5), 0.2)], targets, supervised)
+
+
+def test_recording_cross_attention_matches_the_stock_processor():
+    from diffusers import UNet2DConditionModel
+
+    from attnctrl.models.shapes.train import _record_cross_attention, unet_config
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**unet_config()).eval()
+    x, t, hidden = torch.randn(2, 4, 16, 16), torch.tensor([900, 10]), torch.randn(2, 32, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        stock = unet(x, t, hidden).sample
+        sink = _record_cross_attention(unet)
+        recorded = unet(x, t, hidden).sample
+    torch.testing.assert_close(recorded, stock, rtol=1e-5, atol=1e-5)
+    grids = sorted({p.shape[1] for p in sink})
+    assert grids == [4, 16, 64, 256] and all(p.shape[0] == 2 and p.shape[2] == 32 for p in sink)
+    assert all(torch.allclose(p.sum(-1), torch.ones(())) for p in sink)

@@ -46,6 +46,7 @@ __all__ = [
     "caption",
     "render",
     "render_array",
+    "object_masks",
     "item",
     "ShapesDataset",
     "is_held_out",
@@ -416,6 +417,23 @@ def render(scene: Scene, size: int = 64) -> Image.Image:
 def render_array(scene: Scene, size: int = 64) -> np.ndarray:
     """:func:`render` as a ``(size, size, 3)`` uint8 array."""
     return np.asarray(render(scene, size), dtype=np.uint8)
+
+
+def object_masks(scene: Scene, size: int = 16) -> np.ndarray:
+    """Coverage of each object of ``scene`` on a ``size`` x ``size`` grid, in [0, 1].
+
+    Returns float32 ``(len(scene.objects), size, size)``: the fraction of each cell the object covers
+    (drawn at 4x the 64-pixel render, box-averaged), so ``size=16`` is the 16x16 latent grid of a
+    64x64 image. Used to supervise where an object's words attend.
+    """
+    s = 64 * _SUPERSAMPLE
+    out = np.zeros((len(scene.objects), size, size), dtype=np.float32)
+    for k, o in enumerate(scene.objects):
+        img = Image.new("L", (s, s), 0)
+        cx, cy = o.centre
+        _draw_shape(ImageDraw.Draw(img), o.shape, cx * s, cy * s, o.radius * s, 255)
+        out[k] = np.asarray(img.resize((size, size), Image.BOX), dtype=np.float32) / 255.0
+    return out
 
 
 def _item_rng(seed: int, index: int) -> np.random.Generator:

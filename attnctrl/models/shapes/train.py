@@ -33,10 +33,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import BACKGROUNDS, caption, item_scene, render_array
+from . import BACKGROUNDS, COLOURS, SHAPE_KINDS, SIZES, _SIZE_WORDS, caption, item_scene, object_masks, render_array
 from .tokenizer import MODEL_MAX_LENGTH, build_tokenizer, write_vocab_files
 
-__all__ = ["train", "finetune_decoder", "export_checkpoint", "vae_config", "unet_config", "text_config", "scheduler_config"]
+__all__ = [
+    "train",
+    "finetune_decoder",
+    "export_checkpoint",
+    "vae_config",
+    "unet_config",
+    "text_config",
+    "scheduler_config",
+    "object_token_positions",
+    "grounding_loss",
+]
 
 # ------------------------------------------------------------------------------------------------
 # Configs
@@ -161,6 +171,109 @@ def loss_weight(snr: torch.Tensor, prediction_type: str, min_snr_gamma: float) -
     return clamped / snr
 
 
+#: Default weight of the grounding loss (see :func:`grounding_loss`) for a new run.
+GROUNDING_WEIGHT = 0.1
+
+_SIZE_WORD_SET = frozenset(w for words in _SIZE_WORDS.values() for w in words)
+
+
+def object_token_positions(tokenizer: Any, scene: Any, text: str, word_lengths: dict[str, int] | None = None) -> list[list[int]]:
+    """Token positions (in ``tokenizer(text).input_ids``, BOS at 0) of each object's words in ``text``.
+
+    Returns one list per object of ``scene``, in ``scene.objects`` order: the colour word, the shape
+    word after it (every sub-word token of it: "triangle" is "tri" + "angle") and a size word right
+    before the colour. Two objects of a scene never share a colour, so the colour word names the
+    object. Background colour words ("on a black background") are not object words. Empty lists
+    for an empty caption. ``word_lengths`` caches the token count of each word across calls.
+    """
+    word_lengths = {} if word_lengths is None else word_lengths
+    by_colour = {o.colour: k for k, o in enumerate(scene.objects)}
+    out: list[list[int]] = [[] for _ in scene.objects]
+    pos = 1  # after BOS
+    words = text.split()
+    spans = []
+    for w in words:
+        n = word_lengths.get(w)
+        if n is None:
+            n = word_lengths[w] = len(tokenizer(w, add_special_tokens=False).input_ids)
+        spans.append((w, pos, pos + n))
+        pos += n
+    current: int | None = None
+    for i, (w, a, b) in enumerate(spans):
+        if w in COLOURS and w in by_colour and not (i + 1 < len(words) and words[i + 1] == "background"):
+            current = by_colour[w]
+            out[current].extend(range(a, b))
+            if i > 0 and spans[i - 1][0] in _SIZE_WORD_SET:
+                out[current].extend(range(spans[i - 1][1], spans[i - 1][2]))
+        elif w in SHAPE_KINDS and current is not None:
+            out[current].extend(range(a, b))
+            current = None
+    return [sorted(p) for p in out]
+
+
+def grounding_loss(probs: list[torch.Tensor], targets: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
+    """How much of each object word's cross-attention falls outside its object (0 when none does).
+
+    ``probs``: per cross-attention layer, ``(B, h*w, L)`` attention probabilities averaged over heads,
+    on square grids that divide ``targets``' grid. ``targets``: ``(B, L, S, S)`` coverage of the
+    object each token names; ``supervised``: ``(B, L)`` bool, the tokens that name an object.
+    Per layer and token: ``(1 - sum(A * M) / sum(A))**2`` with ``M`` the coverage pooled to the
+    layer's grid and scaled to a maximum of 1 (a coarse grid rarely has a fully covered cell), the
+    token term of TokenCompose (Wang et al., CVPR 2024); averaged over supervised tokens and layers.
+    Layers coarser than 4x4 are skipped: one cell there covers a quarter of the image.
+    """
+    if not bool(supervised.any()):
+        return targets.new_zeros(())
+    size = targets.shape[-1]
+    weight = supervised.to(targets.dtype)
+    terms = []
+    for p in probs:
+        side = int(round(math.sqrt(p.shape[1])))
+        if side < 4 or side * side != p.shape[1] or size % side:
+            continue
+        m = F.avg_pool2d(targets.flatten(0, 1)[:, None], size // side)[:, 0].view(*targets.shape[:2], side * side)
+        m = m / m.amax(dim=-1, keepdim=True).clamp_min(1e-6)
+        a = p.transpose(1, 2)  # (B, L, N)
+        inside = (a * m).sum(-1) / a.sum(-1).clamp_min(1e-8)
+        terms.append((((1 - inside) ** 2) * weight).sum() / weight.sum())
+    if not terms:
+        raise ValueError("no cross-attention layer has a square grid of at least 4x4 that divides the target grid")
+    return torch.stack(terms).mean()
+
+
+class _RecordingCrossAttention:
+    """Cross-attention processor that computes softmax(QK^T) explicitly and keeps the head-averaged
+    probabilities ``(B, N, L)`` in ``sink``; the output equals the stock processor's."""
+
+    def __init__(self, sink: list[torch.Tensor]) -> None:
+        self.sink = sink
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
+        if encoder_hidden_states is None or attention_mask is not None or attn.norm_cross or attn.group_norm is not None:
+            raise ValueError("the recording processor handles only plain unmasked cross-attention")
+        batch, tokens, _ = hidden_states.shape
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(q, k, None)
+        self.sink.append(probs.view(batch, attn.heads, tokens, -1).mean(1))
+        out = attn.batch_to_head_dim(torch.bmm(probs, v))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + hidden_states
+        return out / attn.rescale_output_factor
+
+
+def _record_cross_attention(unet: Any) -> list[torch.Tensor]:
+    """Put :class:`_RecordingCrossAttention` on every cross-attention of ``unet``; returns the sink."""
+    sink: list[torch.Tensor] = []
+    for name, module in unet.named_modules():
+        if name.endswith("attn2") and hasattr(module, "set_processor"):
+            module.set_processor(_RecordingCrossAttention(sink))
+    return sink
+
+
 # ------------------------------------------------------------------------------------------------
 # Small helpers
 # ------------------------------------------------------------------------------------------------
@@ -258,6 +371,7 @@ def train(
     zero_terminal_snr: bool | None = None,
     high_noise_fraction: float | None = None,
     train_text_encoder: bool | None = None,
+    grounding_weight: float | None = None,
     checkpoint_minutes: float = 5.0,
     resume: bool = False,
     device: str | None = None,
@@ -339,6 +453,18 @@ def train(
         state["ema_from_step"] = int(state["unet_step"])
         reset_text_encoder = True
     train_text_encoder = bool(state["train_text_encoder"])
+    if grounding_weight is not None and not (math.isfinite(float(grounding_weight)) and float(grounding_weight) >= 0.0):
+        raise ValueError(f"grounding_weight must be a finite number >= 0, got {grounding_weight}")
+    if "grounding_weight" not in state:
+        # older checkpoints had no grounding loss; new runs default to GROUNDING_WEIGHT
+        state["grounding_weight"] = 0.0 if started else (GROUNDING_WEIGHT if grounding_weight is None else float(grounding_weight))
+        state["grounding_from_step"] = 0
+    if grounding_weight is not None and float(grounding_weight) != float(state["grounding_weight"]):
+        _log(f"grounding loss weight {state['grounding_weight']} -> {grounding_weight} from UNet step {state['unet_step']}")
+        state.setdefault("grounding_changes", []).append([int(state["unet_step"]), float(grounding_weight)])
+        state["grounding_weight"] = float(grounding_weight)
+        state["grounding_from_step"] = int(state["unet_step"])
+    grounding_weight = float(state["grounding_weight"])
     if "pool_size" not in state:
         # checkpoints from before pool_size was recorded: trust the pre-encoded latents on disk
         found = [n for n in os.listdir(work_dir) if n.startswith(f"latents_{seed}_") and n.endswith(".safetensors")]
@@ -542,6 +668,27 @@ def train(
             groups,
         )
 
+    attention_sink = _record_cross_attention(unet) if grounding_weight > 0 else None
+    grid = int(latents.shape[-1])
+    scene_masks: dict[int, torch.Tensor] = {}
+    word_lengths: dict[str, int] = {}
+
+    def grounding_targets(idx_np: np.ndarray, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        targets = torch.zeros(len(texts), MODEL_MAX_LENGTH, grid, grid)
+        supervised = torch.zeros(len(texts), MODEL_MAX_LENGTH, dtype=torch.bool)
+        for b, (i, text) in enumerate(zip(idx_np, texts)):
+            if not text:
+                continue
+            sc = scenes[int(i)]
+            if int(i) not in scene_masks:
+                scene_masks[int(i)] = torch.from_numpy(object_masks(sc, grid))
+            for k, positions in enumerate(object_token_positions(tokenizer, sc, text, word_lengths)):
+                for pos in positions:
+                    if pos < MODEL_MAX_LENGTH:
+                        targets[b, pos] = scene_masks[int(i)][k]
+                        supervised[b, pos] = True
+        return targets.to(dev), supervised.to(dev)
+
     if state["phase"] == "unet":
         unet.train()
         text_encoder.train(train_text_encoder)
@@ -549,7 +696,7 @@ def train(
         last_ck = time.time()
         t_measure = None
         bar = tqdm(desc="unet", unit="step", initial=state["unet_step"], total=state["planned_steps"], file=sys.stderr, mininterval=10.0)
-        ema_loss = None
+        ema_loss = ema_g = None
         while True:
             step = state["unet_step"]
             planned = state["planned_steps"]
@@ -591,10 +738,17 @@ def train(
             else:
                 with torch.no_grad():
                     hidden = text_encoder(ids)[0]
+            if attention_sink is not None:
+                attention_sink.clear()
             pred = unet(noisy, t, hidden).sample
             target = noise_sched.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else noise
             w = loss_weight(snr_all[t], prediction_type, min_snr_gamma)
             loss = (w * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+            g_loss = None
+            if attention_sink is not None:
+                g_loss = grounding_loss(attention_sink, *grounding_targets(idx, texts))
+                loss = loss + grounding_weight * g_loss
+                attention_sink.clear()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -606,9 +760,12 @@ def train(
                 torch._foreach_add_(ema, [p.detach() for p in params], alpha=1 - d)
             state["unet_step"] = step + 1
             ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+            if g_loss is not None:
+                ema_g = g_loss.item() if ema_g is None else 0.98 * ema_g + 0.02 * g_loss.item()
             bar.update(1)
             if (step + 1) % log_every == 0:
-                _log(f"unet step {step + 1}/{planned} loss {ema_loss:.4f} lr {cur_lr:.2e} elapsed {elapsed() / 60:.1f}min")
+                grounding = "" if ema_g is None else f" (grounding {ema_g:.4f})"
+                _log(f"unet step {step + 1}/{planned} loss {ema_loss:.4f}{grounding} lr {cur_lr:.2e} elapsed {elapsed() / 60:.1f}min")
             if time.time() - last_ck > checkpoint_minutes * 60.0:
                 unet_ckpt()
                 last_ck = time.time()
@@ -844,6 +1001,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-encoder", choices=("frozen", "trained"), default=None,
                    help="keep the text encoder at its seeded random init (default for a new run) or train it with "
                         "the UNet; 'frozen' on a resumed jointly-trained run re-initialises and freezes it there")
+    p.add_argument("--grounding-weight", type=float, default=None,
+                   help=f"weight of the loss that keeps each object word's cross-attention on its object (default "
+                        f"{GROUNDING_WEIGHT} for a new run, 0 to switch it off; a resumed run keeps its checkpoint's unless "
+                        "this is given)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--export-checkpoint", action="store_true", help="only export --work's checkpoint to --out")
     p.add_argument("--finetune-decoder", type=float, default=None, metavar="MINUTES",
@@ -875,6 +1036,7 @@ def main(argv: list[str] | None = None) -> int:
         zero_terminal_snr=None if a.zero_terminal_snr is None else a.zero_terminal_snr == "on",
         high_noise_fraction=a.high_noise_fraction,
         train_text_encoder=None if a.text_encoder is None else a.text_encoder == "trained",
+        grounding_weight=a.grounding_weight,
     )
     return 0
 
