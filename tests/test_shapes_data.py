@@ -287,6 +287,18 @@ def test_training_configs_are_consistent(tokenizer):
         tokenizer.pad_token_id,
     )
     assert unet_config()["cross_attention_dim"] == cfg.hidden_size
+    # no transformer layers: a word's feature does not depend on the other words (what Replace needs)
+    from transformers import CLIPTextModel
+
+    assert cfg.num_hidden_layers == 0
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(cfg).eval()
+    ids = tokenizer(["a red circle on the left", "a blue circle on the left"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        features = encoder(ids)[0]
+    assert torch.equal(features[0, 3:], features[1, 3:]) and not torch.equal(features[0, 2], features[1, 2])
+    with pytest.raises(ValueError, match="layers must be"):
+        text_config(tokenizer, -1)
     assert len(vae_config()["block_out_channels"]) == 3  # 64x64 -> 16x16
     sched = DDIMScheduler(**scheduler_config())
     assert sched.config.prediction_type == "v_prediction"  # layout is learnt at high noise (see the docstring)
@@ -349,7 +361,14 @@ def test_training_runs_resumes_and_freezes_the_text_encoder(tmp_path):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from attnctrl.models.shapes.train import GROUNDING_WEIGHT, _load_tensors, build_tokenizer, text_config, train
+    from attnctrl.models.shapes.train import (
+        GROUNDING_WEIGHT,
+        TEXT_ENCODER_LAYERS,
+        _load_tensors,
+        build_tokenizer,
+        text_config,
+        train,
+    )
 
     work, out = str(tmp_path / "work"), str(tmp_path / "out")
     common = dict(work_dir=work, pool_size=16, minutes=30, vae_minutes=0.02, batch_size=2, vae_batch_size=2, threads=1, log_every=1000)
@@ -380,6 +399,19 @@ def test_training_runs_resumes_and_freezes_the_text_encoder(tmp_path):
     with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
         state = json.load(f)
     assert state["unet_step"] == 5 and state["grounding_weight"] == 0.0 and state["grounding_changes"] == [[4, 0.0]]
+    assert state["text_encoder_layers"] == TEXT_ENCODER_LAYERS == 0
+    with pytest.raises(ValueError, match="text_encoder_layers must be"):
+        train(out, max_steps=6, resume=True, text_encoder_layers=-1, **common)
+    train(out, max_steps=6, resume=True, text_encoder_layers=1, **common)  # a different encoder from step 5
+    with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["text_encoder_layers"] == 1 and state["text_encoder_layer_changes"] == [[5, 1]] and state["ema_from_step"] == 5
+    torch.manual_seed(1)
+    init1 = CLIPTextModel(CLIPTextConfig(**text_config(build_tokenizer(str(tmp_path / "tok")), 1))).state_dict()
+    one_layer = _load_tensors(os.path.join(work, "ckpt", "text_encoder.safetensors"))
+    assert one_layer.keys() == init1.keys() and all(torch.equal(one_layer[k], init1[k]) for k in one_layer)
+    with open(os.path.join(out, "text_encoder", "config.json"), encoding="utf-8") as f:
+        assert json.load(f)["num_hidden_layers"] == 1
 
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr

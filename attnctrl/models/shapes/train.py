@@ -6,9 +6,11 @@ Phases (state kept in ``work_dir``, so ``resume=True`` continues where a run sto
    KL term; mostly on random 32x32 crops, which is 4x cheaper and enough for flat shapes).
 2. ``encode``: the pre-rendered pool of scenes is encoded once (posterior mean); the latent
    ``scaling_factor`` is 1 / std of those latents and is stored in the VAE config.
-3. ``unet``: a ``UNet2DConditionModel`` and a ``CLIPTextModel`` trained jointly on the pre-encoded
-   latents (v-prediction, DDPM ``scaled_linear`` betas as in SD, min-SNR-5 weighting, 10%
-   empty captions for classifier-free guidance, AdamW with warmup + cosine decay, EMA weights).
+3. ``unet``: a ``UNet2DConditionModel`` trained on the pre-encoded latents under a frozen,
+   seeded random ``CLIPTextModel`` (v-prediction on a zero-terminal-SNR schedule, x0-error weight
+   min(SNR, 5) + 1, half of each batch from t >= 700, 10% empty captions for classifier-free
+   guidance, a grounding loss that keeps each object word's cross-attention on its object, AdamW
+   with warmup + cosine decay, EMA weights).
 4. ``export``: a stock Stable Diffusion folder (EMA weights, DDIM scheduler config, CLIP tokenizer)
    written atomically to ``out_dir``.
 
@@ -90,13 +92,25 @@ def unet_config() -> dict[str, Any]:
     )
 
 
-def text_config(tokenizer) -> dict[str, Any]:
-    """CLIPTextConfig kwargs matching ``tokenizer``."""
+#: Transformer layers of the (frozen, random) text encoder of a new run: none. See :func:`text_config`.
+TEXT_ENCODER_LAYERS = 0
+
+
+def text_config(tokenizer, layers: int = TEXT_ENCODER_LAYERS) -> dict[str, Any]:
+    """CLIPTextConfig kwargs matching ``tokenizer``, with ``layers`` transformer layers.
+
+    With no layers a token's feature is LayerNorm(token + position embedding): it does not depend
+    on the other words. Prompt-to-Prompt needs that: a frozen random 3-layer encoder changed the
+    "circle" of "a red circle" by 57% when "red" became "blue" (more than "circle" -> "square",
+    42%), so a colour swap also swapped, in effect, the shape word and the layout with it.
+    """
+    if not isinstance(layers, int) or layers < 0:
+        raise ValueError(f"text encoder layers must be an int >= 0, got {layers!r}")
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=128,
         intermediate_size=512,
-        num_hidden_layers=3,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         max_position_embeddings=MODEL_MAX_LENGTH,
         projection_dim=128,
@@ -371,6 +385,7 @@ def train(
     zero_terminal_snr: bool | None = None,
     high_noise_fraction: float | None = None,
     train_text_encoder: bool | None = None,
+    text_encoder_layers: int | None = None,
     grounding_weight: float | None = None,
     checkpoint_minutes: float = 5.0,
     resume: bool = False,
@@ -452,6 +467,19 @@ def train(
         state["text_encoder_frozen_at_step"] = int(state["unet_step"])
         state["ema_from_step"] = int(state["unet_step"])
         reset_text_encoder = True
+    if text_encoder_layers is not None and (isinstance(text_encoder_layers, bool) or not isinstance(text_encoder_layers, int) or text_encoder_layers < 0):
+        raise ValueError(f"text_encoder_layers must be an int >= 0, got {text_encoder_layers!r}")
+    if "text_encoder_layers" not in state:
+        # older checkpoints had a 3-layer encoder; new runs take TEXT_ENCODER_LAYERS
+        state["text_encoder_layers"] = _text_encoder_layers(state) if started else (TEXT_ENCODER_LAYERS if text_encoder_layers is None else int(text_encoder_layers))
+    if text_encoder_layers is not None and int(text_encoder_layers) != int(state["text_encoder_layers"]):
+        _log(f"text encoder: {state['text_encoder_layers']} -> {text_encoder_layers} layers, re-initialised from its seed "
+             f"at UNet step {state['unet_step']} (EMA restarts)")
+        state.setdefault("text_encoder_layer_changes", []).append([int(state["unet_step"]), int(text_encoder_layers)])
+        state["text_encoder_layers"] = int(text_encoder_layers)
+        state["ema_from_step"] = int(state["unet_step"])
+        reset_text_encoder = True
+    text_encoder_layers = int(state["text_encoder_layers"])
     train_text_encoder = bool(state["train_text_encoder"])
     if grounding_weight is not None and not (math.isfinite(float(grounding_weight)) and float(grounding_weight) >= 0.0):
         raise ValueError(f"grounding_weight must be a finite number >= 0, got {grounding_weight}")
@@ -500,7 +528,7 @@ def train(
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_config())
     torch.manual_seed(seed + 1)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer, text_encoder_layers)))
     unet.to(dev)
     text_encoder.to(dev)
     n_params = {n: sum(p.numel() for p in m.parameters()) for n, m in [("vae", vae), ("unet", unet), ("text_encoder", text_encoder)]}
@@ -905,6 +933,10 @@ def _zero_terminal_snr(state: dict[str, Any]) -> bool:
     return bool(state.get("zero_terminal_snr", False))
 
 
+def _text_encoder_layers(state: dict[str, Any]) -> int:
+    return int(state.get("text_encoder_layers", 3))  # checkpoints from before the switch had 3
+
+
 def _dir_mb(path: str) -> float:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs) / 2**20
 
@@ -950,7 +982,7 @@ def export_checkpoint(work_dir: str, out_dir: str, *, use_ema: bool = True) -> s
     vae.load_state_dict(_load_tensors(ft if os.path.exists(ft) else os.path.join(ckpt, "vae.safetensors")))
     vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
     unet = UNet2DConditionModel(**unet_config())
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer)))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config(tokenizer, _text_encoder_layers(state))))
     unet.load_state_dict(_load_tensors(os.path.join(ckpt, "unet.safetensors")))
     text_encoder.load_state_dict(_load_tensors(os.path.join(ckpt, "text_encoder.safetensors")), strict=False)
     if use_ema:
@@ -1001,6 +1033,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-encoder", choices=("frozen", "trained"), default=None,
                    help="keep the text encoder at its seeded random init (default for a new run) or train it with "
                         "the UNet; 'frozen' on a resumed jointly-trained run re-initialises and freezes it there")
+    p.add_argument("--text-encoder-layers", type=int, default=None,
+                   help=f"transformer layers of the text encoder (default {TEXT_ENCODER_LAYERS} for a new run: each token's "
+                        "feature depends on that word and its position only); a different count on a resumed run "
+                        "re-initialises the encoder from its seed there")
     p.add_argument("--grounding-weight", type=float, default=None,
                    help=f"weight of the loss that keeps each object word's cross-attention on its object (default "
                         f"{GROUNDING_WEIGHT} for a new run, 0 to switch it off; a resumed run keeps its checkpoint's unless "
@@ -1036,6 +1072,7 @@ def main(argv: list[str] | None = None) -> int:
         zero_terminal_snr=None if a.zero_terminal_snr is None else a.zero_terminal_snr == "on",
         high_noise_fraction=a.high_noise_fraction,
         train_text_encoder=None if a.text_encoder is None else a.text_encoder == "trained",
+        text_encoder_layers=a.text_encoder_layers,
         grounding_weight=a.grounding_weight,
     )
     return 0
