@@ -473,6 +473,8 @@ def test_grounding_loss():
     uniform = [torch.full((2, n * n, 5), 0.2) for n in (16, 8, 4)]
     # uniform attention: the inside share is the (pooled, max-normalised) covered fraction
     expected = [((1 - 16 / 256) ** 2 + (1 - 64 / 256) ** 2) / 2, ((1 - 4 / 64) ** 2 + (1 - 16 / 64) ** 2) / 2, ((1 - 4 / 16) ** 2 + (1 - 4 / 16) ** 2) / 2]  # 2:6 straddles 4 cells of 4x4
+    # and every object pixel reads its object's one word with 0.2: pixel term 0.8**2
+    expected = [(token + 0.8**2) / 2 for token in expected]
     assert torch.allclose(grounding_loss(uniform, targets, supervised), torch.tensor(sum(expected) / 3), atol=1e-5)
     sink_scores = targets * 30.0
     sink_scores[:, 0] = 30.0 * (1 - targets.sum(1))  # elsewhere every pixel attends to token 0, as to BOS

@@ -226,15 +226,22 @@ def object_token_positions(tokenizer: Any, scene: Any, text: str, word_lengths: 
 
 
 def grounding_loss(probs: list[torch.Tensor], targets: torch.Tensor, supervised: torch.Tensor) -> torch.Tensor:
-    """How much of each object word's cross-attention falls outside its object (0 when none does).
+    """How far each object's words' cross-attention is from its object (0 when it is exactly there).
 
     ``probs``: per cross-attention layer, ``(B, h*w, L)`` attention probabilities averaged over heads,
     on square grids that divide ``targets``' grid. ``targets``: ``(B, L, S, S)`` coverage of the
     object each token names; ``supervised``: ``(B, L)`` bool, the tokens that name an object.
-    Per layer and token: ``(1 - sum(A * M) / sum(A))**2`` with ``M`` the coverage pooled to the
-    layer's grid and scaled to a maximum of 1 (a coarse grid rarely has a fully covered cell), the
-    token term of TokenCompose (Wang et al., CVPR 2024); averaged over supervised tokens and layers.
-    Layers coarser than 4x4 are skipped: one cell there covers a quarter of the image.
+    ``M`` is the coverage pooled to the layer's grid and scaled to a maximum of 1 (a coarse grid
+    rarely has a fully covered cell). Per layer, the mean of two terms:
+
+    - token: ``(1 - sum(A * M) / sum(A))**2`` per supervised token, its share of attention outside
+      its object (TokenCompose's token term, Wang et al., CVPR 2024);
+    - pixel: ``(1 - sum_j A_j)**2`` per pixel, weighted by ``M``, where ``j`` runs over the words of
+      the object at that pixel: an object's pixels should read their object's words, so that a
+      word's value (what Prompt-to-Prompt's Replace swaps) decides what is drawn there.
+
+    Averaged over layers. Layers coarser than 4x4 are skipped: one cell there covers a quarter of
+    the image.
     """
     if not bool(supervised.any()):
         return targets.new_zeros(())
@@ -249,7 +256,12 @@ def grounding_loss(probs: list[torch.Tensor], targets: torch.Tensor, supervised:
         m = m / m.amax(dim=-1, keepdim=True).clamp_min(1e-6)
         a = p.transpose(1, 2)  # (B, L, N)
         inside = (a * m).sum(-1) / a.sum(-1).clamp_min(1e-8)
-        terms.append((((1 - inside) ** 2) * weight).sum() / weight.sum())
+        token = (((1 - inside) ** 2) * weight).sum() / weight.sum()
+        own = (m > 0.5) & supervised[:, :, None]  # (B, L, N): token j names the object at pixel n
+        mass = (a * own).sum(1)  # (B, N)
+        cover = (m * weight[:, :, None]).amax(1)  # (B, N)
+        pixel = (cover * (1 - mass) ** 2).sum() / cover.sum().clamp_min(1e-6)
+        terms.append((token + pixel) / 2)
     if not terms:
         raise ValueError("no cross-attention layer has a square grid of at least 4x4 that divides the target grid")
     return torch.stack(terms).mean()
@@ -493,6 +505,8 @@ def train(
         state["grounding_weight"] = float(grounding_weight)
         state["grounding_from_step"] = int(state["unet_step"])
     grounding_weight = float(state["grounding_weight"])
+    # the pixel term of grounding_loss joined the token term at this step (0 for new runs)
+    state.setdefault("grounding_pixel_from_step", int(state["unet_step"]))
     if "pool_size" not in state:
         # checkpoints from before pool_size was recorded: trust the pre-encoded latents on disk
         found = [n for n in os.listdir(work_dir) if n.startswith(f"latents_{seed}_") and n.endswith(".safetensors")]
