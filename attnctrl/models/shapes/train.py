@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import BACKGROUNDS, COLOURS, SHAPE_KINDS, SIZES, _SIZE_WORDS, caption, item_scene, object_masks, render_array
+from . import BACKGROUNDS, COLOURS, SHAPE_KINDS, _SIZE_WORDS, caption, item_scene, object_masks, render_array
 from .tokenizer import MODEL_MAX_LENGTH, build_tokenizer, write_vocab_files
 
 __all__ = [
