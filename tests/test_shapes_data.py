@@ -415,6 +415,11 @@ def test_training_runs_resumes_and_freezes_the_text_encoder(tmp_path):
 
     pipe = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, requires_safety_checker=False)
     assert pipe.scheduler.config.prediction_type == "v_prediction" and pipe.scheduler.config.rescale_betas_zero_snr
+    # the exported tokenizer.json pads only when asked, although training tokenised with padding
+    # (transformers resets this on load; the tokenizers library and other readers do not)
+    with open(os.path.join(out, "tokenizer", "tokenizer.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["padding"] is None and saved["truncation"] is None
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a red circle on the left", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()

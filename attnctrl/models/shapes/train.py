@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import BACKGROUNDS, COLOURS, SHAPE_KINDS, _SIZE_WORDS, caption, item_scene, object_masks, render_array
+from . import BACKGROUNDS, SHAPE_KINDS, _SIZE_WORDS, caption, item_scene, object_masks, render_array
 from .tokenizer import MODEL_MAX_LENGTH, build_tokenizer, write_vocab_files
 
 __all__ = [
@@ -214,7 +214,7 @@ def object_token_positions(tokenizer: Any, scene: Any, text: str, word_lengths: 
         pos += n
     current: int | None = None
     for i, (w, a, b) in enumerate(spans):
-        if w in COLOURS and w in by_colour and not (i + 1 < len(words) and words[i + 1] == "background"):
+        if w in by_colour:
             current = by_colour[w]
             out[current].extend(range(a, b))
             if i > 0 and spans[i - 1][0] in _SIZE_WORD_SET:
@@ -958,6 +958,12 @@ def _dir_mb(path: str) -> float:
 def _export(out_dir: str, vae, text_encoder, tokenizer, unet, prediction_type: str, zero_terminal_snr: bool) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        # training calls it with padding="max_length": a fast tokenizer keeps that in its state, and
+        # a saved tokenizer.json would then pad every text a user tokenises to 32 tokens
+        backend.no_padding()
+        backend.no_truncation()
     pipe = StableDiffusionPipeline(
         vae=vae.eval().cpu(),
         text_encoder=text_encoder.eval().cpu(),
