@@ -376,7 +376,9 @@ def test_training_runs_resumes_and_freezes_the_text_encoder(tmp_path):
     with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
         state = json.load(f)
     assert state["unet_step"] == 2 and state["train_text_encoder"] is True and state["zero_terminal_snr"] is True
-    assert state["high_noise_fraction"] == 0.5 and state["phase"] == "done"
+    assert state["high_noise_fraction"] == 0.5 and state["phase"] == "done" and state["occupancy_latent"] is True
+    with pytest.raises(ValueError, match="latent space cannot change"):
+        train(out, max_steps=3, resume=True, occupancy_latent=False, **common)
     seeded = _load_tensors(os.path.join(work, "ckpt", "text_encoder.safetensors"))
 
     train(out, max_steps=4, resume=True, train_text_encoder=False, **common)  # freeze from step 2
@@ -460,6 +462,29 @@ def test_object_token_positions(tokenizer):
         for o, ps in zip(sc.objects, object_token_positions(tokenizer, sc, text, cache)):
             got = "".join(toks[p] for p in ps).replace("</w>", " ")
             assert o.colour in got and o.shape in got, (text, got)
+
+
+def test_occupancy_latent_loss():
+    from attnctrl.models.shapes.train import COLOUR_LATENT_BOUND, OCCUPANCY_LEVEL, occupancy_latent_loss
+
+    occupancy = torch.zeros(2, 8, 8)
+    occupancy[0, 2:5, 2:5] = 1.0
+    occupancy[0, 5, 2:5] = 0.4  # edge cells: free
+    occupancy[1, 0, 0] = 0.8
+    ideal = torch.zeros(2, 4, 8, 8)
+    ideal[:, 0] = torch.where(occupancy >= 0.7, OCCUPANCY_LEVEL, -OCCUPANCY_LEVEL)
+    ideal[:, 1:] = COLOUR_LATENT_BOUND * torch.rand(2, 3, 8, 8).mul(2).sub(1)  # any colour within the bound
+    ideal[0, 0, 5, 2:5] = 9.0  # whatever the edge cells hold
+    assert occupancy_latent_loss(ideal, occupancy) == 0
+    off = ideal.clone()
+    off[1, 0, 0, 0] = -OCCUPANCY_LEVEL  # an object cell reading as background
+    assert torch.isclose(occupancy_latent_loss(off, occupancy), torch.tensor((2 * OCCUPANCY_LEVEL) ** 2 / (128 - 3)))
+    loud = ideal.clone()
+    loud[0, 2, 0, 0] = COLOUR_LATENT_BOUND + 2.0  # a colour channel dominating the occupancy one
+    assert torch.isclose(occupancy_latent_loss(loud, occupancy), torch.tensor(4.0 / (2 * 3 * 64)))
+    mean = torch.randn(2, 4, 8, 8, requires_grad=True)
+    occupancy_latent_loss(mean, occupancy).backward()
+    assert mean.grad[0, 0, 5, 2:5].abs().sum() == 0 and mean.grad[:, 0].abs().sum() > 0
 
 
 def test_grounding_loss():

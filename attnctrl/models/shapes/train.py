@@ -48,6 +48,7 @@ __all__ = [
     "scheduler_config",
     "object_token_positions",
     "grounding_loss",
+    "occupancy_latent_loss",
 ]
 
 # ------------------------------------------------------------------------------------------------
@@ -187,6 +188,35 @@ def loss_weight(snr: torch.Tensor, prediction_type: str, min_snr_gamma: float) -
 
 #: Default weight of the grounding loss (see :func:`grounding_loss`) for a new run.
 GROUNDING_WEIGHT = 0.1
+
+OCCUPANCY_LEVEL = 2.5
+"""Latent channel 0 of a new run's VAE is pulled to ``+OCCUPANCY_LEVEL`` on cells inside an object
+and to ``-OCCUPANCY_LEVEL`` on background cells (see :func:`occupancy_latent_loss`)."""
+COLOUR_LATENT_BOUND = 1.0
+"""... and channels 1-3 are kept within ``[-COLOUR_LATENT_BOUND, COLOUR_LATENT_BOUND]``."""
+
+
+def occupancy_latent_loss(mean: torch.Tensor, occupancy: torch.Tensor) -> torch.Tensor:
+    """Shape the VAE's latent so that "there is an object here" is one shared direction.
+
+    With a free latent every colour is its own direction (red and blue objects were nearly
+    orthogonal against their background), so from the same starting noise a colour word swap
+    resolves the object's outline from a different projection of that noise and the edited object
+    comes out another size and shape. Making channel 0 an occupancy channel that dominates the
+    colour channels gives every colour the same outline-deciding direction; the colour is read
+    from the smaller channels 1-3 late in sampling.
+
+    ``mean``: the encoder's posterior mean, ``(B, 4, h, w)``. ``occupancy``: object coverage of
+    each latent cell in [0, 1], ``(B, h, w)``. Cells at an object's edge (coverage 0.05-0.7) are
+    left free, so the outline's sub-cell detail can still be encoded there.
+    """
+    occ = mean[:, 0]
+    inside = (occupancy >= 0.7).float()
+    outside = (occupancy <= 0.05).float()
+    target = OCCUPANCY_LEVEL * (inside - outside)
+    occ_term = ((occ - target).pow(2) * (inside + outside)).sum() / (inside + outside).sum().clamp_min(1.0)
+    colour_term = F.relu(mean[:, 1:].abs() - COLOUR_LATENT_BOUND).pow(2).mean()
+    return occ_term + colour_term
 
 _SIZE_WORD_SET = frozenset(w for words in _SIZE_WORDS.values() for w in words)
 
@@ -399,6 +429,7 @@ def train(
     train_text_encoder: bool | None = None,
     text_encoder_layers: int | None = None,
     grounding_weight: float | None = None,
+    occupancy_latent: bool | None = None,
     checkpoint_minutes: float = 5.0,
     resume: bool = False,
     device: str | None = None,
@@ -443,6 +474,15 @@ def train(
     elif state["prediction_type"] != prediction_type:
         _log(f"continuing with the checkpoint's prediction_type={state['prediction_type']!r} (not {prediction_type!r})")
     prediction_type = str(state["prediction_type"])
+    if "occupancy_latent" not in state:
+        # VAEs trained before the switch existed have a free latent; new runs default to on
+        state["occupancy_latent"] = False if state["phase"] != "vae" or int(state["vae_step"]) > 0 else (True if occupancy_latent is None else bool(occupancy_latent))
+    if occupancy_latent is not None and bool(occupancy_latent) != bool(state["occupancy_latent"]):
+        raise ValueError(
+            f"this checkpoint's VAE was trained with occupancy_latent={state['occupancy_latent']}; the latent space "
+            "cannot change on resume (start a new --work dir)"
+        )
+    occupancy_latent = bool(state["occupancy_latent"])
     if high_noise_fraction is not None and not 0.0 <= float(high_noise_fraction) <= 1.0:
         raise ValueError(f"high_noise_fraction must be in [0, 1], got {high_noise_fraction}")
     # the switches below: a run whose UNet has not started takes what was asked for; a checkpoint
@@ -590,7 +630,7 @@ def train(
             x = _to_pixels(pool_u8[idx])
             if vae_crop and step % 16 != 15:
                 # crops (on the 4-pixel latent grid) that contain an object, so every sample teaches colours
-                crops = []
+                crops, cells = [], []
                 for k, i in enumerate(idx_np):
                     sc = scenes[int(i)]
                     o = sc.objects[int(rng.integers(len(sc.objects)))]
@@ -602,7 +642,10 @@ def train(
                     ox = 4 * int(rng.integers(min(lo_x, hi_x), max(lo_x, hi_x) + 1))
                     oy = 4 * int(rng.integers(min(lo_y, hi_y), max(lo_y, hi_y) + 1))
                     crops.append(x[k, :, oy : oy + vae_crop, ox : ox + vae_crop])
+                    cells.append((oy // 4, ox // 4))
                 x = torch.stack(crops)
+            else:
+                cells = [(0, 0)] * len(idx_np)
             b = (torch.stack([torch.tensor(BACKGROUNDS[scenes[int(i)].background], dtype=torch.float32) for i in idx_np]) / 127.5 - 1.0)[:, :, None, None]
             x, b = x.to(dev), b.to(dev)
             for g in opt.param_groups:
@@ -615,6 +658,13 @@ def train(
             w = 1.0 + 4.0 * ((x - b).abs().amax(dim=1, keepdim=True) > 0.1).float()
             rec_loss = (w * ((rec - x).abs() + (rec - x).pow(2))).mean() / w.mean()
             loss = rec_loss + 1e-6 * post.kl().mean()
+            if occupancy_latent:
+                h, w_cells = post.mean.shape[-2:]
+                occ = torch.stack([
+                    torch.from_numpy(object_masks(scenes[int(i)], 16).sum(0).clip(0.0, 1.0))[cy : cy + h, cx : cx + w_cells]
+                    for i, (cy, cx) in zip(idx_np, cells)
+                ]).to(dev)
+                loss = loss + 0.1 * occupancy_latent_loss(post.mean, occ)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -1061,6 +1111,9 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"weight of the loss that keeps each object word's cross-attention on its object (default "
                         f"{GROUNDING_WEIGHT} for a new run, 0 to switch it off; a resumed run keeps its checkpoint's unless "
                         "this is given)")
+    p.add_argument("--occupancy-latent", choices=("on", "off"), default=None,
+                   help="shape the VAE latent so channel 0 says where objects are, shared by every colour (default on "
+                        "for a new run; fixed once the VAE has trained)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--export-checkpoint", action="store_true", help="only export --work's checkpoint to --out")
     p.add_argument("--finetune-decoder", type=float, default=None, metavar="MINUTES",
@@ -1094,6 +1147,7 @@ def main(argv: list[str] | None = None) -> int:
         train_text_encoder=None if a.text_encoder is None else a.text_encoder == "trained",
         text_encoder_layers=a.text_encoder_layers,
         grounding_weight=a.grounding_weight,
+        occupancy_latent=None if a.occupancy_latent is None else a.occupancy_latent == "on",
     )
     return 0
 
