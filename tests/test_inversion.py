@@ -406,3 +406,35 @@ def test_fp16_pipeline_optimises_in_fp32(tokenizer):
     assert torch.isfinite(inv.null_embeddings).all() and torch.isfinite(inv.latents).all()
     out = pipe(["a cat on a mat", "a dog on a mat"], edit=attnctrl.Replace(), inversion=inv, output_type="latent")
     assert out.images.dtype == torch.float16 and torch.isfinite(out.images).all()
+
+
+class _LinearDenoiser:
+    """Stand-in for ``Denoiser``: the prediction is ``gain`` x the mean of the embedding, and a step
+    subtracts the guided prediction, so how much the null embedding can move the step is set by
+    ``gain``."""
+
+    def __init__(self, gain: float) -> None:
+        self.gain, self.evaluations = gain, 0
+
+    def __call__(self, latents, t, embedding, pooled=None, backward=False):
+        self.evaluations += latents.shape[0]
+        return latents * 0 + self.gain * embedding.mean(dim=(1, 2)).view(-1, 1, 1, 1)
+
+    def step(self, latents, guided, t):
+        return latents - guided
+
+
+@pytest.mark.parametrize("gain", [0.0, 10.0])
+def test_fast_null_text_schedule_stops_when_the_loss_stalls(gain):
+    from attnctrl.pipelines.inversion import null_text_step
+
+    latents, target = torch.zeros(1, 4, 2, 2), torch.full((1, 4, 2, 2), 5.0)
+    cond, null = torch.zeros(1, 3, 8), torch.zeros(1, 3, 8)
+    run = {s: null_text_step(_LinearDenoiser(gain), latents, 500, 0, target, cond, null, guidance_scale=7.5, schedule=s)
+           for s in ("fast", "official")}
+    if gain == 0.0:  # the null embedding cannot move the step: the fast schedule stops at the 2nd evaluation
+        assert run["fast"].iterations == [2] and run["official"].iterations == [10]
+        assert run["fast"].loss == pytest.approx([25.0]) and run["official"].loss == pytest.approx([25.0])
+    else:  # while each evaluation improves by more than 2% it goes on, and ends at least as close
+        assert run["fast"].iterations[0] > 2
+        assert run["fast"].loss[0] < 25.0 * 0.5 and run["fast"].loss[0] <= run["official"].loss[0] + 1e-6
