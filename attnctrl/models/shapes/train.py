@@ -3,7 +3,8 @@
 Phases (state kept in ``work_dir``, so ``resume=True`` continues where a run stopped):
 
 1. ``vae``: an ``AutoencoderKL`` (64x64x3 -> 16x16x4) trained on rendered scenes (L1 + MSE + a small
-   KL term; mostly on random 32x32 crops, which is 4x cheaper and enough for flat shapes).
+   KL term; mostly on random 32x32 crops, which is 4x cheaper and enough for flat shapes), with
+   latent channel 0 made an occupancy channel shared by every colour (:func:`occupancy_latent_loss`).
 2. ``encode``: the pre-rendered pool of scenes is encoded once (posterior mean); the latent
    ``scaling_factor`` is 1 / std of those latents and is stored in the VAE config.
 3. ``unet``: a ``UNet2DConditionModel`` trained on the pre-encoded latents under a frozen,
