@@ -376,9 +376,13 @@ def test_training_runs_resumes_and_freezes_the_text_encoder(tmp_path):
     with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
         state = json.load(f)
     assert state["unet_step"] == 2 and state["train_text_encoder"] is True and state["zero_terminal_snr"] is True
-    assert state["high_noise_fraction"] == 0.5 and state["phase"] == "done" and state["occupancy_latent"] is True
+    assert state["high_noise_fraction"] == 0.5 and state["phase"] == "done" and state["occupancy_latent"] is False
     with pytest.raises(ValueError, match="latent space cannot change"):
-        train(out, max_steps=3, resume=True, occupancy_latent=False, **common)
+        train(out, max_steps=3, resume=True, occupancy_latent=True, **common)
+    occupancy_work = str(tmp_path / "occupancy")
+    train(str(tmp_path / "occupancy-out"), max_steps=1, occupancy_latent=True, **{**common, "work_dir": occupancy_work})
+    with open(os.path.join(occupancy_work, "ckpt", "state.json"), encoding="utf-8") as f:
+        assert json.load(f)["occupancy_latent"] is True
     seeded = _load_tensors(os.path.join(work, "ckpt", "text_encoder.safetensors"))
 
     train(out, max_steps=4, resume=True, train_text_encoder=False, **common)  # freeze from step 2

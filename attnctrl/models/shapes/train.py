@@ -4,7 +4,8 @@ Phases (state kept in ``work_dir``, so ``resume=True`` continues where a run sto
 
 1. ``vae``: an ``AutoencoderKL`` (64x64x3 -> 16x16x4) trained on rendered scenes (L1 + MSE + a small
    KL term; mostly on random 32x32 crops, which is 4x cheaper and enough for flat shapes), with
-   latent channel 0 made an occupancy channel shared by every colour (:func:`occupancy_latent_loss`).
+   optionally latent channel 0 made an occupancy channel shared by every colour
+   (``occupancy_latent``, :func:`occupancy_latent_loss`).
 2. ``encode``: the pre-rendered pool of scenes is encoded once (posterior mean); the latent
    ``scaling_factor`` is 1 / std of those latents and is stored in the VAE config.
 3. ``unet``: a ``UNet2DConditionModel`` trained on the pre-encoded latents under a frozen,
@@ -476,8 +477,8 @@ def train(
         _log(f"continuing with the checkpoint's prediction_type={state['prediction_type']!r} (not {prediction_type!r})")
     prediction_type = str(state["prediction_type"])
     if "occupancy_latent" not in state:
-        # VAEs trained before the switch existed have a free latent; new runs default to on
-        state["occupancy_latent"] = False if state["phase"] != "vae" or int(state["vae_step"]) > 0 else (True if occupancy_latent is None else bool(occupancy_latent))
+        # VAEs trained before the switch existed have a free latent, as new runs do unless asked
+        state["occupancy_latent"] = False if state["phase"] != "vae" or int(state["vae_step"]) > 0 else bool(occupancy_latent)
     if occupancy_latent is not None and bool(occupancy_latent) != bool(state["occupancy_latent"]):
         raise ValueError(
             f"this checkpoint's VAE was trained with occupancy_latent={state['occupancy_latent']}; the latent space "
@@ -1113,8 +1114,8 @@ def main(argv: list[str] | None = None) -> int:
                         f"{GROUNDING_WEIGHT} for a new run, 0 to switch it off; a resumed run keeps its checkpoint's unless "
                         "this is given)")
     p.add_argument("--occupancy-latent", choices=("on", "off"), default=None,
-                   help="shape the VAE latent so channel 0 says where objects are, shared by every colour (default on "
-                        "for a new run; fixed once the VAE has trained)")
+                   help="shape the VAE latent so channel 0 says where objects are, shared by every colour (default off; "
+                        "fixed once the VAE has trained; see the README for what it changed)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--export-checkpoint", action="store_true", help="only export --work's checkpoint to --out")
     p.add_argument("--finetune-decoder", type=float, default=None, metavar="MINUTES",
