@@ -30,6 +30,7 @@ from attnctrl.models.shapes import (
     is_held_out,
     item,
     item_scene,
+    object_extent,
     object_masks,
     render,
     sample_scene,
@@ -260,6 +261,49 @@ def test_analyze_input_types():
     assert analyze(render(Scene("white", ()))) == []
     with pytest.raises(TypeError):
         analyze("not an image")
+
+
+def _blurred(img, passes: int = 2) -> np.ndarray:
+    """A soft edge like a VAE decode leaves: repeated 3x3 box blur."""
+    arr = np.asarray(img, dtype=np.float32)
+    for _ in range(passes):
+        p = np.pad(arr, ((1, 1), (1, 1), (0, 0)), mode="edge")
+        arr = sum(p[dy : dy + arr.shape[0], dx : dx + arr.shape[1]] for dy in range(3) for dx in range(3)) / 9.0
+    return np.round(arr).astype(np.uint8)
+
+
+def _mask_iou(a, b) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+def test_object_extent_keeps_one_outline_across_colours():
+    # The same blurred outline in yellow and in blue on white: analyze()'s palette masks end at a
+    # fixed RGB distance, further in for yellow (close to white), so they disagree; the half-contrast
+    # extents agree. This is what makes a colour swap's mask IoU measure the outline, not the colour.
+    extent_ious, palette_ious = [], []
+    for shape in SHAPE_KINDS:
+        extents, palette = [], []
+        for colour in ("yellow", "blue"):
+            img = _blurred(render(Scene("white", (SceneObject(colour, shape, "in the centre", "small"),))))
+            (found,) = analyze(img)
+            extent = object_extent(img, found)
+            assert found.mask.sum() <= extent.sum() and (found.mask <= extent).all()
+            extents.append(extent)
+            palette.append(found.mask)
+        extent_ious.append(_mask_iou(*extents))
+        palette_ious.append(_mask_iou(*palette))
+    # Measured: extents 1.00 for every shape; palette masks 0.73 (circle) to 1.00 (square), mean 0.85.
+    assert min(extent_ious) >= 0.95, extent_ious
+    assert np.mean(palette_ious) < 0.9, palette_ious
+    # On a sharp render the extent is the drawn object: half coverage of each pixel.
+    scene = Scene("gray", (SceneObject("purple", "star", "on the left"), SceneObject("orange", "circle", "on the right")))
+    img = render(scene)
+    coverage = object_masks(scene, 64)
+    for found in analyze(img):
+        k = [o.colour for o in scene.objects].index(found.colour)
+        assert _mask_iou(object_extent(img, found), coverage[k] >= 0.5) >= 0.9
+    with pytest.raises(ValueError, match="analysed image"):
+        object_extent(render(scene, 128), analyze(img)[0])
 
 
 def test_background_palette_is_separable():

@@ -53,11 +53,14 @@ def test_held_out_positions_followed(shapes_pipe):
 
 
 def test_colour_swap_with_replace_changes_the_colour(shapes_pipe):
-    # Measured: 3/3 edits have the new colour.
+    # Measured: 3/3 edits have the new colour; mask IoU 0.51 (palette masks 0.48). The ideal edit
+    # (the source recoloured in pixels, through the VAE) scores 0.93: the score can reach the target.
     cases = colour_swap_cases()[:3]
     edited = score_colour_swap(shapes_pipe, cases, seeds=[0], edit_factory=lambda c: attnctrl.Replace(), steps=STEPS)
     assert edited.images == 3
     assert edited.new_colour >= 2 / 3
+    assert edited.recolour_iou >= 0.85
+    assert 0.0 < edited.mask_iou < edited.recolour_iou
 
 
 def test_replace_keeps_the_object_in_place(shapes_pipe):

@@ -55,6 +55,7 @@ __all__ = [
     "to_uint8_image",
     "position_of",
     "analyze",
+    "object_extent",
 ]
 
 # --------------------------------------------------------------------------------------------------
@@ -723,3 +724,29 @@ def analyze(
             )
     found.sort(key=lambda d: -d.area)
     return found
+
+
+def object_extent(image: Any, detected: DetectedObject) -> np.ndarray:
+    """The outline of ``detected`` at half contrast: a bool ``(H, W)`` mask.
+
+    A pixel belongs to the object when its colour lies at least half way from the background colour
+    (:func:`background_colour`) to the object's palette colour (projected on the line between the
+    two), and it is connected (8-neighbours) to ``detected.mask``. ``detected.mask`` keeps only the
+    pixels within ``max_distance`` of the palette colour, so on an anti-aliased or slightly blurred
+    edge its boundary sits where a fixed RGB distance is crossed: further in for a colour close to
+    the background (yellow on white) than for a distant one (blue on white). The half-contrast
+    boundary does not move with the colour, which is what comparing one outline drawn in two colours
+    needs (a colour swap's mask IoU).
+    """
+    arr = to_uint8_image(image).astype(np.float32)
+    if arr.shape[:2] != detected.mask.shape:
+        raise ValueError(f"image is {arr.shape[:2]} but the detected mask is {detected.mask.shape}; pass the analysed image")
+    background = np.array(PALETTE[background_colour(arr.astype(np.uint8))], dtype=np.float32)
+    direction = np.array(PALETTE[detected.colour], dtype=np.float32) - background
+    fraction = (arr - background) @ direction / float(direction @ direction)
+    inside = (fraction >= 0.5) | detected.mask
+    extent = np.zeros_like(detected.mask)
+    for comp in _components(inside):
+        if (comp & detected.mask).any():
+            extent |= comp
+    return extent

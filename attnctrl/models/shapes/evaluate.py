@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from . import EvalPrompt, analyze, with_article
+from . import PALETTE, EvalPrompt, analyze, object_extent, with_article
 
 __all__ = [
     "GenerationScores",
@@ -110,13 +110,21 @@ class SwapScores:
     """Colour swap quality over ``images`` edits.
 
     ``new_colour``: fraction of edited images whose largest object has the new colour.
-    ``mask_iou``: mean IoU between the source's and the edit's largest object masks.
+    ``mask_iou``: mean IoU between the source's and the edit's largest objects, each outlined at
+    half contrast (:func:`~attnctrl.models.shapes.object_extent`), 0 where either has no object.
+    ``palette_mask_iou``: the same with :func:`~attnctrl.models.shapes.analyze`'s palette-distance
+    masks, whose boundary moves with each colour's contrast against the background.
+    ``recolour_iou``: ``mask_iou`` of an ideal edit, for calibration: the source's object recoloured
+    exactly in pixels, then encoded and decoded by the pipeline's VAE (the best any edit that ends in
+    this decoder can score).
     ``background_psnr``: mean PSNR (dB) between source and edit outside the LocalBlend mask
     (None when no blend was used); ``min_background_psnr`` the worst image.
     """
 
     new_colour: float
     mask_iou: float
+    palette_mask_iou: float
+    recolour_iou: float
     background_psnr: float | None
     min_background_psnr: float | None
     images: int
@@ -127,11 +135,34 @@ def _largest(image: np.ndarray) -> Any:
     return found[0] if found else None
 
 
-def _iou(a: Any, b: Any) -> float:
+def _iou(a: np.ndarray | None, b: np.ndarray | None) -> float:
     if a is None or b is None:
         return 0.0
-    union = (a.mask | b.mask).sum()
-    return float((a.mask & b.mask).sum() / union) if union else 0.0
+    union = (a | b).sum()
+    return float((a & b).sum() / union) if union else 0.0
+
+
+def _extent(image: np.ndarray, found: Any) -> np.ndarray | None:
+    return None if found is None else object_extent((image * 255).round().astype(np.uint8), found)
+
+
+def _vae_round_trip(pipe: Any, image: np.ndarray) -> np.ndarray:
+    """``image`` (H, W, 3) in [0, 1] encoded (posterior mean) and decoded by ``pipe.vae``."""
+    vae = pipe.vae
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].to(device=vae.device, dtype=vae.dtype) * 2 - 1
+    with torch.no_grad():
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+    return ((decoded[0].float().permute(1, 2, 0).cpu().numpy() + 1) / 2).clip(0, 1)
+
+
+def _recolour_iou(pipe: Any, source: np.ndarray, outline: np.ndarray | None, new: str) -> float:
+    if outline is None:
+        return 0.0
+    ideal = source.copy()
+    ideal[outline] = np.asarray(PALETTE[new], dtype=source.dtype) / 255.0
+    ideal = _vae_round_trip(pipe, ideal)
+    found = _largest(ideal)
+    return _iou(outline, _extent(ideal, found))
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -151,7 +182,7 @@ def score_colour_swap(
     """Score a colour swap done by ``edit_factory(case)`` (an attnctrl edit), or, with
     ``edit_factory=None``, the baseline: the target prompt generated alone from the source's noise.
     """
-    new_ok, ious, psnrs, count = 0, [], [], 0
+    new_ok, ious, palette_ious, ideal_ious, psnrs, count = 0, [], [], [], [], 0
     for seed in seeds:
         for case in cases:
             kwargs = dict(num_inference_steps=steps, guidance_scale=guidance, output_type="np",
@@ -167,7 +198,10 @@ def score_colour_swap(
                 masks = out.blend_masks
             a, b = _largest(source), _largest(edited)
             new_ok += b is not None and b.colour == case.new
-            ious.append(_iou(a, b))
+            outline = _extent(source, a)
+            ious.append(_iou(outline, _extent(edited, b)))
+            palette_ious.append(_iou(None if a is None else a.mask, None if b is None else b.mask))
+            ideal_ious.append(_recolour_iou(pipe, source, outline, case.new))
             if masks is not None:
                 h, w = source.shape[:2]
                 region = torch.nn.functional.interpolate(masks[1:2].float().cpu(), size=(h, w), mode="nearest")[0, 0]
@@ -180,6 +214,8 @@ def score_colour_swap(
     return SwapScores(
         new_colour=new_ok / max(1, count),
         mask_iou=float(np.mean(ious)) if ious else 0.0,
+        palette_mask_iou=float(np.mean(palette_ious)) if palette_ious else 0.0,
+        recolour_iou=float(np.mean(ideal_ious)) if ideal_ious else 0.0,
         background_psnr=mean_psnr,
         min_background_psnr=min(psnrs) if psnrs else None,
         images=count,
