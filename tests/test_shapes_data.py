@@ -449,13 +449,21 @@ def test_training_runs_resumes_and_freezes_the_text_encoder(tmp_path):
     with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
         state = json.load(f)
     assert state["unet_step"] == 5 and state["grounding_weight"] == 0.0 and state["grounding_changes"] == [[4, 0.0]]
-    assert state["text_encoder_layers"] == TEXT_ENCODER_LAYERS == 0
-    with pytest.raises(ValueError, match="text_encoder_layers must be"):
-        train(out, max_steps=6, resume=True, text_encoder_layers=-1, **common)
-    train(out, max_steps=6, resume=True, text_encoder_layers=1, **common)  # a different encoder from step 5
+    assert state["attention_forcing"] == 0.0
+    with pytest.raises(ValueError, match="attention_forcing must be in"):
+        train(out, max_steps=6, resume=True, attention_forcing=2.0, **common)
+    # forcing alone (grounding off) still installs the recording processors and trains a step
+    train(out, max_steps=6, resume=True, attention_forcing=1.0, **common)
     with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
         state = json.load(f)
-    assert state["text_encoder_layers"] == 1 and state["text_encoder_layer_changes"] == [[5, 1]] and state["ema_from_step"] == 5
+    assert state["unet_step"] == 6 and state["attention_forcing"] == 1.0 and state["attention_forcing_changes"] == [[5, 1.0]]
+    assert state["text_encoder_layers"] == TEXT_ENCODER_LAYERS == 0
+    with pytest.raises(ValueError, match="text_encoder_layers must be"):
+        train(out, max_steps=7, resume=True, text_encoder_layers=-1, **common)
+    train(out, max_steps=7, resume=True, text_encoder_layers=1, **common)  # a different encoder from step 6
+    with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["text_encoder_layers"] == 1 and state["text_encoder_layer_changes"] == [[6, 1]] and state["ema_from_step"] == 6
     torch.manual_seed(1)
     init1 = CLIPTextModel(CLIPTextConfig(**text_config(build_tokenizer(str(tmp_path / "tok")), 1))).state_dict()
     one_layer = _load_tensors(os.path.join(work, "ckpt", "text_encoder.safetensors"))
@@ -567,6 +575,30 @@ def test_grounding_loss():
     assert grounding_loss(uniform, targets, torch.zeros_like(supervised)) == 0
     with pytest.raises(ValueError, match="no cross-attention layer"):
         grounding_loss([torch.full((2, 4, 5), 0.2)], targets, supervised)
+
+
+def test_forced_attention():
+    from attnctrl.models.shapes.train import forced_attention
+
+    torch.manual_seed(0)
+    probs = torch.randn(2, 3, 64, 6).softmax(-1)  # an 8x8 layer, 3 heads, 6 tokens
+    targets = torch.zeros(2, 6, 16, 16)
+    supervised = torch.zeros(2, 6, dtype=torch.bool)
+    share = torch.zeros(2, 6)
+    targets[0, 2:4, :8, :8] = 1.0  # one object (top-left quarter) named by tokens 2 and 3
+    supervised[0, 2:4] = True
+    share[0, 2:4] = 0.5
+    forced = forced_attention(probs, targets, supervised, share)
+    assert torch.allclose(forced.sum(-1), torch.ones(2, 3, 64))
+    inside, outside = 0, 63  # cells (0, 0) and (7, 7)
+    assert torch.allclose(forced[0, :, inside], torch.tensor([0, 0, 0.5, 0.5, 0, 0]).expand(3, 6))
+    rest = probs[0, :, outside] * torch.tensor([1.0, 1, 0, 0, 1, 1])
+    assert torch.allclose(forced[0, :, outside], rest / rest.sum(-1, keepdim=True))
+    assert torch.allclose(forced[1], probs[1])  # nothing named: the model's own attention
+    assert torch.equal(forced_attention(probs[:, :, :4], targets, supervised, share), probs[:, :, :4])  # 2x2: untouched
+    scores = torch.randn(2, 3, 64, 6, requires_grad=True)
+    forced_attention(scores.softmax(-1), targets, supervised, share)[0, :, outside, 0].sum().backward()
+    assert scores.grad.abs().sum() > 0
 
 
 def test_recording_cross_attention_matches_the_stock_processor():

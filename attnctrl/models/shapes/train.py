@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -299,12 +300,53 @@ def grounding_loss(probs: list[torch.Tensor], targets: torch.Tensor, supervised:
     return torch.stack(terms).mean()
 
 
+def forced_attention(probs: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor, token_share: torch.Tensor) -> torch.Tensor:
+    """Cross-attention probabilities with each object's words attended exactly where the object is.
+
+    ``probs``: ``(B, heads, N, L)`` on a square grid of ``N`` cells that divides ``targets``' grid
+    (other grids are returned unchanged). ``targets``/``supervised`` as in :func:`grounding_loss`;
+    ``token_share``: ``(B, L)``, 1 / (number of words of the object a token names), 0 elsewhere.
+    At a cell covered by objects to a fraction ``c`` (the coverage pooled to the grid and scaled to a
+    maximum of 1, as in the grounding loss), each object's words share its coverage equally, and the
+    remaining ``1 - c`` is the model's own attention over the words that name no object,
+    renormalised. Gradients flow through that remainder.
+    """
+    batch, heads, cells, length = probs.shape
+    side = int(round(math.sqrt(cells)))
+    size = targets.shape[-1]
+    if side < 4 or side * side != cells or size % side:
+        return probs
+    m = F.avg_pool2d(targets.flatten(0, 1)[:, None], size // side)[:, 0].view(batch, length, cells)
+    m = m / m.amax(dim=-1, keepdim=True).clamp_min(1e-6) * supervised[:, :, None]
+    objects = (m * token_share[:, :, None]).transpose(1, 2)  # (B, N, L)
+    total = objects.sum(-1, keepdim=True)
+    covered = total.clamp(max=1.0)
+    objects = objects * (covered / total.clamp_min(1e-6))
+    rest = probs * (~supervised)[:, None, None, :]
+    rest = rest / rest.sum(-1, keepdim=True).clamp_min(1e-8)
+    return (1 - covered)[:, None] * rest + objects[:, None]
+
+
+@dataclass
+class _Forcing:
+    """What :class:`_RecordingCrossAttention` forces in the current training step (nothing when
+    ``rows`` is None): :func:`forced_attention`'s inputs and the batch rows it applies to."""
+
+    rows: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    supervised: torch.Tensor | None = None
+    token_share: torch.Tensor | None = None
+
+
 class _RecordingCrossAttention:
     """Cross-attention processor that computes softmax(QK^T) explicitly and keeps the head-averaged
-    probabilities ``(B, N, L)`` in ``sink``; the output equals the stock processor's."""
+    probabilities ``(B, N, L)`` in ``sink``; the output equals the stock processor's, except for the
+    rows ``forcing`` names, whose probabilities are replaced by :func:`forced_attention`'s (the sink
+    keeps the model's own)."""
 
-    def __init__(self, sink: list[torch.Tensor]) -> None:
+    def __init__(self, sink: list[torch.Tensor], forcing: _Forcing | None = None) -> None:
         self.sink = sink
+        self.forcing = forcing
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
@@ -316,6 +358,11 @@ class _RecordingCrossAttention:
         v = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
         probs = attn.get_attention_scores(q, k, None)
         self.sink.append(probs.view(batch, attn.heads, tokens, -1).mean(1))
+        f = self.forcing
+        if f is not None and f.rows is not None:
+            per_head = probs.view(batch, attn.heads, tokens, -1)
+            forced = forced_attention(per_head, f.targets, f.supervised, f.token_share)
+            probs = torch.where(f.rows[:, None, None, None], forced, per_head).view_as(probs)
         out = attn.batch_to_head_dim(torch.bmm(probs, v))
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -323,12 +370,12 @@ class _RecordingCrossAttention:
         return out / attn.rescale_output_factor
 
 
-def _record_cross_attention(unet: Any) -> list[torch.Tensor]:
+def _record_cross_attention(unet: Any, forcing: _Forcing | None = None) -> list[torch.Tensor]:
     """Put :class:`_RecordingCrossAttention` on every cross-attention of ``unet``; returns the sink."""
     sink: list[torch.Tensor] = []
     for name, module in unet.named_modules():
         if name.endswith("attn2") and hasattr(module, "set_processor"):
-            module.set_processor(_RecordingCrossAttention(sink))
+            module.set_processor(_RecordingCrossAttention(sink, forcing))
     return sink
 
 
@@ -431,6 +478,7 @@ def train(
     train_text_encoder: bool | None = None,
     text_encoder_layers: int | None = None,
     grounding_weight: float | None = None,
+    attention_forcing: float | None = None,
     occupancy_latent: bool | None = None,
     checkpoint_minutes: float = 5.0,
     resume: bool = False,
@@ -547,6 +595,14 @@ def train(
         state["grounding_weight"] = float(grounding_weight)
         state["grounding_from_step"] = int(state["unet_step"])
     grounding_weight = float(state["grounding_weight"])
+    if attention_forcing is not None and not 0.0 <= float(attention_forcing) <= 1.0:
+        raise ValueError(f"attention_forcing must be in [0, 1], got {attention_forcing}")
+    state.setdefault("attention_forcing", 0.0)
+    if attention_forcing is not None and float(attention_forcing) != float(state["attention_forcing"]):
+        _log(f"attention forcing {state['attention_forcing']} -> {attention_forcing} from UNet step {state['unet_step']}")
+        state.setdefault("attention_forcing_changes", []).append([int(state["unet_step"]), float(attention_forcing)])
+        state["attention_forcing"] = float(attention_forcing)
+    attention_forcing = float(state["attention_forcing"])
     # the pixel term of grounding_loss joined the token term at this step (0 for new runs)
     state.setdefault("grounding_pixel_from_step", int(state["unet_step"]))
     if "pool_size" not in state:
@@ -762,14 +818,18 @@ def train(
             groups,
         )
 
-    attention_sink = _record_cross_attention(unet) if grounding_weight > 0 else None
+    forcing = _Forcing()
+    attention_sink = _record_cross_attention(unet, forcing) if grounding_weight > 0 or attention_forcing > 0 else None
     grid = int(latents.shape[-1])
     scene_masks: dict[int, torch.Tensor] = {}
     word_lengths: dict[str, int] = {}
 
-    def grounding_targets(idx_np: np.ndarray, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def grounding_targets(idx_np: np.ndarray, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per token: its object's coverage ``(B, L, S, S)``, whether it names one ``(B, L)``, and
+        1 / the number of that object's words ``(B, L)``."""
         targets = torch.zeros(len(texts), MODEL_MAX_LENGTH, grid, grid)
         supervised = torch.zeros(len(texts), MODEL_MAX_LENGTH, dtype=torch.bool)
+        token_share = torch.zeros(len(texts), MODEL_MAX_LENGTH)
         for b, (i, text) in enumerate(zip(idx_np, texts)):
             if not text:
                 continue
@@ -777,11 +837,12 @@ def train(
             if int(i) not in scene_masks:
                 scene_masks[int(i)] = torch.from_numpy(object_masks(sc, grid))
             for k, positions in enumerate(object_token_positions(tokenizer, sc, text, word_lengths)):
-                for pos in positions:
-                    if pos < MODEL_MAX_LENGTH:
-                        targets[b, pos] = scene_masks[int(i)][k]
-                        supervised[b, pos] = True
-        return targets.to(dev), supervised.to(dev)
+                kept = [pos for pos in positions if pos < MODEL_MAX_LENGTH]
+                for pos in kept:
+                    targets[b, pos] = scene_masks[int(i)][k]
+                    supervised[b, pos] = True
+                    token_share[b, pos] = 1.0 / len(kept)
+        return targets.to(dev), supervised.to(dev), token_share.to(dev)
 
     if state["phase"] == "unet":
         unet.train()
@@ -832,16 +893,24 @@ def train(
             else:
                 with torch.no_grad():
                     hidden = text_encoder(ids)[0]
+            token_maps = None
             if attention_sink is not None:
                 attention_sink.clear()
+                token_maps = grounding_targets(idx, texts)
+                if attention_forcing > 0:
+                    rows = torch.from_numpy(rng.random(batch_size) < attention_forcing) & token_maps[1].any(1).cpu()
+                    if bool(rows.any()):
+                        forcing.rows, forcing.targets, forcing.supervised, forcing.token_share = rows.to(dev), *token_maps
             pred = unet(noisy, t, hidden).sample
+            forcing.rows = None
             target = noise_sched.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else noise
             w = loss_weight(snr_all[t], prediction_type, min_snr_gamma)
             loss = (w * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
             g_loss = None
-            if attention_sink is not None:
-                g_loss = grounding_loss(attention_sink, *grounding_targets(idx, texts))
+            if attention_sink is not None and grounding_weight > 0:
+                g_loss = grounding_loss(attention_sink, *token_maps[:2])
                 loss = loss + grounding_weight * g_loss
+            if attention_sink is not None:
                 attention_sink.clear()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -1113,6 +1182,10 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"weight of the loss that keeps each object word's cross-attention on its object (default "
                         f"{GROUNDING_WEIGHT} for a new run, 0 to switch it off; a resumed run keeps its checkpoint's unless "
                         "this is given)")
+    p.add_argument("--attention-forcing", type=float, default=None, metavar="FRACTION",
+                   help="share of captioned samples whose cross-attention maps are replaced by their objects' exact "
+                        "masks, so the maps decide where objects are drawn (default 0; a resumed run keeps its "
+                        "checkpoint's unless this is given)")
     p.add_argument("--occupancy-latent", choices=("on", "off"), default=None,
                    help="shape the VAE latent so channel 0 says where objects are, shared by every colour (default off; "
                         "fixed once the VAE has trained; see the README for what it changed)")
@@ -1149,6 +1222,7 @@ def main(argv: list[str] | None = None) -> int:
         train_text_encoder=None if a.text_encoder is None else a.text_encoder == "trained",
         text_encoder_layers=a.text_encoder_layers,
         grounding_weight=a.grounding_weight,
+        attention_forcing=a.attention_forcing,
         occupancy_latent=None if a.occupancy_latent is None else a.occupancy_latent == "on",
     )
     return 0
