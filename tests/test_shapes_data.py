@@ -482,6 +482,32 @@ def test_training_runs_resumes_and_freezes_the_text_encoder(tmp_path):
     image = pipe("a red circle on the left", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
 
+    # fine-tuning an exported folder: zero steps give back exactly the folder it started from
+    from safetensors.torch import load_file
+
+    tuned_common = {**common, "work_dir": str(tmp_path / "tuned-work")}
+    tuned = str(tmp_path / "tuned")
+    train(tuned, init_from=out, max_steps=0, **tuned_common)
+    weights = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors", "text_encoder": "model.safetensors"}
+    for sub, name in weights.items():
+        source, copy = load_file(os.path.join(out, sub, name)), load_file(os.path.join(tuned, sub, name))
+        assert source.keys() == copy.keys() and all(torch.equal(source[k], copy[k]) for k in source), sub
+    with open(os.path.join(out, "vae", "config.json"), encoding="utf-8") as f, open(os.path.join(tuned, "vae", "config.json"), encoding="utf-8") as g:
+        assert json.load(f)["scaling_factor"] == json.load(g)["scaling_factor"]
+    with open(os.path.join(tuned_common["work_dir"], "ckpt", "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["init_from"] == os.path.abspath(out) and state["text_encoder_layers"] == 1 and state["unet_step"] == 0
+    train(tuned, max_steps=2, resume=True, attention_forcing=0.5, **tuned_common)  # then it trains on
+    moved = load_file(os.path.join(tuned, "unet", weights["unet"]))
+    source = load_file(os.path.join(out, "unet", weights["unet"]))
+    assert not all(torch.equal(source[k], moved[k]) for k in source)
+    with pytest.raises(ValueError, match="only starts a new run"):
+        train(tuned, init_from=str(tmp_path / "occupancy-out"), max_steps=3, resume=True, **tuned_common)
+    with pytest.raises(ValueError, match="not an exported shapes model folder"):
+        train(tuned, init_from=str(tmp_path / "nowhere"), max_steps=1, **{**common, "work_dir": str(tmp_path / "w2")})
+    with pytest.raises(ValueError, match="0-layer text encoder, not 3"):
+        train(tuned, init_from=str(tmp_path / "occupancy-out"), text_encoder_layers=3, max_steps=1, **{**common, "work_dir": str(tmp_path / "w3")})
+
 
 def test_object_masks_cover_each_object_exactly():
     scene = Scene("black", (SceneObject("red", "star", "on the left", "big"), SceneObject("blue", "square", "at the top", "small")))

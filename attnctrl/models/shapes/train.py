@@ -480,6 +480,7 @@ def train(
     grounding_weight: float | None = None,
     attention_forcing: float | None = None,
     occupancy_latent: bool | None = None,
+    init_from: str | None = None,
     checkpoint_minutes: float = 5.0,
     resume: bool = False,
     device: str | None = None,
@@ -491,6 +492,11 @@ def train(
     ``minutes`` is the total wall-clock budget over all runs of this ``work_dir`` (resumes included);
     ``vae_minutes`` of it go to the VAE. ``max_steps`` caps the UNet steps (default: as many as the
     time budget allows; the cosine schedule is planned from the throughput measured after 20 steps).
+
+    ``init_from`` (a new run only) fine-tunes an exported shapes folder instead of training from
+    scratch: its VAE (decoder included), text encoder, UNet, scaling factor, noise schedule and
+    target are taken over, the VAE phase is skipped, and the UNet phase starts at step 0 with a fresh
+    optimiser, warm-up, cosine schedule and EMA.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from tqdm.auto import tqdm
@@ -517,6 +523,13 @@ def train(
             phase="vae", vae_step=0, vae_elapsed=0.0, unet_step=0, unet_elapsed=0.0, elapsed=0.0,
             planned_steps=max_steps, scaling_factor=None, seed=seed, pool_size=pool_size,
             batch_size=batch_size,
+        )
+        if init_from is not None:
+            _start_from_model(init_from, ckpt, state, train_text_encoder=bool(train_text_encoder), text_encoder_layers=text_encoder_layers)
+    if init_from is not None and os.path.abspath(init_from) != state.get("init_from"):
+        raise ValueError(
+            f"init_from={init_from!r} only starts a new run, and {work_dir!r} already holds one "
+            f"(started from {state.get('init_from') or 'scratch'}); resume it without init_from or use a new --work dir"
         )
     if "prediction_type" not in state:
         # a run that has not trained its UNet yet takes the requested target; older ones used epsilon
@@ -597,7 +610,7 @@ def train(
     grounding_weight = float(state["grounding_weight"])
     if attention_forcing is not None and not 0.0 <= float(attention_forcing) <= 1.0:
         raise ValueError(f"attention_forcing must be in [0, 1], got {attention_forcing}")
-    state.setdefault("attention_forcing", 0.0)
+    state.setdefault("attention_forcing", 0.0 if started or attention_forcing is None else float(attention_forcing))
     if attention_forcing is not None and float(attention_forcing) != float(state["attention_forcing"]):
         _log(f"attention forcing {state['attention_forcing']} -> {attention_forcing} from UNet step {state['unet_step']}")
         state.setdefault("attention_forcing_changes", []).append([int(state["unet_step"]), float(attention_forcing)])
@@ -769,7 +782,8 @@ def train(
         state["vae_analyze_ok"] = ok / 100.0
         _log(f"VAE reconstructions: analyze() right on {ok}/100")
         mean, std = lat.mean().item(), lat.std().item()
-        state["scaling_factor"] = 1.0 / std
+        if state.get("init_from") is None:
+            state["scaling_factor"] = 1.0 / std  # a fine-tuned model keeps the scale its UNet learnt
         state["latent_mean"] = mean
         state["vae_psnr"] = psnr
         _log(f"encoded pool in {time.time() - t0:.0f}s; latent mean {mean:.3f} std {std:.3f} -> scaling_factor {1 / std:.4f}; VAE PSNR {psnr:.2f} dB")
@@ -1058,6 +1072,58 @@ def finetune_decoder(
     return out_path
 
 
+def _start_from_model(model_dir: str, ckpt: str, state: dict[str, Any], *, train_text_encoder: bool, text_encoder_layers: int | None) -> None:
+    """Write a new run's first checkpoint from the exported shapes folder ``model_dir`` and set
+    ``state`` to go on from it (encode the pool with its VAE, then train its UNet)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    model_dir = os.path.abspath(model_dir)
+    try:
+        with open(os.path.join(model_dir, "scheduler", "scheduler_config.json"), encoding="utf-8") as f:
+            sched = json.load(f)
+        vae = AutoencoderKL.from_pretrained(model_dir, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
+        text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"init_from={model_dir!r} is not an exported shapes model folder ({e})") from e
+    for name, model, expected in (("vae", vae, vae_config()), ("unet", unet, unet_config())):
+        differs = sorted(k for k, v in expected.items() if _as_json(model.config.get(k)) != _as_json(v))
+        if differs:
+            raise ValueError(
+                f"init_from={model_dir!r}: its {name} is not the shapes architecture this script trains (differs in {differs}); "
+                "fine-tune only folders written by train-shapes"
+            )
+    layers = int(text_encoder.config.num_hidden_layers)
+    if text_encoder_layers is not None and int(text_encoder_layers) != layers:
+        raise ValueError(f"init_from={model_dir!r} has a {layers}-layer text encoder, not {text_encoder_layers}; leave text_encoder_layers unset")
+    state.update(
+        phase="encode", init_from=model_dir, prediction_type=str(sched.get("prediction_type", "epsilon")),
+        zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)), text_encoder_layers=layers,
+        train_text_encoder=train_text_encoder, scaling_factor=float(vae.config.scaling_factor),
+    )
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text_encoder else [])
+    tmp = ckpt + ".new"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, tensors in (
+        ("vae", vae.state_dict()),
+        ("unet", unet.state_dict()),
+        ("text_encoder", text_encoder.state_dict()),
+        ("ema", {str(i): p.detach() for i, p in enumerate(params)}),
+    ):
+        _atomic_save_tensors(os.path.join(tmp, name + ".safetensors"), {k: v.contiguous() for k, v in tensors.items()})
+    _atomic_json(os.path.join(tmp, "state.json"), state)
+    _swap_dir(tmp, ckpt)
+    _log(f"starting from {model_dir}: {layers}-layer text encoder, {state['prediction_type']}, "
+         f"zero_terminal_snr={state['zero_terminal_snr']}, scaling_factor {state['scaling_factor']:.4f}")
+
+
+def _as_json(value: Any) -> Any:
+    """A config value as it reads back from JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
+
+
 def _prediction_type(state: dict[str, Any]) -> str:
     """The target a checkpoint was trained on (checkpoints from before v-prediction: epsilon)."""
     return str(state.get("prediction_type", "epsilon"))
@@ -1189,6 +1255,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--occupancy-latent", choices=("on", "off"), default=None,
                    help="shape the VAE latent so channel 0 says where objects are, shared by every colour (default off; "
                         "fixed once the VAE has trained; see the README for what it changed)")
+    p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                   help="start a new run from an exported shapes folder ('shapes': the shipped weights) and fine-tune "
+                        "it: the VAE phase is skipped and the UNet phase starts at step 0 with a fresh optimiser and "
+                        "schedule (use a new --work dir)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--export-checkpoint", action="store_true", help="only export --work's checkpoint to --out")
     p.add_argument("--finetune-decoder", type=float, default=None, metavar="MINUTES",
@@ -1224,8 +1294,17 @@ def main(argv: list[str] | None = None) -> int:
         grounding_weight=a.grounding_weight,
         attention_forcing=a.attention_forcing,
         occupancy_latent=None if a.occupancy_latent is None else a.occupancy_latent == "on",
+        init_from=_model_path(a.init_from),
     )
     return 0
+
+
+def _model_path(name: str | None) -> str | None:
+    if name == "shapes":
+        from .. import SHAPES
+
+        return SHAPES
+    return name
 
 
 
