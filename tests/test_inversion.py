@@ -208,7 +208,7 @@ def test_null_text_reconstructs_much_better_than_ddim(shapes_pipe, shapes_image,
     ddim = psnr(reconstruct(shapes_pipe, inversions["ddim"])[0], ref)
     null_text = psnr(reconstruct(shapes_pipe, inversions["null-text"])[0], ref)
     # Measured (10 steps, guidance 7.5, shipped shapes model, v-prediction on zero-terminal SNR):
-    # VAE limit 24.1 dB, null-text 24.0 dB, plain DDIM 20.9 dB. Null-text must close most of the gap.
+    # VAE limit 34.1 dB, null-text 33.9 dB, plain DDIM 30.7 dB. Null-text must close most of the gap.
     assert vae_limit - ddim > 1.5, (ddim, null_text, vae_limit)  # there is a gap to close
     assert null_text - ddim > 0.8 * (vae_limit - ddim), (ddim, null_text, vae_limit)
     assert null_text > vae_limit - 1.0, (ddim, null_text, vae_limit)
@@ -375,9 +375,10 @@ def test_dpl_lowers_the_map_losses_it_optimises(shapes_pipe):
     background = torch.tensor(dpl.stats["background"][0])
     with_dpl = attention_losses(shapes_pipe, dpl, ["circle", "square"], background_mask=background)
     without = attention_losses(shapes_pipe, null_text, ["circle", "square"], background_mask=background)
-    # Measured: attention 0.96 -> 0.26, disjoint 0.76 -> 0.53 (10 steps); assert clear drops.
-    assert with_dpl["attention"] < without["attention"] - 0.2, (with_dpl, without)
-    assert with_dpl["disjoint"] < without["disjoint"] - 0.05, (with_dpl, without)
+    # Measured (shipped weights, 10 steps): attention 0.39 -> 0.27, disjoint 0.52 -> 0.35; on the
+    # earlier, less grounded weights 0.96 -> 0.26 and 0.76 -> 0.53. Assert clear relative drops.
+    assert with_dpl["attention"] < 0.8 * without["attention"], (with_dpl, without)
+    assert with_dpl["disjoint"] < 0.85 * without["disjoint"], (with_dpl, without)
     # editing from it works and row 0 still reconstructs about as well as null-text
     ref = _tensor(image)
     assert psnr(reconstruct(shapes_pipe, dpl)[0], ref) > psnr(reconstruct(shapes_pipe, null_text)[0], ref) - 1.5
