@@ -525,6 +525,8 @@ def train(
             batch_size=batch_size,
         )
         if init_from is not None:
+            if os.path.isdir(ckpt):
+                raise ValueError(f"{work_dir!r} already holds a checkpoint; init_from starts a new run only in a new --work dir")
             _start_from_model(init_from, ckpt, state, train_text_encoder=bool(train_text_encoder), text_encoder_layers=text_encoder_layers)
     if init_from is not None and os.path.abspath(init_from) != state.get("init_from"):
         raise ValueError(
