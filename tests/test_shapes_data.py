@@ -505,6 +505,8 @@ def test_training_runs_resumes_and_freezes_the_text_encoder(tmp_path):
         train(tuned, init_from=str(tmp_path / "occupancy-out"), max_steps=3, resume=True, **tuned_common)
     with pytest.raises(ValueError, match="already holds a checkpoint"):  # never overwrites a run
         train(tuned, init_from=out, max_steps=1, **tuned_common)
+    with pytest.raises(ValueError, match="already holds a checkpoint"):  # nor does a plain new run
+        train(out, max_steps=1, **common)
     with pytest.raises(ValueError, match="not an exported shapes model folder"):
         train(tuned, init_from=str(tmp_path / "nowhere"), max_steps=1, **{**common, "work_dir": str(tmp_path / "w2")})
     with pytest.raises(ValueError, match="0-layer text encoder, not 3"):

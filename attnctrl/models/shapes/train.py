@@ -517,16 +517,20 @@ def train(
             state = json.load(f)
         _log(f"resuming from {ckpt}: phase={state['phase']} vae_step={state['vae_step']} unet_step={state['unet_step']}")
     else:
-        if os.path.isdir(ckpt) and not resume:
-            _log(f"starting fresh (ignoring existing checkpoint in {ckpt}; pass resume=True to continue)")
+        if os.path.isdir(ckpt):
+            # a new run would overwrite the checkpoint in place; the user's trained steps must not be lost
+            raise ValueError(
+                f"{ckpt!r} has no state.json and cannot be resumed; move it away or use a new --work dir"
+                if resume
+                else f"{work_dir!r} already holds a checkpoint; pass --resume (resume=True) to continue it, "
+                "or use a new --work dir for a new run"
+            )
         state = dict(
             phase="vae", vae_step=0, vae_elapsed=0.0, unet_step=0, unet_elapsed=0.0, elapsed=0.0,
             planned_steps=max_steps, scaling_factor=None, seed=seed, pool_size=pool_size,
             batch_size=batch_size,
         )
         if init_from is not None:
-            if os.path.isdir(ckpt):
-                raise ValueError(f"{work_dir!r} already holds a checkpoint; init_from starts a new run only in a new --work dir")
             _start_from_model(init_from, ckpt, state, train_text_encoder=bool(train_text_encoder), text_encoder_layers=text_encoder_layers)
     if init_from is not None and os.path.abspath(init_from) != state.get("init_from"):
         raise ValueError(
