@@ -647,3 +647,34 @@ def test_recording_cross_attention_matches_the_stock_processor():
     grids = sorted({p.shape[1] for p in sink})
     assert grids == [4, 16, 64, 256] and all(p.shape[0] == 2 and p.shape[2] == 32 for p in sink)
     assert all(torch.allclose(p.sum(-1), torch.ones(())) for p in sink)
+
+
+def test_delayed_attention_forcing_and_decoder_fine_tune_in_one_run(tmp_path):
+    """``attention_forcing_from`` holds forcing off for the first share of the planned steps, and
+    ``decoder_minutes`` fine-tunes the decoder inside the run, before the UNet, counted in its budget."""
+    import json
+
+    from attnctrl.models.shapes.train import _forcing_active, train
+
+    assert _forcing_active({"attention_forcing_from": 0.0, "planned_steps": None}, 0)
+    assert not _forcing_active({"attention_forcing_from": 0.6, "planned_steps": None}, 500)  # no plan yet
+    assert not _forcing_active({"attention_forcing_from": 0.6, "planned_steps": 10}, 5)
+    assert _forcing_active({"attention_forcing_from": 0.6, "planned_steps": 10}, 6)
+
+    work, out = str(tmp_path / "work"), str(tmp_path / "out")
+    common = dict(work_dir=work, pool_size=16, minutes=30, vae_minutes=0.02, batch_size=2, vae_batch_size=2, threads=1, log_every=1000)
+    with pytest.raises(ValueError, match="attention_forcing_from must be"):
+        train(out, max_steps=2, attention_forcing=0.5, attention_forcing_from=1.0, **common)
+    with pytest.raises(ValueError, match="give attention_forcing > 0"):
+        train(out, max_steps=2, attention_forcing_from=0.5, **common)
+    with pytest.raises(ValueError, match="decoder_minutes must be"):
+        train(out, max_steps=2, decoder_minutes=-1.0, **common)
+    train(out, max_steps=4, attention_forcing=0.5, attention_forcing_from=0.5, decoder_minutes=0.01, **common)
+    with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["unet_step"] == 4 and state["attention_forcing"] == 0.5 and state["attention_forcing_from"] == 0.5
+    with open(os.path.join(work, "vae_decoder_ft.json"), encoding="utf-8") as f:
+        decoder = json.load(f)
+    assert decoder["step"] > 0 and state["elapsed"] >= decoder["elapsed"]
+    with pytest.raises(ValueError, match="fixed when the UNet phase starts"):
+        train(out, max_steps=5, resume=True, attention_forcing_from=0.2, **common)

@@ -479,6 +479,8 @@ def train(
     text_encoder_layers: int | None = None,
     grounding_weight: float | None = None,
     attention_forcing: float | None = None,
+    attention_forcing_from: float | None = None,
+    decoder_minutes: float = 0.0,
     occupancy_latent: bool | None = None,
     init_from: str | None = None,
     checkpoint_minutes: float = 5.0,
@@ -492,6 +494,11 @@ def train(
     ``minutes`` is the total wall-clock budget over all runs of this ``work_dir`` (resumes included);
     ``vae_minutes`` of it go to the VAE. ``max_steps`` caps the UNet steps (default: as many as the
     time budget allows; the cosine schedule is planned from the throughput measured after 20 steps).
+
+    ``attention_forcing_from`` (a fraction in [0, 1)) holds ``attention_forcing`` off until that share
+    of the planned UNet steps is done, so the model learns to place objects by their position words
+    before it is taught to draw where their words are attended. ``decoder_minutes`` of the budget
+    fine-tune the VAE decoder (:func:`finetune_decoder`) once the pool is encoded, before the UNet.
 
     ``init_from`` (a new run only) fine-tunes an exported shapes folder instead of training from
     scratch: its VAE (decoder included), text encoder, UNet, scaling factor, noise schedule and
@@ -622,6 +629,20 @@ def train(
         state.setdefault("attention_forcing_changes", []).append([int(state["unet_step"]), float(attention_forcing)])
         state["attention_forcing"] = float(attention_forcing)
     attention_forcing = float(state["attention_forcing"])
+    if attention_forcing_from is not None and not 0.0 <= float(attention_forcing_from) < 1.0:
+        raise ValueError(f"attention_forcing_from must be a fraction of the planned steps in [0, 1), got {attention_forcing_from}")
+    if attention_forcing_from is not None and float(attention_forcing_from) > 0 and attention_forcing == 0.0:
+        raise ValueError("attention_forcing_from only delays attention forcing; give attention_forcing > 0 as well")
+    if attention_forcing_from is not None and float(attention_forcing_from) != float(state.get("attention_forcing_from", 0.0)):
+        if started:
+            raise ValueError(
+                f"attention_forcing_from is fixed when the UNet phase starts (this run has {state.get('attention_forcing_from', 0.0)}); "
+                "to switch forcing on part-way through a started run, resume it with attention_forcing instead"
+            )
+        state["attention_forcing_from"] = float(attention_forcing_from)
+    state.setdefault("attention_forcing_from", 0.0)
+    if not (math.isfinite(float(decoder_minutes)) and float(decoder_minutes) >= 0.0):
+        raise ValueError(f"decoder_minutes must be a finite number >= 0, got {decoder_minutes}")
     # the pixel term of grounding_loss joined the token term at this step (0 for new runs)
     state.setdefault("grounding_pixel_from_step", int(state["unet_step"]))
     if "pool_size" not in state:
@@ -797,6 +818,9 @@ def train(
         state["phase"] = "unet"
         save_ckpt({})
     pool_u8 = None
+    if state["phase"] == "unet" and decoder_minutes > 0 and _decoder_minutes_done(work_dir) < decoder_minutes:
+        finetune_decoder(work_dir, seed=seed, minutes=decoder_minutes, threads=threads, device=device)
+        save_ckpt({})  # records the time spent in the budget
     latents = _load_tensors(lat_path)["latents"].to(dev) * float(state["scaling_factor"])
     vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
 
@@ -888,6 +912,8 @@ def train(
                     state["planned_steps"] = planned = min(planned, max_steps)
                 bar.total = planned
                 _log(f"{per_step:.3f}s/step ({batch_size / per_step:.1f} img/s) -> planning {planned} UNet steps")
+                if attention_forcing > 0 and float(state["attention_forcing_from"]) > 0:
+                    _log(f"attention forcing {attention_forcing} from UNet step {int(float(state['attention_forcing_from']) * planned)}")
             if step == 5 and state.get("planned_steps") is None and t_measure is None:
                 t_measure = time.time()
                 state["measure_from"] = step
@@ -917,7 +943,7 @@ def train(
             if attention_sink is not None:
                 attention_sink.clear()
                 token_maps = grounding_targets(idx, texts)
-                if attention_forcing > 0:
+                if attention_forcing > 0 and _forcing_active(state, step):
                     rows = torch.from_numpy(rng.random(batch_size) < attention_forcing) & token_maps[1].any(1).cpu()
                     if bool(rows.any()):
                         forcing.rows, forcing.targets, forcing.supervised, forcing.token_share = rows.to(dev), *token_maps
@@ -969,6 +995,24 @@ def train(
     save_ckpt({})
     _log(f"wrote {out_dir} ({_dir_mb(out_dir):.1f} MB); total {elapsed() / 60:.1f} min")
     return out_dir
+
+
+def _forcing_active(state: dict[str, Any], step: int) -> bool:
+    """Whether attention forcing applies at UNet ``step``: always when it starts at 0, otherwise
+    from ``attention_forcing_from`` x the planned steps (never before the plan is made)."""
+    start = float(state.get("attention_forcing_from", 0.0))
+    if start == 0.0:
+        return True
+    planned = state.get("planned_steps")
+    return planned is not None and step >= int(start * int(planned))
+
+
+def _decoder_minutes_done(work_dir: str) -> float:
+    path = os.path.join(work_dir, "vae_decoder_ft.json")
+    if not os.path.exists(path):
+        return 0.0
+    with open(path, encoding="utf-8") as f:
+        return float(json.load(f)["elapsed"]) / 60.0
 
 
 def finetune_decoder(
@@ -1258,6 +1302,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of captioned samples whose cross-attention maps are replaced by their objects' exact "
                         "masks, so the maps decide where objects are drawn (default 0; a resumed run keeps its "
                         "checkpoint's unless this is given)")
+    p.add_argument("--attention-forcing-from", type=float, default=None, metavar="FRACTION",
+                   help="hold --attention-forcing off until this share of the planned UNet steps is done (default 0; "
+                        "fixed once the UNet phase starts)")
+    p.add_argument("--decoder-minutes", type=float, default=0.0,
+                   help="minutes of the budget that fine-tune the VAE decoder (encoder frozen) after the VAE phase, "
+                        "before the UNet (default 0; same as a separate --finetune-decoder run)")
     p.add_argument("--occupancy-latent", choices=("on", "off"), default=None,
                    help="shape the VAE latent so channel 0 says where objects are, shared by every colour (default off; "
                         "fixed once the VAE has trained; see the README for what it changed)")
@@ -1299,6 +1349,8 @@ def main(argv: list[str] | None = None) -> int:
         text_encoder_layers=a.text_encoder_layers,
         grounding_weight=a.grounding_weight,
         attention_forcing=a.attention_forcing,
+        attention_forcing_from=a.attention_forcing_from,
+        decoder_minutes=a.decoder_minutes,
         occupancy_latent=None if a.occupancy_latent is None else a.occupancy_latent == "on",
         init_from=_model_path(a.init_from),
     )
