@@ -649,11 +649,12 @@ def test_recording_cross_attention_matches_the_stock_processor():
     assert all(torch.allclose(p.sum(-1), torch.ones(())) for p in sink)
 
 
-def test_delayed_attention_forcing_and_decoder_fine_tune_in_one_run(tmp_path):
+def test_delayed_attention_forcing_and_decoder_fine_tune_in_one_run(tmp_path, monkeypatch):
     """``attention_forcing_from`` holds forcing off for the first share of the planned steps, and
     ``decoder_minutes`` fine-tunes the decoder inside the run, before the UNet, counted in its budget."""
     import json
 
+    import attnctrl.models.shapes.train as train_module
     from attnctrl.models.shapes.train import _forcing_active, train
 
     assert _forcing_active({"attention_forcing_from": 0.0, "planned_steps": None}, 0)
@@ -669,10 +670,24 @@ def test_delayed_attention_forcing_and_decoder_fine_tune_in_one_run(tmp_path):
         train(out, max_steps=2, attention_forcing_from=0.5, **common)
     with pytest.raises(ValueError, match="decoder_minutes must be"):
         train(out, max_steps=2, decoder_minutes=-1.0, **common)
-    train(out, max_steps=4, attention_forcing=0.5, attention_forcing_from=0.5, decoder_minutes=0.01, **common)
+    # the loop must force only at the steps the gate opens: record the gate's answers and the forcing
+    events = []
+    gate, force = train_module._forcing_active, train_module.forced_attention
+    monkeypatch.setattr(train_module, "_forcing_active", lambda st, step: events.append(("gate", step, gate(st, step))) or events[-1][2])
+    monkeypatch.setattr(train_module, "forced_attention", lambda *a: events.append(("forced",)) or force(*a))
+    train(out, max_steps=4, attention_forcing=1.0, attention_forcing_from=0.5, decoder_minutes=0.01, **common)
+    gates = [e for e in events if e[0] == "gate"]
+    assert [(step, on) for _, step, on in gates] == [(0, False), (1, False), (2, True), (3, True)]
+    last_gate = None
+    for e in events:
+        if e[0] == "gate":
+            last_gate = e
+        else:
+            assert last_gate is not None and last_gate[2], "forcing applied at a step the gate kept closed"
+    assert any(e[0] == "forced" for e in events)
     with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
         state = json.load(f)
-    assert state["unet_step"] == 4 and state["attention_forcing"] == 0.5 and state["attention_forcing_from"] == 0.5
+    assert state["unet_step"] == 4 and state["attention_forcing"] == 1.0 and state["attention_forcing_from"] == 0.5
     with open(os.path.join(work, "vae_decoder_ft.json"), encoding="utf-8") as f:
         decoder = json.load(f)
     assert decoder["step"] > 0 and state["elapsed"] >= decoder["elapsed"]

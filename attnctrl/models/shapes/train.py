@@ -913,7 +913,7 @@ def train(
                 bar.total = planned
                 _log(f"{per_step:.3f}s/step ({batch_size / per_step:.1f} img/s) -> planning {planned} UNet steps")
                 if attention_forcing > 0 and float(state["attention_forcing_from"]) > 0:
-                    _log(f"attention forcing {attention_forcing} from UNet step {int(float(state['attention_forcing_from']) * planned)}")
+                    _log(f"attention forcing {attention_forcing} from UNet step {_forcing_start_step(state)}")
             if step == 5 and state.get("planned_steps") is None and t_measure is None:
                 t_measure = time.time()
                 state["measure_from"] = step
@@ -997,14 +997,19 @@ def train(
     return out_dir
 
 
-def _forcing_active(state: dict[str, Any], step: int) -> bool:
-    """Whether attention forcing applies at UNet ``step``: always when it starts at 0, otherwise
-    from ``attention_forcing_from`` x the planned steps (never before the plan is made)."""
+def _forcing_start_step(state: dict[str, Any]) -> int | None:
+    """The UNet step attention forcing starts at: ``attention_forcing_from`` x the planned steps,
+    0 when it is not delayed, None while a delayed start has no plan to measure from."""
     start = float(state.get("attention_forcing_from", 0.0))
     if start == 0.0:
-        return True
+        return 0
     planned = state.get("planned_steps")
-    return planned is not None and step >= int(start * int(planned))
+    return None if planned is None else int(start * int(planned))
+
+
+def _forcing_active(state: dict[str, Any], step: int) -> bool:
+    start = _forcing_start_step(state)
+    return start is not None and step >= start
 
 
 def _decoder_minutes_done(work_dir: str) -> float:
