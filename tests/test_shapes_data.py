@@ -675,7 +675,11 @@ def test_delayed_attention_forcing_and_decoder_fine_tune_in_one_run(tmp_path, mo
     gate, force = train_module._forcing_active, train_module.forced_attention
     monkeypatch.setattr(train_module, "_forcing_active", lambda st, step: events.append(("gate", step, gate(st, step))) or events[-1][2])
     monkeypatch.setattr(train_module, "forced_attention", lambda *a: events.append(("forced",)) or force(*a))
-    train(out, max_steps=4, attention_forcing=1.0, attention_forcing_from=0.5, decoder_minutes=0.01, **common)
+    with pytest.raises(ValueError, match="decoder_splice must be"):
+        train(out, max_steps=2, decoder_minutes=1.0, decoder_splice=1.5, **common)
+    with pytest.raises(ValueError, match="give decoder_minutes > 0"):
+        train(out, max_steps=2, decoder_splice=0.5, **common)
+    train(out, max_steps=4, attention_forcing=1.0, attention_forcing_from=0.5, decoder_minutes=0.01, decoder_splice=0.5, **common)
     gates = [e for e in events if e[0] == "gate"]
     assert [(step, on) for _, step, on in gates] == [(0, False), (1, False), (2, True), (3, True)]
     last_gate = None
@@ -690,6 +694,53 @@ def test_delayed_attention_forcing_and_decoder_fine_tune_in_one_run(tmp_path, mo
     assert state["unet_step"] == 4 and state["attention_forcing"] == 1.0 and state["attention_forcing_from"] == 0.5
     with open(os.path.join(work, "vae_decoder_ft.json"), encoding="utf-8") as f:
         decoder = json.load(f)
-    assert decoder["step"] > 0 and state["elapsed"] >= decoder["elapsed"]
+    assert decoder["step"] > 0 and state["elapsed"] >= decoder["elapsed"] and decoder["splice_share"] == 0.5
     with pytest.raises(ValueError, match="fixed when the UNet phase starts"):
         train(out, max_steps=5, resume=True, attention_forcing_from=0.2, **common)
+
+
+def test_decoder_batches_splice_two_scenes_with_the_same_cut_in_latents_and_pixels():
+    """A spliced decoder batch is two pool scenes cut by one rectangle (3 to 9 latent pixels a side):
+    latents, target pixels and background colours all take the same cut; other batches are crops."""
+    from attnctrl.models.shapes.train import _decoder_batch, _to_pixels
+
+    n = 40
+    ids = torch.arange(n, dtype=torch.float32)
+    lat = ids[:, None, None, None].expand(n, 4, 16, 16).contiguous()  # every latent says its scene
+    pool_u8 = (ids * 5).to(torch.uint8)[:, None, None, None].expand(n, 64, 64, 3).contiguous()
+    bg = torch.stack([ids * 0.01, -ids * 0.01, ids * 0.0], dim=1)
+    spliced = 0
+    for step in range(24):
+        rng = np.random.default_rng([0, 3, step])
+        z, x, b = _decoder_batch(rng, step, lat, pool_u8, bg, batch_size=6, crop=8, splice_share=1.0)
+        assert z.shape == (6, 4, 16, 16) and x.shape == b.shape == (6, 3, 64, 64)
+        scene = z[:, 0].round().long()  # (6, 16, 16)
+        assert torch.equal(z, scene[:, None].float().expand_as(z))
+        scene_px = scene.repeat_interleave(4, dim=-2).repeat_interleave(4, dim=-1)
+        assert torch.allclose(x, _to_pixels((scene_px * 5).to(torch.uint8)[..., None].expand(6, 64, 64, 3)))
+        assert torch.allclose(b, bg[scene_px].permute(0, 3, 1, 2))
+        for k in range(6):
+            values = scene[k].unique()
+            if len(values) == 1:
+                continue  # the two draws were the same scene
+            spliced += 1
+            assert len(values) == 2
+            inside = None
+            for v in values:
+                rows, cols = torch.nonzero(scene[k] == v, as_tuple=True)
+                h, w = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+                if h * w == len(rows) and 3 <= h <= 9 and 3 <= w <= 9:
+                    inside = v
+            assert inside is not None, "no region of the splice is a 3..9 rectangle"
+    assert spliced >= 100
+    shapes = set()
+    for step in range(8):
+        z, x, b = _decoder_batch(np.random.default_rng([0, 3, step]), step, lat, pool_u8, bg, batch_size=2, crop=8, splice_share=0.0)
+        assert x.shape[-1] == 4 * z.shape[-1] and b.shape == x.shape
+        assert all(len(z[k, 0].unique()) == 1 for k in range(2))  # a crop never mixes scenes
+        shapes.add((step % 4 == 3, z.shape[-1]))
+    assert shapes == {(False, 8), (True, 16)}
+    with pytest.raises(ValueError, match="splice_share must be"):
+        from attnctrl.models.shapes.train import finetune_decoder
+
+        finetune_decoder("/nonexistent", splice_share=-0.1)

@@ -481,6 +481,7 @@ def train(
     attention_forcing: float | None = None,
     attention_forcing_from: float | None = None,
     decoder_minutes: float = 0.0,
+    decoder_splice: float = 0.0,
     occupancy_latent: bool | None = None,
     init_from: str | None = None,
     checkpoint_minutes: float = 5.0,
@@ -498,7 +499,8 @@ def train(
     ``attention_forcing_from`` (a fraction in [0, 1)) holds ``attention_forcing`` off until that share
     of the planned UNet steps is done, so the model learns to place objects by their position words
     before it is taught to draw where their words are attended. ``decoder_minutes`` of the budget
-    fine-tune the VAE decoder (:func:`finetune_decoder`) once the pool is encoded, before the UNet.
+    fine-tune the VAE decoder (:func:`finetune_decoder`) once the pool is encoded, before the UNet,
+    with ``decoder_splice`` of its steps on spliced latents (its ``splice_share``).
 
     ``init_from`` (a new run only) fine-tunes an exported shapes folder instead of training from
     scratch: its VAE (decoder included), text encoder, UNet, scaling factor, noise schedule and
@@ -643,6 +645,10 @@ def train(
     state.setdefault("attention_forcing_from", 0.0)
     if not (math.isfinite(float(decoder_minutes)) and float(decoder_minutes) >= 0.0):
         raise ValueError(f"decoder_minutes must be a finite number >= 0, got {decoder_minutes}")
+    if not (math.isfinite(float(decoder_splice)) and 0.0 <= float(decoder_splice) <= 1.0):
+        raise ValueError(f"decoder_splice must be a share in [0, 1], got {decoder_splice}")
+    if decoder_splice and not decoder_minutes:
+        raise ValueError("decoder_splice only acts during the decoder fine-tune: give decoder_minutes > 0 as well")
     # the pixel term of grounding_loss joined the token term at this step (0 for new runs)
     state.setdefault("grounding_pixel_from_step", int(state["unet_step"]))
     if "pool_size" not in state:
@@ -819,7 +825,7 @@ def train(
         save_ckpt({})
     pool_u8 = None
     if state["phase"] == "unet" and decoder_minutes > 0 and _decoder_minutes_done(work_dir) < decoder_minutes:
-        finetune_decoder(work_dir, seed=seed, minutes=decoder_minutes, threads=threads, device=device)
+        finetune_decoder(work_dir, seed=seed, minutes=decoder_minutes, splice_share=decoder_splice, threads=threads, device=device)
         save_ckpt({})  # records the time spent in the budget
     latents = _load_tensors(lat_path)["latents"].to(dev) * float(state["scaling_factor"])
     vae.register_to_config(scaling_factor=float(state["scaling_factor"]))
@@ -1012,6 +1018,55 @@ def _forcing_active(state: dict[str, Any], step: int) -> bool:
     return start is not None and step >= start
 
 
+def _decoder_batch(
+    rng: np.random.Generator,
+    step: int,
+    lat: torch.Tensor,
+    pool_u8: torch.Tensor,
+    bg: torch.Tensor,
+    *,
+    batch_size: int,
+    crop: int,
+    splice_share: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One decoder fine-tune batch from the pool: latents ``(B, C, h, w)``, target pixels
+    ``(B, 3, 4h, 4w)`` in [-1, 1] and each pixel's background colour ``(B, 3, 4h, 4w)``.
+
+    ``lat`` is ``(N, C, 16, 16)``, ``pool_u8`` ``(N, 64, 64, 3)`` and ``bg`` ``(N, 3)``. A spliced batch
+    (drawn with probability ``splice_share``) is full size; otherwise the batch is a random
+    ``crop`` x ``crop`` latent window, full size every 4th step.
+    """
+    idx = torch.from_numpy(rng.integers(0, lat.shape[0], batch_size))
+    z = lat[idx]
+    x = _to_pixels(pool_u8[idx])
+    b = bg[idx][:, :, None, None].expand_as(x)
+    if splice_share > 0.0 and rng.random() < splice_share:
+        other = torch.from_numpy(rng.integers(0, lat.shape[0], batch_size))
+        cut = _splice_masks(rng, batch_size, z.shape[-1])
+        cut_px = cut.repeat_interleave(4, dim=-2).repeat_interleave(4, dim=-1)
+        z = cut * z + (1.0 - cut) * lat[other]
+        x = cut_px * x + (1.0 - cut_px) * _to_pixels(pool_u8[other])
+        b = cut_px * b + (1.0 - cut_px) * bg[other][:, :, None, None]
+    else:
+        c = crop if (crop and step % 4 != 3) else z.shape[-1]
+        oy, ox = (int(v) for v in rng.integers(0, z.shape[-1] - c + 1, 2))
+        z = z[:, :, oy : oy + c, ox : ox + c]
+        x = x[:, :, oy * 4 : (oy + c) * 4, ox * 4 : (ox + c) * 4]
+        b = b[:, :, oy * 4 : (oy + c) * 4, ox * 4 : (ox + c) * 4]
+    return z, x, b
+
+
+def _splice_masks(rng: np.random.Generator, count: int, size: int) -> torch.Tensor:
+    """(count, 1, size, size) float masks, each 1 inside one random axis-aligned rectangle whose
+    sides are 3 to 9 latent pixels (clipped to ``size``) and 0 elsewhere."""
+    masks = torch.zeros(count, 1, size, size)
+    for k in range(count):
+        h, w = (int(v) for v in rng.integers(3, min(9, size) + 1, 2))
+        y0, x0 = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+        masks[k, :, y0 : y0 + h, x0 : x0 + w] = 1.0
+    return masks
+
+
 def _decoder_minutes_done(work_dir: str) -> float:
     path = os.path.join(work_dir, "vae_decoder_ft.json")
     if not os.path.exists(path):
@@ -1030,6 +1085,7 @@ def finetune_decoder(
     crop: int = 8,
     latent_noise: float = 0.1,
     object_weight: float = 4.0,
+    splice_share: float = 0.0,
     threads: int | None = 2,
     checkpoint_minutes: float = 3.0,
     device: str | None = None,
@@ -1042,9 +1098,18 @@ def finetune_decoder(
     noise of ``latent_noise`` x the latent std added to the posterior mean (robustness to imperfect
     UNet samples), and pixels that are not background weighted ``1 + object_weight`` (colours of
     objects matter most).
+
+    ``splice_share`` of the steps instead decode spliced latents: each sample is two pool scenes
+    cut by a random rectangle (3 to 9 latent pixels a side), and its target is the same cut of their
+    pixels. This teaches the decoder to keep each region's colours whatever the rest of the latent
+    holds, which is what LocalBlend needs: it keeps the source latent outside its mask, and a
+    decoder that mixes in global statistics repaints the kept background anyway.
     """
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
+
+    if not (math.isfinite(float(splice_share)) and 0.0 <= float(splice_share) <= 1.0):
+        raise ValueError(f"splice_share must be in [0, 1], got {splice_share}")
 
     if threads and not torch.cuda.is_available():
         torch.set_num_threads(threads)
@@ -1090,19 +1155,12 @@ def finetune_decoder(
         flat, groups = _opt_to_flat(opt)
         _atomic_save_tensors(out_path, vae.state_dict())
         _atomic_save_tensors(opt_path, flat)
-        _atomic_json(st_path, dict(st, optimizer_param_groups=groups, latents=lat_path))
+        _atomic_json(st_path, dict(st, optimizer_param_groups=groups, latents=lat_path, splice_share=float(splice_share)))
 
     while el0 + (time.time() - t0) < minutes * 60.0:
         step = st["step"]
         rng = np.random.default_rng([seed, 3, step])
-        idx = torch.from_numpy(rng.integers(0, pool_size, batch_size))
-        z = lat[idx]
-        x = _to_pixels(pool_u8[idx])
-        b = bg[idx][:, :, None, None]
-        c = crop if (crop and step % 4 != 3) else z.shape[-1]
-        oy, ox = (int(v) for v in rng.integers(0, z.shape[-1] - c + 1, 2))
-        z = z[:, :, oy : oy + c, ox : ox + c]
-        x = x[:, :, oy * 4 : (oy + c) * 4, ox * 4 : (ox + c) * 4]
+        z, x, b = _decoder_batch(rng, step, lat, pool_u8, bg, batch_size=batch_size, crop=crop, splice_share=splice_share)
         g = torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + 11 + step)
         z = z + latent_noise * lat_std * torch.randn(z.shape, generator=g)
         z, x, b = z.to(dev), x.to(dev), b.to(dev)
@@ -1313,6 +1371,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoder-minutes", type=float, default=0.0,
                    help="minutes of the budget that fine-tune the VAE decoder (encoder frozen) after the VAE phase, "
                         "before the UNet (default 0; same as a separate --finetune-decoder run)")
+    p.add_argument("--decoder-splice", type=float, default=0.0, metavar="SHARE",
+                   help="share of decoder fine-tune steps on two scenes' latents cut by a random rectangle, so a "
+                        "region decodes the same whatever surrounds it (what LocalBlend needs; default 0)")
     p.add_argument("--occupancy-latent", choices=("on", "off"), default=None,
                    help="shape the VAE latent so channel 0 says where objects are, shared by every colour (default off; "
                         "fixed once the VAE has trained; see the README for what it changed)")
@@ -1326,7 +1387,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="only fine-tune the VAE decoder on --work's pre-encoded latents for MINUTES (resumable)")
     a = p.parse_args(argv)
     if a.finetune_decoder is not None:
-        finetune_decoder(a.work, seed=a.seed, minutes=a.finetune_decoder, threads=a.threads, device=a.device)
+        finetune_decoder(a.work, seed=a.seed, minutes=a.finetune_decoder, splice_share=a.decoder_splice, threads=a.threads, device=a.device)
         return 0
     if a.export_checkpoint:
         export_checkpoint(a.work, a.out)
@@ -1356,6 +1417,7 @@ def main(argv: list[str] | None = None) -> int:
         attention_forcing=a.attention_forcing,
         attention_forcing_from=a.attention_forcing_from,
         decoder_minutes=a.decoder_minutes,
+        decoder_splice=a.decoder_splice,
         occupancy_latent=None if a.occupancy_latent is None else a.occupancy_latent == "on",
         init_from=_model_path(a.init_from),
     )
