@@ -645,8 +645,7 @@ def train(
     state.setdefault("attention_forcing_from", 0.0)
     if not (math.isfinite(float(decoder_minutes)) and float(decoder_minutes) >= 0.0):
         raise ValueError(f"decoder_minutes must be a finite number >= 0, got {decoder_minutes}")
-    if not (math.isfinite(float(decoder_splice)) and 0.0 <= float(decoder_splice) <= 1.0):
-        raise ValueError(f"decoder_splice must be a share in [0, 1], got {decoder_splice}")
+    _require_share("decoder_splice", decoder_splice)
     if decoder_splice and not decoder_minutes:
         raise ValueError("decoder_splice only acts during the decoder fine-tune: give decoder_minutes > 0 as well")
     # the pixel term of grounding_loss joined the token term at this step (0 for new runs)
@@ -1018,6 +1017,11 @@ def _forcing_active(state: dict[str, Any], step: int) -> bool:
     return start is not None and step >= start
 
 
+def _require_share(name: str, value: float) -> None:
+    if not (math.isfinite(float(value)) and 0.0 <= float(value) <= 1.0):
+        raise ValueError(f"{name} must be a share in [0, 1], got {value}")
+
+
 def _decoder_batch(
     rng: np.random.Generator,
     step: int,
@@ -1108,8 +1112,7 @@ def finetune_decoder(
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
-    if not (math.isfinite(float(splice_share)) and 0.0 <= float(splice_share) <= 1.0):
-        raise ValueError(f"splice_share must be in [0, 1], got {splice_share}")
+    _require_share("splice_share", splice_share)
 
     if threads and not torch.cuda.is_available():
         torch.set_num_threads(threads)
