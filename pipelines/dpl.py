@@ -31,6 +31,7 @@ encoder, so editing needs no tokenizer changes. SDXL is not supported yet (two t
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -47,6 +48,11 @@ __all__ = ["find_nouns", "dpl_losses", "attention_losses", "estimate_background"
 
 LOSS_WEIGHTS = (1.0, 0.05, 0.05)
 """(attention balancing, disjoint objects, background leakage)."""
+
+# Attend-and-Excite sharpens the word softmax by 100: once another word leads a noun by about 0.05
+# in attention probability at every pixel, the balancing loss sits within 1% of 1 and its gradient
+# vanishes, so no number of iterations moves it.
+_SATURATED = 0.99
 
 _FUNCTION_WORDS = frozenset(
     """a an the this that these those some any each every no one two three four five several many
@@ -368,6 +374,15 @@ def dynamic_prompt_learning(
             bar.update(1)
     finally:
         restore(pipe.unet)
+    for i in range(m):
+        if all(losses["last"][i][0] >= _SATURATED for losses in step_losses):
+            warnings.warn(
+                f"Dynamic Prompt Learning could not balance the attention of {chosen[i]} in {prompts[i]!r}: at every step another word "
+                f"outweighs one of them at every pixel (attention-balancing loss >= {_SATURATED}), which leaves that loss no gradient, "
+                "so only the disjoint and background losses were lowered. In this model other words carry those objects; pass "
+                "words=[...] with them (an adjective such as a colour) to balance those instead",
+                stacklevel=3,
+            )
     stats = {
         "map_resolution": list(map_grid),
         "background": background.cpu().tolist(),

@@ -3,6 +3,8 @@ on the shapes model, editing from an inversion, and Dynamic Prompt Learning."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -363,22 +365,52 @@ def test_kmeans_is_deterministic_and_separates_clusters():
     assert len({int(v) for v in a[:20]}) == 1 and len(set(a.tolist())) == 3
 
 
+def test_dpl_descends_attention_balancing_at_every_step(tokenizer):
+    """On a tiny random model the nouns' maps are unstructured, so the balancing loss has room and
+    gradient at every step: each step's iterations must lower it, and the learned embeddings carry
+    the gain from step to step."""
+    from conftest import build_sd
+
+    from attnctrl.pipelines import invert
+
+    pipe = build_sd(tokenizer)
+    image = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    dpl = invert(pipe, image, "a cat on a mat", method="dpl", words=["cat", "mat"], num_inference_steps=3, progress=False)
+    steps = dpl.stats["dpl_losses"]
+    assert dpl.stats["token_iterations"] == [[21], [21], [21]]
+    # Measured: 0.81 -> 0.74, 0.76 -> 0.65, 0.64 -> 0.58
+    for losses in steps:
+        assert losses["last"][0][0] < losses["first"][0][0] - 0.03, steps
+    assert steps[-1]["last"][0][0] < 0.8 * steps[0]["first"][0][0], steps
+
+
 def test_dpl_lowers_the_map_losses_it_optimises(shapes_pipe):
     from attnctrl.pipelines import invert, reconstruct
-    from attnctrl.pipelines.dpl import attention_losses
+    from attnctrl.pipelines.dpl import LOSS_WEIGHTS, attention_losses
 
     prompt = "a red circle on the left and a blue square on the right"
     image = shapes_pipe([prompt], num_inference_steps=10, generator=torch.Generator().manual_seed(3)).images[0]
-    dpl = invert(shapes_pipe, image, prompt, method="dpl", num_inference_steps=6, progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dpl = invert(shapes_pipe, image, prompt, method="dpl", num_inference_steps=6, progress=False)
     null_text = invert(shapes_pipe, image, prompt, method="null-text", num_inference_steps=6, progress=False)
     assert dpl.words == ("circle", "square") and dpl.source_embeddings.shape == (6, 1, 32, 128)
     background = torch.tensor(dpl.stats["background"][0])
     with_dpl = attention_losses(shapes_pipe, dpl, ["circle", "square"], background_mask=background)
     without = attention_losses(shapes_pipe, null_text, ["circle", "square"], background_mask=background)
-    # Measured (shipped weights, 10 steps): attention 0.39 -> 0.27, disjoint 0.52 -> 0.35; on the
-    # earlier, less grounded weights 0.96 -> 0.26 and 0.76 -> 0.53. Assert clear relative drops.
-    assert with_dpl["attention"] < 0.8 * without["attention"], (with_dpl, without)
+    # Measured (shipped weights, 10 steps): attention 0.9998 -> 0.9998, disjoint 0.23 -> 0.0002,
+    # background 0.059 -> 0.046. The shipped model draws an object from its colour word: "red" leads
+    # "circle" by about 0.5 of the attention on the circle, so the balancing loss is saturated (no
+    # gradient) and DPL says so; on the previous weights, where the nouns led, it fell 0.39 -> 0.27
+    # (the tiny-model test above checks that descent). The other two losses must drop clearly, the
+    # balancing loss must not rise, and the weighted objective must fall.
     assert with_dpl["disjoint"] < 0.85 * without["disjoint"], (with_dpl, without)
+    assert with_dpl["background"] < without["background"] + 0.01, (with_dpl, without)
+    assert with_dpl["attention"] < without["attention"] + 0.02, (with_dpl, without)
+    objective = lambda losses: sum(w * losses[k] for w, k in zip(LOSS_WEIGHTS, ("attention", "disjoint", "background")))  # noqa: E731
+    assert objective(with_dpl) < objective(without) - 0.005, (with_dpl, without)
+    saturated = [w for w in caught if "could not balance the attention" in str(w.message)]
+    assert bool(saturated) == all(s["last"][0][0] >= 0.99 for s in dpl.stats["dpl_losses"]), dpl.stats["dpl_losses"]
     # editing from it works and row 0 still reconstructs about as well as null-text
     ref = _tensor(image)
     assert psnr(reconstruct(shapes_pipe, dpl)[0], ref) > psnr(reconstruct(shapes_pipe, null_text)[0], ref) - 1.5
