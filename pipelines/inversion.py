@@ -45,9 +45,12 @@ from ._denoiser import Denoiser, PromptEmbeddings
 
 FAST_LR_SCALE = 3.0
 """Adam learning-rate multiplier of the fast null-text schedule (see :func:`null_text_step`)."""
-FAST_STALL_TOLERANCE = 0.02
-"""The fast null-text schedule also stops an image whose evaluated loss improved on its best by
-less than this fraction (see :func:`null_text_step`)."""
+FAST_STALL_TOLERANCE = 0.05
+"""The fast null-text schedule also stops an image once :data:`FAST_STALL_PATIENCE` evaluations in
+a row each improved on its best loss by less than this fraction (see :func:`null_text_step`)."""
+FAST_STALL_PATIENCE = 2
+"""How many evaluations in a row must miss :data:`FAST_STALL_TOLERANCE` before an image stops: one
+miss is often Adam's first step overshooting, and stopping there keeps an unoptimised embedding."""
 
 __all__ = ["invert", "null_text_step", "NullTextStep", "image_geometry", "reconstruct", "ddim_trajectory"]
 
@@ -105,10 +108,10 @@ def null_text_step(
     updating, so a converged embedding advances with the prediction already in hand (and if none
     converges, the best evaluated embedding is kept); Adam's learning rate is 3x the official
     one, so the threshold is reached in a few iterations instead of exhausting the cap; and an
-    image also stops once an evaluation improves on its best loss by less than
-    :data:`FAST_STALL_TOLERANCE` (2%): the official threshold is an absolute latent MSE, which a
-    model whose steps cannot be matched that closely never reaches, so without this rule every
-    step would run to the cap for no gain. ``1 + n`` evaluations per image. Measured figures are in
+    image also stops once two evaluations in a row (:data:`FAST_STALL_PATIENCE`) each improve on
+    its best loss by less than :data:`FAST_STALL_TOLERANCE` (5%): the official threshold is an
+    absolute latent MSE, which a model whose steps cannot be matched that closely never reaches,
+    so without this rule every step would run to the cap for no gain. ``1 + n`` evaluations per image. Measured figures are in
     ``benchmarks/inversion.py``'s table in the README.
     """
     m = latents.shape[0]
@@ -123,6 +126,7 @@ def null_text_step(
     best_null: list[torch.Tensor | None] = [None] * m
     best_next: list[torch.Tensor | None] = [None] * m
     iterations = [0] * m
+    misses = [0] * m
     for _ in range(max(0, int(inner_steps))):
         if not active:
             break
@@ -140,7 +144,11 @@ def null_text_step(
             for j, i in enumerate(active):
                 iterations[i] += 1
                 if schedule == "fast" and iterations[i] > 1 and losses[j] > (1.0 - FAST_STALL_TOLERANCE) * best_loss[i]:
-                    stalled.add(i)
+                    misses[i] += 1
+                    if misses[i] >= FAST_STALL_PATIENCE:
+                        stalled.add(i)
+                else:
+                    misses[i] = 0
                 if losses[j] < best_loss[i]:
                     best_loss[i], best_null[i], best_next[i] = losses[j], params[i].detach().clone(), prev[j : j + 1].detach()
             if schedule == "fast":
