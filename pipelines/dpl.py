@@ -20,7 +20,10 @@ background.
 The maps are read, with gradients, through the kernel layer's reference path on the map-resolution
 cross-attention layers only; every other layer keeps its fused kernel.
 
-Nouns: given with ``words=``, or found by :func:`find_nouns`.
+Nouns: given with ``words=``, or found by :func:`find_nouns`. When another word (an adjective)
+outweighs a noun at every pixel, the balancing loss is saturated and has no gradient; DPL then
+lowers only the other two losses and warns, suggesting ``words=`` with the words that carry the
+objects.
 
 Differences from the official code, on purpose: the null-text part uses our null-text schedule (at
 most ``inner_steps`` iterations with early stopping) instead of a fixed 51 iterations; the noun

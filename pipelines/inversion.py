@@ -111,8 +111,8 @@ def null_text_step(
     image also stops once two evaluations in a row (:data:`FAST_STALL_PATIENCE`) each improve on
     its best loss by less than :data:`FAST_STALL_TOLERANCE` (5%): the official threshold is an
     absolute latent MSE, which a model whose steps cannot be matched that closely never reaches,
-    so without this rule every step would run to the cap for no gain. ``1 + n`` evaluations per image. Measured figures are in
-    ``benchmarks/inversion.py``'s table in the README.
+    so without this rule every step would run to the cap for no gain. ``1 + n`` evaluations per
+    image. Measured figures are in ``benchmarks/inversion.py``'s table in the README.
     """
     m = latents.shape[0]
     threshold = 1e-5 + step_index * 2e-5
