@@ -11,6 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .clock import StepClock
 from .errors import LocalBlendNotAppliedError
 from .p2p import RowLayout, edited_attention
 from .plan import EditPlan, default_self_max_tokens
@@ -18,14 +19,6 @@ from .store import AttentionStore, blend_mask, resolution_of
 from .tokens import PromptTokens
 
 __all__ = ["EditController"]
-
-
-def _distinct(timesteps: Sequence[float]) -> list[float]:
-    out: list[float] = []
-    for t in timesteps:
-        if not out or t != out[-1]:
-            out.append(t)
-    return out
 
 
 class EditController:
@@ -57,57 +50,61 @@ class EditController:
         self.backend = backend
         needs_maps = record or (plan is not None and plan.blend is not None)
         self.store: AttentionStore | None = AttentionStore(self.prompts, images_per_prompt) if needs_maps else None
-        self.timesteps_source: Any = None  # an object with ``.timesteps`` (the scheduler)
-        self._schedule: list[float] | None = None
-        self._schedule_tensor: Any = None
+        self.clock = StepClock()
+        self._cross_steps: dict[tuple[int, int, torch.device, torch.dtype], Any] = {}
         self.reset()
+
+    @property
+    def timesteps_source(self) -> Any:
+        """The object whose ``.timesteps`` is the schedule (the pipeline's scheduler)."""
+        return self.clock.scheduler
+
+    @timesteps_source.setter
+    def timesteps_source(self, scheduler: Any) -> None:
+        self.clock.scheduler = scheduler
+
+    @property
+    def step(self) -> int:
+        return self.clock.step
+
+    @property
+    def num_steps(self) -> int:
+        return self.clock.num_steps
 
     # ---- per-generation state -------------------------------------------------------------
     def reset(self) -> None:
         """Forget the previous generation (the schedule seen so far is kept)."""
-        self.step = -1
-        self.num_steps = 0
+        self.clock.reset()
+        self._forget_generation()
+
+    def _forget_generation(self) -> None:
         self.latent_hw: tuple[int, int] | None = None
-        self._last_t: float | None = None
         self._blended_step = -1
         if self.store is not None:
             self.store.reset()
 
+    @torch.compiler.disable
     def observe_denoiser_call(self, timestep: Any, sample: torch.Tensor) -> None:
         """Called before every denoiser forward: tracks the step index and the latent size.
 
         A new timestep schedule on the scheduler, or a step index that goes back, starts a new
         generation (state and store reset).
         """
-        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        source = getattr(self.timesteps_source, "timesteps", None)
-        if source is not None and source is not self._schedule_tensor:
-            if self._schedule_tensor is not None:
-                self.reset()
-            self._schedule_tensor = source
-            self._schedule = _distinct([float(x) for x in source])
-        if self._schedule:
-            index = min(range(len(self._schedule)), key=lambda i: abs(self._schedule[i] - t))
-            num_steps = len(self._schedule)
-        else:  # no scheduler known: count timestep changes
-            index = self.step + (1 if t != self._last_t else 0)
-            num_steps = max(self.num_steps, index + 1)
-        if index < self.step:
-            self.reset()
-        elif index > self.step >= 0:
-            self._check_blend_applied()
-        self._last_t = t
-        self.step, self.num_steps = index, num_steps
+        previous = self.clock.step
+        if self.clock.tick(timestep):
+            self._forget_generation()
+        elif self.clock.step > previous >= 0:
+            self._check_blend_applied(previous)
         self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         if self.store is not None:
             self.store.latent_hw = self.latent_hw
-            self.store.num_steps = num_steps
+            self.store.num_steps = self.clock.num_steps
 
-    def _check_blend_applied(self) -> None:
+    def _check_blend_applied(self, step: int) -> None:
         blend = self.plan.blend if self.plan is not None else None
-        if blend is None or not self._blend_due(self.step):
+        if blend is None or not self._blend_due(step):
             return
-        if self._blended_step != self.step:
+        if self._blended_step != step:
             raise LocalBlendNotAppliedError(
                 "LocalBlend needs the step-end callback: pass callback_on_step_end=handle.step_end "
                 "to the pipeline call (attnctrl's own pipelines do this for you)"
@@ -134,27 +131,13 @@ class EditController:
         ``attend``: the layer's efficient-attention policy for a self-attention call (see
         :func:`attnctrl.p2p.edited_attention`), None for exact attention.
         """
-        if self.latent_hw is None:
-            raise RuntimeError("the denoiser hook did not run: install processors with attnctrl.control or our pipelines")
-        layout = RowLayout.from_batch(q.shape[0], len(self.prompts), self.images_per_prompt)
-        tokens = q.shape[-2]
-        hw = resolution_of(tokens, self.latent_hw)
-        plan = self.plan
-        cross = None
-        replace_self = False
-        if plan is not None and self.step >= 0:
-            if is_cross:
-                cross = plan.cross_step(self.step, self.num_steps)
-            elif plan.self_active(self.step, self.num_steps):
-                limit = plan.self_max_tokens or default_self_max_tokens(self.latent_hw)
-                replace_self = tokens <= limit
-        want_probs = is_cross and self.store is not None and hw is not None
+        layout, cross, replace_self, hw = self._call_plan(q.shape[0], q.shape[-2], is_cross, q.device, v.dtype)
         out, probs = edited_attention(
             q, k, v,
             layout=layout,
             cross=cross,
             replace_self=replace_self,
-            want_probs=want_probs,
+            want_probs=hw is not None,
             scale=scale,
             mask=mask,
             materialise=self.materialise,
@@ -162,8 +145,47 @@ class EditController:
             attend=None if is_cross else attend,
         )
         if probs is not None:
-            self.store.record(hw, probs)
+            self._record(hw, probs)
         return out
+
+    # Host-side bookkeeping: plain Python on the step index and the call's shape. Kept out of
+    # torch.compile's graphs, which would otherwise specialise (and recompile) on every step.
+    @torch.compiler.disable
+    def _call_plan(
+        self, batch: int, tokens: int, is_cross: bool, device: torch.device, dtype: torch.dtype
+    ) -> tuple[RowLayout, Any, bool, tuple[int, int] | None]:
+        """(row layout, this step's cross edit or None, replace self-attention?, grid whose maps
+        the store records or None) of one attention call."""
+        if self.latent_hw is None:
+            raise RuntimeError("the denoiser hook did not run: install processors with attnctrl.control or our pipelines")
+        layout = RowLayout.from_batch(batch, len(self.prompts), self.images_per_prompt)
+        hw = resolution_of(tokens, self.latent_hw)
+        plan = self.plan
+        cross = None
+        replace_self = False
+        if plan is not None and self.step >= 0:
+            if is_cross:
+                cross = self._cross_step(device, dtype)
+            elif plan.self_active(self.step, self.num_steps):
+                limit = plan.self_max_tokens or default_self_max_tokens(self.latent_hw)
+                replace_self = tokens <= limit
+        record = is_cross and self.store is not None and hw is not None
+        return layout, cross, replace_self, hw if record else None
+
+    @torch.compiler.disable
+    def _record(self, hw: tuple[int, int], probs: torch.Tensor) -> None:
+        self.store.record(hw, probs)
+
+    def _cross_step(self, device: torch.device, dtype: torch.dtype) -> Any:
+        """This step's cross-attention edit on the call's device, built once per step and device."""
+        key = (self.step, self.num_steps, device, dtype)
+        cross = self._cross_steps.get(key)
+        if cross is None:
+            if len(self._cross_steps) > 64:
+                self._cross_steps.clear()
+            cross = self.plan.cross_step(self.step, self.num_steps).to(device, dtype)
+            self._cross_steps[key] = cross
+        return cross
 
     # ---- step end (LocalBlend) ------------------------------------------------------------
     def step_end(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
@@ -189,7 +211,7 @@ class EditController:
         maps = self.store.maps(self.store.default_resolution(blend.config.resolution))
         n = self.images_per_prompt
         rows = maps.shape[0]
-        source_rows = torch.arange(rows) % n
+        source_rows = torch.arange(rows, device=maps.device) % n
         select = blend.select.repeat_interleave(n, dim=0).to(maps.device)
         mask = blend_mask(maps, select, source_rows=source_rows, latent_hw=latent_hw,
                           threshold=blend.config.threshold, pool=True)

@@ -1,13 +1,16 @@
 """Exceptions raised by attnctrl.
 
-A flat module of exception classes. Each one subclasses a builtin (``ValueError``, ``TypeError``,
-``RuntimeError``) so callers that do not know attnctrl can still catch them generically, and each
-message says what was wrong and what to do about it.
+A flat module of exception classes. Each one subclasses :class:`AttnctrlError` (so an entry point
+tells a user error from a bug by type: ``except AttnctrlError``) and a builtin (``ValueError``,
+``TypeError``, ``RuntimeError``) so callers that do not know attnctrl can still catch them
+generically. Each message says what was wrong and what to do about it.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "AttnctrlError",
+    "InvalidOptionError",
     "AttentionShapeError",
     "NoBackendError",
     "PromptMismatchError",
@@ -21,7 +24,15 @@ __all__ = [
 ]
 
 
-class AttentionShapeError(ValueError):
+class AttnctrlError(Exception):
+    """Base of every attnctrl error: bad input or a setting that cannot run, never a bug."""
+
+
+class InvalidOptionError(AttnctrlError, ValueError):
+    """An option has a value attnctrl cannot use (wrong type, out of range, unknown name)."""
+
+
+class AttentionShapeError(AttnctrlError, ValueError):
     """Attention inputs have inconsistent shapes.
 
     Raised by :func:`attnctrl.kernels.attention` and its siblings when ``q``/``k``/``v`` are not
@@ -31,7 +42,7 @@ class AttentionShapeError(ValueError):
     """
 
 
-class NoBackendError(RuntimeError):
+class NoBackendError(AttnctrlError, RuntimeError):
     """No attention backend can run the requested call.
 
     ``reasons`` maps each backend that was considered to the reason it refused; ``backend`` is the
@@ -44,33 +55,33 @@ class NoBackendError(RuntimeError):
         self.backend: str | None = backend
 
 
-class PromptMismatchError(ValueError):
+class PromptMismatchError(AttnctrlError, ValueError):
     """The prompts do not fit the edit: fewer than two, or word counts that differ under Replace."""
 
 
-class WordNotFoundError(ValueError):
+class WordNotFoundError(AttnctrlError, ValueError):
     """A word (weight, blend word, schedule key) is not in its prompt; the message lists the prompt's words."""
 
 
-class InvalidWeightError(ValueError):
+class InvalidWeightError(AttnctrlError, ValueError):
     """A weight or threshold is not a finite number in its allowed range."""
 
 
-class InvalidScheduleError(ValueError):
+class InvalidScheduleError(AttnctrlError, ValueError):
     """A step window is negative, reversed, past 1 or not a fraction/pair/dict."""
 
 
-class UnsupportedModelError(TypeError):
+class UnsupportedModelError(AttnctrlError, TypeError):
     """The pipeline or model is not one attnctrl supports; the message lists the supported ones."""
 
 
-class LocalBlendNotAppliedError(RuntimeError):
+class LocalBlendNotAppliedError(AttnctrlError, RuntimeError):
     """A LocalBlend edit ran without its step-end callback (pass ``callback_on_step_end``)."""
 
 
-class ImageLoadError(ValueError):
+class ImageLoadError(AttnctrlError, ValueError):
     """An input image cannot be used: unreadable or missing file, zero size, or an unsupported tensor."""
 
 
-class InversionMismatchError(ValueError):
+class InversionMismatchError(AttnctrlError, ValueError):
     """An inversion does not fit the call: made with another model, prompt, size or settings."""

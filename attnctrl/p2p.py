@@ -14,6 +14,7 @@ and is the reference the tests compare against.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,16 +61,22 @@ class RowLayout:
     def cond_rows(self) -> slice:
         return slice(self.cond_offset, self.cond_offset + self.num_prompts * self.images_per_prompt)
 
-    def edited_rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(batch index of each edited row, batch index of its source row, its edit index 0..E-1)."""
-        n = self.images_per_prompt
-        rows, sources, edits = [], [], []
-        for p in range(1, self.num_prompts):
-            for i in range(n):
-                rows.append(self.cond_offset + p * n + i)
-                sources.append(self.cond_offset + i)
-                edits.append(p - 1)
-        return torch.tensor(rows), torch.tensor(sources), torch.tensor(edits)
+    def edited_rows(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(batch index of each edited row, batch index of its source row, its edit index 0..E-1),
+        three (R,) int64 tensors on ``device`` (built once per layout and device)."""
+        return _edited_rows(self, torch.device(device))
+
+
+@functools.lru_cache(maxsize=256)
+def _edited_rows(layout: RowLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n = layout.images_per_prompt
+    rows, sources, edits = [], [], []
+    for p in range(1, layout.num_prompts):
+        for i in range(n):
+            rows.append(layout.cond_offset + p * n + i)
+            sources.append(layout.cond_offset + i)
+            edits.append(p - 1)
+    return tuple(torch.tensor(x, dtype=torch.long, device=device) for x in (rows, sources, edits))  # type: ignore[return-value]
 
 
 def edited_attention(
@@ -115,9 +122,9 @@ def edited_attention(
                 "efficient-attention policy's layers; remove the policy (attnctrl.remove) or use materialise=False"
             )
         return _materialised(q, k, v, layout, cross, replace_self, want_probs, scale, mask)
-    rows, sources, edits = layout.edited_rows()
+    rows, sources, edits = layout.edited_rows(q.device)
     active_cross = cross is not None and not cross.is_identity() and len(rows) > 0
-    row_map = torch.arange(q.shape[0])
+    row_map = torch.arange(q.shape[0], device=q.device)
     if replace_self and len(rows) > 0:
         q = q.clone()
         k = k.clone()
@@ -126,8 +133,8 @@ def edited_attention(
         row_map[rows] = sources
     v_main = v
     if active_cross:
+        cross = cross.to(v.device, v.dtype)
         a, d = cross.fused_coefficients()
-        a, d = a.to(v.dtype), d.to(v.dtype)
         v_main = v.clone()
         v_main[rows] = v[rows] * d[edits][:, None, :, None]
 
@@ -150,8 +157,7 @@ def edited_attention(
         out = kernels.attention(q, k, v_main, scale=scale, mask=mask, backend=backend)
 
     if active_cross:
-        mapper = cross.mapper.to(device=v.device, dtype=v.dtype)
-        weighted = mapper[edits] * a[edits][:, None, :]  # (R_e, M_src, M_edit)
+        weighted = cross.mapper[edits] * a[edits][:, None, :]  # (R_e, M_src, M_edit)
         v_src = torch.einsum("rwj,rhjd->rhwd", weighted, v[rows])
         out[rows] = out[rows] + kernels.attention(
             q[sources], k[sources], v_src, scale=scale, mask=_rows(mask, sources), backend=backend
@@ -180,7 +186,7 @@ def _materialised(
     attn = softmax_probs(q, k, scale=q.shape[-1] ** -0.5 if scale is None else scale, mask=mask)
     cond = layout.cond_rows
     probs = attn[cond].mean(dim=1).float() if want_probs else None
-    rows, sources, edits = layout.edited_rows()
+    rows, sources, edits = layout.edited_rows(q.device)
     if len(rows) and (replace_self or cross is not None):
         attn = attn.clone()
         a_src, a_edit = attn[sources], attn[rows]

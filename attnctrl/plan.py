@@ -44,6 +44,8 @@ class CrossStep:
 
     Shapes: ``mapper`` (E, L, L), ``keep`` (E, L), ``index`` (E, L) or None, ``equalizer`` (E, L)
     or None, ``alpha`` (E, L) with 1 where the source attention is injected at this step.
+    ``identity``: no edited row's attention changes at this step; decided once on the host when
+    the step is built, so the attention path never reads a device tensor back.
     """
 
     kind: str
@@ -52,6 +54,19 @@ class CrossStep:
     index: torch.Tensor | None
     equalizer: torch.Tensor | None
     alpha: torch.Tensor
+    identity: bool = False
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "CrossStep":
+        """This step with its float tensors in ``dtype`` and every tensor on ``device``."""
+        def move(t: torch.Tensor | None, floating: bool = True) -> torch.Tensor | None:
+            if t is None:
+                return None
+            return t.to(device=device, dtype=dtype) if floating else t.to(device=device)
+
+        return CrossStep(
+            self.kind, move(self.mapper), move(self.keep), move(self.index, floating=False),
+            move(self.equalizer), move(self.alpha), self.identity,
+        )
 
     def fused_coefficients(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(a, d)`` with ``out_e = attention(Q_src, K_src, M diag(a) V_e) + attention(Q_e, K_e, diag(d) V_e)``.
@@ -68,7 +83,7 @@ class CrossStep:
 
     def is_identity(self) -> bool:
         """True when this step leaves every edited row's attention untouched."""
-        return not bool(self.alpha.any())
+        return self.identity
 
 
 @dataclass(frozen=True)
@@ -95,7 +110,9 @@ class EditPlan:
         starts = (self.cross_windows[..., 0] * n).floor()
         ends = (self.cross_windows[..., 1] * n).floor()
         alpha = ((starts <= step) & (step < ends)).float()
-        return CrossStep(self.kind, self.mapper, self.keep, self.index, self.equalizer, alpha)
+        # The plan's tensors live on the host: deciding identity here costs no device sync.
+        return CrossStep(self.kind, self.mapper, self.keep, self.index, self.equalizer, alpha,
+                         identity=not bool(alpha.any()))
 
     def self_active(self, step: int, num_steps: int) -> bool:
         start, end = step_window(self.self_window, num_steps, inclusive_end_step=False)

@@ -41,6 +41,7 @@ from attnctrl.consistency import (
     resolve_overlaps,
     transformer_blocks,
 )
+from attnctrl.clock import StepClock
 from attnctrl.errors import InvalidWeightError, PromptMismatchError, WordNotFoundError
 from attnctrl.tokens import tokenize_prompt
 
@@ -252,15 +253,12 @@ class _ConsistentCall:
             gated=frozenset(settings.gating.blocks(self.unet)),
             steps=int(common["num_inference_steps"]),
         )
-        scheduler = self.scheduler
+        clock = StepClock(self.scheduler)
 
         def pre_forward(module: Any, args: tuple, kwargs: dict) -> None:
             timestep, _ = bind_timestep(module, args, kwargs)
-            t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-            schedule = [float(x) for x in scheduler.timesteps]
-            distinct = sorted(set(schedule), reverse=True)
-            state.steps = len(distinct)
-            state.step = min(range(len(distinct)), key=lambda i: abs(distinct[i] - t))
+            clock.tick(timestep)
+            state.step, state.steps = clock.step, clock.num_steps
 
         install(self.unet, lambda name, module: ConsistencyProcessor(state, name), pre_forward=pre_forward)
         try:
@@ -319,17 +317,14 @@ def consistent_self_attention(
     if unknown:
         raise ValueError(f"not attention processors of this UNet: {sorted(unknown)[:3]}")
     state = SharedAttentionState(settings, halves=2 if cfg else 1)
-    previous = {"step": None}
+    clock = StepClock(pipe.scheduler)
 
     def pre_forward(module: Any, args: tuple, kwargs: dict) -> None:
         timestep, _ = bind_timestep(module, args, kwargs)
-        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        distinct = sorted({float(x) for x in pipe.scheduler.timesteps}, reverse=True) or [t]
-        step = min(range(len(distinct)), key=lambda i: abs(distinct[i] - t))
-        if previous["step"] is None or step < previous["step"]:
+        clock.scheduler = pipe.scheduler
+        if clock.tick(timestep):
             state.restart()  # a new generation: the same seed gives the same samples
-        previous["step"] = step
-        state.step, state.steps = step, len(distinct)
+        state.step, state.steps = clock.step, clock.num_steps
 
     install(pipe.unet, lambda name, module: SharedSelfAttentionProcessor(state, name) if name in names else None, pre_forward=pre_forward)
     try:
@@ -445,24 +440,22 @@ def subject_shared_attention(
     down, up = len(getattr(unet, "down_blocks", [])), len(getattr(unet, "up_blocks", []))
     factors = sorted({_level_factor(n, down, up) for n in cross})
     state = SubjectSharedState(settings, positions, images_per_prompt=images_per_prompt, halves=2 if cfg else 1)
-    previous: dict[str, Any] = {"step": None}
+    clock = StepClock(pipe.scheduler)
 
     def pre_forward(module: Any, args: tuple, kwargs: dict) -> None:
         if state.vanilla:  # the nested stock pass below
             return
         timestep, sample = bind_timestep(module, args, kwargs)
         latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
-        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        distinct = sorted({float(x) for x in pipe.scheduler.timesteps}, reverse=True) or [t]
-        step = min(range(len(distinct)), key=lambda i: abs(distinct[i] - t))
-        if previous["step"] is None or step < previous["step"] or latent_hw != state.latent_hw:
+        clock.scheduler = pipe.scheduler
+        if clock.tick(timestep) or latent_hw != state.latent_hw:
             state.restart()  # a new generation: fresh maps, and the same seed gives the same dropout
             state.latent_hw = latent_hw
             grids = {(-(-latent_hw[0] // f), -(-latent_hw[1] // f)) for f in factors}
             state.mask_grid = settings.mask_grid(grids)
-        previous["step"] = step
-        state.begin_step(step, len(distinct))
-        if settings.blend_weight(step, len(distinct)) is not None:
+        step, steps = clock.step, clock.num_steps
+        state.begin_step(step, steps)
+        if settings.blend_weight(step, steps) is not None:
             # query blending: a stock pass of the same inputs stores the shared layers' queries
             state.vanilla = True
             try:

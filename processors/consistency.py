@@ -160,6 +160,7 @@ class ConsistencyProcessor:
         routing = Routing(
             query_groups=labels[None], key_groups=labels[None],
             table=isolation_table(self.state.subjects).to(call.query.device),
+            validate=False,  # labels come from the subject masks: in range by construction
         )
         return kernels.attention(call.query[t : t + 1], call.key[t : t + 1], call.value[t : t + 1], scale=attn.scale, mask=routing)[0]
 
@@ -190,7 +191,7 @@ class ConsistencyProcessor:
         values.append(call.value[t : t + 1])
         key_labels.append(labels)
         table = reference_table(n, isolate=state.settings.isolate, reference_bias=state.settings.reference_bias).to(device)
-        routing = Routing(query_groups=dropped[None], key_groups=torch.cat(key_labels)[None], table=table)
+        routing = Routing(query_groups=dropped[None], key_groups=torch.cat(key_labels)[None], table=table, validate=False)
         return kernels.attention(
             call.query[t : t + 1], torch.cat(keys, dim=2), torch.cat(values, dim=2), scale=attn.scale, mask=routing
         )[0]
@@ -277,7 +278,8 @@ class SharedSelfAttentionProcessor:
         sampled = torch.rand(images * n, generator=state.generator) < float(state.settings.rate)
         query_labels, key_labels, table = shared_routing_labels(images, n, sampled)
         device = call.query.device
-        routing = Routing(query_groups=query_labels.reshape(1, -1).to(device), key_groups=key_labels[None].to(device), table=table.to(device))
+        # validated on the host, where it costs no device sync, then moved
+        routing = Routing(query_groups=query_labels.reshape(1, -1), key_groups=key_labels[None], table=table).to(device)
         outs = []
         for h in range(state.halves):
             part = slice(h * images, (h + 1) * images)
@@ -436,9 +438,7 @@ class SubjectSharedState:
                 if bool(kept.any()):
                     tokens = grid[0] * grid[1]
                     query, key_labels, table = subject_routing_labels(self.images, tokens, masks, kept)
-                    routing = Routing(
-                        query_groups=query.reshape(1, -1).to(device), key_groups=key_labels[None].to(device), table=table.to(device)
-                    )
+                    routing = Routing(query_groups=query.reshape(1, -1), key_groups=key_labels[None], table=table).to(device)
             self._cache[key] = routing
         return self._cache[key]
 

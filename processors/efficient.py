@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from attnctrl import kernels
+from attnctrl.clock import StepClock
 from attnctrl.efficient import (
     SHIFT_QUARTERS,
     AgentAttention,
@@ -70,21 +71,35 @@ class PolicyState:
 
     def __init__(self, config: Any, scheduler: Any = None, *, patch_size: int = 1) -> None:
         self.config = config
-        self.scheduler = scheduler
         self.patch_size = int(patch_size)
         self.generator = torch.Generator(device="cpu")
-        self.step = -1
-        self.num_steps = 0
+        self.clock = StepClock(scheduler)
         self.latent_hw: tuple[int, int] | None = None
-        self._last_t: float | None = None
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self.reset()
 
+    @property
+    def scheduler(self) -> Any:
+        return self.clock.scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler: Any) -> None:
+        self.clock.scheduler = scheduler
+
+    @property
+    def step(self) -> int:
+        return self.clock.step
+
+    @property
+    def num_steps(self) -> int:
+        return self.clock.num_steps
+
     def reset(self) -> None:
+        self.clock.reset()
+        self._reseed()
+
+    def _reseed(self) -> None:
         self.generator.manual_seed(getattr(self.config, "seed", 0))
-        self.step = -1
-        self.num_steps = 0
-        self._last_t = None
 
     def observe(
         self, timestep: Any, sample: torch.Tensor, *, step: int | None = None, num_steps: int | None = None
@@ -94,28 +109,8 @@ class PolicyState:
         ``step``/``num_steps`` override the schedule lookup (for driving a processor by hand,
         e.g. in benchmarks); both must be given together.
         """
-        t = float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        schedule = getattr(self.scheduler, "timesteps", None) if step is None else None
-        distinct: list[float] = []
-        if schedule is not None:
-            for x in (float(v) for v in schedule):
-                if not distinct or x != distinct[-1]:
-                    distinct.append(x)
-        if step is not None:
-            if num_steps is None:
-                raise ValueError("observe: give num_steps together with step")
-            index = int(step)
-        elif distinct:
-            index = min(range(len(distinct)), key=lambda i: abs(distinct[i] - t))
-            num_steps = len(distinct)
-        else:
-            index = self.step + (1 if t != self._last_t else 0)
-            num_steps = max(self.num_steps, index + 1)
-        assert num_steps is not None
-        if index < self.step:
-            self.reset()
-        self._last_t = t
-        self.step, self.num_steps = index, num_steps
+        if self.clock.tick(timestep, step=step, num_steps=num_steps):
+            self._reseed()
         self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
 
     @property

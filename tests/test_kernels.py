@@ -347,13 +347,13 @@ def test_chunked_path_via_monkeypatched_threshold(monkeypatch):
     monkeypatch.setattr(sdpa, "explicit_probs_max_elements", 0)
     monkeypatch.setattr(sdpa, "chunk_max_elements", 1 * 2 * 1025 * 100)  # 100 query rows per chunk
     calls = []
-    original = sdpa._chunked_probs
+    original = sdpa.column_probs
 
     def spy(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(sdpa, "_chunked_probs", spy)
+    monkeypatch.setattr(sdpa, "column_probs", spy)
     shape = (1, 2, 1025, 1025, 40, 40)
     q, k, v = make_qkv(shape, torch.float32)
     mask = make_mask("bool", shape, torch.float32)
@@ -550,14 +550,19 @@ def test_selection_respects_probs_and_autograd(isolated_registry):
     assert plain.calls == 1
     attention_with_probs(q, k, v)  # falls through to sdpa
     assert plain.calls == 1
-    with pytest.raises(NoBackendError, match="does not return attention probabilities"):
-        attention_with_probs(q, k, v, backend="plain")
+    # Forced, it computes the output and the tap columns' probabilities come from another backend.
+    cols = torch.tensor([0, 3, 3])
+    out, probs = attention_with_probs(q, k, v, columns=cols, backend="plain")
+    assert plain.calls == 2
+    ref_out, ref_probs = reference_attention(q, k, v)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(probs, ref_probs[..., cols])
     q.requires_grad_()
     attention(q, k, v)  # needs autograd: falls through to sdpa
-    assert plain.calls == 1
+    assert plain.calls == 2
     with torch.no_grad():
         attention(q, k, v)
-    assert plain.calls == 2
+    assert plain.calls == 3
     with pytest.raises(NoBackendError, match="autograd"):
         attention(q, k, v, backend="plain")
 

@@ -17,7 +17,7 @@ STEPS = 10
 def controller(tokenizer, edit, *, materialise=False, latent=(16, 16)):
     plan = compile_edit(edit, tokenizer, [SRC, EDT])
     ctl = EditController(plan.prompts, plan, record=False, materialise=materialise)
-    ctl.num_steps, ctl.latent_hw = STEPS, latent
+    ctl.latent_hw = latent
     return ctl, plan
 
 
@@ -27,7 +27,7 @@ def probe(ctl, step, *, tokens, keys, is_cross, seed=0):
     q = torch.randn(4, 2, tokens, 8, generator=g, dtype=torch.float64)
     k = torch.randn(4, 2, keys, 8, generator=g, dtype=torch.float64)
     v = torch.eye(keys, dtype=torch.float64).expand(4, 2, keys, keys)
-    ctl.step = step
+    ctl.clock.tick(None, step=step, num_steps=STEPS)
     out = ctl.attention(q, k, v, is_cross=is_cross)
     _, plain = reference_attention(q, k, v)
     return out, plain.double()
@@ -59,7 +59,7 @@ def test_refine_and_reweight_maps(tokenizer):
     plan_src, plan_edt = "a cat on the grass", "a big red cat on the grass"
     plan = compile_edit(Reweight({"red": -2.0}, base=Refine()), tokenizer, [plan_src, plan_edt])
     ctl = EditController(plan.prompts, plan, record=False)
-    ctl.num_steps, ctl.latent_hw = STEPS, (16, 16)
+    ctl.latent_hw = (16, 16)
     out, plain = probe(ctl, 0, tokens=64, keys=16, is_cross=True)
     keep, index, eq = plan.keep[0].double(), plan.index[0], plan.equalizer[0].double()
     expected = (plain[2][..., index] * keep + plain[3] * (1 - keep)) * eq
@@ -92,7 +92,7 @@ def test_no_cfg_layout(tokenizer):
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 2, 64, 8, generator=g, dtype=torch.float64), torch.randn(2, 2, 16, 8, generator=g, dtype=torch.float64)
     v = torch.eye(16, dtype=torch.float64).expand(2, 2, 16, 16)
-    ctl.step = 0
+    ctl.clock.tick(None, step=0, num_steps=STEPS)
     out = ctl.attention(q, k, v, is_cross=True)
     _, plain = reference_attention(q, k, v)
     assert torch.allclose(out[1], plain[0].double() @ plan.mapper[0].double(), atol=1e-12)

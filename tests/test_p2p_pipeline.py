@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -257,3 +259,30 @@ def test_unsupported_pipeline_lists_supported():
     with pytest.raises(UnsupportedModelError, match="StableDiffusionXLPipeline"):
         with attnctrl.control(NotAPipeline(), Replace(), PROMPTS):
             pass
+
+
+def test_forced_backend_without_probabilities_keeps_the_store(sd_pipe):
+    """A forced backend that returns no probabilities (xformers does not) runs every output; the
+    attention store's and LocalBlend's tap columns come from another backend, so the result is
+    the automatic one."""
+    from attnctrl.kernels import Backend, get_backend, register_backend, unregister_backend
+
+    class OutputsOnly(Backend):
+        name = "outputs-only"
+        capabilities = dataclasses.replace(get_backend("sdpa").capabilities, returns_probs=False, priority=-1)
+        calls = 0
+
+        def forward(self, q, k, v, *, scale, mask):
+            OutputsOnly.calls += 1
+            return get_backend("sdpa").forward(q, k, v, scale=scale, mask=mask)
+
+    register_backend(OutputsOnly())
+    try:
+        edit = Replace(blend=LocalBlend(["cat", "tiger"]))
+        forced = run(sd_pipe, edit=edit, backend="outputs-only")
+        automatic = run(sd_pipe, edit=edit)
+    finally:
+        unregister_backend("outputs-only")
+    assert OutputsOnly.calls > 0
+    torch.testing.assert_close(forced.images, automatic.images, atol=1e-4, rtol=1e-3)  # fp32 round-off
+    torch.testing.assert_close(forced.attention.maps(), automatic.attention.maps(), atol=1e-6, rtol=1e-5)

@@ -107,7 +107,7 @@ def _fmt_dtype(dtype: torch.dtype) -> str:
 @functools.lru_cache(maxsize=None)
 def _device_present(device_type: str) -> bool:
     """Whether at least one device of this type can be used by this process (cached)."""
-    if device_type == "cpu":
+    if device_type in ("cpu", "meta"):  # meta: shape-only dry runs, always "present"
         return True
     module = getattr(torch, device_type, None)
     is_available = getattr(module, "is_available", None)
@@ -275,6 +275,24 @@ class Backend(abc.ABC):
         """
         raise NotImplementedError(f"backend {self.name!r} does not return attention probabilities")
 
+    def column_probs(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        columns: torch.Tensor | None,
+        scale: float,
+        mask: object,
+    ) -> torch.Tensor:
+        """Only the probabilities ``(B, H, Nq, C)`` float32 of :meth:`forward_with_probs`.
+
+        What :func:`attention_with_probs` uses for the tap columns when the forced backend runs
+        the output but returns no probabilities (e.g. xformers). The generic version discards
+        :meth:`forward_with_probs`'s output; backends that can skip it override this.
+        """
+        return self.forward_with_probs(q, k, v, columns=columns, scale=scale, mask=mask)[1]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, priority={self.capabilities.priority})"
 
@@ -322,6 +340,8 @@ class LazyBackend(Backend):
         return self._loaded.capabilities if self._loaded is not None else self._declared
 
     def _load(self) -> Backend | None:
+        if self._tried:  # loaded (or failed) once: no lock on the per-call path
+            return self._loaded
         with self._lock:
             if self._tried:
                 return self._loaded
@@ -559,7 +579,7 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
     if scale is None:
         return head_dim**-0.5
     value = float(scale)
-    if not math.isfinite(value):
+    if value != value or abs(value) == math.inf:  # plain comparisons: traceable by torch.compile
         raise ValueError(f"scale must be finite, got {scale!r}")
     return value
 
@@ -615,6 +635,9 @@ def _describe_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: obje
     return ", ".join(parts)
 
 
+# Selection is host logic over shapes, dtypes and the registry; torch.compile runs it eagerly
+# (one graph break per call) instead of tracing and guarding every backend's refusal checks.
+@torch.compiler.disable
 def select_backend(
     backend: BackendArg,
     q: torch.Tensor,
@@ -714,11 +737,31 @@ def attention_with_probs(
     Returns:
         ``out`` ``(B, H, Nq, Dv)`` in ``q.dtype`` and ``probs`` ``(B, H, Nq, C)`` float32, where
         ``probs[..., j] = softmax(q k^T * scale + mask)[..., columns[j]]``. Rows over all columns
-        sum to 1, except fully-masked rows, which are zeros. Only backends declaring
-        ``returns_probs`` are considered.
+        sum to 1, except fully-masked rows, which are zeros. In automatic selection only backends
+        declaring ``returns_probs`` are considered. A forced backend that returns no probabilities
+        (``"xformers"``) computes ``out``, and the probabilities of ``columns`` come from the best
+        backend that returns them (:meth:`Backend.column_probs`).
     """
     mask = check_inputs(q, k, v, mask)
     scale_f = resolve_scale(scale, q.shape[-1])
     cols = normalize_columns(columns, k.shape[2], q.device)
-    chosen = select_backend(backend, q, k, v, mask=mask, need_probs=True, need_grad=_need_grad(q, k, v, mask))
+    need_grad = _need_grad(q, k, v, mask)
+    forced = _forced_without_probs(backend)
+    if forced is not None:
+        # The forced backend computes the output; the probabilities (a few tap columns for the
+        # attention store or LocalBlend) come from the best backend that returns them.
+        out = select_backend(forced, q, k, v, mask=mask, need_probs=False, need_grad=need_grad).forward(
+            q, k, v, scale=scale_f, mask=mask
+        )
+        taps = select_backend(None, q, k, v, mask=mask, need_probs=True, need_grad=need_grad)
+        return out, taps.column_probs(q, k, v, columns=cols, scale=scale_f, mask=mask)
+    chosen = select_backend(backend, q, k, v, mask=mask, need_probs=True, need_grad=need_grad)
     return chosen.forward_with_probs(q, k, v, columns=cols, scale=scale_f, mask=mask)
+
+
+def _forced_without_probs(backend: BackendArg) -> Backend | None:
+    """The forced backend when it declares no probabilities (it then runs the output only)."""
+    if backend is None:
+        return None
+    chosen = backend if isinstance(backend, Backend) else get_backend(backend)
+    return None if chosen.capabilities.returns_probs else chosen

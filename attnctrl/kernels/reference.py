@@ -117,7 +117,7 @@ class ReferenceBackend(Backend):
 
     name = "reference"
     capabilities = Capabilities(
-        devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
+        devices=frozenset({"cpu", "cuda", "mps", "xpu", "meta"}),
         dtypes=FLOAT_DTYPES,
         max_head_dim=None,
         mask_kinds=frozenset({MASK_NONE, MASK_BOOL, MASK_ADDITIVE, MASK_ROUTING}),

@@ -73,8 +73,11 @@ class Routing:
             ``+inf`` are refused.
 
     All three tensors must be on one device (the device of the attention inputs at call time;
-    :meth:`to` moves them). Construction checks shapes and label ranges; the range check reads
-    the labels' min/max once (a host sync on GPU). The tensors are not copied when they already
+    :meth:`to` moves them). Construction checks shapes, dtypes and devices, and, with
+    ``validate=True`` (the default), the values: label ranges and no NaN/``+inf`` in the table.
+    Reading values is a host sync on an accelerator, so code that builds routings in the attention
+    path from labels that are in range by construction passes ``validate=False``; on the ``meta``
+    device values cannot be read and are never checked. The tensors are not copied when they already
     have the stored dtype: do not modify them in place afterwards, as that would bypass these
     checks (backend caches key on the tensors' identity and version counters, so they notice).
 
@@ -92,10 +95,11 @@ class Routing:
     query_groups: torch.Tensor
     key_groups: torch.Tensor
     table: torch.Tensor
+    validate: dataclasses.InitVar[bool] = True
 
     mask_kind: ClassVar[str] = MASK_ROUTING
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, validate: bool = True) -> None:
         query_groups = _as_labels("query_groups", self.query_groups)
         key_groups = _as_labels("key_groups", self.key_groups)
         table = self.table
@@ -120,7 +124,8 @@ class Routing:
                 f"Routing tensors must be on one device, got query_groups on {query_groups.device}, key_groups "
                 f"on {key_groups.device}, table on {table.device}; move them with .to(device)"
             )
-        if bool(torch.isnan(table).any()) or bool(torch.isposinf(table).any()):
+        check_values = validate and table.device.type != "meta"
+        if check_values and (bool(torch.isnan(table).any()) or bool(torch.isposinf(table).any())):
             raise ValueError(
                 "Routing.table contains NaN or +inf; use 0 to allow, -inf to deny, or a finite additive bias"
             )
@@ -142,7 +147,7 @@ class Routing:
             ("query_groups", query_groups, n_query_groups, "rows"),
             ("key_groups", key_groups, n_key_groups, "columns"),
         ):
-            if labels.numel() == 0:
+            if labels.numel() == 0 or not check_values:
                 continue
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= count:
@@ -153,6 +158,7 @@ class Routing:
         object.__setattr__(self, "query_groups", query_groups)
         object.__setattr__(self, "key_groups", key_groups)
         object.__setattr__(self, "table", table)
+        object.__setattr__(self, "_kept_keys", None)
 
     # -- sizes --------------------------------------------------------------------------------
     @property
@@ -252,14 +258,14 @@ class Routing:
         new_labels = labels.clone()
         for src, dst in pairs:
             new_labels[(labels == src) & dropped] = dst
-        return Routing(new_labels, self.key_groups, self.table)
+        return Routing(new_labels, self.key_groups, self.table, validate=False)  # relabelled within range
 
     def to(self, device: torch.device | str) -> Routing:
         """This routing with its tensors on ``device`` (``self`` when they already are)."""
         device = torch.device(device)
         if self.device == device or (device.index is None and self.device.type == device.type):
             return self
-        return Routing(self.query_groups.to(device), self.key_groups.to(device), self.table.to(device))
+        return Routing(self.query_groups.to(device), self.key_groups.to(device), self.table.to(device), validate=False)
 
     # -- checks used by the kernel layer --------------------------------------------------------
     def check_compatible(self, q: torch.Tensor, k: torch.Tensor) -> None:
@@ -332,6 +338,17 @@ class Routing:
         live = (present[:, :, None] & allowed).any(dim=1)  # (B', Gk)
         b = self.batch_size
         return live.expand(b, -1).gather(1, self.key_groups.expand(b, -1)).any(dim=0)
+
+    def kept_keys(self) -> tuple[int, torch.Tensor]:
+        """``(count, columns)``: how many keys :meth:`attended_keys` keeps and their indices
+        ``(count,)`` int64. Read back once per routing (one host sync), then cached on it."""
+        cached = self._kept_keys
+        if cached is None:
+            attended = self.attended_keys()
+            columns = attended.nonzero().squeeze(1)
+            cached = (int(columns.numel()), columns)
+            object.__setattr__(self, "_kept_keys", cached)
+        return cached
 
     def additive_rows(
         self,

@@ -109,7 +109,7 @@ class SdpaBackend(Backend):
 
     name = "sdpa"
     capabilities = Capabilities(
-        devices=frozenset({"cpu", "cuda", "mps", "xpu"}),
+        devices=frozenset({"cpu", "cuda", "mps", "xpu", "meta"}),
         dtypes=FLOAT_DTYPES,
         max_head_dim=None,
         mask_kinds=frozenset({MASK_NONE, MASK_BOOL, MASK_ADDITIVE, MASK_ROUTING}),
@@ -180,13 +180,14 @@ class SdpaBackend(Backend):
         b, h, nq, _ = q.shape
         nk = k.shape[2]
         columns = None
-        if self.routing_key_fraction > 0:
-            attended = routing.attended_keys()
-            kept = int(attended.sum())  # one host sync; it decides the shapes below
+        # Dropping keys decides shapes from values: it needs the routing read back once (cached on
+        # the routing), which a shape-only meta dry run cannot do.
+        if self.routing_key_fraction > 0 and q.device.type != "meta":
+            kept, kept_columns = routing.kept_keys()
             if kept == 0:  # nobody may attend to anything: every query is dead
                 return q.new_zeros((b, h, nq, v.shape[-1]))
             if kept < nk and kept <= self.routing_key_fraction * nk:
-                columns = attended.nonzero().squeeze(1)
+                columns = kept_columns
                 k, v = k.index_select(2, columns), v.index_select(2, columns)
         rows = self.routing_chunk_rows(routing, k.shape[2])
         if nq <= rows:
@@ -227,12 +228,13 @@ class SdpaBackend(Backend):
                 probs = probs.index_select(-1, columns)
             return out, probs.float()
         out = self.forward(q, k, v, scale=scale, mask=mask)
-        return out, self._chunked_probs(q, k, columns=columns, scale=scale, mask=mask)
+        return out, self.column_probs(q, k, v, columns=columns, scale=scale, mask=mask)
 
-    def _chunked_probs(
+    def column_probs(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
+        v: torch.Tensor,
         *,
         columns: torch.Tensor | None,
         scale: float,
