@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .errors import InvalidWeightError
+from .errors import InvalidOptionError, InvalidWeightError
 
 __all__ = [
     "otsu_threshold",
@@ -219,7 +219,7 @@ def query_dropout(labels: torch.Tensor, subjects: int, probability: float, gener
     """Relabel each subject query (label ``i`` in 1..n) to ``n + i`` ("dropped") with
     ``probability``, drawing from ``generator`` (never the global RNG). Returns new labels."""
     if not 0.0 <= probability <= 1.0:
-        raise ValueError(f"dropout probability must be in [0, 1], got {probability}")
+        raise InvalidOptionError(f"dropout probability must be in [0, 1], got {probability}")
     draw = torch.rand(labels.shape, generator=generator, device=generator.device).to(labels.device)
     dropped = (labels > 0) & (labels <= subjects) & (draw < probability)
     return torch.where(dropped, labels + subjects, labels)
@@ -266,11 +266,11 @@ class Gating:
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.start <= self.end <= 1.0):
-            raise ValueError(f"Gating needs 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
+            raise InvalidOptionError(f"Gating needs 0 <= start <= end <= 1, got start={self.start}, end={self.end}")
         for name in ("first_block", "last_block"):
             value = getattr(self, name)
             if value is not None and value < 0:
-                raise ValueError(f"{name} must be >= 0, got {value}")
+                raise InvalidOptionError(f"{name} must be >= 0, got {value}")
 
     def blocks(self, unet: torch.nn.Module) -> list[str]:
         """The processor names of the gated blocks."""
@@ -325,13 +325,13 @@ class IRDiffusion:
 
     def __post_init__(self) -> None:
         if self.reposition not in REPOSITION_MODES:
-            raise ValueError(f"reposition must be one of {REPOSITION_MODES}, got {self.reposition!r}")
+            raise InvalidOptionError(f"reposition must be one of {REPOSITION_MODES}, got {self.reposition!r}")
         for name in ("dropout", "mutual_cross"):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
+                raise InvalidOptionError(f"{name} must be in [0, 1], got {value}")
         if not math.isfinite(float(self.reference_bias)):
-            raise ValueError(f"reference_bias must be finite, got {self.reference_bias}")
+            raise InvalidOptionError(f"reference_bias must be finite, got {self.reference_bias}")
 
 
 @dataclass(frozen=True)
@@ -363,7 +363,7 @@ class ConsistentSelfAttention:
         for name in ("rate", "start", "middle", "late", "switch"):
             value = float(getattr(self, name))
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
-                raise ValueError(f"ConsistentSelfAttention.{name} must be in [0, 1], got {value}")
+                raise InvalidOptionError(f"ConsistentSelfAttention.{name} must be in [0, 1], got {value}")
 
     def use_probability(self, step: int, steps: int) -> float:
         """Probability that a layer call of step ``step`` (0-based, of ``steps``) shares attention."""
@@ -497,7 +497,7 @@ class ConsiStory:
         """The cross-attention level (h, w) the masks are made from, among the model's ``grids``:
         the one whose side ``sqrt(h * w)`` is nearest to ``mask_resolution``, ties to the finer."""
         if not grids:
-            raise ValueError("the model has no cross-attention level to make subject masks from")
+            raise InvalidOptionError("the model has no cross-attention level to make subject masks from")
         return min(grids, key=lambda g: (abs(math.sqrt(g[0] * g[1]) - self.mask_resolution), -g[0] * g[1]))
 
 
@@ -543,9 +543,9 @@ def subject_routing_labels(
     """
     anchors = int(masks.shape[0])
     if not 0 < anchors <= images:
-        raise ValueError(f"need 1 <= anchors <= images, got {anchors} anchors for {images} images")
+        raise InvalidOptionError(f"need 1 <= anchors <= images, got {anchors} anchors for {images} images")
     if tuple(masks.shape) != (anchors, tokens) or tuple(kept.shape) != (anchors, tokens):
-        raise ValueError(f"masks and kept must be ({anchors}, {tokens}), got {tuple(masks.shape)} and {tuple(kept.shape)}")
+        raise InvalidOptionError(f"masks and kept must be ({anchors}, {tokens}), got {tuple(masks.shape)} and {tuple(kept.shape)}")
     query = torch.arange(images).repeat_interleave(tokens).reshape(images, tokens)
     key = 3 * torch.arange(images).repeat_interleave(tokens)
     inside = masks.bool().cpu()

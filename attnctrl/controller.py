@@ -13,6 +13,7 @@ import torch
 
 from .clock import StepClock
 from .errors import LocalBlendNotAppliedError
+from .tracing import host_side
 from .p2p import RowLayout, edited_attention
 from .plan import EditPlan, default_self_max_tokens
 from .store import AttentionStore, blend_mask, resolution_of
@@ -83,7 +84,7 @@ class EditController:
         if self.store is not None:
             self.store.reset()
 
-    @torch.compiler.disable
+    @host_side
     def observe_denoiser_call(self, timestep: Any, sample: torch.Tensor) -> None:
         """Called before every denoiser forward: tracks the step index and the latent size.
 
@@ -150,7 +151,7 @@ class EditController:
 
     # Host-side bookkeeping: plain Python on the step index and the call's shape. Kept out of
     # torch.compile's graphs, which would otherwise specialise (and recompile) on every step.
-    @torch.compiler.disable
+    @host_side
     def _call_plan(
         self, batch: int, tokens: int, is_cross: bool, device: torch.device, dtype: torch.dtype
     ) -> tuple[RowLayout, Any, bool, tuple[int, int] | None]:
@@ -172,7 +173,7 @@ class EditController:
         record = is_cross and self.store is not None and hw is not None
         return layout, cross, replace_self, hw if record else None
 
-    @torch.compiler.disable
+    @host_side
     def _record(self, hw: tuple[int, int], probs: torch.Tensor) -> None:
         self.store.record(hw, probs)
 

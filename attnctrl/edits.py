@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Sequence, Union
 
-from .errors import InvalidScheduleError, InvalidWeightError
+from .errors import InvalidScheduleError, InvalidTypeError, InvalidWeightError
+
+#: Largest magnitude of a Reweight factor. The factor scales a word's value rows: far beyond the
+#: useful range (about -5 to 10) it overflows float16 (65504) and turns the image into NaN.
+MAX_WEIGHT = 100.0
 
 __all__ = ["Replace", "Refine", "Reweight", "LocalBlend", "Edit", "Window", "CrossSteps"]
 
@@ -130,7 +134,7 @@ class _EditBase:
         object.__setattr__(self, "cross_steps", normalize_cross_steps(self.cross_steps))
         object.__setattr__(self, "self_steps", normalize_window(self.self_steps, "self_steps"))
         if self.blend is not None and not isinstance(self.blend, LocalBlend):
-            raise TypeError(f"blend must be an attnctrl.LocalBlend, got {type(self.blend).__name__}")
+            raise InvalidTypeError(f"blend must be an attnctrl.LocalBlend, got {type(self.blend).__name__}")
         _check_max_tokens(self.self_max_tokens)
 
 
@@ -185,11 +189,17 @@ class Reweight:
             for v in values:
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                     raise InvalidWeightError(f"Reweight.weights[{word!r}] must be finite numbers, got {factor!r}")
+                if abs(v) > MAX_WEIGHT:
+                    raise InvalidWeightError(
+                        f"Reweight.weights[{word!r}] = {v!r} is out of range: factors must be within "
+                        f"[-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}] (larger ones overflow half precision and saturate the "
+                        f"image; useful factors are about -5 to 10)"
+                    )
             clean[word] = tuple(float(v) for v in values) if isinstance(factor, (list, tuple)) else float(factor)
         object.__setattr__(self, "weights", MappingProxyType(clean))
         if self.base is not None:
             if not isinstance(self.base, (Replace, Refine)):
-                raise TypeError(f"Reweight.base must be a Replace or Refine, got {type(self.base).__name__}")
+                raise InvalidTypeError(f"Reweight.base must be a Replace or Refine, got {type(self.base).__name__}")
             given = [n for n in ("cross_steps", "self_steps", "blend", "self_max_tokens") if getattr(self, n) is not None]
             if given:
                 raise InvalidScheduleError(
@@ -199,7 +209,7 @@ class Reweight:
         object.__setattr__(self, "cross_steps", normalize_cross_steps(0.8 if self.cross_steps is None else self.cross_steps))
         object.__setattr__(self, "self_steps", normalize_window(0.4 if self.self_steps is None else self.self_steps, "self_steps"))
         if self.blend is not None and not isinstance(self.blend, LocalBlend):
-            raise TypeError(f"blend must be an attnctrl.LocalBlend, got {type(self.blend).__name__}")
+            raise InvalidTypeError(f"blend must be an attnctrl.LocalBlend, got {type(self.blend).__name__}")
         _check_max_tokens(self.self_max_tokens)
 
     # The effective schedule: the base's when chained.

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .edits import normalize_window
-from .errors import InvalidWeightError
+from .errors import InvalidOptionError, InvalidWeightError
 from .kernels.routing import Routing
 
 __all__ = [
@@ -328,7 +328,7 @@ def bipartite_match(
     random if ``generator``), as ToMe and AgentSD do on the normalised block input ``x`` ``(B, N, C)``."""
     b, n, c = x.shape
     if n != h * w:
-        raise ValueError(f"bipartite_match: {n} tokens is not {h}x{w}")
+        raise InvalidOptionError(f"bipartite_match: {n} tokens is not {h}x{w}")
     dst, src = cell_partition(h, w, sx, sy, generator=generator, device=x.device)
     metric = F.normalize(x.float(), dim=-1)
     scores = metric[:, src] @ metric[:, dst].transpose(-1, -2)  # (B, Nsrc, Ndst): N²/16, as in ToMe
@@ -357,7 +357,7 @@ def merge_tokens(t: torch.Tensor, match: BipartiteMatch, r: int) -> torch.Tensor
     t4 = t.unsqueeze(1) if flat else t
     n_src = match.src.numel()
     if not 0 <= r <= n_src:
-        raise ValueError(f"merge_tokens: r must be in [0, {n_src}], got {r}")
+        raise InvalidOptionError(f"merge_tokens: r must be in [0, {n_src}], got {r}")
     ts, td = t4[:, :, match.src], t4[:, :, match.dst]
     kept = ts.gather(2, _token_index(match.order[:, r:], ts))
     merged_order = match.order[:, :r]
@@ -377,7 +377,7 @@ def unmerge_tokens(t: torch.Tensor, match: BipartiteMatch, r: int) -> torch.Tens
     n_src = match.src.numel()
     n_kept = n_src - r
     if t4.shape[2] != n_kept + match.dst.numel():
-        raise ValueError(f"unmerge_tokens: expected {n_kept + match.dst.numel()} tokens, got {t4.shape[2]}")
+        raise InvalidOptionError(f"unmerge_tokens: expected {n_kept + match.dst.numel()} tokens, got {t4.shape[2]}")
     kept, dst = t4[:, :, :n_kept], t4[:, :, n_kept:]
     src = t4.new_empty(t4.shape[0], t4.shape[1], n_src, t4.shape[-1])
     src.scatter_(2, _token_index(match.order[:, r:], src), kept)
@@ -413,7 +413,7 @@ def merge_agents(
     """
     n = x.shape[1]
     if n != h * w:
-        raise ValueError(f"merge_agents: {n} tokens is not {h}x{w}")
+        raise InvalidOptionError(f"merge_agents: {n} tokens is not {h}x{w}")
     if match is None:
         match = bipartite_match(x, h, w, sx=sx, sy=sy, generator=generator)
     r = min(match.src.numel(), int(math.floor(n * agent_ratio)))
@@ -425,7 +425,7 @@ def pool_agents(x: torch.Tensor, h: int, w: int, *, sx: int = 4, sy: int = 4) ->
     their own tokens): ``(B, N, C)`` -> ``(B, ceil(h/sy)·ceil(w/sx), C)``."""
     b, n, c = x.shape
     if n != h * w:
-        raise ValueError(f"pool_agents: {n} tokens is not {h}x{w}")
+        raise InvalidOptionError(f"pool_agents: {n} tokens is not {h}x{w}")
     grid = x.transpose(1, 2).reshape(b, c, h, w)
     pooled = F.avg_pool2d(grid, kernel_size=(sy, sx), stride=(sy, sx), ceil_mode=True)
     return pooled.flatten(2).transpose(1, 2)
@@ -456,7 +456,7 @@ def agent_attention(
     out = kernels.attention(q, agents, agent_values, scale=scale**scale_exponent, backend=backend)
     if shortcut:
         if v.shape[-2] != q.shape[-2]:
-            raise ValueError("agent_attention: the shortcut needs self-attention (as many values as queries)")
+            raise InvalidOptionError("agent_attention: the shortcut needs self-attention (as many values as queries)")
         out = out + shortcut * v.to(out.dtype)
     return out
 
@@ -560,7 +560,7 @@ def window_partition(
     """
     b, heads, n_tok, d = x.shape
     if n_tok != h * w:
-        raise ValueError(f"window_partition: {n_tok} tokens is not a {h}x{w} grid")
+        raise InvalidOptionError(f"window_partition: {n_tok} tokens is not a {h}x{w} grid")
     hp, wp = _padded(h, w, window)
     grid = x.reshape(b, heads, h, w, d)  # a view for the usual transposed projections
     if shift != (0, 0):
@@ -942,7 +942,7 @@ def _group_allow(gy: int, gx: int, pattern: str, radius: int, device: Any = None
         return torch.maximum(dr, dc) <= radius
     if pattern == "criss-cross":
         return (dr == 0) | (dc == 0)
-    raise ValueError(f"pattern must be one of {GROUP_PATTERNS}, got {pattern!r}")
+    raise InvalidOptionError(f"pattern must be one of {GROUP_PATTERNS}, got {pattern!r}")
 
 
 def group_neighbours(
@@ -975,7 +975,7 @@ def group_neighbours(
         same_col = other_rows * gx + cols[:, None]  # (G, gy - 1)
         index = torch.cat([same_row, same_col], dim=1)
         return index, torch.ones_like(index, dtype=torch.bool)
-    raise ValueError(f"pattern must be one of {GROUP_PATTERNS}, got {pattern!r}")
+    raise InvalidOptionError(f"pattern must be one of {GROUP_PATTERNS}, got {pattern!r}")
 
 
 def grouped_routing(
@@ -1066,7 +1066,7 @@ def grouped_attention(
     if implementation == "strips":
         reason = strips_refusal(q, k, v, h, w, group, pattern, backend)
         if reason is not None:
-            raise ValueError(f"grouped_attention: implementation='strips' does not apply: {reason}; use 'gather'")
+            raise InvalidOptionError(f"grouped_attention: implementation='strips' does not apply: {reason}; use 'gather'")
         return _grouped_strips(q, k, v, h, w, group, radius, q.shape[-1] ** -0.5 if scale is None else float(scale))
     if implementation == "routing":
         if routing is None:
@@ -1078,7 +1078,7 @@ def grouped_attention(
         )
         return from_group_major(out, inverse)
     if implementation != "gather":
-        raise ValueError(f"implementation must be one of {GROUPED_IMPLEMENTATIONS}, got {implementation!r}")
+        raise InvalidOptionError(f"implementation must be one of {GROUPED_IMPLEMENTATIONS}, got {implementation!r}")
     b, heads = q.shape[:2]
     index, valid = neighbours or group_neighbours(h, w, group, pattern, radius, device=q.device)
     n_groups = index.shape[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 __all__ = [
     "AttnctrlError",
     "InvalidOptionError",
+    "InvalidTypeError",
     "AttentionShapeError",
     "NoBackendError",
     "PromptMismatchError",
@@ -30,6 +31,10 @@ class AttnctrlError(Exception):
 
 class InvalidOptionError(AttnctrlError, ValueError):
     """An option has a value attnctrl cannot use (wrong type, out of range, unknown name)."""
+
+
+class InvalidTypeError(AttnctrlError, TypeError):
+    """An argument has a type attnctrl cannot use (the message names the types it takes)."""
 
 
 class AttentionShapeError(AttnctrlError, ValueError):

@@ -22,7 +22,7 @@ from typing import Any, Union
 import numpy as np
 import torch
 
-from .errors import ImageLoadError
+from .errors import ImageLoadError, InvalidOptionError
 
 __all__ = ["ImageInput", "load_image", "target_size", "to_pil"]
 
@@ -126,12 +126,12 @@ def load_image(
     if pil.size[0] == 0 or pil.size[1] == 0:
         raise ImageLoadError(f"the image has zero size {pil.size}")
     if (height is None) != (width is None):
-        raise ValueError("give both height and width, or neither (then the aspect ratio is kept)")
+        raise InvalidOptionError("give both height and width, or neither (then the aspect ratio is kept)")
     if height is None or width is None:
         width, height = target_size(*pil.size, native=native, multiple=multiple)
     for name, value in (("height", height), ("width", width)):
         if int(value) <= 0 or int(value) % multiple:
-            raise ValueError(f"{name}={value} must be a positive multiple of {multiple} for this model")
+            raise InvalidOptionError(f"{name}={value} must be a positive multiple of {multiple} for this model")
     pil = _centre_crop_to_aspect(pil, int(width), int(height))
     if pil.size != (width, height):
         pil = pil.resize((int(width), int(height)), Image.Resampling.LANCZOS)

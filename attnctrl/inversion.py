@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import InversionMismatchError
+from .errors import InvalidOptionError, InversionMismatchError
 from .io import atomic_write_bytes
 
 __all__ = ["Inversion", "METHODS", "model_fingerprint", "fingerprints_match"]
@@ -110,24 +110,24 @@ class Inversion:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown inversion method {self.method!r}; use one of {', '.join(METHODS)}")
+            raise InvalidOptionError(f"unknown inversion method {self.method!r}; use one of {', '.join(METHODS)}")
         if self.latents.ndim != 5:
-            raise ValueError(f"latents must be (steps + 1, images, C, h, w), got shape {tuple(self.latents.shape)}")
+            raise InvalidOptionError(f"latents must be (steps + 1, images, C, h, w), got shape {tuple(self.latents.shape)}")
         steps, m = self.latents.shape[0] - 1, self.latents.shape[1]
         if self.timesteps.shape != (steps,):
-            raise ValueError(f"timesteps must have shape ({steps},), got {tuple(self.timesteps.shape)}")
+            raise InvalidOptionError(f"timesteps must have shape ({steps},), got {tuple(self.timesteps.shape)}")
         if len(self.prompts) != m:
-            raise ValueError(f"{len(self.prompts)} prompts for {m} images")
+            raise InvalidOptionError(f"{len(self.prompts)} prompts for {m} images")
         if self.null_embeddings is not None and (
             self.null_embeddings.ndim != 4 or self.null_embeddings.shape[0] not in (1, steps) or self.null_embeddings.shape[1] != m
         ):
-            raise ValueError(f"null_embeddings must be ({steps} or 1, {m}, L, D), got {tuple(self.null_embeddings.shape)}")
+            raise InvalidOptionError(f"null_embeddings must be ({steps} or 1, {m}, L, D), got {tuple(self.null_embeddings.shape)}")
         if self.source_embeddings is not None and (
             self.source_embeddings.ndim != 4 or self.source_embeddings.shape[:2] != (steps, m)
         ):
-            raise ValueError(f"source_embeddings must be ({steps}, {m}, L, D), got {tuple(self.source_embeddings.shape)}")
+            raise InvalidOptionError(f"source_embeddings must be ({steps}, {m}, L, D), got {tuple(self.source_embeddings.shape)}")
         if self.null_pooled is not None and self.null_pooled.shape[0] != m:
-            raise ValueError(f"null_pooled must have {m} rows, got {tuple(self.null_pooled.shape)}")
+            raise InvalidOptionError(f"null_pooled must have {m} rows, got {tuple(self.null_pooled.shape)}")
 
     # ------------------------------------------------------------------------------------------
     @property

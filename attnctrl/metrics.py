@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from .errors import InvalidOptionError
 
 __all__ = ["leakage", "reference_share", "locality", "grid_positions", "subject_consistency", "SubjectConsistency"]
 
@@ -29,7 +30,7 @@ def _probs(probs: torch.Tensor) -> torch.Tensor:
     if p.ndim == 3:
         p = p.mean(0)
     if p.ndim != 2:
-        raise ValueError(f"probabilities must be (Nq, Nk) or (H, Nq, Nk), got shape {tuple(probs.shape)}")
+        raise InvalidOptionError(f"probabilities must be (Nq, Nk) or (H, Nq, Nk), got shape {tuple(probs.shape)}")
     return p
 
 

@@ -23,6 +23,7 @@ import torch
 from . import kernels
 from .kernels.reference import softmax_probs
 from .plan import CrossStep
+from .errors import InvalidOptionError
 
 __all__ = ["RowLayout", "SelfAttend", "edited_attention"]
 
@@ -52,7 +53,7 @@ class RowLayout:
             return cls(num_prompts, images_per_prompt, rows)
         if batch == rows:
             return cls(num_prompts, images_per_prompt, 0)
-        raise ValueError(
+        raise InvalidOptionError(
             f"attention batch {batch} does not match {num_prompts} prompts x {images_per_prompt} images "
             f"(expected {rows} or {2 * rows} with classifier-free guidance)"
         )
@@ -117,7 +118,7 @@ def edited_attention(
     """
     if materialise:
         if attend is not None:
-            raise ValueError(
+            raise InvalidOptionError(
                 "materialise=True runs the official algorithm on explicit attention maps and cannot run an "
                 "efficient-attention policy's layers; remove the policy (attnctrl.remove) or use materialise=False"
             )

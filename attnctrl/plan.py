@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from .edits import LocalBlend, Refine, Replace, Reweight
-from .errors import InvalidWeightError, PromptMismatchError, WordNotFoundError
+from .errors import InvalidTypeError, InvalidWeightError, PromptMismatchError, WordNotFoundError
 from .tokens import PromptTokens, refinement_alignment, replacement_mapper, tokenize_prompt
 
 __all__ = ["EditPlan", "BlendPlan", "CrossStep", "compile_edit", "compile_prompts", "step_window"]
@@ -173,7 +173,7 @@ def compile_edit(edit: Replace | Refine | Reweight, tokenizer: Any, prompts: Seq
     mismatches under Replace, words missing from their prompt and bad weights.
     """
     if not isinstance(edit, (Replace, Refine, Reweight)):
-        raise TypeError(f"edit must be attnctrl.Replace, Refine or Reweight, got {type(edit).__name__}")
+        raise InvalidTypeError(f"edit must be attnctrl.Replace, Refine or Reweight, got {type(edit).__name__}")
     tokens = compile_prompts(tokenizer, prompts)
     if len(tokens) < 2:
         raise PromptMismatchError(

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+from .errors import InvalidOptionError
 
 __all__ = ["SpeedRun", "SpeedReport", "compare_speed", "parse_policy", "POLICIES"]
 
@@ -70,7 +71,7 @@ def parse_policy(text: str | None) -> Any:
     name, _, rest = text.strip().partition(":")
     name = name.strip().lower()
     if name not in POLICIES:
-        raise ValueError(f"unknown efficient-attention policy {name!r}: use one of {', '.join(POLICIES)} (or none)")
+        raise InvalidOptionError(f"unknown efficient-attention policy {name!r}: use one of {', '.join(POLICIES)} (or none)")
     class_name, _, preset = POLICIES[name].partition(".")
     cls = getattr(attnctrl, class_name)
     build = getattr(cls, preset) if preset else cls
@@ -84,11 +85,11 @@ def parse_policy(text: str | None) -> Any:
         elif items:
             items[-1][1] += "," + part
         else:
-            raise ValueError(f"{text!r}: expected KEY=VALUE after '{name}:', got {part!r}")
+            raise InvalidOptionError(f"{text!r}: expected KEY=VALUE after '{name}:', got {part!r}")
     kwargs = {}
     for key, value in items:
         if key not in fields:
-            raise ValueError(f"{class_name} has no option {key!r}; options: {', '.join(fields)}")
+            raise InvalidOptionError(f"{class_name} has no option {key!r}; options: {', '.join(fields)}")
         # a word option (shift="none", agents="pool") stays a word
         kwargs[key] = value.strip() if isinstance(defaults[key], str) else _value(value)
     return build(**kwargs)
@@ -197,7 +198,7 @@ def compare_speed(
     from attnctrl.processors._install import is_installed
 
     if not policies:
-        raise ValueError("compare_speed: give at least one efficient-attention policy to compare with stock attention")
+        raise InvalidOptionError("compare_speed: give at least one efficient-attention policy to compare with stock attention")
     plain = _plain(pipe)
     if is_installed(plain.unet):
         raise RuntimeError("attnctrl processors are installed on this pipeline; call attnctrl.remove(pipe) first")

@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .errors import WordNotFoundError
+from .errors import InvalidOptionError, WordNotFoundError
 from .tokens import PromptTokens
 
 __all__ = ["AttentionStore", "pick_resolution", "blend_mask", "resolution_of"]
@@ -45,7 +45,7 @@ def pick_resolution(
     if factor is not None:
         want = (math.ceil(H / factor), math.ceil(W / factor))
         if want not in available:
-            raise ValueError(f"no cross-attention maps at {want[0]}x{want[1]} (factor {factor}); recorded sizes: {sorted(available)}")
+            raise InvalidOptionError(f"no cross-attention maps at {want[0]}x{want[1]} (factor {factor}); recorded sizes: {sorted(available)}")
         return want
     target = (math.ceil(H / 4), math.ceil(W / 4))
     if target in available and min(target) >= 8:
@@ -99,7 +99,7 @@ class AttentionStore:
         """Average maps at one size: (rows, h, w, L)."""
         hw = resolution or self.default_resolution()
         if hw not in self._sums:
-            raise ValueError(f"no maps at {hw}; recorded sizes: {self.resolutions()}")
+            raise InvalidOptionError(f"no maps at {hw}; recorded sizes: {self.resolutions()}")
         avg = self._sums[hw] / self._counts[hw]
         return avg.reshape(avg.shape[0], hw[0], hw[1], avg.shape[-1])
 

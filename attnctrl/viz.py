@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from .errors import InvalidOptionError
 
 __all__ = ["COLORMAP", "colorize", "heatmap", "overlay", "image_grid", "word_map_figure"]
 
@@ -57,7 +58,7 @@ def _to_numpy_2d(map2d: Any) -> np.ndarray:
     arr = np.asarray(map2d, dtype=np.float64)
     arr = np.squeeze(arr)
     if arr.ndim != 2:
-        raise ValueError(f"expected a 2-D (h, w) map, got shape {tuple(np.shape(map2d))}")
+        raise InvalidOptionError(f"expected a 2-D (h, w) map, got shape {tuple(np.shape(map2d))}")
     return arr
 
 
@@ -79,7 +80,7 @@ def _size_wh(size: int | Sequence[int]) -> tuple[int, int]:
     else:
         w, h = (int(s) for s in size)
     if w < 1 or h < 1:
-        raise ValueError(f"size must be positive, got {size!r}")
+        raise InvalidOptionError(f"size must be positive, got {size!r}")
     return w, h
 
 
@@ -126,7 +127,7 @@ def overlay(image: Any, map2d: Any, alpha: float = 0.5) -> Image.Image:
     ``alpha`` is the heatmap's opacity in [0, 1].
     """
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        raise InvalidOptionError(f"alpha must be a number in [0, 1], got {alpha!r}")
     base = _as_rgb(image)
     heat = heatmap(map2d, base.size)
     return Image.blend(base, heat, float(alpha))
@@ -234,13 +235,13 @@ def image_grid(
     """
     images = [_as_rgb(im) for im in images]
     if rows < 1 or cols < 1:
-        raise ValueError(f"rows and cols must be positive, got {rows}x{cols}")
+        raise InvalidOptionError(f"rows and cols must be positive, got {rows}x{cols}")
     if not images or len(images) > rows * cols:
-        raise ValueError(f"{len(images)} images do not fit a {rows}x{cols} grid")
+        raise InvalidOptionError(f"{len(images)} images do not fit a {rows}x{cols} grid")
     if labels is not None and len(labels) != len(images):
-        raise ValueError(f"got {len(labels)} labels for {len(images)} images")
+        raise InvalidOptionError(f"got {len(labels)} labels for {len(images)} images")
     if row_labels is not None and len(row_labels) != rows:
-        raise ValueError(f"got {len(row_labels)} row labels for {rows} rows")
+        raise InvalidOptionError(f"got {len(row_labels)} row labels for {rows} rows")
     w0 = max(im.size[0] for im in images)
     h0 = max(im.size[1] for im in images)
     cw, ch = _cell_size(w0, h0)
@@ -279,7 +280,7 @@ def _words_for_rows(words_per_prompt: Sequence[Any], count: int) -> list[list[st
     if entries and all(isinstance(w, str) for w in entries):
         return [list(entries)] * count  # a flat list: the same words for every prompt
     if len(entries) != count:
-        raise ValueError(f"words_per_prompt has {len(entries)} entries for {count} prompts; give one list per prompt")
+        raise InvalidOptionError(f"words_per_prompt has {len(entries)} entries for {count} prompts; give one list per prompt")
     rows = []
     for entry in entries:
         rows.append([entry] if isinstance(entry, str) else list(entry or []))
@@ -319,7 +320,7 @@ def word_map_figure(
     if len(images) == count * per:
         images = images[::per]
     if len(images) != count:
-        raise ValueError(f"got {len(images)} images for {count} prompts")
+        raise InvalidOptionError(f"got {len(images)} images for {count} prompts")
     flat = isinstance(words_per_prompt, str) or all(isinstance(w, str) for w in words_per_prompt)
     rows_words = _words_for_rows(words_per_prompt, count)
 

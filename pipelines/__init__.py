@@ -1,5 +1,6 @@
 """User-facing pipelines and the ``control`` context manager."""
 
+from .consistency import ConsistentSubjectsPipeline, ConsistentSubjectsXLPipeline, Subject
 from .control import EditSession, control
 from .inversion import invert, reconstruct
 from .p2p import Prompt2PromptOutput, Prompt2PromptPipeline, Prompt2PromptXLPipeline, load_pipeline
@@ -8,6 +9,9 @@ __all__ = [
     "Prompt2PromptPipeline",
     "Prompt2PromptXLPipeline",
     "Prompt2PromptOutput",
+    "ConsistentSubjectsPipeline",
+    "ConsistentSubjectsXLPipeline",
+    "Subject",
     "control",
     "EditSession",
     "load_pipeline",

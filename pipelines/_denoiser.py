@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from attnctrl.errors import UnsupportedModelError
+from attnctrl.errors import InvalidOptionError, UnsupportedModelError
 from attnctrl.inversion import model_fingerprint
 
 __all__ = ["Denoiser", "PromptEmbeddings", "ddim_scheduler_for"]
@@ -133,7 +133,7 @@ class Denoiser:
         if not self.is_xl:
             return None
         if pooled is None:
-            raise ValueError("SDXL needs pooled text embeddings")
+            raise InvalidOptionError("SDXL needs pooled text embeddings")
         if self._time_ids is None:
             te2 = getattr(self.pipe, "text_encoder_2", None)
             proj = int(pooled.shape[-1]) if te2 is None else int(te2.config.projection_dim)

@@ -42,7 +42,7 @@ from attnctrl.consistency import (
     transformer_blocks,
 )
 from attnctrl.clock import StepClock
-from attnctrl.errors import InvalidWeightError, PromptMismatchError, WordNotFoundError
+from attnctrl.errors import InvalidOptionError, InvalidTypeError, InvalidWeightError, PromptMismatchError, WordNotFoundError
 from attnctrl.tokens import tokenize_prompt
 
 from .control import check_pipeline, control
@@ -72,7 +72,7 @@ class Subject:
     def __post_init__(self) -> None:
         for attr in ("name", "prompt", "word"):
             if not str(getattr(self, attr)).strip():
-                raise ValueError(f"Subject.{attr} must not be empty")
+                raise InvalidOptionError(f"Subject.{attr} must not be empty")
 
 
 @dataclass
@@ -96,7 +96,7 @@ def _mask_tensor(mask: Any, size: tuple[int, int]) -> torch.Tensor:
         x0, y0, x1, y1 = (int(round(v)) for v in mask)
         height, width = size
         if not (0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height):
-            raise ValueError(f"box {tuple(mask)} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height} (pixels, end exclusive)")
+            raise InvalidOptionError(f"box {tuple(mask)} must satisfy 0 <= x0 < x1 <= {width} and 0 <= y0 < y1 <= {height} (pixels, end exclusive)")
         box = torch.zeros(size, dtype=torch.bool)
         box[y0:y1, x0:x1] = True
         return box
@@ -144,24 +144,24 @@ class _ConsistentCall:
         check_pipeline(self)
         if subjects is None or not list(subjects):
             if subjects is None and scenes is None and kwargs.get("prompt") is not None:
-                raise TypeError("ConsistentSubjectsPipeline takes subjects= and scenes=, not prompt=")
-            raise ValueError("give at least one Subject(name, prompt, word)")
+                raise InvalidTypeError("ConsistentSubjectsPipeline takes subjects= and scenes=, not prompt=")
+            raise InvalidOptionError("give at least one Subject(name, prompt, word)")
         subjects = list(subjects)
         scenes = [str(s) for s in (scenes or [])]
         if not scenes:
-            raise ValueError("give at least one scene prompt")
+            raise InvalidOptionError("give at least one scene prompt")
         if not isinstance(settings, IRDiffusion):
-            raise TypeError(f"settings must be an attnctrl.IRDiffusion, got {type(settings).__name__}")
+            raise InvalidTypeError(f"settings must be an attnctrl.IRDiffusion, got {type(settings).__name__}")
         names = [s.name for s in subjects]
         if len(set(names)) != len(names):
-            raise ValueError(f"subject names must be unique, got {names}")
+            raise InvalidOptionError(f"subject names must be unique, got {names}")
         for s in subjects:
             tokenize_prompt(self.tokenizer, s.prompt).positions_of(s.word)  # raises WordNotFoundError
         if scene_masks is not None and len(scene_masks) != len(scenes):
-            raise ValueError(f"scene_masks has {len(scene_masks)} entries for {len(scenes)} scenes")
+            raise InvalidOptionError(f"scene_masks has {len(scene_masks)} entries for {len(scenes)} scenes")
         for key in ("prompt", "latents", "num_images_per_prompt", "callback_on_step_end", "prompt_embeds"):
             if kwargs.get(key) is not None:
-                raise ValueError(f"{key}= is not an option of ConsistentSubjectsPipeline (it sets it per pass)")
+                raise InvalidOptionError(f"{key}= is not an option of ConsistentSubjectsPipeline (it sets it per pass)")
         sample_size = int(self.unet.config.sample_size)
         height = height or sample_size * self.vae_scale_factor
         width = width or sample_size * self.vae_scale_factor
@@ -311,11 +311,11 @@ def consistent_self_attention(
 
     check_pipeline(pipe)
     if not isinstance(settings, ConsistentSelfAttention):
-        raise TypeError(f"settings must be an attnctrl.consistency.ConsistentSelfAttention, got {type(settings).__name__}")
+        raise InvalidTypeError(f"settings must be an attnctrl.consistency.ConsistentSelfAttention, got {type(settings).__name__}")
     names = set(layers) if layers is not None else {n for n in transformer_blocks(pipe.unet) if n.startswith("up_blocks")}
     unknown = names - set(pipe.unet.attn_processors)
     if unknown:
-        raise ValueError(f"not attention processors of this UNet: {sorted(unknown)[:3]}")
+        raise InvalidOptionError(f"not attention processors of this UNet: {sorted(unknown)[:3]}")
     state = SharedAttentionState(settings, halves=2 if cfg else 1)
     clock = StepClock(pipe.scheduler)
 
@@ -424,7 +424,7 @@ def subject_shared_attention(
 
     check_pipeline(pipe)
     if not isinstance(settings, ConsiStory):
-        raise TypeError(f"settings must be an attnctrl.consistency.ConsiStory, got {type(settings).__name__}")
+        raise InvalidTypeError(f"settings must be an attnctrl.consistency.ConsiStory, got {type(settings).__name__}")
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise PromptMismatchError(f"prompts must be a non-empty list of the prompts the pipeline is called with, got {prompts!r}")
     if isinstance(images_per_prompt, bool) or not isinstance(images_per_prompt, int) or images_per_prompt < 1:
@@ -436,7 +436,7 @@ def subject_shared_attention(
     processors = set(unet.attn_processors)
     cross = {n.replace(".attn1.", ".attn2.") for n in blocks} & processors
     if not cross:
-        raise ValueError("this UNet has no cross-attention layers to make subject masks from")
+        raise InvalidOptionError("this UNet has no cross-attention layers to make subject masks from")
     down, up = len(getattr(unet, "down_blocks", [])), len(getattr(unet, "up_blocks", []))
     factors = sorted({_level_factor(n, down, up) for n in cross})
     state = SubjectSharedState(settings, positions, images_per_prompt=images_per_prompt, halves=2 if cfg else 1)

@@ -8,7 +8,7 @@ from typing import Any, Iterator, Sequence
 
 from attnctrl.controller import EditController
 from attnctrl.edits import Refine, Replace, Reweight
-from attnctrl.errors import UnsupportedModelError
+from attnctrl.errors import InvalidOptionError, UnsupportedModelError
 from attnctrl.plan import compile_edit, compile_prompts
 from attnctrl.processors import PromptToPromptProcessor, install, is_installed, restore
 from attnctrl.processors._install import bind_timestep, layers_installed
@@ -100,7 +100,7 @@ def control(
     check_pipeline(pipe)
     policies = _applied_policies(pipe.unet)
     if materialise and policies:
-        raise ValueError(
+        raise InvalidOptionError(
             "materialise=True builds explicit attention maps and cannot run the efficient-attention policy "
             "applied to this pipeline; call attnctrl.remove(pipe) first, or use materialise=False"
         )
@@ -111,7 +111,7 @@ def control(
         plan = None
         tokens = compile_prompts(pipe.tokenizer, list(prompts))
     if not isinstance(images_per_prompt, int) or images_per_prompt < 1:
-        raise ValueError(f"images_per_prompt must be a positive int, got {images_per_prompt!r}")
+        raise InvalidOptionError(f"images_per_prompt must be a positive int, got {images_per_prompt!r}")
     controller = EditController(
         tokens, plan, images_per_prompt=images_per_prompt, record=record, materialise=materialise, backend=backend
     )

@@ -41,7 +41,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
-from attnctrl.errors import UnsupportedModelError, WordNotFoundError
+from attnctrl.errors import InvalidOptionError, UnsupportedModelError, WordNotFoundError
 from attnctrl.store import pick_resolution
 from attnctrl.tokens import PromptTokens, normalize_word, tokenize_prompt
 
@@ -308,7 +308,7 @@ def dynamic_prompt_learning(
             if bg.ndim == 2:
                 bg = bg.expand(m, *bg.shape)
             if bg.ndim != 3 or bg.shape[0] != m:
-                raise ValueError(f"background_mask must be (H, W) or ({m}, H, W), got {tuple(bg.shape)}")
+                raise InvalidOptionError(f"background_mask must be (H, W) or ({m}, H, W), got {tuple(bg.shape)}")
             background = F.adaptive_avg_pool2d(bg[:, None].to(den.device), map_grid)[:, 0]
         else:
             self_mean = recorder.self_sum / max(recorder.self_count, 1)

@@ -16,7 +16,7 @@ import re
 from typing import Any
 
 from attnctrl.efficient import POLICIES, AgentAttention
-from attnctrl.errors import UnsupportedModelError
+from attnctrl.errors import InvalidTypeError, UnsupportedModelError
 from attnctrl.processors._install import (
     attention_modules,
     bind_timestep,
@@ -143,7 +143,7 @@ def apply(pipe_or_model: Any, config: Any, *, scheduler: Any = None) -> Efficien
 
     if not isinstance(config, POLICIES):
         names = ", ".join(f"attnctrl.{t.__name__}" for t in POLICIES)
-        raise TypeError(
+        raise InvalidTypeError(
             f"attnctrl.apply: expected an efficient-attention config ({names}), got {type(config).__name__}"
         )
     model, own_scheduler, patch_size = _resolve(pipe_or_model, config)

@@ -37,7 +37,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from attnctrl.errors import InvalidWeightError
+from attnctrl.errors import InvalidOptionError, InvalidWeightError
 from attnctrl.images import ImageInput, load_image
 from attnctrl.inversion import METHODS, Inversion
 
@@ -257,12 +257,12 @@ def invert(
         inversion=inv)`` on a Prompt2Prompt pipeline, or save it with ``inv.save(path)``.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown inversion method {method!r}; use one of {', '.join(METHODS)}")
+        raise InvalidOptionError(f"unknown inversion method {method!r}; use one of {', '.join(METHODS)}")
     if schedule not in ("fast", "official"):
-        raise ValueError(f"schedule must be 'fast' or 'official', got {schedule!r}")
+        raise InvalidOptionError(f"schedule must be 'fast' or 'official', got {schedule!r}")
     steps = int(num_inference_steps)
     if steps < 1:
-        raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        raise InvalidOptionError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
     w = float(guidance_scale)
     if not math.isfinite(w) or w < 1.0:
         raise InvalidWeightError(f"guidance_scale must be a finite number >= 1, got {guidance_scale}")
@@ -270,17 +270,17 @@ def invert(
         raise InvalidWeightError(f"{method} inversion optimises the unconditional branch, which guidance_scale={w} does not use; use guidance > 1 or method='ddim'")
     images = _as_list(image)
     if not images:
-        raise ValueError("no image to invert")
+        raise InvalidOptionError("no image to invert")
     prompts = [str(p) for p in _as_list(prompt)]
     if len(prompts) == 1:
         prompts = prompts * len(images)
     if len(prompts) != len(images):
-        raise ValueError(f"{len(prompts)} prompts for {len(images)} images; give one prompt, or one per image")
+        raise InvalidOptionError(f"{len(prompts)} prompts for {len(images)} images; give one prompt, or one per image")
     native, multiple = image_geometry(pipe)
     pixels = torch.stack([load_image(im, height=height, width=width, native=native, multiple=multiple) for im in images])
     sizes = {tuple(p.shape[-2:]) for p in pixels}
     if len(sizes) != 1:
-        raise ValueError(f"images of one batch must share a size, got {sorted(sizes)}; give height= and width=")
+        raise InvalidOptionError(f"images of one batch must share a size, got {sorted(sizes)}; give height= and width=")
     H, W = pixels.shape[-2:]
 
     started = time.perf_counter()
@@ -304,7 +304,7 @@ def invert(
             trajectory, null, source, stats, learned_words = result.trajectory, result.null, result.source, result.stats, result.words
         else:
             if words is not None or background_mask is not None:
-                raise ValueError("words= and background_mask= are options of method='dpl'")
+                raise InvalidOptionError("words= and background_mask= are options of method='dpl'")
             trajectory = ddim_trajectory(den, encoded, timesteps, embeddings, bar=bar)
             if method == "negative-prompt":
                 null = embeddings.cond[None].clone()

@@ -22,7 +22,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from attnctrl.edits import Refine, Replace, Reweight
-from attnctrl.errors import InversionMismatchError, PromptMismatchError, UnsupportedModelError
+from attnctrl.errors import InvalidOptionError, InvalidTypeError, InversionMismatchError, PromptMismatchError, UnsupportedModelError
 from attnctrl.inversion import Inversion
 from attnctrl.store import AttentionStore
 
@@ -175,7 +175,7 @@ class _Prompt2PromptCall:
         if latents is None:
             if isinstance(generator, list):
                 if len(generator) not in (n, total):
-                    raise ValueError(f"got {len(generator)} generators; give {n} (one per image) or {total}")
+                    raise InvalidOptionError(f"got {len(generator)} generators; give {n} (one per image) or {total}")
                 generator = generator[:n]
             latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
         if latents.shape[0] == total:
@@ -183,7 +183,7 @@ class _Prompt2PromptCall:
         if latents.shape[0] == 1:
             latents = latents.expand(n, *latents.shape[1:])
         if latents.shape[0] != n:
-            raise ValueError(f"latents has batch {latents.shape[0]}; give 1, {n} (one per image) or {total} (every row)")
+            raise InvalidOptionError(f"latents has batch {latents.shape[0]}; give 1, {n} (one per image) or {total} (every row)")
         return latents.repeat(num_prompts, 1, 1, 1)
 
 
@@ -196,7 +196,7 @@ def _check_inversion(pipe: Any, inversion: Inversion, denoiser: Any = None) -> N
     from ._denoiser import Denoiser
 
     if not isinstance(inversion, Inversion):
-        raise TypeError(f"inversion must be an attnctrl.Inversion (from attnctrl.pipelines.invert or Inversion.load), got {type(inversion).__name__}")
+        raise InvalidTypeError(f"inversion must be an attnctrl.Inversion (from attnctrl.pipelines.invert or Inversion.load), got {type(inversion).__name__}")
     den = denoiser or Denoiser(pipe, height=inversion.height, width=inversion.width)
     identity = den.identity()
     inversion.check_model(identity["name"], identity["fingerprint"])

@@ -37,10 +37,10 @@ from attnctrl.efficient import (
 )
 
 from ._projection import Projected, output, project
+from attnctrl.errors import InvalidTypeError
 
 __all__ = [
     "AgentAttentionProcessor",
-    "AgentState",
     "GroupedAttentionProcessor",
     "PolicyProcessor",
     "PolicyState",
@@ -272,10 +272,6 @@ class AgentAttentionProcessor(PolicyProcessor):
         return unmerge_tokens(out, match, r) if r else out
 
 
-#: The old name of :class:`PolicyState` (agent attention was the first policy).
-AgentState = PolicyState
-
-
 class WindowAttentionProcessor(PolicyProcessor):
     """HiDiffusion MSW-MSA for one self-attention layer (:class:`~attnctrl.efficient.WindowAttention`).
 
@@ -382,7 +378,7 @@ def processor_class(config: Any) -> type[PolicyProcessor]:
         if isinstance(config, config_type):
             return processor
     names = ", ".join(f"attnctrl.{t.__name__}" for t in _PROCESSORS)
-    raise TypeError(f"expected an efficient-attention config ({names}), got {type(config).__name__}")
+    raise InvalidTypeError(f"expected an efficient-attention config ({names}), got {type(config).__name__}")
 
 
 def policy_state_for(

@@ -23,37 +23,24 @@ Compiled or eager
 -----------------
 Eager FlexAttention is an unfused reference that materialises the full score matrix: a
 correctness path only. ``torch.compile(flex_attention)`` generates a fused kernel (Triton on CUDA,
-C++ on CPU; it needs a C++ compiler there). ``FlexBackend(compile=None)`` (the registered default)
-compiles on CUDA/XPU and runs eagerly on CPU.
-
-Compiled flex on CPU (torch 2.13), checked when this was written:
-
-* correct (max error 2e-7 vs float64 for float32, head dims 40/64, Dv != D, odd lengths), but
-  only with ``dynamic=False``: after a shape change, the dynamic-shape recompile fails in the C++
-  code generator (``cur_kvSplitSize4 was not declared``). So the kernel is compiled with
-  ``dynamic=False``: one compile per distinct shape (6-20 s each on that CPU), up to dynamo's
-  recompile limit;
-* no log-sum-exp output ("only supports inference and return_lse is not supported"), so no
-  probabilities; no float64;
-* slower than SDPA: ``benchmarks/consistency.py`` (SDXL 640-channel level, IR-Diffusion routing
-  with 2 references, B=2, H=10, D=64, one thread on a 2-core AMD EPYC) measured compiled flex at
-  1.76x (1024², N=4096) and 1.57x (2048², N=16384) the time of SDPA with a dense mask, while the
-  sdpa backend's routing path took 0.49x and 0.48x. Its memory is the lowest (0.05x of dense
-  at 2048², sdpa 0.12x).
+C++ on CPU, where it needs a C++ compiler). ``FlexBackend(compile=None)`` (the registered default)
+compiles on CUDA/XPU and runs eagerly on CPU. On CPU the kernel is compiled with
+``dynamic=False`` (the dynamic-shape recompile fails in PyTorch's C++ code generator) and returns
+no log-sum-exp, hence no probabilities there. Measurements behind these rules:
+``benchmarks/results/flex.md``.
 
 Automatic selection (priority 20, above sdpa's 10)
 ---------------------------------------------------
 Flex steps aside (:meth:`FlexBackend.auto_selection_refusal`) unless all hold:
 
-* the device is not CPU (on CPU, the sdpa backend is 3x faster, measured above);
+* the device is not CPU (there the sdpa backend's chunked routing is faster);
 * it would run compiled (eager flex materialises every score);
-* the routing's mask would not fit one SDPA chunk: ``B' * Nq * Nk > 2**24``
-  (``min_auto_mask_elements``), i.e. flex takes over exactly where the sdpa backend starts
-  chunking. Below that, one SDPA call with a small materialised mask wins.
+* the routing's mask has at least ``min_auto_mask_elements`` (``B' * Nq * Nk``, default
+  ``2**22``) entries; below that one SDPA call with a small materialised mask is cheap enough that
+  building a BlockMask does not pay.
 
-So on CUDA large routed calls go to flex, everything else to sdpa. That CUDA default is not
-measured yet (no GPU was available); ``benchmarks/consistency.py --device cuda`` measures it.
-Forcing ``backend="flex"`` always runs it where :meth:`refusal` accepts.
+So on CUDA routed calls from a 2048-token grid up go to flex, smaller ones to sdpa. Forcing
+``backend="flex"`` always runs it where :meth:`refusal` accepts.
 
 Block-mask cache
 ----------------
@@ -91,7 +78,7 @@ __all__ = ["BACKEND", "FlexBackend"]
 BLOCK_SIZE = 128
 #: Flex steps aside in automatic selection below this many routing-mask elements (B' Nq Nk):
 #: the sdpa backend's default routing chunk, so flex takes over where sdpa starts chunking.
-MIN_AUTO_MASK_ELEMENTS = 2**24
+MIN_AUTO_MASK_ELEMENTS = 2**22
 
 
 def _import_flex() -> Any:
@@ -203,7 +190,7 @@ class FlexBackend(Backend):
             always compile (on CPU this needs a C++ compiler; first call per shape compiles for
             seconds); ``False`` = always eager (materialises every score: small sizes only).
         min_auto_mask_elements: automatic selection leaves calls with
-            ``B' * Nq * Nk <= min_auto_mask_elements`` to sdpa (default ``2**24``).
+            ``B' * Nq * Nk < min_auto_mask_elements`` to sdpa (default ``2**22``).
         cache_size: BlockMasks kept (least recently used evicted; default 16).
     """
 
@@ -283,9 +270,9 @@ class FlexBackend(Backend):
             return "steps aside when it would run eagerly (eager FlexAttention materialises every score)"
         assert isinstance(mask, Routing)
         elements = mask.batch_size * mask.num_queries * mask.num_keys
-        if elements <= self.min_auto_mask_elements:
+        if elements < self.min_auto_mask_elements:
             return (
-                f"steps aside for small routings ({elements} mask elements <= {self.min_auto_mask_elements}): "
+                f"steps aside for small routings ({elements} mask elements < {self.min_auto_mask_elements}): "
                 f"one sdpa call with the materialised mask is cheaper"
             )
         return None

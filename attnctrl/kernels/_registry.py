@@ -29,7 +29,8 @@ from typing import Any, Union
 
 import torch
 
-from ..errors import AttentionShapeError, NoBackendError
+from ..errors import AttentionShapeError, InvalidOptionError, InvalidTypeError, NoBackendError
+from ..tracing import host_side
 
 __all__ = [
     "Backend",
@@ -93,7 +94,7 @@ class Capabilities:
             if not isinstance(value, frozenset):
                 object.__setattr__(self, name, frozenset(value))
         if self.max_head_dim is not None and self.max_head_dim < 1:
-            raise ValueError(f"max_head_dim must be None or >= 1, got {self.max_head_dim}")
+            raise InvalidOptionError(f"max_head_dim must be None or >= 1, got {self.max_head_dim}")
 
 
 def _fmt_set(values: Iterable[Any]) -> str:
@@ -134,7 +135,7 @@ def mask_kind(mask: object) -> str:
             return MASK_BOOL
         if mask.is_floating_point():
             return MASK_ADDITIVE
-        raise TypeError(
+        raise InvalidTypeError(
             f"an attention mask tensor must be bool (True = may attend) or floating point (added to "
             f"the scores, -inf = masked); got dtype {_fmt_dtype(mask.dtype)}. Convert it with "
             f"mask.bool() or mask.float()."
@@ -142,7 +143,7 @@ def mask_kind(mask: object) -> str:
     kind = getattr(mask, "mask_kind", None)
     if isinstance(kind, str) and kind:
         return kind
-    raise TypeError(
+    raise InvalidTypeError(
         f"an attention mask must be None, a bool tensor (True = may attend), a floating tensor "
         f"(additive), or a structured mask object with a string `mask_kind` attribute; got "
         f"{type(mask).__name__}"
@@ -452,15 +453,15 @@ def register_backend(backend: Backend, *, replace: bool = False) -> Backend:
     no trace; the new one is ordered by its own priority.
     """
     if not isinstance(backend, Backend):
-        raise TypeError(f"register_backend expects a Backend instance, got {type(backend).__name__}")
+        raise InvalidTypeError(f"register_backend expects a Backend instance, got {type(backend).__name__}")
     name = getattr(backend, "name", None)
     if not isinstance(name, str) or not name:
-        raise ValueError(f"a backend needs a non-empty string `name`, got {name!r}")
+        raise InvalidOptionError(f"a backend needs a non-empty string `name`, got {name!r}")
     if not isinstance(backend.capabilities, Capabilities):
-        raise TypeError(f"backend {name!r}: `capabilities` must be a Capabilities instance")
+        raise InvalidTypeError(f"backend {name!r}: `capabilities` must be a Capabilities instance")
     with _LOCK:
         if name in _REGISTRY and not replace:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"an attention backend named {name!r} is already registered; pass replace=True to replace it"
             )
         _REGISTRY[name] = (next(_SEQ), backend)
@@ -472,7 +473,7 @@ def unregister_backend(name: str) -> Backend:
     """Remove the backend registered as ``name`` and return it (``ValueError`` if unknown)."""
     with _LOCK:
         if name not in _REGISTRY:
-            raise ValueError(_unknown_message(name))
+            raise InvalidOptionError(_unknown_message(name))
         _, backend = _REGISTRY.pop(name)
         _reorder()
     return backend
@@ -487,7 +488,7 @@ def get_backend(name: str) -> Backend:
     """The backend registered as ``name``; ``ValueError`` listing the registered names if unknown."""
     entry = _REGISTRY.get(name) if isinstance(name, str) else None
     if entry is None:
-        raise ValueError(_unknown_message(name))
+        raise InvalidOptionError(_unknown_message(name))
     return entry[1]
 
 
@@ -521,7 +522,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object
     """
     for label, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
+            raise InvalidTypeError(f"{label} must be a torch.Tensor, got {type(t).__name__}")
         if t.ndim != 4:
             raise AttentionShapeError(
                 f"{label} must be 4-D (batch, heads, tokens, head_dim), got shape {_shape(t)}. "
@@ -529,14 +530,14 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object
                 f".view(batch, tokens, heads, dim).transpose(1, 2)."
             )
         if not t.is_floating_point():
-            raise TypeError(f"{label} must be a floating-point tensor, got dtype {_fmt_dtype(t.dtype)}")
+            raise InvalidTypeError(f"{label} must be a floating-point tensor, got dtype {_fmt_dtype(t.dtype)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(
+        raise InvalidTypeError(
             f"q, k and v must share one dtype, got {_fmt_dtype(q.dtype)}, {_fmt_dtype(k.dtype)}, "
             f"{_fmt_dtype(v.dtype)}; cast them first"
         )
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise InvalidOptionError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     b, h, nq, d = q.shape
     if k.shape[0] != b or v.shape[0] != b or k.shape[1] != h or v.shape[1] != h:
         raise AttentionShapeError(
@@ -562,7 +563,7 @@ def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: object
             check_compatible(q, k)
         return mask
     if mask.device != q.device:
-        raise ValueError(f"mask is on {mask.device} but q is on {q.device}; move it with mask.to(q.device)")
+        raise InvalidOptionError(f"mask is on {mask.device} but q is on {q.device}; move it with mask.to(q.device)")
     target = (b, h, nq, nk)
     ok = mask.ndim <= 4 and all(m in (1, t) for m, t in zip(reversed(mask.shape), reversed(target)))
     if not ok:
@@ -580,7 +581,7 @@ def resolve_scale(scale: float | None, head_dim: int) -> float:
         return head_dim**-0.5
     value = float(scale)
     if value != value or abs(value) == math.inf:  # plain comparisons: traceable by torch.compile
-        raise ValueError(f"scale must be finite, got {scale!r}")
+        raise InvalidOptionError(f"scale must be finite, got {scale!r}")
     return value
 
 
@@ -590,7 +591,7 @@ def normalize_columns(columns: object, nk: int, device: torch.device) -> torch.T
         return None
     if isinstance(columns, torch.Tensor):
         if columns.dtype == torch.bool or columns.is_floating_point() or columns.is_complex():
-            raise TypeError(f"columns must be integer key indices, got a {_fmt_dtype(columns.dtype)} tensor")
+            raise InvalidTypeError(f"columns must be integer key indices, got a {_fmt_dtype(columns.dtype)} tensor")
         if columns.ndim != 1:
             raise AttentionShapeError(f"columns must be a 1-D tensor of key indices, got shape {_shape(columns)}")
         cols = columns.to(device=device, dtype=torch.long)
@@ -602,7 +603,7 @@ def normalize_columns(columns: object, nk: int, device: torch.device) -> torch.T
         try:
             values = [int(c) for c in columns]  # type: ignore[union-attr]
         except TypeError as err:
-            raise TypeError(
+            raise InvalidTypeError(
                 f"columns must be None, a 1-D integer tensor or a sequence of ints, got {type(columns).__name__}"
             ) from err
         lo, hi = (min(values), max(values)) if values else (0, 0)
@@ -637,7 +638,7 @@ def _describe_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: obje
 
 # Selection is host logic over shapes, dtypes and the registry; torch.compile runs it eagerly
 # (one graph break per call) instead of tracing and guarding every backend's refusal checks.
-@torch.compiler.disable
+@host_side
 def select_backend(
     backend: BackendArg,
     q: torch.Tensor,

@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from . import XFORMERS_CAPS
 from ._registry import Backend, Capabilities, _device_present, mask_kind
 from .routing import MASK_ROUTING, Routing
+from ..errors import InvalidOptionError
 
 __all__ = [
     "BACKEND",
@@ -540,7 +541,7 @@ class XformersBackend(Backend):
         nk, dv = k.shape[2], v.shape[-1]
         windows = self.windows(routing)
         if isinstance(windows, str):  # refusal() rejects these; reached only by calling forward directly
-            raise ValueError(f"the xformers backend runs only block-diagonal routings: {windows}")
+            raise InvalidOptionError(f"the xformers backend runs only block-diagonal routings: {windows}")
         q_lens, k_lens = windows
         bias = self._block_mask(xf, q_lens * b, k_lens * b, q.device)
         # (B, N, H, D) -> (1, B*N, H, D): row 0's tokens, then row 1's, matching the seqlens order.

@@ -28,6 +28,7 @@ from ._registry import (
     resolve_scale,
 )
 from .routing import MASK_ROUTING, Routing
+from ..errors import InvalidTypeError
 
 __all__ = ["ReferenceBackend", "compute_dtype", "masked_scores", "reference_attention", "softmax_probs"]
 
@@ -104,7 +105,7 @@ def reference_attention(
     """
     mask = check_inputs(q, k, v, mask)
     if mask is not None and not isinstance(mask, (torch.Tensor, Routing)):
-        raise TypeError(
+        raise InvalidTypeError(
             "reference_attention takes tensor masks and Routing objects; other structured masks need a "
             "backend that understands them (call attnctrl.kernels.attention)"
         )

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import torch
 
-from ..errors import AttentionShapeError
+from ..errors import AttentionShapeError, InvalidOptionError, InvalidTypeError
 
 __all__ = ["Routing"]
 
@@ -46,9 +46,9 @@ def _shape(t: torch.Tensor) -> str:
 
 def _as_labels(name: str, labels: object) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"Routing.{name} must be a torch.Tensor of integer group labels, got {type(labels).__name__}")
+        raise InvalidTypeError(f"Routing.{name} must be a torch.Tensor of integer group labels, got {type(labels).__name__}")
     if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
-        raise TypeError(
+        raise InvalidTypeError(
             f"Routing.{name} must hold integer group labels (int64), got dtype {labels.dtype}; "
             f"convert with .long() (for a bool mask: mask.long() gives groups 0/1)"
         )
@@ -104,9 +104,9 @@ class Routing:
         key_groups = _as_labels("key_groups", self.key_groups)
         table = self.table
         if not isinstance(table, torch.Tensor):
-            raise TypeError(f"Routing.table must be a torch.Tensor, got {type(table).__name__}")
+            raise InvalidTypeError(f"Routing.table must be a torch.Tensor, got {type(table).__name__}")
         if not table.is_floating_point():
-            raise TypeError(
+            raise InvalidTypeError(
                 f"Routing.table must be floating point (0 = allow, -inf = deny, finite = bias), got dtype "
                 f"{table.dtype}; for a bool allow-table use torch.zeros(...).masked_fill(~allow, float('-inf'))"
             )
@@ -120,13 +120,13 @@ class Routing:
             raise AttentionShapeError(f"Routing.table needs at least one query group and one key group, got shape {_shape(table)}")
         devices = {query_groups.device, key_groups.device, table.device}
         if len(devices) != 1:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"Routing tensors must be on one device, got query_groups on {query_groups.device}, key_groups "
                 f"on {key_groups.device}, table on {table.device}; move them with .to(device)"
             )
         check_values = validate and table.device.type != "meta"
         if check_values and (bool(torch.isnan(table).any()) or bool(torch.isposinf(table).any())):
-            raise ValueError(
+            raise InvalidOptionError(
                 "Routing.table contains NaN or +inf; use 0 to allow, -inf to deny, or a finite additive bias"
             )
         batches = {"query_groups": query_groups.shape[0], "key_groups": key_groups.shape[0]}
@@ -151,7 +151,7 @@ class Routing:
                 continue
             lo, hi = int(labels.min()), int(labels.max())
             if lo < 0 or hi >= count:
-                raise ValueError(
+                raise InvalidOptionError(
                     f"Routing.{name} labels must be in [0, {count}) (the table has {count} {axis}), got values in "
                     f"[{lo}, {hi}]; add {axis} to the table or relabel"
                 )
@@ -237,18 +237,18 @@ class Routing:
             A new :class:`Routing` with new ``query_groups``.
         """
         if not isinstance(generator, torch.Generator):
-            raise TypeError(
+            raise InvalidTypeError(
                 f"with_query_dropout needs a torch.Generator (e.g. torch.Generator().manual_seed(seed)), "
                 f"got {type(generator).__name__}; the global RNG is never used"
             )
         p = float(p)
         if not 0.0 <= p <= 1.0:
-            raise ValueError(f"dropout probability p must be in [0, 1], got {p}")
+            raise InvalidOptionError(f"dropout probability p must be in [0, 1], got {p}")
         groups = self.num_query_groups
         pairs = [(int(src), int(dst)) for src, dst in dict(relabel).items()]
         for src, dst in pairs:
             if not (0 <= src < groups and 0 <= dst < groups):
-                raise ValueError(
+                raise InvalidOptionError(
                     f"with_query_dropout: groups must be in [0, {groups}) (the table has {groups} rows), got "
                     f"{src} -> {dst}; add a table row for the dropped group first"
                 )
@@ -284,7 +284,7 @@ class Routing:
                 f"Routing batch size {self.batch_size} does not fit the attention batch {b}; use {b} or 1"
             )
         if self.device != q.device:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"Routing is on {self.device} but q is on {q.device}; move it with routing.to(q.device)"
             )
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from ._registry import FLOAT_DTYPES, MASK_ADDITIVE, MASK_BOOL, MASK_NONE, Backend, Capabilities, mask_kind
 from .reference import compute_dtype, masked_scores, softmax_probs
 from .routing import MASK_ROUTING, Routing
+from ..errors import InvalidOptionError
 
 __all__ = ["SdpaBackend", "dead_rows", "cpu_flash_with_lse", "cpu_flash_with_lse_refusal"]
 
@@ -75,7 +76,7 @@ def cpu_flash_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sca
     """
     reason = cpu_flash_with_lse_refusal(q, k, v)
     if reason is not None:
-        raise ValueError(f"cpu_flash_with_lse: {reason}")
+        raise InvalidOptionError(f"cpu_flash_with_lse: {reason}")
     out, lse = _cpu_flash_op()(q, k, v, scale=float(scale))
     return out, lse
 

@@ -21,6 +21,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+from ...errors import InvalidOptionError, InvalidTypeError
 
 __all__ = [
     "COLOURS",
@@ -224,16 +225,16 @@ class Scene:
 
     def __post_init__(self) -> None:
         if self.background not in BACKGROUNDS:
-            raise ValueError(f"unknown background {self.background!r}; use one of {list(BACKGROUNDS)}")
+            raise InvalidOptionError(f"unknown background {self.background!r}; use one of {list(BACKGROUNDS)}")
         for o in self.objects:
             if o.colour not in COLOURS:
-                raise ValueError(f"unknown colour {o.colour!r}; use one of {list(COLOURS)}")
+                raise InvalidOptionError(f"unknown colour {o.colour!r}; use one of {list(COLOURS)}")
             if o.shape not in SHAPE_KINDS:
-                raise ValueError(f"unknown shape {o.shape!r}; use one of {list(SHAPE_KINDS)}")
+                raise InvalidOptionError(f"unknown shape {o.shape!r}; use one of {list(SHAPE_KINDS)}")
             if o.position not in POSITIONS:
-                raise ValueError(f"unknown position {o.position!r}; use one of {list(POSITIONS)}")
+                raise InvalidOptionError(f"unknown position {o.position!r}; use one of {list(POSITIONS)}")
             if o.size not in SIZES:
-                raise ValueError(f"unknown size {o.size!r}; use one of {list(SIZES)}")
+                raise InvalidOptionError(f"unknown size {o.size!r}; use one of {list(SIZES)}")
 
 
 def with_article(phrase: str) -> str:
@@ -291,7 +292,7 @@ def sample_scene(
     if n_objects is None:
         n_objects = 2 if rng.random() < two_object_prob else 1
     if n_objects not in (1, 2):
-        raise ValueError(f"n_objects must be 1 or 2, got {n_objects}")
+        raise InvalidOptionError(f"n_objects must be 1 or 2, got {n_objects}")
     u = rng.random()
     background = "white" if u < white_prob else ("black" if u < (1 + white_prob) / 2 else "gray")
     colours, shapes, positions, sizes = list(COLOURS), list(SHAPE_KINDS), list(POSITIONS), list(SIZES)
@@ -573,10 +574,10 @@ def to_uint8_image(image: Any) -> np.ndarray:
         t = image.detach().cpu()
         if t.ndim == 4:
             if t.shape[0] != 1:
-                raise ValueError(f"expected a single image, got a batch of shape {tuple(t.shape)}")
+                raise InvalidOptionError(f"expected a single image, got a batch of shape {tuple(t.shape)}")
             t = t[0]
         if t.ndim != 3:
-            raise ValueError(f"expected an image tensor (3, H, W), got shape {tuple(t.shape)}")
+            raise InvalidOptionError(f"expected an image tensor (3, H, W), got shape {tuple(t.shape)}")
         is_uint8 = str(t.dtype) == "torch.uint8"
         arr = t.float().numpy() if not is_uint8 else t.numpy()
         if arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
@@ -591,11 +592,11 @@ def to_uint8_image(image: Any) -> np.ndarray:
     if isinstance(image, np.ndarray):
         arr = image
         if arr.ndim != 3:
-            raise ValueError(f"expected an (H, W, 3) array, got shape {arr.shape}")
+            raise InvalidOptionError(f"expected an (H, W, 3) array, got shape {arr.shape}")
         if arr.dtype != np.uint8:
             arr = np.clip(np.round(arr.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
         return _rgb(arr)
-    raise TypeError(
+    raise InvalidTypeError(
         f"cannot read an image from {type(image).__name__}; pass a PIL image, an (H, W, 3) numpy array "
         "or a (3, H, W) torch tensor"
     )
@@ -607,7 +608,7 @@ def _rgb(arr: np.ndarray) -> np.ndarray:
     if arr.shape[-1] == 4:
         arr = arr[..., :3]
     if arr.shape[-1] != 3:
-        raise ValueError(f"expected 3 colour channels, got shape {arr.shape}")
+        raise InvalidOptionError(f"expected 3 colour channels, got shape {arr.shape}")
     return np.ascontiguousarray(arr)
 
 
@@ -740,7 +741,7 @@ def object_extent(image: Any, detected: DetectedObject) -> np.ndarray:
     """
     arr = to_uint8_image(image).astype(np.float32)
     if arr.shape[:2] != detected.mask.shape:
-        raise ValueError(f"image is {arr.shape[:2]} but the detected mask is {detected.mask.shape}; pass the analysed image")
+        raise InvalidOptionError(f"image is {arr.shape[:2]} but the detected mask is {detected.mask.shape}; pass the analysed image")
     background = np.array(PALETTE[background_colour(arr.astype(np.uint8))], dtype=np.float32)
     direction = np.array(PALETTE[detected.colour], dtype=np.float32) - background
     fraction = (arr - background) @ direction / float(direction @ direction)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from . import BACKGROUNDS, SHAPE_KINDS, _SIZE_WORDS, caption, item_scene, object_masks, render_array
 from .tokenizer import MODEL_MAX_LENGTH, build_tokenizer, write_vocab_files
+from ...errors import InvalidOptionError
 
 __all__ = [
     "train",
@@ -109,7 +110,7 @@ def text_config(tokenizer, layers: int = TEXT_ENCODER_LAYERS) -> dict[str, Any]:
     42%), so a colour swap also swapped, in effect, the shape word and the layout with it.
     """
     if not isinstance(layers, int) or layers < 0:
-        raise ValueError(f"text encoder layers must be an int >= 0, got {layers!r}")
+        raise InvalidOptionError(f"text encoder layers must be an int >= 0, got {layers!r}")
     return dict(
         vocab_size=len(tokenizer),
         hidden_size=128,
@@ -139,11 +140,11 @@ def scheduler_config(prediction_type: str = "v_prediction", zero_terminal_snr: b
     ``zero_terminal_snr`` defaults to True for v-prediction and must be False for epsilon.
     """
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
+        raise InvalidOptionError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
     if zero_terminal_snr is None:
         zero_terminal_snr = prediction_type == "v_prediction"
     if zero_terminal_snr and prediction_type != "v_prediction":
-        raise ValueError("zero_terminal_snr=True needs prediction_type='v_prediction': at SNR 0 noise says nothing about x0")
+        raise InvalidOptionError("zero_terminal_snr=True needs prediction_type='v_prediction': at SNR 0 noise says nothing about x0")
     return dict(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -296,7 +297,7 @@ def grounding_loss(probs: list[torch.Tensor], targets: torch.Tensor, supervised:
         pixel = (cover * (1 - mass) ** 2).sum() / cover.sum().clamp_min(1e-6)
         terms.append((token + pixel) / 2)
     if not terms:
-        raise ValueError("no cross-attention layer has a square grid of at least 4x4 that divides the target grid")
+        raise InvalidOptionError("no cross-attention layer has a square grid of at least 4x4 that divides the target grid")
     return torch.stack(terms).mean()
 
 
@@ -351,7 +352,7 @@ class _RecordingCrossAttention:
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, **_: Any) -> torch.Tensor:
         if encoder_hidden_states is None or attention_mask is not None or attn.norm_cross or attn.group_norm is not None:
-            raise ValueError("the recording processor handles only plain unmasked cross-attention")
+            raise InvalidOptionError("the recording processor handles only plain unmasked cross-attention")
         batch, tokens, _ = hidden_states.shape
         q = attn.head_to_batch_dim(attn.to_q(hidden_states))
         k = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
@@ -528,7 +529,7 @@ def train(
     else:
         if os.path.isdir(ckpt):
             # a new run would overwrite the checkpoint in place; the user's trained steps must not be lost
-            raise ValueError(
+            raise InvalidOptionError(
                 f"{ckpt!r} has no state.json and cannot be resumed; move it away or use a new --work dir"
                 if resume
                 else f"{work_dir!r} already holds a checkpoint; pass --resume (resume=True) to continue it, "
@@ -542,7 +543,7 @@ def train(
         if init_from is not None:
             _start_from_model(init_from, ckpt, state, train_text_encoder=bool(train_text_encoder), text_encoder_layers=text_encoder_layers)
     if init_from is not None and os.path.abspath(init_from) != state.get("init_from"):
-        raise ValueError(
+        raise InvalidOptionError(
             f"init_from={init_from!r} only starts a new run, and {work_dir!r} already holds one "
             f"(started from {state.get('init_from') or 'scratch'}); resume it without init_from or use a new --work dir"
         )
@@ -556,13 +557,13 @@ def train(
         # VAEs trained before the switch existed have a free latent, as new runs do unless asked
         state["occupancy_latent"] = False if state["phase"] != "vae" or int(state["vae_step"]) > 0 else bool(occupancy_latent)
     if occupancy_latent is not None and bool(occupancy_latent) != bool(state["occupancy_latent"]):
-        raise ValueError(
+        raise InvalidOptionError(
             f"this checkpoint's VAE was trained with occupancy_latent={state['occupancy_latent']}; the latent space "
             "cannot change on resume (start a new --work dir)"
         )
     occupancy_latent = bool(state["occupancy_latent"])
     if high_noise_fraction is not None and not 0.0 <= float(high_noise_fraction) <= 1.0:
-        raise ValueError(f"high_noise_fraction must be in [0, 1], got {high_noise_fraction}")
+        raise InvalidOptionError(f"high_noise_fraction must be in [0, 1], got {high_noise_fraction}")
     # the switches below: a run whose UNet has not started takes what was asked for; a checkpoint
     # from before a switch existed keeps what it was trained with until the switch is given
     started = int(state.get("unet_step", 0)) > 0
@@ -591,14 +592,14 @@ def train(
         state["train_text_encoder"] = True if started else bool(train_text_encoder)
     if train_text_encoder is not None and bool(train_text_encoder) != bool(state["train_text_encoder"]):
         if train_text_encoder:
-            raise ValueError("a frozen text encoder cannot be switched to joint training on resume; start a new --work dir")
+            raise InvalidOptionError("a frozen text encoder cannot be switched to joint training on resume; start a new --work dir")
         _log(f"freezing the text encoder at its seeded random init from UNet step {state['unet_step']} (EMA restarts)")
         state["train_text_encoder"] = False
         state["text_encoder_frozen_at_step"] = int(state["unet_step"])
         state["ema_from_step"] = int(state["unet_step"])
         reset_text_encoder = True
     if text_encoder_layers is not None and (isinstance(text_encoder_layers, bool) or not isinstance(text_encoder_layers, int) or text_encoder_layers < 0):
-        raise ValueError(f"text_encoder_layers must be an int >= 0, got {text_encoder_layers!r}")
+        raise InvalidOptionError(f"text_encoder_layers must be an int >= 0, got {text_encoder_layers!r}")
     if "text_encoder_layers" not in state:
         # older checkpoints had a 3-layer encoder; new runs take TEXT_ENCODER_LAYERS
         state["text_encoder_layers"] = _text_encoder_layers(state) if started else (TEXT_ENCODER_LAYERS if text_encoder_layers is None else int(text_encoder_layers))
@@ -612,7 +613,7 @@ def train(
     text_encoder_layers = int(state["text_encoder_layers"])
     train_text_encoder = bool(state["train_text_encoder"])
     if grounding_weight is not None and not (math.isfinite(float(grounding_weight)) and float(grounding_weight) >= 0.0):
-        raise ValueError(f"grounding_weight must be a finite number >= 0, got {grounding_weight}")
+        raise InvalidOptionError(f"grounding_weight must be a finite number >= 0, got {grounding_weight}")
     if "grounding_weight" not in state:
         # older checkpoints had no grounding loss; new runs default to GROUNDING_WEIGHT
         state["grounding_weight"] = 0.0 if started else (GROUNDING_WEIGHT if grounding_weight is None else float(grounding_weight))
@@ -624,7 +625,7 @@ def train(
         state["grounding_from_step"] = int(state["unet_step"])
     grounding_weight = float(state["grounding_weight"])
     if attention_forcing is not None and not 0.0 <= float(attention_forcing) <= 1.0:
-        raise ValueError(f"attention_forcing must be in [0, 1], got {attention_forcing}")
+        raise InvalidOptionError(f"attention_forcing must be in [0, 1], got {attention_forcing}")
     state.setdefault("attention_forcing", 0.0 if started or attention_forcing is None else float(attention_forcing))
     if attention_forcing is not None and float(attention_forcing) != float(state["attention_forcing"]):
         _log(f"attention forcing {state['attention_forcing']} -> {attention_forcing} from UNet step {state['unet_step']}")
@@ -632,22 +633,22 @@ def train(
         state["attention_forcing"] = float(attention_forcing)
     attention_forcing = float(state["attention_forcing"])
     if attention_forcing_from is not None and not 0.0 <= float(attention_forcing_from) < 1.0:
-        raise ValueError(f"attention_forcing_from must be a fraction of the planned steps in [0, 1), got {attention_forcing_from}")
+        raise InvalidOptionError(f"attention_forcing_from must be a fraction of the planned steps in [0, 1), got {attention_forcing_from}")
     if attention_forcing_from is not None and float(attention_forcing_from) > 0 and attention_forcing == 0.0:
-        raise ValueError("attention_forcing_from only delays attention forcing; give attention_forcing > 0 as well")
+        raise InvalidOptionError("attention_forcing_from only delays attention forcing; give attention_forcing > 0 as well")
     if attention_forcing_from is not None and float(attention_forcing_from) != float(state.get("attention_forcing_from", 0.0)):
         if started:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"attention_forcing_from is fixed when the UNet phase starts (this run has {state.get('attention_forcing_from', 0.0)}); "
                 "to switch forcing on part-way through a started run, resume it with attention_forcing instead"
             )
         state["attention_forcing_from"] = float(attention_forcing_from)
     state.setdefault("attention_forcing_from", 0.0)
     if not (math.isfinite(float(decoder_minutes)) and float(decoder_minutes) >= 0.0):
-        raise ValueError(f"decoder_minutes must be a finite number >= 0, got {decoder_minutes}")
+        raise InvalidOptionError(f"decoder_minutes must be a finite number >= 0, got {decoder_minutes}")
     _require_share("decoder_splice", decoder_splice)
     if decoder_splice and not decoder_minutes:
-        raise ValueError("decoder_splice only acts during the decoder fine-tune: give decoder_minutes > 0 as well")
+        raise InvalidOptionError("decoder_splice only acts during the decoder fine-tune: give decoder_minutes > 0 as well")
     # the pixel term of grounding_loss joined the token term at this step (0 for new runs)
     state.setdefault("grounding_pixel_from_step", int(state["unet_step"]))
     if "pool_size" not in state:
@@ -1019,7 +1020,7 @@ def _forcing_active(state: dict[str, Any], step: int) -> bool:
 
 def _require_share(name: str, value: float) -> None:
     if not (math.isfinite(float(value)) and 0.0 <= float(value) <= 1.0):
-        raise ValueError(f"{name} must be a share in [0, 1], got {value}")
+        raise InvalidOptionError(f"{name} must be a share in [0, 1], got {value}")
 
 
 def _decoder_batch(
@@ -1202,17 +1203,17 @@ def _start_from_model(model_dir: str, ckpt: str, state: dict[str, Any], *, train
         unet = UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")
         text_encoder = CLIPTextModel.from_pretrained(model_dir, subfolder="text_encoder")
     except (OSError, ValueError) as e:
-        raise ValueError(f"init_from={model_dir!r} is not an exported shapes model folder ({e})") from e
+        raise InvalidOptionError(f"init_from={model_dir!r} is not an exported shapes model folder ({e})") from e
     for name, model, expected in (("vae", vae, vae_config()), ("unet", unet, unet_config())):
         differs = sorted(k for k, v in expected.items() if _as_json(model.config.get(k)) != _as_json(v))
         if differs:
-            raise ValueError(
+            raise InvalidOptionError(
                 f"init_from={model_dir!r}: its {name} is not the shapes architecture this script trains (differs in {differs}); "
                 "fine-tune only folders written by train-shapes"
             )
     layers = int(text_encoder.config.num_hidden_layers)
     if text_encoder_layers is not None and int(text_encoder_layers) != layers:
-        raise ValueError(f"init_from={model_dir!r} has a {layers}-layer text encoder, not {text_encoder_layers}; leave text_encoder_layers unset")
+        raise InvalidOptionError(f"init_from={model_dir!r} has a {layers}-layer text encoder, not {text_encoder_layers}; leave text_encoder_layers unset")
     state.update(
         phase="encode", init_from=model_dir, prediction_type=str(sched.get("prediction_type", "epsilon")),
         zero_terminal_snr=bool(sched.get("rescale_betas_zero_snr", False)), text_encoder_layers=layers,
