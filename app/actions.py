@@ -80,7 +80,7 @@ def _generator(seed: int) -> Any:
 
 
 def _figure_words(form: EditForm) -> list[list[str]]:
-    from attnctrl.cli import figure_words
+    from attnctrl.cli.options import figure_words
 
     return figure_words(form.prompts, blend=form.blend, weights=form.weights)
 

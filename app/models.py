@@ -19,6 +19,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from attnctrl.cli import options as grammar
+
 from .options import OptionError
 
 __all__ = ["SHAPES_NAME", "check_model", "resolve_device", "resolve_dtype", "LoadedModel", "ModelCache"]
@@ -56,32 +58,13 @@ def check_model(text: str | None) -> str:
 
 
 def resolve_device(name: str | None) -> str:
-    """``auto`` -> ``cuda`` when available, else ``cpu``."""
-    import torch
-
-    name = (name or "auto").lower()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise OptionError(f"device {name!r}: use auto, cpu or cuda")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise OptionError(f"device {name!r}: no CUDA device is available here (use cpu or auto)")
-    return name
+    """``auto`` -> ``cuda`` when available, else ``cpu`` (the grammar's rule, labelled for the UI)."""
+    return grammar.resolve_device(name, label="device")
 
 
 def resolve_dtype(name: Any, device: str) -> Any:
     """``auto`` -> fp16 on CUDA, fp32 on CPU; ``fp32``/``fp16``/``bf16`` or a torch dtype."""
-    import torch
-
-    if isinstance(name, torch.dtype):
-        return name
-    name = (name or "auto").lower()
-    if name == "auto":
-        return torch.float16 if device.startswith("cuda") else torch.float32
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise OptionError(f"dtype {name!r}: use auto, fp32, fp16 or bf16")
-    return table[name]
+    return grammar.resolve_dtype(name, device, label="dtype")
 
 
 @dataclass

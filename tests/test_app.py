@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from attnctrl import LocalBlend, Refine, Replace, Reweight, cli
+from attnctrl.cli import options as cli_options
 from attnctrl.app import options
 from attnctrl.app.models import LoadedModel, ModelCache, check_model
 from attnctrl.app.options import OptionError, user_message
@@ -43,9 +44,8 @@ def test_parse_weights():
     assert options.parse_weights("red=2\n  blue = 0.5 \n\n") == {"red": 2.0, "blue": 0.5}
     assert options.parse_weights("smiling=0.5,3") == {"smiling": (0.5, 3.0)}
     assert options.parse_weights("on the left=2") == {"on the left": 2.0}
-    nan = options.parse_weights("red=nan")["red"]
-    assert math.isnan(nan)  # passed on: attnctrl refuses it with its own message
-    for bad in ("red", "=2", "red=", "red=abc", "red=2\nred=3"):
+    # the grammar every entry point shares refuses what `attnctrl edit --weight` refuses
+    for bad in ("red", "=2", "red=", "red=abc", "red=2\nred=3", "red=nan", "red=inf"):
         with pytest.raises(OptionError):
             options.parse_weights(bad)
 
@@ -96,7 +96,7 @@ def test_edit_form_builds_the_cli_edits():
     assert form.edit == Replace(cross_steps=0.8, self_steps=0.4)
     # the same as `attnctrl edit --blend cat,tiger --weight grass=2 --cross 0.6 --cross tiger=0.4 --self 0.3`
     form = options.edit_form(SOURCE, EDITED, "replace", "grass=2", "cat, tiger", 0.6, "tiger=0.4", 0.3)
-    expected = cli.build_edit("replace", cross={"default": 0.6, "tiger": 0.4}, self_steps=0.3, weights={"grass": 2.0},
+    expected = cli_options.build_edit("replace", cross={"default": 0.6, "tiger": 0.4}, self_steps=0.3, weights={"grass": 2.0},
                               blend=[["cat"], ["tiger"]])
     assert form.edit == expected
     assert isinstance(form.edit, Reweight) and isinstance(form.edit.base, Replace)
@@ -116,9 +116,11 @@ def test_edit_form_builds_the_cli_edits():
         options.edit_form(SOURCE, "\n".join([EDITED] * (options.MAX_PROMPTS + 1)), "replace", "", "", 0.8, "", 0.4)
     with pytest.raises(OptionError, match="Mode"):
         options.edit_form(SOURCE, EDITED, "swap", "", "", 0.8, "", 0.4)
-    # the library validates the numbers, with its own messages
-    with pytest.raises(InvalidWeightError, match="finite"):
+    # non-numbers are refused by the grammar, out-of-range numbers by the library, each with its message
+    with pytest.raises(OptionError, match="Weights 'cat=nan'.*finite"):
         options.edit_form(SOURCE, EDITED, "replace", "cat=nan", "", 0.8, "", 0.4)
+    with pytest.raises(InvalidWeightError, match="out of range"):
+        options.edit_form(SOURCE, EDITED, "replace", "cat=1e30", "", 0.8, "", 0.4)
     with pytest.raises(InvalidScheduleError):
         options.edit_form(SOURCE, EDITED, "replace", "", "", 0.8, "tiger=1.5", 0.4)
 
@@ -139,7 +141,7 @@ def _raise(exc_factory):
 def test_user_message_accepts_attnctrl_errors_only():
     assert user_message(OptionError("Size: bad")) == "Size: bad"
     assert user_message(WordNotFoundError("word 'x' is not in\n the prompt")) == "word 'x' is not in the prompt"
-    assert user_message(cli.UsageError("--port 0: bad")) == "--port 0: bad"
+    assert user_message(cli_options.OptionError("--port 0: bad")) == "--port 0: bad"
     # a ValueError raised inside attnctrl's own code (here attnctrl.viz) is the library's message
     from attnctrl import viz
 
@@ -287,7 +289,7 @@ def test_app_command_options(monkeypatch):
     monkeypatch.setattr(attnctrl.app, "launch", lambda model, **kwargs: seen.update(model=model, **kwargs))
     assert cli.main(["app"]) == 0
     assert seen["model"] is None and seen["host"] == "127.0.0.1" and seen["share"] is False and seen["port"] is None
-    assert seen["concurrency"] == 1 and seen["max_file_size"] == "10mb" and seen["steps"] == cli.DEFAULT_STEPS
+    assert seen["concurrency"] == 1 and seen["max_file_size"] == "10mb" and seen["steps"] == cli_options.DEFAULT_STEPS
     assert cli.main(["app", "--port", "7899", "--share", "--host", "0.0.0.0", "--model", "org/name",
                      "--concurrency", "2", "--max-file-size", "5MB", "--steps", "20"]) == 0
     assert seen["model"] == "org/name" and seen["port"] == 7899 and seen["share"] is True and seen["host"] == "0.0.0.0"

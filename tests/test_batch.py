@@ -12,7 +12,7 @@ import sys
 import pytest
 from PIL import Image
 
-from attnctrl.batch import BatchFileError, load_jobs
+from attnctrl.cli.batch import BatchFileError, load_jobs
 from attnctrl.cli import main
 
 PROMPT = "a red circle on the left"

@@ -11,6 +11,9 @@ import pytest
 from PIL import Image
 
 from attnctrl import cli
+from attnctrl.cli import commands as cli_commands
+from attnctrl.cli import options as cli_options
+from attnctrl.cli import run as cli_run
 from attnctrl.errors import WordNotFoundError
 
 SOURCE = "a photo of a cat on the grass"
@@ -127,42 +130,46 @@ def test_backends_lists_sdpa(capsys):
 
 
 def test_parsers():
-    assert cli.parse_cross(None) == 0.8
-    assert cli.parse_cross(["0.6"]) == 0.6
-    assert cli.parse_cross(["0.2,0.7"]) == (0.2, 0.7)
-    assert cli.parse_cross(["tiger=0.4"]) == {"default": 0.8, "tiger": 0.4}
-    assert cli.parse_cross(["0.5", "tiger=0.1,0.3"]) == {"default": 0.5, "tiger": (0.1, 0.3)}
-    assert cli.parse_weights(["red=2", "on the left=-1", "cat=0.5,3"]) == {"red": 2.0, "on the left": -1.0, "cat": (0.5, 3.0)}
-    assert cli.parse_blend(["cat"], 2) == [["cat"], ["cat"]]
-    assert cli.parse_blend(["cat,tiger", "grass"], 2) == [["cat", "grass"], ["tiger", "grass"]]
-    assert cli.parse_size("64x48") == (64, 48) and cli.parse_size("512") == (512, 512)
-    for bad in (lambda: cli.parse_cross(["0.5", "0.6"]), lambda: cli.parse_weights(["x=inf"]),
-                lambda: cli.parse_weights(["=2"]), lambda: cli.parse_size("0x64"), lambda: cli.parse_window("1,2,3", "w")):
-        with pytest.raises(cli.UsageError):
+    assert cli_options.parse_cross(None) == 0.8
+    assert cli_options.parse_cross(["0.6"]) == 0.6
+    assert cli_options.parse_cross(["0.2,0.7"]) == (0.2, 0.7)
+    assert cli_options.parse_cross(["tiger=0.4"]) == {"default": 0.8, "tiger": 0.4}
+    assert cli_options.parse_cross(["0.5", "tiger=0.1,0.3"]) == {"default": 0.5, "tiger": (0.1, 0.3)}
+    assert cli_options.parse_weights(["red=2", "on the left=-1", "cat=0.5,3"]) == {"red": 2.0, "on the left": -1.0, "cat": (0.5, 3.0)}
+    assert cli_options.parse_blend(["cat"], 2) == [["cat"], ["cat"]]
+    assert cli_options.parse_blend(["cat,tiger", "grass"], 2) == [["cat", "grass"], ["tiger", "grass"]]
+    assert cli_options.parse_size("64x48") == (64, 48) and cli_options.parse_size("512") == (512, 512)
+    for bad in (lambda: cli_options.parse_cross(["0.5", "0.6"]), lambda: cli_options.parse_weights(["x=inf"]),
+                lambda: cli_options.parse_weights(["=2"]), lambda: cli_options.parse_size("0x64"), lambda: cli_options.parse_window("1,2,3", "w")):
+        with pytest.raises(cli_options.OptionError):
             bad()
 
 
 def test_figure_words():
-    words = cli.figure_words(["a red circle", "a blue circle"], blend=[["circle"], ["circle"]], weights={"blue": 2.0})
+    words = cli_options.figure_words(["a red circle", "a blue circle"], blend=[["circle"], ["circle"]], weights={"blue": 2.0})
     assert words == [["red", "circle"], ["blue", "circle"]]
-    assert cli.figure_words(["a cat", "a cat"], weights={"cat": 3.0}) == [["cat"], ["cat"]]
+    assert cli_options.figure_words(["a cat", "a cat"], weights={"cat": 3.0}) == [["cat"], ["cat"]]
 
 
-def test_only_attnctrl_errors_are_reported():
-    assert cli._raised_by_attnctrl(WordNotFoundError("x"))
-    try:
-        int("not a number")
-    except ValueError as err:
-        assert not cli._raised_by_attnctrl(err)  # a bug elsewhere keeps its traceback
+def test_user_errors_and_bugs_are_told_apart_by_type(monkeypatch, tmp_path, capsys):
+    """An attnctrl error is one line and exit code 2; anything else is a bug: traceback, exit code 1."""
+    def raising(exc):
+        def load(*args, **kwargs):
+            raise exc
+        return load
 
-
-def test_unexpected_errors_raise(monkeypatch, tmp_path):
-    def broken(*args, **kwargs):
-        raise KeyError("bug")
-
-    monkeypatch.setattr(cli, "_load", broken)
-    with pytest.raises(KeyError):
-        cli.main(["edit", "--prompt", "a cat", "--to", "a dog", "--out", str(tmp_path)])
+    argv = ["edit", "--prompt", "a cat", "--to", "a dog", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr(cli_run, "load_model", raising(WordNotFoundError("the word 'x' is not in the prompt")))
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: the word 'x' is not in the prompt"
+    monkeypatch.setattr(cli_run, "load_model", raising(KeyError("bug")))
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "KeyError: 'bug'" in err and "internal error (KeyError)" in err
+    monkeypatch.setattr(cli_run, "load_model", raising(ValueError("from a library")))  # not ours: a bug too
+    assert cli.main(argv) == 1
+    assert not (tmp_path / "out").exists()  # nothing written by a run that failed before the work
 
 
 def test_python_dash_m_help():
@@ -188,7 +195,7 @@ def test_demo_prompts_fit_the_shapes_vocabulary():
     from attnctrl.plan import compile_edit
 
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(SHAPES, "tokenizer"))
-    for spec in cli.DEMO_EDITS:
+    for spec in cli_commands.DEMO_EDITS:
         compile_edit(spec["edit"](attnctrl), tokenizer, spec["prompts"])
         assert len(spec["labels"]) == len(spec["prompts"]) == len(spec["words"])
         for i, words in enumerate(spec["words"]):
@@ -207,30 +214,30 @@ def keep_threads():
 
 def test_demo_flow(sd_pipe, monkeypatch, tmp_path, capsys, keep_threads):
     """The demo's files and JSON, with the tiny pipeline standing in for the shapes model."""
-    monkeypatch.setattr(cli, "_load", lambda model, device, dtype: sd_pipe)
+    monkeypatch.setattr(cli_run, "load_model", lambda model, device, dtype: sd_pipe)
     out = tmp_path / "demo"
     assert cli.main(["demo", "--out", str(out), "--steps", "1"]) == 0
     printed = capsys.readouterr().out.split()
     check_png(out / "demo.png", size=None)
     figures = sorted(p.name for p in out.glob("attention_*.png"))
-    assert len(figures) == len(cli.DEMO_EDITS)
+    assert len(figures) == len(cli_commands.DEMO_EDITS)
     for name in figures:
         check_png(out / name, size=None)
     record = json.loads((out / "demo.json").read_text())
-    assert [e["name"] for e in record["edits"]] == [s["name"] for s in cli.DEMO_EDITS]
+    assert [e["name"] for e in record["edits"]] == [s["name"] for s in cli_commands.DEMO_EDITS]
     assert str(out / "demo.png") in printed and str(out / "demo.json") in printed
 
 
 def test_every_subcommand_help_shows_examples_that_parse(capsys):
     import shlex
 
-    parser = cli.build_parser()
+    parser = cli_commands.build_parser()
     for name in ("edit", "invert", "consistent", "speed", "batch", "demo", "app", "backends"):
         with pytest.raises(SystemExit):
             parser.parse_args([name, "--help"])
         shown = capsys.readouterr().out
         assert "examples:\n  attnctrl" in shown or "examples:\n  accelerate" in shown, name
-        for line in cli.EXAMPLES[name]:
+        for line in cli_commands.EXAMPLES[name]:
             assert line in shown
             argv = shlex.split(line)
             argv = argv[argv.index("attnctrl") + 1:] if argv[0] == "accelerate" else argv[1:]

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from attnctrl.cli import UsageError, main, parse_subject
+from attnctrl.cli import main
+from attnctrl.cli.options import OptionError, parse_subject
 
 
 def test_parse_subject():
@@ -15,7 +16,7 @@ def test_parse_subject():
     assert parse_subject("red=a red circle@circle") == ("red", "a red circle", "circle")
     assert parse_subject("x=an e-mail @ work@work") == ("x", "an e-mail @ work", "work")
     for bad in ("noequals@x", "name=prompt-without-word", "=a cat@cat", "a=@cat", "a=a cat@"):
-        with pytest.raises(UsageError):
+        with pytest.raises(OptionError):
             parse_subject(bad)
 
 

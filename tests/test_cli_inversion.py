@@ -11,6 +11,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from attnctrl import cli
+from attnctrl.cli import commands as cli_commands
+from attnctrl.cli import run as cli_run
 from attnctrl.inversion import Inversion
 from attnctrl.models import SHAPES
 
@@ -163,7 +165,7 @@ def test_real_image_usage_errors(extra, message, image_path, inverted, tmp_path,
     def no_model(*args, **kwargs):  # all of these are refused before a model is loaded
         raise AssertionError("loaded a model")
 
-    monkeypatch.setattr(cli, "_load", no_model)
+    monkeypatch.setattr(cli_run, "load_model", no_model)
     monkeypatch.chdir(tmp_path)
     extra = [{"INV": inverted[0], "IMG": image_path}.get(a, a) for a in extra]
     code = cli.main(["edit", "--prompt", SOURCE, "--to", EDITED, *extra, "--out", str(tmp_path / "out")])
@@ -178,7 +180,7 @@ def test_real_image_usage_errors(extra, message, image_path, inverted, tmp_path,
     (["--prompt", "b", "--prompt", "c"], "3 --prompt for 1 images"),
 ])
 def test_invert_usage_errors(extra, message, image_path, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_load", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(cli_run, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
     code = cli.main(["invert", image_path, "--prompt", SOURCE, *extra, "-o", str(tmp_path / "x.safetensors")])
     assert code == 2
     one_error_line(capsys.readouterr().err, message)
@@ -187,7 +189,7 @@ def test_invert_usage_errors(extra, message, image_path, tmp_path, capsys, monke
 def test_method_choices_match_the_library():
     from attnctrl.inversion import METHODS
 
-    parser = cli.build_parser()
+    parser = cli_commands.build_parser()
     invert = next(a for a in parser._subparsers._group_actions[0].choices["invert"]._actions if a.dest == "method")
     assert tuple(invert.choices) == METHODS and invert.default == "null-text"
 

@@ -62,7 +62,8 @@ def test_wheel_contents(wheel):
     names = set(wheel["names"])
     for required in (
         "attnctrl/__init__.py",
-        "attnctrl/cli.py",
+        "attnctrl/cli/__init__.py",
+        "attnctrl/cli/options.py",
         "attnctrl/__main__.py",
         "attnctrl/viz.py",
         "attnctrl/io.py",

@@ -91,7 +91,7 @@ def test_edit_with_efficient_attention(model_dir, tmp_path):
 
 
 def test_batch_jobs_take_a_policy(model_dir, tmp_path):
-    from attnctrl.batch import BatchFileError, load_jobs
+    from attnctrl.cli.batch import BatchFileError, load_jobs
 
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"id": "a", "kind": "generate", "prompt": PROMPT, "efficient": "window:shift=none",

@@ -53,14 +53,23 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from .cli import (
+from ..errors import AttnctrlError
+from .options import (
     DEFAULT_GUIDANCE,
     DEFAULT_SEED,
     DEFAULT_STEPS,
+    MODES,
     SCHEDULERS,
-    UsageError,
-    _word_keys,
+    OptionError,
+    build_edit,
+    check_prompt,
+    parse_blend,
+    parse_size,
+    resolve_device,
+    resolve_dtype,
+    word_keys,
 )
+from .run import load_model, mask_image, safe_name, set_scheduler, threads_for
 
 __all__ = ["Job", "BatchFileError", "load_jobs", "run_batch", "KINDS"]
 
@@ -74,10 +83,12 @@ FIELDS: dict[str, set[str]] = {
     "consistent": _COMMON | {"subjects", "scenes", "seed"},
 }
 _ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
+#: Ids that would collide with the files the batch writes beside the job folders.
+_RESERVED = re.compile(r"^results(\.part-\d+)?\.jsonl$", re.IGNORECASE)
 HASH_VERSION = 1
 
 
-class BatchFileError(UsageError):
+class BatchFileError(OptionError):
     """A line of the jobs file is malformed (``error: FILE line N: "FIELD": ...``, exit code 2)."""
 
 
@@ -143,8 +154,6 @@ def _window(L: _Line, key: str, v: Any) -> Any:
 
 
 def _size(L: _Line, v: Any) -> list[int] | None:
-    from .cli import parse_size
-
     if v is None:
         return None
     if isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
@@ -155,26 +164,26 @@ def _size(L: _Line, v: Any) -> list[int] | None:
         raise L.error("size", f"expected \"WxH\" or [W, H], got {json.dumps(v)}")
     try:
         w, h = parse_size(v)  # type: ignore[misc]
-    except UsageError as err:
+    except OptionError as err:
         raise L.error("size", str(err).replace("--size ", "")) from None
     return [w, h]
 
 
 def _check_words(L: _Line, key: str, word: str, prompts: Sequence[str], which: str) -> None:
-    parts = _word_keys(word)
+    parts = word_keys(word)
     if not parts:
         raise L.error(key, f"empty word {json.dumps(word)}")
     for prompt in prompts:
-        keys = _word_keys(prompt)
+        keys = word_keys(prompt)
         if all(p in keys for p in parts):
             return
-    words = sorted({k for p in prompts for k in _word_keys(p)})
+    words = sorted({k for p in prompts for k in word_keys(p)})
     raise L.error(key, f"word {json.dumps(word)} is not in {which} ({', '.join(json.dumps(p) for p in prompts)}); "
                        f"its words: {', '.join(words)}")
 
 
 def _edit_params(L: _Line, raw: dict[str, Any], out: dict[str, Any]) -> None:
-    prompt = _string(L, "prompt", raw.get("prompt"))
+    prompt = _prompt(L, "prompt", raw.get("prompt"))
     to = raw.get("to", [])
     if isinstance(to, str):
         to = [to]
@@ -187,10 +196,11 @@ def _edit_params(L: _Line, raw: dict[str, Any], out: dict[str, Any]) -> None:
         if not weights_raw:
             raise L.error("to", "give at least one edited prompt (or \"weights\" to reweight the source prompt)")
         to = [prompt]
+    to = [_prompt(L, "to", t) for t in to]
     prompts = [prompt] + list(to)
     mode = raw.get("mode", "replace")
-    if mode not in ("replace", "refine"):
-        raise L.error("mode", f"expected \"replace\" or \"refine\", got {json.dumps(mode)}")
+    if mode not in MODES:
+        raise L.error("mode", f"expected one of {', '.join(MODES)}, got {json.dumps(mode)}")
     if mode == "replace":
         n = len(prompt.split())
         for t in to:
@@ -216,11 +226,9 @@ def _edit_params(L: _Line, raw: dict[str, Any], out: dict[str, Any]) -> None:
                 raise L.error("blend", f"one list of words per prompt ({len(prompts)}, source first) expected")
             blend = [list(b) for b in blend_raw]
         elif all(isinstance(b, str) for b in blend_raw):
-            from .cli import parse_blend
-
             try:
                 blend = parse_blend(blend_raw, len(prompts))
-            except UsageError as err:
+            except OptionError as err:
                 raise L.error("blend", str(err).replace("--blend ", "")) from None
         else:
             raise L.error("blend", "expected a list of words (\"cat\" or \"cat,tiger\") or one list of words per prompt")
@@ -236,8 +244,30 @@ def _edit_params(L: _Line, raw: dict[str, Any], out: dict[str, Any]) -> None:
                 _check_words(L, "cross", word, prompts, "the prompts")
     else:
         cross = _window(L, "cross", cross_raw)
-    out.update(prompt=prompt, to=list(to), mode=mode, weights=weights, blend=blend, cross=cross,
-               self=_window(L, "self", raw.get("self", 0.4)))
+    self_steps = _window(L, "self", raw.get("self", 0.4))
+    try:  # the library's own checks (weight range, window order, ...) before any job runs
+        build_edit(mode, cross=_windows_as_tuples(cross), self_steps=_windows_as_tuples(self_steps),
+                   weights=_windows_as_tuples(weights), blend=blend, label="mode")
+    except AttnctrlError as err:
+        raise L.error(None, str(err)) from None
+    out.update(prompt=prompt, to=list(to), mode=mode, weights=weights, blend=blend, cross=cross, self=self_steps)
+
+
+def _windows_as_tuples(value: Any) -> Any:
+    """JSON lists -> tuples (the edits take pairs and per-prompt factors as tuples)."""
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(value, dict):
+        return {k: _windows_as_tuples(v) for k, v in value.items()}
+    return value
+
+
+def _prompt(L: _Line, key: str, v: Any) -> str:
+    text = _string(L, key, v)
+    try:
+        return check_prompt(text, key)
+    except OptionError as err:
+        raise L.error(key, str(err)) from None
 
 
 def _validate(L: _Line, raw: Any, default_model: str, base_dir: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
@@ -246,6 +276,8 @@ def _validate(L: _Line, raw: Any, default_model: str, base_dir: str) -> tuple[st
     job_id = raw.get("id")
     if not isinstance(job_id, str) or not _ID.match(job_id) or job_id in (".", ".."):
         raise L.error("id", f"expected a name of letters, digits, '.', '_' or '-' (a folder name), got {json.dumps(job_id)}")
+    if _RESERVED.match(job_id):
+        raise L.error("id", f"{json.dumps(job_id)} is the name of a file the batch writes in the output folder; choose another id")
     kind = raw.get("kind")
     if kind not in KINDS:
         raise L.error("kind", f"expected one of {', '.join(KINDS)}, got {json.dumps(kind)}")
@@ -266,7 +298,7 @@ def _validate(L: _Line, raw: Any, default_model: str, base_dir: str) -> tuple[st
             raise L.error("scheduler", f"expected one of {', '.join(SCHEDULERS)}, got {json.dumps(raw['scheduler'])}")
         p["scheduler"] = raw["scheduler"]
     if "efficient" in FIELDS[kind] and raw.get("efficient") is not None:
-        from .speed import parse_policy
+        from ..speed import parse_policy
 
         text = _string(L, "efficient", raw["efficient"])
         try:
@@ -279,7 +311,7 @@ def _validate(L: _Line, raw: Any, default_model: str, base_dir: str) -> tuple[st
     elif kind in ("edit", "invert-and-edit"):
         _edit_params(L, raw, p)
     if kind == "invert-and-edit":
-        from .inversion import METHODS
+        from ..inversion import METHODS
 
         image = _string(L, "image", raw.get("image"))
         path = image if os.path.isabs(image) else os.path.join(base_dir, image)
@@ -321,7 +353,7 @@ def _hash(kind: str, params: dict[str, Any], extra: dict[str, Any]) -> str:
 
 def load_jobs(path: str, *, model: str | None = None) -> list[Job]:
     """Read and check the whole jobs file; raises :class:`BatchFileError` naming the line and field."""
-    from .models import SHAPES
+    from ..models import SHAPES
 
     default_model = model or SHAPES
     name = os.path.basename(path)
@@ -341,6 +373,8 @@ def load_jobs(path: str, *, model: str | None = None) -> list[Job]:
             raw = json.loads(text)
         except json.JSONDecodeError as err:
             raise L.error(None, f"not valid JSON ({err.msg} at column {err.colno})") from None
+        except RecursionError:
+            raise L.error(None, "JSON nested too deeply (a job is a flat object of fields)") from None
         job_id, kind, params, extra = _validate(L, raw, default_model, base_dir)
         if job_id in seen:
             raise L.error("id", f"{json.dumps(job_id)} is already the id of line {seen[job_id]}; ids must be unique")
@@ -366,17 +400,16 @@ class _Models:
 
     def get(self, model: str) -> Any:
         if model not in self._pipes:
-            from .cli import _load, _resolve_dtype, _threads_for
 
-            _threads_for(model, self.device)
-            pipe = _load(model, self.device, _resolve_dtype(self.dtype_name, self.device))
+            threads_for(model, self.device)
+            pipe = load_model(model, self.device, resolve_dtype(self.dtype_name, self.device))
             pipe.set_progress_bar_config(disable=True)
             self._pipes[model] = pipe
         return self._pipes[model]
 
     def consistent(self, model: str) -> Any:
         if model not in self._consistent:
-            from .pipelines.consistency import ConsistentSubjectsPipeline, ConsistentSubjectsXLPipeline
+            from ..pipelines.consistency import ConsistentSubjectsPipeline, ConsistentSubjectsXLPipeline
 
             loaded = self.get(model)
             cls = ConsistentSubjectsXLPipeline if hasattr(loaded, "text_encoder_2") else ConsistentSubjectsPipeline
@@ -387,7 +420,6 @@ class _Models:
 
 
 def _build(p: dict[str, Any]) -> Any:
-    from .cli import build_edit
 
     cross = p["cross"]
     if isinstance(cross, list):
@@ -407,14 +439,13 @@ def _run_job(job: Job, models: _Models, folder: str) -> list[str]:
     """Run one job; write its images into ``folder`` atomically; return their file names."""
     import torch
 
-    from .cli import _mask_image, _safe, set_scheduler
-    from .io import save_png_atomic
+    from ..io import save_png_atomic
 
     p = job.params
     files: list[tuple[str, Any]] = []
     if job.kind in ("generate", "edit"):
-        from .pipelines.efficient import apply
-        from .speed import parse_policy
+        from ..pipelines.efficient import apply
+        from ..speed import parse_policy
 
         pipe = models.get(p["model"])
         original = pipe.scheduler
@@ -437,8 +468,8 @@ def _run_job(job: Job, models: _Models, folder: str) -> list[str]:
             files.append(("source.png", out.images[0]))
             files += [(f"edit_{k}.png", im) for k, im in enumerate(out.images[1:], start=1)]
     elif job.kind == "invert-and-edit":
-        from .pipelines import invert
-        from .plan import compile_edit
+        from ..pipelines import invert
+        from ..plan import compile_edit
 
         pipe = models.get(p["model"])
         prompts = [p["prompt"]] + p["to"]
@@ -452,8 +483,8 @@ def _run_job(job: Job, models: _Models, folder: str) -> list[str]:
         files.append(("source.png", out.images[0]))
         files += [(f"edit_{k}.png", im) for k, im in enumerate(out.images[1:], start=1)]
     else:
-        from .consistency import IRDiffusion
-        from .pipelines.consistency import Subject
+        from ..consistency import IRDiffusion
+        from ..pipelines.consistency import Subject
 
         pipe = models.consistent(p["model"])
         subjects = [Subject(s["name"], s["prompt"], s["word"]) for s in p["subjects"]]
@@ -461,8 +492,8 @@ def _run_job(job: Job, models: _Models, folder: str) -> list[str]:
                    num_inference_steps=p["steps"], guidance_scale=p["guidance"],
                    generator=torch.Generator("cpu").manual_seed(p["seed"]), **_size_kwargs(p))
         for subject, image, mask in zip(subjects, out.references, out.reference_masks):
-            files.append((f"reference_{_safe(subject.name)}.png", image))
-            files.append((f"reference_{_safe(subject.name)}_mask.png", _mask_image(mask, image.size)))
+            files.append((f"reference_{safe_name(subject.name)}.png", image))
+            files.append((f"reference_{safe_name(subject.name)}_mask.png", mask_image(mask, image.size)))
         for k, image in enumerate(out.scenes):
             files.append((f"scene_{k}.png", image))
     os.makedirs(folder, exist_ok=True)
@@ -528,7 +559,7 @@ def _process_state(cpu: bool) -> tuple[int, int, Callable[[], None], Any]:
 def _merge(out_dir: str, jobs: Sequence[Job], num_processes: int) -> list[dict[str, Any]]:
     """Merge the processes' result parts into ``results.jsonl`` (file order; the last record of a
     job wins), atomically, then remove the parts."""
-    from .io import atomic_write_bytes
+    from ..io import atomic_write_bytes
 
     by_id: dict[str, dict[str, Any]] = {}
     parts = [os.path.join(out_dir, f"results.part-{k}.jsonl") for k in range(num_processes)]
@@ -566,16 +597,23 @@ def run_batch(jobs_path: str, out_dir: str, *, model: str | None = None, device:
     Returns 0 if every job succeeded or was skipped, 1 if any failed. Raises
     :class:`BatchFileError` (before anything runs) when the file is invalid.
     """
-    from .cli import _resolve_device
-    from .io import write_json_atomic
+    from ..io import write_json_atomic
 
     jobs = load_jobs(jobs_path, model=model)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     index, num, wait, state_device = _process_state(cpu=dev == "cpu")
     if dev == "cuda" and num > 1 and state_device is not None:
         dev = str(state_device)  # one GPU per process (cuda:LOCAL_RANK)
     mine = [job for job in jobs if job.index % num == index]
     os.makedirs(out_dir, exist_ok=True)
+    if index == 0:
+        # A summary of an earlier run must not outlive this one: if this run is killed, job folders
+        # change (new seed, new outputs) while an old results.jsonl would still describe the old ones.
+        try:
+            os.unlink(os.path.join(out_dir, "results.jsonl"))
+        except FileNotFoundError:
+            pass
+    wait()
     part_path = os.path.join(out_dir, f"results.part-{index}.jsonl")
     models = _Models(dev, dtype)
     failed = 0
