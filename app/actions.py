@@ -306,8 +306,8 @@ def run_speed(
     size: tuple[int, int] | None,
     progress: Any = None,
 ) -> SpeedResult:
-    """Stock attention and each policy from the same noise, with seconds per step (attnctrl.speed)."""
-    from attnctrl.speed import compare_speed
+    """Stock attention and each policy from the same noise, with seconds per step (attnctrl.pipelines.speed)."""
+    from attnctrl.pipelines.speed import compare_speed
 
     if not prompt or not prompt.strip():
         raise OptionError("Prompt: give a prompt to generate")

@@ -97,7 +97,7 @@ def parse_subjects(text: str | None) -> list[tuple[str, str, str]]:
 def parse_policies(selected: Sequence[str] | None, options_text: str | None) -> list[Any]:
     """Efficient-attention configs of the Speed tab: the ticked policy names, each with the options
     of its line in ``options_text`` (``NAME:KEY=VALUE,...``, one per line) if there is one."""
-    from attnctrl.speed import POLICIES
+    from attnctrl.pipelines.speed import POLICIES
 
     names = [str(n).strip().lower() for n in (selected or [])]
     if not names:

@@ -18,7 +18,7 @@ import gradio as gr
 
 from attnctrl.consistency import REPOSITION_MODES, IRDiffusion
 from attnctrl.inversion import METHODS
-from attnctrl.speed import POLICIES
+from attnctrl.pipelines.speed import POLICIES
 
 from . import actions
 from .models import SHAPES_NAME, ModelCache, check_model

@@ -46,7 +46,7 @@ from attnctrl.errors import InvalidOptionError, InvalidTypeError, InvalidWeightE
 from attnctrl.tokens import tokenize_prompt
 
 from .control import check_pipeline, control
-from .p2p import _pipeline_lock
+from .p2p import pipeline_lock
 
 __all__ = [
     "Subject",
@@ -167,7 +167,7 @@ class _ConsistentCall:
         width = width or sample_size * self.vae_scale_factor
         latent_shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         common = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width, **kwargs)
-        with _pipeline_lock(self):
+        with pipeline_lock(self):
             reference_noise = randn_tensor(latent_shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
             portraits = [s.prompt for s in subjects]
             with control(self, None, portraits, record=True) as session:
@@ -242,7 +242,7 @@ class _ConsistentCall:
         common: dict[str, Any],
     ) -> Any:
         from attnctrl.processors import install, restore
-        from attnctrl.processors._install import bind_timestep
+        from attnctrl.processors import bind_timestep
         from attnctrl.processors.consistency import ConsistencyProcessor, ConsistencyState
 
         state = ConsistencyState(
@@ -306,7 +306,7 @@ def consistent_self_attention(
     Yields the :class:`~attnctrl.processors.consistency.SharedAttentionState`.
     """
     from attnctrl.processors import install, restore
-    from attnctrl.processors._install import bind_timestep
+    from attnctrl.processors import bind_timestep
     from attnctrl.processors.consistency import SharedAttentionState, SharedSelfAttentionProcessor
 
     check_pipeline(pipe)
@@ -419,7 +419,7 @@ def subject_shared_attention(
             when the batch is not ``prompts x images_per_prompt`` per CFG half.
     """
     from attnctrl.processors import install, restore
-    from attnctrl.processors._install import bind_timestep
+    from attnctrl.processors import bind_timestep
     from attnctrl.processors.consistency import SubjectSharedProcessor, SubjectSharedState
 
     check_pipeline(pipe)

@@ -10,8 +10,14 @@ from attnctrl.controller import EditController
 from attnctrl.edits import Refine, Replace, Reweight
 from attnctrl.errors import InvalidOptionError, UnsupportedModelError
 from attnctrl.plan import compile_edit, compile_prompts
-from attnctrl.processors import PromptToPromptProcessor, install, is_installed, restore
-from attnctrl.processors._install import bind_timestep, layers_installed
+from attnctrl.processors import (
+    PromptToPromptProcessor,
+    bind_timestep,
+    install,
+    is_installed,
+    layers_installed,
+    restore,
+)
 from attnctrl.store import AttentionStore
 
 __all__ = ["control", "EditSession", "check_pipeline"]

@@ -274,7 +274,7 @@ def dynamic_prompt_learning(
     from attnctrl.processors import install, restore
     from attnctrl.processors.maps import AttentionMapProcessor, MapRecorder
 
-    from .inversion import ddim_trajectory, null_text_step
+    from .ddim import ddim_trajectory, null_text_step
 
     if den.is_xl:
         raise UnsupportedModelError("Dynamic Prompt Learning supports Stable Diffusion 1.x/2.x pipelines; SDXL (two text encoders) is not supported yet")

@@ -17,7 +17,7 @@ from typing import Any
 
 from attnctrl.efficient import POLICIES, AgentAttention
 from attnctrl.errors import InvalidTypeError, UnsupportedModelError
-from attnctrl.processors._install import (
+from attnctrl.processors import (
     attention_modules,
     bind_timestep,
     install,

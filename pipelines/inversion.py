@@ -13,7 +13,7 @@ Methods (``method=``):
     early when the latent MSE is below ``1e-5 + i * 2e-5``; one embedding per step, each starting from
     the previous one. ``schedule="official"`` is exactly that; ``schedule="fast"`` (default) keeps the
     loss, threshold and cap but reuses predictions and steps 3x larger, reaching the same
-    reconstruction with fewer UNet passes (see :func:`null_text_step`).
+    reconstruction with fewer UNet passes (see :func:`attnctrl.pipelines.ddim.null_text_step`).
 ``"negative-prompt"``
     Negative-prompt inversion (Miyake et al. 2023): the DDIM trajectory, with the source prompt's own
     embedding as the unconditional one. No optimisation.
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
 import torch
@@ -42,15 +41,7 @@ from attnctrl.images import ImageInput, load_image
 from attnctrl.inversion import METHODS, Inversion
 
 from ._denoiser import Denoiser, PromptEmbeddings
-
-FAST_LR_SCALE = 3.0
-"""Adam learning-rate multiplier of the fast null-text schedule (see :func:`null_text_step`)."""
-FAST_STALL_TOLERANCE = 0.05
-"""The fast null-text schedule also stops an image once :data:`FAST_STALL_PATIENCE` evaluations in
-a row each improved on its best loss by less than this fraction (see :func:`null_text_step`)."""
-FAST_STALL_PATIENCE = 2
-"""How many evaluations in a row must miss :data:`FAST_STALL_TOLERANCE` before an image stops: one
-miss is often Adam's first step overshooting, and stopping there keeps an unoptimised embedding."""
+from .ddim import NullTextStep, ddim_trajectory, null_text_step
 
 __all__ = ["invert", "null_text_step", "NullTextStep", "image_geometry", "reconstruct", "ddim_trajectory"]
 
@@ -67,119 +58,6 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
-@dataclass
-class NullTextStep:
-    """One step of null-text optimisation: the chosen null embeddings (M, L, D), the next latents
-    (M, C, h, w), the final latent MSE per image and the Adam iterations used per image."""
-
-    null: torch.Tensor
-    next_latents: torch.Tensor
-    loss: list[float]
-    iterations: list[int]
-
-
-def null_text_step(
-    denoiser: Denoiser,
-    latents: torch.Tensor,
-    t: int,
-    step_index: int,
-    target: torch.Tensor,
-    cond: torch.Tensor,
-    null_init: torch.Tensor,
-    *,
-    guidance_scale: float,
-    pooled: torch.Tensor | None = None,
-    uncond_pooled: torch.Tensor | None = None,
-    inner_steps: int = 10,
-    schedule: Literal["fast", "official"] = "fast",
-    cond_output: torch.Tensor | None = None,
-) -> NullTextStep:
-    """Optimise the unconditional embedding of one step so that the guided DDIM step from
-    ``latents`` (M, C, h, w) lands on ``target`` (M, C, h, w); images are independent (one Adam per
-    image, converged images leave the batch).
-
-    ``schedule="official"``: the original algorithm: Adam (lr ``1e-2 (1 - i/100)``) step after every
-    evaluation, stop when the evaluated loss is below ``1e-5 + i 2e-5``, then one more guided UNet
-    call (unconditional and conditional) with the final embedding to advance: ``1 + n + 2``
-    evaluations per image for ``n`` iterations.
-
-    ``schedule="fast"``: the same loss, threshold and iteration cap, with four changes: the
-    conditional prediction is computed once and reused for the advance; the loss is checked before
-    updating, so a converged embedding advances with the prediction already in hand (and if none
-    converges, the best evaluated embedding is kept); Adam's learning rate is 3x the official
-    one, so the threshold is reached in a few iterations instead of exhausting the cap; and an
-    image also stops once two evaluations in a row (:data:`FAST_STALL_PATIENCE`) each improve on
-    its best loss by less than :data:`FAST_STALL_TOLERANCE` (5%): the official threshold is an
-    absolute latent MSE, which a model whose steps cannot be matched that closely never reaches,
-    so without this rule every step would run to the cap for no gain. ``1 + n`` evaluations per
-    image. Measured figures are in ``benchmarks/inversion.py``'s table in the README.
-    """
-    m = latents.shape[0]
-    threshold = 1e-5 + step_index * 2e-5
-    lr = 1e-2 * (1.0 - step_index / 100.0) * (FAST_LR_SCALE if schedule == "fast" else 1.0)
-    with torch.no_grad():
-        out_cond = cond_output if cond_output is not None else denoiser(latents, t, cond, pooled)
-    params = [null_init[i : i + 1].detach().clone().float().requires_grad_(True) for i in range(m)]
-    optimisers = [torch.optim.Adam([p], lr=lr) for p in params]
-    active = list(range(m))
-    best_loss = [math.inf] * m
-    best_null: list[torch.Tensor | None] = [None] * m
-    best_next: list[torch.Tensor | None] = [None] * m
-    iterations = [0] * m
-    misses = [0] * m
-    for _ in range(max(0, int(inner_steps))):
-        if not active:
-            break
-        idx = torch.tensor(active, device=latents.device)
-        null = torch.cat([params[i] for i in active])
-        up = uncond_pooled[idx] if uncond_pooled is not None else None
-        with torch.enable_grad():
-            out_uncond = denoiser(latents[idx], t, null, up, backward=True)
-            guided = out_uncond + guidance_scale * (out_cond[idx] - out_uncond)
-            prev = denoiser.step(latents[idx], guided, t)
-            per_image = (prev - target[idx]).pow(2).flatten(1).mean(1)
-            losses = per_image.detach().tolist()
-            still = []
-            stalled = set()
-            for j, i in enumerate(active):
-                iterations[i] += 1
-                if schedule == "fast" and iterations[i] > 1 and losses[j] > (1.0 - FAST_STALL_TOLERANCE) * best_loss[i]:
-                    misses[i] += 1
-                    if misses[i] >= FAST_STALL_PATIENCE:
-                        stalled.add(i)
-                else:
-                    misses[i] = 0
-                if losses[j] < best_loss[i]:
-                    best_loss[i], best_null[i], best_next[i] = losses[j], params[i].detach().clone(), prev[j : j + 1].detach()
-            if schedule == "fast":
-                still = [i for j, i in enumerate(active) if losses[j] >= threshold and i not in stalled]
-                update = still
-            else:
-                update = list(active)
-            if update:
-                chosen = [params[i] for i in update]
-                total = per_image[[active.index(i) for i in update]].sum()
-                grads = torch.autograd.grad(total, chosen)
-                for p, g, i in zip(chosen, grads, update):
-                    p.grad = g
-                    optimisers[i].step()
-            if schedule == "official":
-                still = [i for j, i in enumerate(active) if losses[j] >= threshold]
-        active = still
-    if schedule == "official" or inner_steps <= 0:
-        null = torch.cat(params).detach()
-        with torch.no_grad():
-            out_uncond = denoiser(latents, t, null, uncond_pooled)
-            # the official code recomputes [uncond; cond] as one batch here: count the conditional
-            # half too (its value equals out_cond, so it is not recomputed)
-            denoiser.evaluations += m
-            guided = out_uncond + guidance_scale * (out_cond - out_uncond)
-            nxt = denoiser.step(latents, guided, t)
-            loss = (nxt - target).pow(2).flatten(1).mean(1).tolist()
-        return NullTextStep(null, nxt, loss, iterations)
-    return NullTextStep(torch.cat(best_null), torch.cat(best_next), best_loss, iterations)  # type: ignore[arg-type]
-
-
 def _progress(pipe: Any, total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
@@ -188,33 +66,6 @@ def _progress(pipe: Any, total: int, desc: str, enabled: bool) -> Any:
     if not enabled:
         config["disable"] = True
     return tqdm(total=total, **config)
-
-
-def ddim_trajectory(
-    denoiser: Denoiser,
-    encoded: torch.Tensor,
-    timesteps: torch.Tensor,
-    embeddings: PromptEmbeddings,
-    *,
-    bar: Any = None,
-    after_call: Any = None,
-) -> torch.Tensor:
-    """(S + 1, M, C, h, w) DDIM inversion of ``encoded`` (M, C, h, w) with the conditional prediction;
-    ``after_call()`` runs after every UNet call (DPL collects attention maps there)."""
-    steps = len(timesteps)
-    trajectory = [encoded.float()]
-    z = encoded.float()
-    with torch.no_grad():
-        for k in range(steps - 1, -1, -1):
-            t = int(timesteps[k])
-            out = denoiser(z, t, embeddings.cond, embeddings.pooled)
-            if after_call is not None:
-                after_call()
-            z = denoiser.inverse_step(z, out, t)
-            trajectory.append(z)
-            if bar is not None:
-                bar.update(1)
-    return torch.stack(trajectory[::-1])
 
 
 def invert(
@@ -245,7 +96,7 @@ def invert(
         method: ``"ddim"``, ``"null-text"``, ``"negative-prompt"``, ``"direct"`` or ``"dpl"`` (module doc).
         num_inference_steps, guidance_scale: the DDIM steps and guidance the edit will use.
         inner_steps: null-text Adam iterations per step at most (official: 10).
-        schedule: ``"fast"`` or ``"official"`` null-text schedule (see :func:`null_text_step`).
+        schedule: ``"fast"`` or ``"official"`` null-text schedule (see :func:`attnctrl.pipelines.ddim.null_text_step`).
         words: DPL only: the nouns to learn (default: found from the prompt, see
             :func:`attnctrl.pipelines.dpl.find_nouns`).
         background_mask: DPL only: (M, H, W) or (H, W) user background mask (1 = background)
@@ -375,10 +226,10 @@ def reconstruct(pipe: Any, inversion: Inversion, *, output_type: str = "pt") -> 
     inversion, the trajectory correction). Returns (M, 3, H, W) in [0, 1] (``output_type="pt"``)
     or PIL images (``"pil"``).
     """
-    from .p2p import _check_inversion
+    from .p2p import check_inversion
 
     den = Denoiser(pipe, height=inversion.height, width=inversion.width)
-    _check_inversion(pipe, inversion, den)
+    check_inversion(pipe, inversion, den)
     embeddings = den.encode_prompts(list(inversion.prompts))
     timesteps = den.timesteps(inversion.num_inference_steps)
     z = inversion.noise.to(den.device).float()

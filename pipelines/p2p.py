@@ -28,7 +28,7 @@ from attnctrl.store import AttentionStore
 
 from .control import control
 
-__all__ = ["Prompt2PromptPipeline", "Prompt2PromptXLPipeline", "Prompt2PromptOutput", "load_pipeline"]
+__all__ = ["Prompt2PromptPipeline", "Prompt2PromptXLPipeline", "Prompt2PromptOutput", "load_pipeline", "check_inversion", "pipeline_lock"]
 
 Edit = Replace | Refine | Reweight
 
@@ -48,7 +48,7 @@ class Prompt2PromptOutput(BaseOutput):
 _LOCKS_GUARD = threading.Lock()
 
 
-def _pipeline_lock(pipe: Any) -> threading.Lock:
+def pipeline_lock(pipe: Any) -> threading.Lock:
     # Processors live on the shared UNet: two concurrent calls on one pipeline must not interleave.
     with _LOCKS_GUARD:
         lock = pipe.__dict__.get("_attnctrl_lock")
@@ -126,7 +126,7 @@ class _Prompt2PromptCall:
         sample_size = int(self.unet.config.sample_size)
         height = height or sample_size * self.vae_scale_factor
         width = width or sample_size * self.vae_scale_factor
-        with _pipeline_lock(self), contextlib.ExitStack() as stack:
+        with pipeline_lock(self), contextlib.ExitStack() as stack:
             session = stack.enter_context(
                 control(self, edit, prompts, images_per_prompt=n, record=attention_store, materialise=materialise, backend=backend)
             )
@@ -191,7 +191,7 @@ _INVERSION_FIXED = ("num_inference_steps", "guidance_scale")
 _INVERSION_REFUSED = ("negative_prompt", "negative_prompt_embeds", "prompt_embeds", "timesteps", "sigmas", "negative_prompt_2")
 
 
-def _check_inversion(pipe: Any, inversion: Inversion, denoiser: Any = None) -> None:
+def check_inversion(pipe: Any, inversion: Inversion, denoiser: Any = None) -> None:
     """Refuse an inversion made with another model (compared by weight fingerprint)."""
     from ._denoiser import Denoiser
 
@@ -206,7 +206,7 @@ def _inversion_settings(
     pipe: Any, inversion: Inversion, prompts: list[str], n: int, height: int | None, width: int | None, latents: Any, kwargs: dict
 ) -> tuple[int, int, int]:
     """Validate a call that edits from ``inversion``; fill in its steps, guidance and size."""
-    _check_inversion(pipe, inversion)
+    check_inversion(pipe, inversion)
     if any(p.strip() != prompts[0].strip() for p in inversion.prompts):
         other = sorted(set(inversion.prompts))
         if len(other) > 1:

@@ -1,6 +1,6 @@
 """diffusers attention processors: thin adapters from an ``Attention`` module to attnctrl."""
 
-from ._install import attention_modules, install, is_installed, restore
+from .lifecycle import attention_modules, bind_timestep, install, is_installed, layers_installed, restore
 from .efficient import (
     AgentAttentionProcessor,
     GroupedAttentionProcessor,
@@ -21,4 +21,6 @@ __all__ = [
     "restore",
     "is_installed",
     "attention_modules",
+    "bind_timestep",
+    "layers_installed",
 ]

@@ -108,7 +108,7 @@ def test_policy_cannot_be_removed_inside_a_control_block(sd_pipe):
 
 
 def test_other_features_refuse_to_silently_drop_a_policy(sd_pipe):
-    from attnctrl.processors._install import install
+    from attnctrl.processors import install
 
     with attnctrl.apply(sd_pipe, POLICY):
         with pytest.raises(RuntimeError, match=r"attnctrl.remove\(pipe\)"):

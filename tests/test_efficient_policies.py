@@ -513,7 +513,7 @@ def test_pixart_refuses_agent_attention_and_gates_steps(pixart):
 
 
 def test_denoiser_inputs_by_position_or_keyword(sd_pipe, pixart):
-    from attnctrl.processors._install import bind_timestep
+    from attnctrl.processors import bind_timestep
 
     x, t = torch.zeros(1, 4, 16, 16), torch.tensor([5])
     assert bind_timestep(pixart, (x, None, t), {}) == (t, x)  # PixArt: forward(hidden_states, text, timestep)

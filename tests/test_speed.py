@@ -1,4 +1,4 @@
-"""``attnctrl.speed``: policy specs and the stock-vs-policy comparison (CLI ``speed``, ``edit --efficient``, batch)."""
+"""``attnctrl.pipelines.speed``: policy specs and the stock-vs-policy comparison (CLI ``speed``, ``edit --efficient``, batch)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 import attnctrl
 from attnctrl import cli
-from attnctrl.speed import compare_speed, parse_policy, policy_label
+from attnctrl.pipelines.speed import compare_speed, parse_policy, policy_label
 
 PROMPT = "a photo of a cat on the grass"
 

@@ -298,7 +298,7 @@ def _validate(L: _Line, raw: Any, default_model: str, base_dir: str) -> tuple[st
             raise L.error("scheduler", f"expected one of {', '.join(SCHEDULERS)}, got {json.dumps(raw['scheduler'])}")
         p["scheduler"] = raw["scheduler"]
     if "efficient" in FIELDS[kind] and raw.get("efficient") is not None:
-        from ..speed import parse_policy
+        from ..pipelines.speed import parse_policy
 
         text = _string(L, "efficient", raw["efficient"])
         try:
@@ -445,7 +445,7 @@ def _run_job(job: Job, models: _Models, folder: str) -> list[str]:
     files: list[tuple[str, Any]] = []
     if job.kind in ("generate", "edit"):
         from ..pipelines.efficient import apply
-        from ..speed import parse_policy
+        from ..pipelines.speed import parse_policy
 
         pipe = models.get(p["model"])
         original = pipe.scheduler

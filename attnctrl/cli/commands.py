@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import importlib.util
 import os
 import sys
@@ -68,12 +69,14 @@ from .run import (
 __all__ = ["main", "build_parser"]
 
 _LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+#: The web UI's package, whose ``launch`` runs ``attnctrl app``.
+APP_MODULE = "attnctrl.app"
 
 
 def cmd_speed(args: argparse.Namespace) -> int:
     from .. import viz
     from ..io import save_png_atomic, write_json_atomic
-    from ..speed import compare_speed
+    from ..pipelines.speed import compare_speed
 
     policies = [parse_efficient(text) for text in args.efficient]
     check_prompt(args.prompt)
@@ -491,7 +494,6 @@ def cmd_backends(args: argparse.Namespace) -> int:
 def cmd_app(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("gradio") is None:
         raise OptionError("the web UI needs gradio: pip install 'attnctrl[app]'")
-    from ..app import launch
     from ..models import SHAPES
 
     if args.port is not None and not 0 < args.port < 65536:
@@ -510,6 +512,9 @@ def cmd_app(args: argparse.Namespace) -> int:
     if args.share:
         print("note: --share makes a public gradio.live link to this app: anyone with the link can use it",
               file=sys.stderr, flush=True)
+    # The app sits above this wing (it uses the grammar): its launcher is looked up by name, so the
+    # dependency keeps pointing one way.
+    launch = getattr(importlib.import_module(APP_MODULE), "launch")
     launch(
         args.model, host=args.host, port=args.port, share=args.share, device=device, dtype=args.dtype,
         backend=args.backend, concurrency=args.concurrency, queue_size=args.queue_size,

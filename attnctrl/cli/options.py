@@ -211,8 +211,8 @@ def parse_subject(text: str, *, label: str = "--subject") -> tuple[str, str, str
 
 
 def parse_efficient(text: str | None, *, label: str = "--efficient") -> Any:
-    """``NAME[:KEY=VALUE,...]`` -> an efficient-attention config, or None for blank (see attnctrl.speed)."""
-    from ..speed import parse_policy
+    """``NAME[:KEY=VALUE,...]`` -> an efficient-attention config, or None for blank (see attnctrl.pipelines.speed)."""
+    from ..pipelines.speed import parse_policy
 
     try:
         return parse_policy(text)

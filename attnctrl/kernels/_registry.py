@@ -106,7 +106,7 @@ def _fmt_dtype(dtype: torch.dtype) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _device_present(device_type: str) -> bool:
+def device_present(device_type: str) -> bool:
     """Whether at least one device of this type can be used by this process (cached)."""
     if device_type in ("cpu", "meta"):  # meta: shape-only dry runs, always "present"
         return True
@@ -174,7 +174,7 @@ class Backend(abc.ABC):
         Optional dependencies must be imported here (lazily), never at module import.
         """
         devices = self.capabilities.devices
-        if not any(_device_present(d) for d in devices):
+        if not any(device_present(d) for d in devices):
             return f"no supported device present (needs one of: {_fmt_set(devices)})"
         return None
 

@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 
 from . import XFORMERS_CAPS
-from ._registry import Backend, Capabilities, _device_present, mask_kind
+from ._registry import Backend, Capabilities, device_present, mask_kind
 from .routing import MASK_ROUTING, Routing
 from ..errors import InvalidOptionError
 
@@ -423,7 +423,7 @@ class XformersBackend(Backend):
     def availability(self) -> str | None:
         """``None``, or why xformers cannot run here: no CUDA device (checked first, without
         importing xformers), not installed, failing to import, or built for another torch."""
-        if not _device_present("cuda"):
+        if not device_present("cuda"):
             return NO_CUDA
         module = self._xformers()
         return module if isinstance(module, str) else None

@@ -121,7 +121,7 @@ about ``2.6 * radius**2`` (small ~ 0.0146, big ~ 0.0344 of the image)."""
 SIZE_AREA_THRESHOLD: float = 0.023
 """Objects covering more than this fraction of the image are "big", others "small"."""
 
-_SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small",), "big": ("big", "large")}
+SIZE_WORDS: dict[str, tuple[str, ...]] = {"small": ("small",), "big": ("big", "large")}
 
 # Shape geometry relative to the nominal radius R: chosen so that all four kinds have area 2.6 R^2.
 _CIRCLE_R = math.sqrt(2.6 / math.pi)  # 0.910
@@ -342,7 +342,7 @@ def caption(
     parts = []
     for k in order:
         o = scene.objects[k]
-        size_word = rng.choice(_SIZE_WORDS[o.size]) if rng.random() < size_prob else None
+        size_word = rng.choice(SIZE_WORDS[o.size]) if rng.random() < size_prob else None
         phrase = object_phrase(o, str(size_word) if size_word is not None else None)
         if with_pos:
             pos = o.position

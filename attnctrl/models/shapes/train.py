@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import BACKGROUNDS, SHAPE_KINDS, _SIZE_WORDS, caption, item_scene, object_masks, render_array
+from . import BACKGROUNDS, SHAPE_KINDS, SIZE_WORDS, caption, item_scene, object_masks, render_array
 from .tokenizer import MODEL_MAX_LENGTH, build_tokenizer, write_vocab_files
 from ...errors import InvalidOptionError
 
@@ -222,7 +222,7 @@ def occupancy_latent_loss(mean: torch.Tensor, occupancy: torch.Tensor) -> torch.
     colour_term = F.relu(mean[:, 1:].abs() - COLOUR_LATENT_BOUND).pow(2).mean()
     return occ_term + colour_term
 
-_SIZE_WORD_SET = frozenset(w for words in _SIZE_WORDS.values() for w in words)
+_SIZE_WORD_SET = frozenset(w for words in SIZE_WORDS.values() for w in words)
 
 
 def object_token_positions(tokenizer: Any, scene: Any, text: str, word_lengths: dict[str, int] | None = None) -> list[list[int]]:

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
-from .errors import InvalidOptionError
+
+from attnctrl.errors import InvalidOptionError
 
 __all__ = ["SpeedRun", "SpeedReport", "compare_speed", "parse_policy", "POLICIES"]
 
@@ -195,7 +196,7 @@ def compare_speed(
         A :class:`SpeedReport`; each policy is removed again after its run.
     """
     import attnctrl
-    from attnctrl.processors._install import is_installed
+    from attnctrl.processors import is_installed
 
     if not policies:
         raise InvalidOptionError("compare_speed: give at least one efficient-attention policy to compare with stock attention")
