@@ -16,12 +16,14 @@ __all__ = [
     "NoBackendError",
     "PromptMismatchError",
     "WordNotFoundError",
+    "TruncatedWordError",
     "InvalidWeightError",
     "InvalidScheduleError",
     "UnsupportedModelError",
     "LocalBlendNotAppliedError",
     "ImageLoadError",
     "InversionMismatchError",
+    "MissingFileError",
 ]
 
 
@@ -68,6 +70,10 @@ class WordNotFoundError(AttnctrlError, ValueError):
     """A word (weight, blend word, schedule key) is not in its prompt; the message lists the prompt's words."""
 
 
+class TruncatedWordError(WordNotFoundError):
+    """The word is in the prompt's text but past the text encoder's token limit."""
+
+
 class InvalidWeightError(AttnctrlError, ValueError):
     """A weight or threshold is not a finite number in its allowed range."""
 
@@ -90,3 +96,7 @@ class ImageLoadError(AttnctrlError, ValueError):
 
 class InversionMismatchError(AttnctrlError, ValueError):
     """An inversion does not fit the call: made with another model, prompt, size or settings."""
+
+
+class MissingFileError(AttnctrlError, FileNotFoundError):
+    """A file the call reads does not exist (or is not a regular file)."""

@@ -35,12 +35,22 @@ def _open(image: Any) -> Any:
 
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             raise ImageLoadError(f"image file {path!r} does not exist")
+        if not os.path.isfile(path):
+            raise ImageLoadError(f"{path!r} is not a regular file (a folder or a device); give a PNG, JPEG or WebP file")
         try:
             with Image.open(path) as opened:
+                pixels = opened.width * opened.height
+                if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+                    raise ImageLoadError(
+                        f"{path!r} is {opened.width}x{opened.height} pixels, more than the {Image.MAX_IMAGE_PIXELS} an image "
+                        "may have (a guard against decompression bombs); downscale it first"
+                    )
                 opened.load()
                 return opened.copy()
+        except Image.DecompressionBombError as exc:
+            raise ImageLoadError(f"{path!r} is refused as a decompression bomb ({exc}); downscale it first") from None
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             raise ImageLoadError(f"cannot read {path!r} as an image ({exc}); give a PNG, JPEG or WebP file") from exc
     if isinstance(image, Image.Image):

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import InvalidOptionError, InversionMismatchError
+from .errors import InvalidOptionError, InversionMismatchError, MissingFileError
 from .io import atomic_write_bytes
 
 __all__ = ["Inversion", "METHODS", "model_fingerprint", "fingerprints_match"]
@@ -30,6 +30,7 @@ METHODS = ("ddim", "null-text", "negative-prompt", "direct", "dpl")
 
 FORMAT = "attnctrl.inversion/1"
 _TENSOR_FIELDS = ("latents", "timesteps", "null_embeddings", "null_pooled", "source_embeddings")
+_META_FIELDS = ("method", "prompts", "guidance_scale", "height", "width", "model", "scheduler")
 
 
 def model_fingerprint(modules: Iterable[tuple[str, torch.nn.Module]]) -> list[list[Any]]:
@@ -128,6 +129,16 @@ class Inversion:
             raise InvalidOptionError(f"source_embeddings must be ({steps}, {m}, L, D), got {tuple(self.source_embeddings.shape)}")
         if self.null_pooled is not None and self.null_pooled.shape[0] != m:
             raise InvalidOptionError(f"null_pooled must have {m} rows, got {tuple(self.null_pooled.shape)}")
+        h, w = int(self.latents.shape[-2]), int(self.latents.shape[-1])
+        factor = int(self.height) // h if h else 0
+        if (
+            self.height <= 0 or self.width <= 0 or factor < 1 or factor & (factor - 1)
+            or self.height != factor * h or self.width != factor * w
+        ):
+            raise InvalidOptionError(
+                f"the stored size {self.width}x{self.height} does not match the latents ({w}x{h}): the image size must "
+                f"be the latent size times one power of two (the VAE's factor)"
+            )
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -215,7 +226,7 @@ class Inversion:
 
         path = os.fspath(path)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"inversion file {path!r} does not exist")
+            raise MissingFileError(f"inversion file {path!r} does not exist or is not a regular file")
         try:
             with safe_open(path, framework="pt") as f:
                 meta_text = (f.metadata() or {}).get("attnctrl")
@@ -224,21 +235,36 @@ class Inversion:
             raise InversionMismatchError(f"{path!r} is not a readable safetensors file ({exc})") from exc
         if meta_text is None:
             raise InversionMismatchError(f"{path!r} is a safetensors file but not an attnctrl inversion (no 'attnctrl' metadata)")
-        meta = json.loads(meta_text)
+        damaged = f"{path!r} is a damaged attnctrl inversion file"
+        try:
+            meta = json.loads(meta_text)
+        except (ValueError, RecursionError) as exc:
+            raise InversionMismatchError(f"{damaged}: its metadata is not valid JSON ({exc}); make it again with invert()") from None
+        if not isinstance(meta, dict):
+            raise InversionMismatchError(f"{damaged}: its metadata is not a JSON object; make it again with invert()")
         if meta.get("format") != FORMAT:
             raise InversionMismatchError(f"{path!r} has format {meta.get('format')!r}; this attnctrl reads {FORMAT!r}")
-        return cls(
-            method=meta["method"],
-            prompts=tuple(meta["prompts"]),
-            guidance_scale=float(meta["guidance_scale"]),
-            height=int(meta["height"]),
-            width=int(meta["width"]),
-            model=meta["model"],
-            scheduler=meta["scheduler"],
-            stats=meta.get("stats", {}),
-            words=tuple(meta.get("words", ())),
-            **{name: tensors.get(name) for name in _TENSOR_FIELDS},
-        )
+        missing = [key for key in _META_FIELDS if key not in meta] + [name for name in ("latents", "timesteps") if name not in tensors]
+        if missing:
+            raise InversionMismatchError(f"{damaged}: {', '.join(repr(m) for m in missing)} missing; make it again with invert()")
+        for name, value in tensors.items():
+            if name in _TENSOR_FIELDS and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise InversionMismatchError(f"{damaged}: {name!r} holds NaN or infinite values; make it again with invert()")
+        try:
+            return cls(
+                method=str(meta["method"]),
+                prompts=tuple(str(p) for p in meta["prompts"]),
+                guidance_scale=float(meta["guidance_scale"]),
+                height=int(meta["height"]),
+                width=int(meta["width"]),
+                model=dict(meta["model"]),
+                scheduler=dict(meta["scheduler"]),
+                stats=dict(meta.get("stats") or {}),
+                words=tuple(str(w) for w in meta.get("words") or ()),
+                **{name: tensors.get(name) for name in _TENSOR_FIELDS},
+            )
+        except (TypeError, ValueError) as exc:  # wrong types in the metadata, or tensors that do not fit
+            raise InversionMismatchError(f"{damaged}: {exc}") from None
 
     def __repr__(self) -> str:
         return (

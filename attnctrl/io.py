@@ -34,6 +34,13 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    # Reading the umask means setting it; put it straight back (no file is created in between).
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> str:
     """Write ``data`` to ``path`` atomically; create missing parent folders. Returns the path."""
     path = os.fspath(path)
@@ -41,6 +48,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> str:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
+        # mkstemp creates the file 0600; a saved result gets the permissions of any new file (umask).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

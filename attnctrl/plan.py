@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .edits import LocalBlend, Refine, Replace, Reweight
-from .errors import InvalidTypeError, InvalidWeightError, PromptMismatchError, WordNotFoundError
+from .errors import InvalidTypeError, InvalidWeightError, PromptMismatchError, TruncatedWordError, WordNotFoundError
 from .tokens import PromptTokens, refinement_alignment, replacement_mapper, tokenize_prompt
 
 __all__ = ["EditPlan", "BlendPlan", "CrossStep", "compile_edit", "compile_prompts", "step_window"]
@@ -153,13 +153,17 @@ def _compile_blend(blend: LocalBlend, prompts: tuple[PromptTokens, ...]) -> Blen
 def _edited_positions(word: str, edited: Sequence[PromptTokens], what: str) -> list[list[int]]:
     """Positions of ``word`` in each edited prompt; error if it is in none of them."""
     found: list[list[int]] = []
-    errors = []
+    truncated: list[TruncatedWordError] = []
     for p in edited:
         try:
             found.append(p.positions_of(word))
-        except WordNotFoundError as err:
+        except TruncatedWordError as err:
             found.append([])
-            errors.append(str(err))
+            truncated.append(err)
+        except WordNotFoundError:
+            found.append([])
+    if not any(found) and truncated:
+        raise TruncatedWordError(f"{what}: {truncated[0]}")
     if not any(found):
         words = list(dict.fromkeys(w for p in edited for w in p.word_list()))
         raise WordNotFoundError(f"{what}: the word {word!r} is in none of the edited prompts; their words are {words}")

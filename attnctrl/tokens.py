@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .errors import PromptMismatchError, WordNotFoundError
+from .errors import PromptMismatchError, TruncatedWordError, WordNotFoundError
 
 __all__ = [
     "PromptTokens",
@@ -92,15 +92,16 @@ class PromptTokens:
             if [w.key for w in window] == keys:
                 for w in window:
                     found.extend(w.positions)
-        if not found and any(w.key in keys for w in self.words):
-            raise WordNotFoundError(
+        kept = sorted(set(p for p in found if p < self.length))
+        if not kept and (found or any(w.key in keys for w in self.words)):
+            raise TruncatedWordError(
                 f"word {word!r} of {self.prompt!r} is past the {self.length}-token limit of the text encoder; shorten the prompt"
             )
-        if not found:
+        if not kept:
             raise WordNotFoundError(
                 f"word {word!r} is not in the prompt {self.prompt!r}; its words are {self.word_list()}"
             )
-        return sorted(set(p for p in found if p < self.length))
+        return kept
 
 
 def _encode_plain(tokenizer: Any, text: str) -> list[int]:

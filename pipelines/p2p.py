@@ -200,6 +200,14 @@ def check_inversion(pipe: Any, inversion: Inversion, denoiser: Any = None) -> No
     den = denoiser or Denoiser(pipe, height=inversion.height, width=inversion.width)
     identity = den.identity()
     inversion.check_model(identity["name"], identity["fingerprint"])
+    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    latent_hw = tuple(int(x) for x in inversion.latents.shape[-2:])
+    if latent_hw != (inversion.height // factor, inversion.width // factor):
+        raise InversionMismatchError(
+            f"the inversion's latents are {latent_hw[1]}x{latent_hw[0]} but its stored size {inversion.width}x"
+            f"{inversion.height} needs {inversion.width // factor}x{inversion.height // factor} with this model's VAE "
+            f"(factor {factor}); the file is damaged"
+        )
 
 
 def _inversion_settings(

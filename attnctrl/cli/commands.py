@@ -87,6 +87,8 @@ def cmd_speed(args: argparse.Namespace) -> int:
     check_guidance(args.guidance)
     size = parse_size(args.size)
     pipe, model, _ = load_from_args(args)
+    width, height = size or default_size(pipe)
+    check_memory(pipe, width, height, rows=2)
     from tqdm.auto import tqdm
 
     with tqdm(total=len(policies) + 1, desc="generations", unit="run", file=sys.stderr) as bar:
@@ -364,6 +366,8 @@ def cmd_consistent(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise OptionError(str(err)) from None
     loaded, model, _ = load_from_args(args)
+    width, height = size or default_size(loaded)
+    check_memory(loaded, width, height, rows=2 * max(len(subjects), 1))
     cls = ConsistentSubjectsXLPipeline if hasattr(loaded, "text_encoder_2") else ConsistentSubjectsPipeline
     pipe = cls.from_pipe(loaded)
     extra: dict[str, Any] = {}
