@@ -149,3 +149,64 @@ def test_real_image_invert_then_edit(page, tmp_path):
     assert "reconstruction: a red circle on the left" in page.locator("#real-gallery").inner_text()
     assert _errors(page) == []
     _screenshot(page, "app_real_image.png")
+
+
+def _toast(page, text: str) -> str:
+    toast = page.locator(".toast-body").filter(has_text=text)
+    toast.first.wait_for(timeout=RUN_TIMEOUT_MS)
+    assert "Traceback" not in page.content()
+    return toast.first.inner_text()
+
+
+def test_edit_refuses_an_out_of_range_weight(page):
+    _fill(page, "edit-source", "a red circle on the left")
+    _fill(page, "edit-edited", "a blue circle on the left")
+    _fill(page, "edit-weights", "blue=1e30")
+    page.locator("#edit-run").click()
+    assert "out of range" in _toast(page, "out of range")
+    assert page.locator("#edit-gallery img").count() == 0
+
+
+def test_attention_maps_tab_refuses_a_missing_prompt(page):
+    page.get_by_role("tab", name="Attention maps").click()
+    page.locator("#maps-choice").get_by_text("Generate").click()
+    _fill(page, "maps-prompt", "   ")
+    page.locator("#maps-run").click()
+    assert "Prompt" in _toast(page, "Prompt")
+    _screenshot(page, "app_maps_error.png")
+
+
+def test_real_image_tab_refuses_an_edit_before_an_inversion(page):
+    page.get_by_role("tab", name="Real image").click()
+    page.locator("#real-invert").click()
+    assert "upload the image" in _toast(page, "upload the image")
+    _fill(page, "real-edited", "a blue circle on the left")
+    page.locator("#real-run").click()
+    assert "Invert an image first" in _toast(page, "Invert an image first")
+    assert page.locator("#real-gallery img").count() == 0
+
+
+def test_consistent_subjects_tab(page):
+    page.get_by_role("tab", name="Consistent subjects").click()
+    _fill(page, "cs-subjects", "ball | a red circle in the centre")  # the word is missing
+    page.locator("#cs-run").click()
+    assert "name | portrait prompt | word" in _toast(page, "portrait prompt")
+    _fill(page, "cs-subjects", "ball | a red circle in the centre | circle")
+    _fill(page, "cs-scenes", "a red circle on the left")
+    page.locator("#cs-run").click()
+    page.wait_for_function("document.querySelectorAll('#cs-scenes-out img').length >= 1", timeout=RUN_TIMEOUT_MS)
+    assert page.locator("#cs-references img").count() >= 1
+    _screenshot(page, "app_consistent.png")
+
+
+def test_speed_tab(page):
+    page.get_by_role("tab", name="Speed").click()
+    for name in ("agent", "window"):  # untick the defaults: nothing to compare
+        page.locator("#speed-policies").get_by_label(name, exact=True).uncheck()
+    page.locator("#speed-run").click()
+    assert "tick at least one" in _toast(page, "tick at least one")
+    page.locator("#speed-policies").get_by_label("window", exact=True).check()
+    page.locator("#speed-run").click()
+    page.wait_for_function("document.querySelectorAll('#speed-gallery img').length >= 2", timeout=RUN_TIMEOUT_MS)
+    assert "window" in page.locator("#speed-info").inner_text()
+    _screenshot(page, "app_speed.png")
