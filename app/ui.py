@@ -157,7 +157,7 @@ def _edit_inputs(c: dict[str, Any]) -> list[Any]:
 INTRO = """# attnctrl
 Training-free attention control for diffusers: edit a generated or real image by editing its prompt
 (Prompt-to-Prompt), look at each word's attention, keep subjects consistent across scenes, and time
-efficient attention (agent, agentsd, proxy, grouped, window) against stock attention.
+efficient attention (agent, agentsd, window, proxy, grouped) against stock attention.
 The default model is the small embedded **shapes** model (64x64 scenes of coloured shapes; offline);
 type a hub id (`org/name`) or a local diffusers folder to use another Stable Diffusion 1.x/2.x or SDXL model."""
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from . import errors, kernels
 from .edits import LocalBlend, Refine, Replace, Reweight
-from .efficient import AgentAttention, GroupedAttention, ProxyAttention, WindowAttention
+from .policies import AgentAttention, GroupedAttention, ProxyAttention, WindowAttention
 from .inversion import Inversion
 
 __version__ = "0.1.0"

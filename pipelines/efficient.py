@@ -15,9 +15,10 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from attnctrl.efficient import POLICIES, AgentAttention
+from attnctrl.policies import PolicyState, config_types, policy_specs, spec_for
 from attnctrl.errors import InvalidTypeError, UnsupportedModelError
 from attnctrl.processors import (
+    PolicyProcessor,
     attention_modules,
     bind_timestep,
     install,
@@ -56,16 +57,17 @@ def _resolve(pipe_or_model: Any, config: Any = None) -> tuple[Any, Any, int]:
         transformer = getattr(pipe_or_model, "transformer", None)
     policy = type(config).__name__ if config is not None else "efficient attention"
     if isinstance(transformer, PixArtTransformer2DModel):
-        if isinstance(config, AgentAttention):
+        if config is not None and isinstance(config, config_types()) and "dit" not in spec_for(config).models:
+            for_dit = ", ".join(f"attnctrl.{s.config.__name__}" for s in policy_specs() if "dit" in s.models)
             raise UnsupportedModelError(
-                f"AgentAttention (AgentSD) is for UNets; for the PixArt transformer of {type(pipe_or_model).__name__} "
-                f"use attnctrl.ProxyAttention, attnctrl.GroupedAttention or attnctrl.WindowAttention. "
-                f"AgentAttention supports: {SUPPORTED}"
+                f"{policy} is for UNets; for the PixArt transformer of {type(pipe_or_model).__name__} "
+                f"use {for_dit}. {policy} supports: {SUPPORTED}"
             )
         scheduler = None if transformer is pipe_or_model else getattr(pipe_or_model, "scheduler", None)
         return transformer, scheduler, int(transformer.config.patch_size)
     denoiser = unet if unet is not None else getattr(pipe_or_model, "transformer", pipe_or_model)
-    supported = SUPPORTED if isinstance(config, AgentAttention) else f"{SUPPORTED}; {SUPPORTED_DIT}"
+    unet_only = config is not None and isinstance(config, config_types()) and "dit" not in spec_for(config).models
+    supported = SUPPORTED if unet_only else f"{SUPPORTED}; {SUPPORTED_DIT}"
     raise UnsupportedModelError(
         f"{type(pipe_or_model).__name__} (denoiser {type(denoiser).__name__}) is not supported by "
         f"{policy}; supported: {supported}"
@@ -139,10 +141,8 @@ def apply(pipe_or_model: Any, config: Any, *, scheduler: Any = None) -> Efficien
     pipeline's scheduler). For a bare model pass the scheduler that drives it; without one, steps
     are counted as the timestep changes and the step fractions are taken of the steps seen so far.
     """
-    from attnctrl.processors.efficient import PolicyState, processor_class
-
-    if not isinstance(config, POLICIES):
-        names = ", ".join(f"attnctrl.{t.__name__}" for t in POLICIES)
+    if not isinstance(config, config_types()):
+        names = ", ".join(f"attnctrl.{t.__name__}" for t in config_types())
         raise InvalidTypeError(
             f"attnctrl.apply: expected an efficient-attention config ({names}), got {type(config).__name__}"
         )
@@ -154,7 +154,6 @@ def apply(pipe_or_model: Any, config: Any, *, scheduler: Any = None) -> Efficien
             "pipeline call in progress); apply the efficient-attention policy outside it"
         )
     state = PolicyState(config, scheduler, patch_size=patch_size)
-    processor = processor_class(config)
 
     names = [name for name in model.attn_processors if _selected(name, config)]
     if config.max_downsample is None:  # the highest-resolution level that has self-attention
@@ -169,7 +168,7 @@ def apply(pipe_or_model: Any, config: Any, *, scheduler: Any = None) -> Efficien
     def make(name: str, module: Any) -> Any:
         if name not in index_of:
             return None
-        return processor(state, name, index_of[name])
+        return PolicyProcessor(state, name, index_of[name])
 
     def pre_forward(module: Any, args: tuple, kwargs: dict) -> None:
         timestep, sample = bind_timestep(module, args, kwargs)

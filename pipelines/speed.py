@@ -21,18 +21,13 @@ from typing import Any, Sequence
 import torch
 
 from attnctrl.errors import InvalidOptionError
+from attnctrl.policies import policy_label, policy_names
 
 __all__ = ["SpeedRun", "SpeedReport", "compare_speed", "parse_policy", "POLICIES"]
 
-#: Names accepted by :func:`parse_policy` and the CLI's ``--efficient``, and their config classes
-#: (``Class.preset`` names a classmethod that gives the preset's defaults).
-POLICIES = {
-    "agent": "AgentAttention",
-    "agentsd": "AgentAttention.agentsd",
-    "proxy": "ProxyAttention",
-    "grouped": "GroupedAttention",
-    "window": "WindowAttention",
-}
+#: Names accepted by :func:`parse_policy`, the CLI's ``--efficient`` and the web UI (every registered
+#: policy and preset, see :mod:`attnctrl.policies`).
+POLICIES = tuple(policy_names())
 
 
 def _value(text: str) -> Any:
@@ -65,16 +60,15 @@ def parse_policy(text: str | None) -> Any:
     Raises:
         ValueError: unknown policy or field, or a malformed item (the message lists what is valid).
     """
-    import attnctrl
-
     if text is None or text.strip().lower() in ("", "none", "stock", "off"):
         return None
     name, _, rest = text.strip().partition(":")
     name = name.strip().lower()
     if name not in POLICIES:
         raise InvalidOptionError(f"unknown efficient-attention policy {name!r}: use one of {', '.join(POLICIES)} (or none)")
-    class_name, _, preset = POLICIES[name].partition(".")
-    cls = getattr(attnctrl, class_name)
+    spec, preset = policy_names()[name]
+    cls = spec.config
+    class_name = cls.__name__
     build = getattr(cls, preset) if preset else cls
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
     fields = list(defaults)
@@ -94,18 +88,6 @@ def parse_policy(text: str | None) -> Any:
         # a word option (shift="none", agents="pool") stays a word
         kwargs[key] = value.strip() if isinstance(defaults[key], str) else _value(value)
     return build(**kwargs)
-
-
-def policy_label(config: Any) -> str:
-    """Short name of a config for tables and captions (``agent``, ``window``...)."""
-    if config is None:
-        return "stock"
-    if type(config).__name__ == "AgentAttention" and config.tome_after:
-        return "agentsd"
-    for name, cls_name in POLICIES.items():
-        if type(config).__name__ == cls_name:
-            return name
-    return type(config).__name__
 
 
 @dataclass

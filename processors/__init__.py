@@ -1,22 +1,12 @@
 """diffusers attention processors: thin adapters from an ``Attention`` module to attnctrl."""
 
 from .lifecycle import attention_modules, bind_timestep, install, is_installed, layers_installed, restore
-from .efficient import (
-    AgentAttentionProcessor,
-    GroupedAttentionProcessor,
-    PolicyProcessor,
-    ProxyAttentionProcessor,
-    WindowAttentionProcessor,
-)
+from .efficient import PolicyProcessor
 from .p2p import PromptToPromptProcessor
 
 __all__ = [
     "PromptToPromptProcessor",
     "PolicyProcessor",
-    "AgentAttentionProcessor",
-    "WindowAttentionProcessor",
-    "ProxyAttentionProcessor",
-    "GroupedAttentionProcessor",
     "install",
     "restore",
     "is_installed",

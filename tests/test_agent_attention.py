@@ -8,17 +8,7 @@ import pytest
 import torch
 
 import attnctrl
-from attnctrl.efficient import (
-    AgentAttention,
-    agent_attention,
-    agent_counts,
-    bipartite_match,
-    cell_partition,
-    merge_agents,
-    merge_tokens,
-    pool_agents,
-    unmerge_tokens,
-)
+from attnctrl.policies.agent import AgentAttention, agent_attention, agent_counts, bipartite_match, cell_partition, merge_agents, merge_tokens, pool_agents, unmerge_tokens
 from attnctrl.errors import InvalidScheduleError, InvalidWeightError, UnsupportedModelError
 from attnctrl.kernels import reference_attention
 
@@ -179,13 +169,13 @@ def _out(attn, o):
 def test_processor_main_merge_equals_merging_the_layer_input(agents):
     """AgentSD merges the block input before attn1; the processor merges projected q/k/v. For
     linear projections these agree: merge(x) -> agent attention -> un-merge is the reference."""
-    from attnctrl.processors.efficient import AgentAttentionProcessor
+    from attnctrl.processors.efficient import PolicyProcessor
 
     h = w = 12
     attn = _tiny_attention()
     x = torch.randn(2, h * w, 16, generator=torch.Generator().manual_seed(5))
     config = AgentAttention(agents=agents, merge_ratio=0.4, steps=1.0)
-    processor = AgentAttentionProcessor(_FixedState(config, 0, 4, h, w, seed=9), "attn1")
+    processor = PolicyProcessor(_FixedState(config, 0, 4, h, w, seed=9), "attn1")
     with torch.no_grad():
         got = processor(attn, x)
         match = bipartite_match(x, h, w, sx=4, sy=4, generator=torch.Generator().manual_seed(9))
@@ -202,13 +192,13 @@ def test_processor_main_merge_equals_merging_the_layer_input(agents):
 
 
 def test_processor_tome_after_the_agent_steps():
-    from attnctrl.processors.efficient import AgentAttentionProcessor
+    from attnctrl.processors.efficient import PolicyProcessor
 
     h, w = 10, 12
     attn = _tiny_attention(seed=1)
     x = torch.randn(2, h * w, 16, generator=torch.Generator().manual_seed(6))
     config = AgentAttention.agentsd()
-    processor = AgentAttentionProcessor(_FixedState(config, 3, 4, h, w, seed=2), "attn1")  # step 3 of 4: past 40%
+    processor = PolicyProcessor(_FixedState(config, 3, 4, h, w, seed=2), "attn1")  # step 3 of 4: past 40%
     with torch.no_grad():
         got = processor(attn, x)
         match = bipartite_match(x, h, w, sx=2, sy=2, generator=torch.Generator().manual_seed(2))
@@ -218,7 +208,7 @@ def test_processor_tome_after_the_agent_steps():
         expected = unmerge_tokens(_out(attn, o), match, r)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     # without tome_after the same step is stock attention
-    plain = AgentAttentionProcessor(_FixedState(AgentAttention(merge_ratio=0.4), 3, 4, h, w), "attn1")
+    plain = PolicyProcessor(_FixedState(AgentAttention(merge_ratio=0.4), 3, 4, h, w), "attn1")
     with torch.no_grad():
         torch.testing.assert_close(plain(attn, x), attn(x), atol=1e-6, rtol=1e-6)
 
@@ -335,7 +325,7 @@ def _stock_sd(sd_pipe):
 
 
 def test_apply_remove_restores_stock_output_bit_for_bit(sd_pipe):
-    from attnctrl.processors.efficient import AgentAttentionProcessor
+    from attnctrl.processors.efficient import PolicyProcessor
 
     unet = sd_pipe.unet
     original = dict(unet.attn_processors)
@@ -343,7 +333,7 @@ def test_apply_remove_restores_stock_output_bit_for_bit(sd_pipe):
     with torch.no_grad():
         stock = unet(sample, 999, encoder_hidden_states=text).sample
         handle = attnctrl.apply(sd_pipe, AgentAttention(agents="pool"))
-        patched_names = [n for n, p in unet.attn_processors.items() if isinstance(p, AgentAttentionProcessor)]
+        patched_names = [n for n, p in unet.attn_processors.items() if isinstance(p, PolicyProcessor)]
         assert patched_names and all("attn1" in n for n in patched_names)
         assert all(n.startswith(("down_blocks.0.", "up_blocks.2.")) for n in patched_names)  # top level only
         patched = unet(sample, 999, encoder_hidden_states=text).sample
@@ -415,12 +405,12 @@ def test_same_seed_same_image_outside_its_steps_and_rng_untouched(sd_pipe):
 def test_sdxl_runs_with_the_patch(sdxl_pipe):
     from diffusers import StableDiffusionXLPipeline
 
-    from attnctrl.processors.efficient import AgentAttentionProcessor
+    from attnctrl.processors.efficient import PolicyProcessor
 
     pipe = StableDiffusionXLPipeline(**sdxl_pipe.components)
     pipe.set_progress_bar_config(disable=True)
     calls = []
-    original_call = AgentAttentionProcessor.__call__
+    original_call = PolicyProcessor.__call__
 
     def spy(self, attn, hidden_states, *args, **kwargs):
         if self.state.active and self.state.layer_grid(hidden_states.shape[1]) is not None:
@@ -429,14 +419,14 @@ def test_sdxl_runs_with_the_patch(sdxl_pipe):
 
     original = dict(pipe.unet.attn_processors)
     with attnctrl.apply(pipe, AgentAttention(steps=1.0, sx=2, sy=2)):
-        names = [n for n, p in pipe.unet.attn_processors.items() if isinstance(p, AgentAttentionProcessor)]
+        names = [n for n, p in pipe.unet.attn_processors.items() if isinstance(p, PolicyProcessor)]
         # SDXL's top level has no attention: the highest level that has it is patched
         assert names and all(n.startswith(("down_blocks.1.", "up_blocks.1.")) and "attn1" in n for n in names)
-        AgentAttentionProcessor.__call__ = spy
+        PolicyProcessor.__call__ = spy
         try:
             images = pipe("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
         finally:
-            AgentAttentionProcessor.__call__ = original_call
+            PolicyProcessor.__call__ = original_call
     assert calls
     assert images.shape == (1, 32, 32, 3) and torch.isfinite(torch.from_numpy(images)).all()
     assert all(pipe.unet.attn_processors[n] is p for n, p in original.items())

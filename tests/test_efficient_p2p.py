@@ -49,14 +49,14 @@ def test_materialise_refuses_a_policy():
 
 def test_p2p_runs_over_an_applied_policy_and_leaves_it_in_place(sd_pipe):
     from attnctrl.processors import PromptToPromptProcessor
-    from attnctrl.processors.efficient import AgentAttentionProcessor
+    from attnctrl.processors.efficient import PolicyProcessor
 
     unet = sd_pipe.unet
     stock = dict(unet.attn_processors)
     plain_p2p = run(sd_pipe, edit=Replace()).images
     with attnctrl.apply(sd_pipe, POLICY):
         applied = dict(unet.attn_processors)
-        policy_names = {n for n, p in applied.items() if isinstance(p, AgentAttentionProcessor)}
+        policy_names = {n for n, p in applied.items() if isinstance(p, PolicyProcessor)}
         calls = []
         for name in policy_names:
             original = applied[name].policy_attention

@@ -12,23 +12,9 @@ import torch
 
 import attnctrl
 from attnctrl import GroupedAttention, ProxyAttention, WindowAttention
-from attnctrl.efficient import (
-    density,
-    from_group_major,
-    group_neighbours,
-    group_permutation,
-    grouped_attention,
-    grouped_density,
-    grouped_routing,
-    proxy_attention,
-    to_group_major,
-    window_attention,
-    window_merge,
-    window_partition,
-    window_proxies,
-    window_shift,
-    window_size,
-)
+from attnctrl.policies.grouped import density, from_group_major, group_neighbours, group_permutation, grouped_attention, grouped_density, grouped_routing, to_group_major
+from attnctrl.policies.proxy import proxy_attention, window_proxies
+from attnctrl.policies.window import window_attention, window_merge, window_partition, window_shift, window_size
 from attnctrl.errors import InvalidScheduleError, InvalidWeightError, UnsupportedModelError
 from attnctrl.kernels import reference_attention
 
@@ -373,7 +359,7 @@ def test_apply_twice_is_safe_and_unknown_configs_are_refused(sd_pipe):
 
 
 def test_random_shift_uses_only_the_private_generator(sd_pipe, monkeypatch):
-    import attnctrl.processors.efficient as processors
+    import attnctrl.policies.window as window_policy
 
     drawn = []
 
@@ -381,7 +367,7 @@ def test_random_shift_uses_only_the_private_generator(sd_pipe, monkeypatch):
         drawn.append(quarter)
         return window_shift(window, quarter)
 
-    monkeypatch.setattr(processors, "window_shift", record)
+    monkeypatch.setattr(window_policy, "window_shift", record)
     unet = sd_pipe.unet
     sample, text = _unet_inputs(unet)
 
@@ -493,7 +479,7 @@ def test_pixart_alpha_pipeline_end_to_end(pixart_pipe, config):
 def test_pixart_refuses_agent_attention_and_gates_steps(pixart):
     from diffusers import DDIMScheduler
 
-    from attnctrl.processors.efficient import GroupedAttentionProcessor
+    from attnctrl.processors.efficient import PolicyProcessor
 
     with pytest.raises(UnsupportedModelError, match="ProxyAttention"):
         attnctrl.apply(pixart, attnctrl.AgentAttention())
@@ -505,7 +491,7 @@ def test_pixart_refuses_agent_attention_and_gates_steps(pixart):
     config = GroupedAttention(group=2, steps=(0.5, 1.0))
     with attnctrl.apply(pixart, config, scheduler=scheduler) as handle:
         processor = pixart.attn_processors["transformer_blocks.0.attn1.processor"]
-        assert isinstance(processor, GroupedAttentionProcessor)
+        assert isinstance(processor, PolicyProcessor)
         for t in scheduler.timesteps.tolist():
             _pixart_forward(pixart, t=t)  # timestep by keyword, latent by position
             active.append((handle.state.step, handle.state.active))
@@ -536,7 +522,7 @@ def _stock_sd(sd_pipe):
 
 
 def test_step_gating_and_repeatability_through_a_pipeline(sd_pipe):
-    from attnctrl.processors.efficient import WindowAttentionProcessor
+    from attnctrl.processors.efficient import PolicyProcessor
 
     pipe = _stock_sd(sd_pipe)
 
@@ -546,7 +532,7 @@ def test_step_gating_and_repeatability_through_a_pipeline(sd_pipe):
     stock = run()
     with attnctrl.apply(pipe, WindowAttention(steps=(0.25, 0.75))) as handle:
         steps_run = []
-        original = WindowAttentionProcessor.policy_attention
+        original = PolicyProcessor.policy_attention
 
         def spy(self, attn, hidden_states, call):
             out = original(self, attn, hidden_states, call)
@@ -554,11 +540,11 @@ def test_step_gating_and_repeatability_through_a_pipeline(sd_pipe):
                 steps_run.append(self.state.step)
             return out
 
-        WindowAttentionProcessor.policy_attention = spy
+        PolicyProcessor.policy_attention = spy
         try:
             first = run()
         finally:
-            WindowAttentionProcessor.policy_attention = original
+            PolicyProcessor.policy_attention = original
         second = run()  # a new generation reseeds the shifts
         assert handle.state.num_steps == 4
     assert sorted(set(steps_run)) == [1, 2] and len(steps_run) == 2 * 3  # 3 top-level layers per step

@@ -26,7 +26,7 @@ def test_parse_policy_builds_validated_configs():
     assert parse_policy("agentsd") == attnctrl.AgentAttention.agentsd()
     assert parse_policy("agentsd:merge_ratio=0.3,sx=2,sy=2") == attnctrl.AgentAttention.agentsd(merge_ratio=0.3, sx=2, sy=2)
     assert parse_policy("agent:merge_ratio=0.4,tome_after=true").tome_after is True
-    with pytest.raises(ValueError, match="use one of agent, agentsd, proxy, grouped, window"):
+    with pytest.raises(ValueError, match="use one of agent, agentsd, window, proxy, grouped"):
         parse_policy("tome")
     with pytest.raises(ValueError, match="no option 'ratio'; options: agents"):
         parse_policy("agent:ratio=0.5")

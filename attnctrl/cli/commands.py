@@ -18,6 +18,7 @@ import traceback
 from typing import Any, Sequence
 
 from ..errors import AttnctrlError
+from ..policies import policy_names
 from .options import (
     DEFAULT_GUIDANCE,
     DEFAULT_SEED,
@@ -82,7 +83,7 @@ def cmd_speed(args: argparse.Namespace) -> int:
     check_prompt(args.prompt)
     check_out_dir(args.out)
     if any(p is None for p in policies):
-        raise OptionError("--efficient: name a policy (agent, agentsd, proxy, grouped, window); stock attention always runs first")
+        raise OptionError(f"--efficient: name a policy ({', '.join(policy_names())}); stock attention always runs first")
     check_positive_int(args.steps, "--steps")
     check_guidance(args.guidance)
     size = parse_size(args.size)
@@ -652,12 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser(
         "speed",
-        help="time generation with efficient attention (agent, agentsd, proxy, grouped, window) against stock attention",
+        help=f"time generation with efficient attention ({', '.join(policy_names())}) against stock attention",
         description="Generate PROMPT with stock attention and with each --efficient policy from the same noise, and "
         "write DIR/stock.png, DIR/POLICY.png, DIR/grid.png and DIR/speed.json (seconds per step, speed-up).",
     )
     sp.add_argument("--efficient", action="append", required=True, metavar="POLICY[:KEY=VALUE,...]",
-                    help="a policy to compare (repeat for several): agent, agentsd, proxy, grouped, window, with config options")
+                    help=f"a policy to compare (repeat for several): {', '.join(policy_names())}, with config options")
     sp.add_argument("--prompt", default="a red circle on the left and a blue square at the top right")
     sp.add_argument("--model", default=None, help="diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
     sp.add_argument("--out", required=True, metavar="DIR")
