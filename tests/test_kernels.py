@@ -630,3 +630,20 @@ def test_import_does_not_pull_optional_dependencies():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_attention_with_log_sum_exp_is_a_declared_capability():
+    """Two halves of the keys, combined by their log-sum-exp, give full attention; backends that do
+    not declare returns_lse are listed with their reason."""
+    from attnctrl.kernels import attention_with_lse, lse_backend
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 37, 40, generator=g) for _ in range(3))
+    (o1, l1), (o2, l2) = (attention_with_lse(q, k[:, :, part], v[:, :, part]) for part in (slice(0, 20), slice(20, None)))
+    total = torch.logsumexp(torch.stack([l1, l2]), dim=0)
+    combined = o1 * torch.exp(l1 - total)[..., None] + o2 * torch.exp(l2 - total)[..., None]
+    torch.testing.assert_close(combined, reference_attention(q, k, v)[0], atol=1e-5, rtol=1e-5)
+    chosen, _ = lse_backend(q, k, v)
+    assert chosen is not None and chosen.capabilities.returns_lse
+    with pytest.raises(NoBackendError, match="reference: does not return the log-sum-exp"):
+        attention_with_lse(q, k, v, backend="reference")

@@ -9,6 +9,7 @@ Entry points::
 
     out = attention(q, k, v, *, scale=None, mask=None, backend=None)
     out, probs = attention_with_probs(q, k, v, *, columns=None, scale=None, mask=None, backend=None)
+    out, lse = attention_with_lse(q, k, v, *, scale=None, backend=None)       # backends declaring returns_lse
     out, probs = reference_attention(q, k, v, *, scale=None, mask=None)   # full probs, float32
 
 Backends live in an open registry keyed by name. Each declares :class:`Capabilities` (devices,
@@ -67,9 +68,11 @@ from ._registry import (
     Capabilities,
     LazyBackend,
     attention,
+    attention_with_lse,
     attention_with_probs,
     available_backends,
     get_backend,
+    lse_backend,
     mask_kind,
     register_backend,
     registered_backends,
@@ -90,6 +93,8 @@ __all__ = [
     "SdpaBackend",
     "attention",
     "attention_with_probs",
+    "attention_with_lse",
+    "lse_backend",
     "available_backends",
     "get_backend",
     "mask_kind",

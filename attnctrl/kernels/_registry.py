@@ -39,6 +39,8 @@ __all__ = [
     "NoBackendError",
     "attention",
     "attention_with_probs",
+    "attention_with_lse",
+    "lse_backend",
     "available_backends",
     "get_backend",
     "mask_kind",
@@ -76,6 +78,8 @@ class Capabilities:
         deterministic: repeated calls on the same inputs give bitwise-equal results (forward and
             backward). Non-deterministic backends refuse while
             ``torch.use_deterministic_algorithms(True)`` is on.
+        returns_lse: implements :meth:`Backend.forward_with_lse` (unmasked attention plus the row
+            log-sum-exp, so partial attentions over disjoint key sets combine exactly).
     """
 
     devices: frozenset[str]
@@ -86,6 +90,7 @@ class Capabilities:
     supports_autograd: bool
     priority: int
     deterministic: bool
+    returns_lse: bool = False
 
     def __post_init__(self) -> None:
         # Accept any iterable for the set fields, store frozensets.
@@ -275,6 +280,17 @@ class Backend(abc.ABC):
         ``columns`` is None). Fully-masked rows give zero outputs and zero probabilities.
         """
         raise NotImplementedError(f"backend {self.name!r} does not return attention probabilities")
+
+    def lse_refusal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+        """``None`` if :meth:`forward_with_lse` runs these inputs, else why not (called only when
+        ``capabilities.returns_lse`` and :meth:`refusal` accepted the call)."""
+        return None
+
+    def forward_with_lse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unmasked ``(out (B, H, Nq, Dv) in q.dtype, lse (B, H, Nq) float32)``."""
+        raise NotImplementedError(f"backend {self.name!r} does not return the log-sum-exp")
 
     def column_probs(
         self,
@@ -758,6 +774,47 @@ def attention_with_probs(
         return out, taps.column_probs(q, k, v, columns=cols, scale=scale_f, mask=mask)
     chosen = select_backend(backend, q, k, v, mask=mask, need_probs=True, need_grad=need_grad)
     return chosen.forward_with_probs(q, k, v, columns=cols, scale=scale_f, mask=mask)
+
+
+def lse_backend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: BackendArg = None
+) -> tuple[Backend | None, dict[str, str]]:
+    """The backend :func:`attention_with_lse` would run (forced or the best declaring
+    ``returns_lse`` that accepts), or ``(None, {name: reason})``; no error, for callers choosing a path."""
+    candidates = [backend if isinstance(backend, Backend) else get_backend(backend)] if backend is not None else list(_ORDERED)
+    reasons: dict[str, str] = {}
+    need_grad = _need_grad(q, k, v, None)
+    for candidate in candidates:
+        if not candidate.capabilities.returns_lse:
+            reasons[candidate.name] = "does not return the log-sum-exp"
+            continue
+        reason = candidate.refusal(q, k, v, mask=None, need_probs=False, need_grad=need_grad)
+        if reason is None:
+            reason = candidate.lse_refusal(q, k, v)
+        if reason is None:
+            return candidate, {}
+        reasons[candidate.name] = reason
+    return None, reasons
+
+
+def attention_with_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, backend: BackendArg = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention and its row log-sum-exp: ``(out (B, H, Nq, Dv), lse (B, H, Nq))``.
+
+    Partial attentions over disjoint key sets combine exactly by their log-sum-exp (the CPU
+    ``"strips"`` path of grouped attention does). Only backends declaring ``returns_lse`` run it;
+    :class:`NoBackendError` lists why each refused.
+    """
+    check_inputs(q, k, v, None)
+    chosen, reasons = lse_backend(q, k, v, backend=backend)
+    if chosen is None:
+        lines = "\n".join(f"  {name}: {why}" for name, why in reasons.items())
+        raise NoBackendError(
+            f"no attention backend returns the log-sum-exp for this call ({_describe_call(q, k, v, None, False, False)}):\n{lines}",
+            reasons=reasons, backend=None if backend is None else getattr(backend, "name", backend),
+        )
+    return chosen.forward_with_lse(q, k, v, scale=resolve_scale(scale, q.shape[-1]))
 
 
 def _forced_without_probs(backend: BackendArg) -> Backend | None:

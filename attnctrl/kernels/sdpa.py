@@ -118,6 +118,7 @@ class SdpaBackend(Backend):
         supports_autograd=True,
         priority=10,
         deterministic=True,
+        returns_lse=True,  # on CPU, through PyTorch's CPU flash kernel (see lse_refusal)
     )
 
     def __init__(
@@ -149,6 +150,14 @@ class SdpaBackend(Backend):
         if reason is None and mask_kind(mask) == MASK_ROUTING and not isinstance(mask, Routing):
             reason = f"a 'routing' mask must be an attnctrl.kernels.Routing, got {type(mask).__name__}"
         return reason
+
+    def lse_refusal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+        return cpu_flash_with_lse_refusal(q, k, v)
+
+    def forward_with_lse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return cpu_flash_with_lse(q, k, v, scale=scale)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | Routing | None

@@ -271,7 +271,7 @@ def grouped_attention(
         reason = strips_refusal(q, k, v, h, w, group, pattern, backend)
         if reason is not None:
             raise InvalidOptionError(f"grouped_attention: implementation='strips' does not apply: {reason}; use 'gather'")
-        return _grouped_strips(q, k, v, h, w, group, radius, q.shape[-1] ** -0.5 if scale is None else float(scale))
+        return _grouped_strips(q, k, v, h, w, group, radius, q.shape[-1] ** -0.5 if scale is None else float(scale), backend)
     if implementation == "routing":
         if routing is None:
             routing = grouped_routing(h, w, group, pattern, radius, device=q.device)
@@ -320,15 +320,16 @@ def strips_refusal(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, group: tuple[int, int], pattern: str, backend: Any
 ) -> str | None:
     """``None`` if the ``"strips"`` implementation runs this call, else why not."""
-    from attnctrl.kernels.sdpa import cpu_flash_with_lse_refusal
-
     if pattern != "neighborhood":
         return f"it computes the neighbourhood pattern, not {pattern!r}"
     if h % group[0] or w % group[1]:
         return f"a {h}x{w} grid does not split into whole {group[0]}x{group[1]} groups"
-    if backend not in (None, "sdpa"):
-        return f"it runs on PyTorch's CPU flash kernel, and backend={backend!r} was asked for"
-    return cpu_flash_with_lse_refusal(q, k, v)
+    if q.device.type != "cpu":
+        return "it is the CPU path (overlapping strided views of K and V); other devices run the routing"
+    chosen, reasons = kernels.lse_backend(q, k, v, backend=backend)
+    if chosen is None:
+        return "no backend returns the log-sum-exp here (" + "; ".join(f"{n}: {r}" for n, r in reasons.items()) + ")"
+    return None
 
 
 def grouped_implementation(
@@ -356,7 +357,8 @@ def _column_runs(n_cols: int, radius: int) -> list[tuple[int, int, int, int]]:
 
 
 def _grouped_strips(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, group: tuple[int, int], radius: int, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, group: tuple[int, int], radius: int, scale: float,
+    backend: Any = None,
 ) -> torch.Tensor:
     """Neighbourhood grouped attention without copying K/V per query group.
 
@@ -366,8 +368,6 @@ def _grouped_strips(
     ``(B·H, columns, span·m, D)`` of K (and V). Each key row is one CPU flash call that also
     returns the log-sum-exp, and the up to ``2r+1`` partial outputs are combined exactly by it.
     """
-    from attnctrl.kernels.sdpa import cpu_flash_with_lse
-
     b, heads, _, d = q.shape
     gy, gx = h // group[0], w // group[1]
     m = group[0] * group[1]
@@ -386,7 +386,10 @@ def _grouped_strips(
         for first, end, offset, span in _column_runs(gx, radius):
             queries = qg[:, row, first:end]
             parts = [
-                cpu_flash_with_lse(queries, strip(kg, r, first + offset, end - first, span), strip(vg, r, first + offset, end - first, span), scale=scale)
+                kernels.attention_with_lse(
+                    queries, strip(kg, r, first + offset, end - first, span), strip(vg, r, first + offset, end - first, span),
+                    scale=scale, backend=backend,
+                )
                 for r in key_rows
             ]
             if len(parts) == 1:
