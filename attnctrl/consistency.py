@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .adapters import adapter_for
 from .errors import InvalidOptionError, InvalidWeightError
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "isolation_table",
     "reference_table",
     "query_dropout",
-    "transformer_blocks",
     "Gating",
     "IRDiffusion",
     "ConsistentSelfAttention",
@@ -230,23 +230,6 @@ def query_dropout(labels: torch.Tensor, subjects: int, probability: float, gener
 # ------------------------------------------------------------------------------------------------
 
 
-def transformer_blocks(unet: torch.nn.Module) -> list[str]:
-    """Self-attention processor names (``...attn1.processor``) of a UNet2DConditionModel's
-    transformer blocks in CALL order: down blocks, mid block, up blocks (diffusers registers
-    ``up_blocks`` before ``mid_block``, so its processor dict is not in call order)."""
-    names: list[str] = []
-    parts = [("down_blocks", getattr(unet, "down_blocks", [])), ("mid_block", [getattr(unet, "mid_block", None)]), ("up_blocks", getattr(unet, "up_blocks", []))]
-    for prefix, blocks in parts:
-        for b, block in enumerate(blocks):
-            if block is None:
-                continue
-            base = prefix if prefix == "mid_block" else f"{prefix}.{b}"
-            for a, attention in enumerate(getattr(block, "attentions", []) or []):
-                for t, _ in enumerate(getattr(attention, "transformer_blocks", []) or []):
-                    names.append(f"{base}.attentions.{a}.transformer_blocks.{t}.attn1.processor")
-    return names
-
-
 @dataclass(frozen=True)
 class Gating:
     """Which transformer blocks and steps use reference attention (isolation runs everywhere).
@@ -274,7 +257,7 @@ class Gating:
 
     def blocks(self, unet: torch.nn.Module) -> list[str]:
         """The processor names of the gated blocks."""
-        names = transformer_blocks(unet)
+        names = adapter_for(unet).self_attention_layers(unet)
         first = self.first_block
         if first is None:
             if len(names) == 70:

@@ -39,8 +39,8 @@ from attnctrl.consistency import (
     binarise,
     resize_mask,
     resolve_overlaps,
-    transformer_blocks,
 )
+from attnctrl.adapters import adapter_for
 from attnctrl.clock import StepClock
 from attnctrl.errors import InvalidOptionError, InvalidTypeError, InvalidWeightError, PromptMismatchError, WordNotFoundError
 from attnctrl.tokens import tokenize_prompt
@@ -312,7 +312,7 @@ def consistent_self_attention(
     check_pipeline(pipe)
     if not isinstance(settings, ConsistentSelfAttention):
         raise InvalidTypeError(f"settings must be an attnctrl.consistency.ConsistentSelfAttention, got {type(settings).__name__}")
-    names = set(layers) if layers is not None else {n for n in transformer_blocks(pipe.unet) if n.startswith("up_blocks")}
+    names = set(layers) if layers is not None else {n for n in adapter_for(pipe.unet).self_attention_layers(pipe.unet) if n.startswith("up_blocks")}
     unknown = names - set(pipe.unet.attn_processors)
     if unknown:
         raise InvalidOptionError(f"not attention processors of this UNet: {sorted(unknown)[:3]}")
@@ -365,17 +365,6 @@ def _subject_positions(tokenizer: Any, prompts: Sequence[str], subject_words: st
                 raise WordNotFoundError(f"subject word of prompt {index}: {err}") from None
         out.append(tuple(sorted(positions)))
     return tuple(out)
-
-
-def _level_factor(name: str, down_blocks: int, up_blocks: int) -> int:
-    """Downsampling factor of the UNet level a processor ``name`` sits at (down block ``b``: 2^b,
-    mid block: 2^(down - 1), up block ``b``: 2^(up - 1 - b))."""
-    parts = name.split(".")
-    if parts[0] == "down_blocks":
-        return 2 ** int(parts[1])
-    if parts[0] == "up_blocks":
-        return 2 ** (up_blocks - 1 - int(parts[1]))
-    return 2 ** (down_blocks - 1)
 
 
 @contextlib.contextmanager
@@ -431,14 +420,14 @@ def subject_shared_attention(
         raise InvalidWeightError(f"images_per_prompt must be an int >= 1, got {images_per_prompt!r}")
     positions = _subject_positions(pipe.tokenizer, list(prompts), subject_words)
     unet = pipe.unet
-    blocks = transformer_blocks(unet)
+    adapter = adapter_for(unet)
+    blocks = adapter.self_attention_layers(unet)
     shared = {n for n in blocks if settings.layers == "all" or n.startswith("up_blocks")}
     processors = set(unet.attn_processors)
     cross = {n.replace(".attn1.", ".attn2.") for n in blocks} & processors
     if not cross:
         raise InvalidOptionError("this UNet has no cross-attention layers to make subject masks from")
-    down, up = len(getattr(unet, "down_blocks", [])), len(getattr(unet, "up_blocks", []))
-    factors = sorted({_level_factor(n, down, up) for n in cross})
+    factors = sorted({adapter.level_factor(unet, n) for n in cross})
     state = SubjectSharedState(settings, positions, images_per_prompt=images_per_prompt, halves=2 if cfg else 1)
     clock = StepClock(pipe.scheduler)
 

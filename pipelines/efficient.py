@@ -12,10 +12,10 @@ Policies: :class:`~attnctrl.AgentAttention` (UNets), :class:`~attnctrl.WindowAtt
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from attnctrl.policies import PolicyState, config_types, policy_specs, spec_for
+from attnctrl.adapters import adapter_for
 from attnctrl.errors import InvalidTypeError, UnsupportedModelError
 from attnctrl.processors import (
     PolicyProcessor,
@@ -64,7 +64,7 @@ def _resolve(pipe_or_model: Any, config: Any = None) -> tuple[Any, Any, int]:
                 f"use {for_dit}. {policy} supports: {SUPPORTED}"
             )
         scheduler = None if transformer is pipe_or_model else getattr(pipe_or_model, "scheduler", None)
-        return transformer, scheduler, int(transformer.config.patch_size)
+        return transformer, scheduler, adapter_for(transformer).patch_size(transformer)
     denoiser = unet if unet is not None else getattr(pipe_or_model, "transformer", pipe_or_model)
     unet_only = config is not None and isinstance(config, config_types()) and "dit" not in spec_for(config).models
     supported = SUPPORTED if unet_only else f"{SUPPORTED}; {SUPPORTED_DIT}"
@@ -78,20 +78,6 @@ def _selected(name: str, config: Any) -> bool:
     if not name.endswith("attn1.processor"):  # self-attention of a transformer block
         return False
     return config.layers is None or any(part in name for part in config.layers)
-
-
-def _level(model: Any, name: str) -> int:
-    """Resolution level of a UNet processor name: 0 = latent resolution, +1 per downsampling."""
-    if name.startswith("transformer_blocks."):  # a DiT: every block attends over the same token grid
-        return 0
-    match = re.match(r"(down_blocks|up_blocks)\.(\d+)\.", name)
-    n_down = len(getattr(model, "down_blocks", ()))
-    if match is None:  # mid_block
-        return max(n_down - 1, 0)
-    index = int(match.group(2))
-    if match.group(1) == "down_blocks":
-        return index
-    return len(getattr(model, "up_blocks", ())) - 1 - index
 
 
 class EfficientHandle:
@@ -157,7 +143,8 @@ def apply(pipe_or_model: Any, config: Any, *, scheduler: Any = None) -> Efficien
 
     names = [name for name in model.attn_processors if _selected(name, config)]
     if config.max_downsample is None:  # the highest-resolution level that has self-attention
-        levels = {name: _level(model, name) for name in names}
+        adapter = adapter_for(model)
+        levels = {name: adapter.level(model, name) for name in names}
         top = min(levels.values(), default=None)
         names = [name for name in names if levels[name] == top]
     # Self-attention only: a layer whose module is cross-attention keeps its processor.

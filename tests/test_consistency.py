@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from attnctrl.adapters import adapter_for
+
 import pytest
 import torch
 
@@ -18,7 +20,6 @@ from attnctrl.consistency import (
     reposition,
     resize_mask,
     resolve_overlaps,
-    transformer_blocks,
 )
 from attnctrl.metrics import grid_positions, leakage, locality, reference_share
 
@@ -139,7 +140,7 @@ def _sdxl_shaped_unet():
 
 def test_sdxl_topology_and_default_gating():
     unet = _sdxl_shaped_unet()
-    names = transformer_blocks(unet)
+    names = adapter_for(unet).self_attention_layers(unet)
     assert len(names) == 70
     assert sum(n.startswith("down_blocks") for n in names) == 24
     assert sum(n.startswith("mid_block") for n in names) == 10
@@ -152,7 +153,7 @@ def test_sdxl_topology_and_default_gating():
 
 
 def test_sd_gating_defaults_to_the_decoder(sd_pipe):
-    names = transformer_blocks(sd_pipe.unet)
+    names = adapter_for(sd_pipe.unet).self_attention_layers(sd_pipe.unet)
     gated = Gating().blocks(sd_pipe.unet)
     assert gated and all(n.startswith("up_blocks") for n in gated)
     assert gated == [n for n in names if n.startswith("up_blocks")]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from attnctrl.adapters import adapter_for
+
 import math
 
 import pytest
 import torch
 
-from attnctrl.consistency import Gating, IRDiffusion, transformer_blocks
+from attnctrl.consistency import Gating, IRDiffusion
 from attnctrl.processors.consistency import ConsistencyProcessor, ConsistencyState
 
 H, W = 4, 5
@@ -201,7 +203,7 @@ def test_gating_selects_exactly_the_configured_blocks():
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
         transformer_layers_per_block=(1, 2, 10), attention_head_dim=(2, 2, 2), cross_attention_dim=8,
     ).eval()
-    names = transformer_blocks(unet)
+    names = adapter_for(unet).self_attention_layers(unet)
     gating = Gating(first_block=40, last_block=45)
     full = torch.ones(1, 8, 8, dtype=torch.bool)
     state = ConsistencyState(
