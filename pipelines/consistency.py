@@ -43,6 +43,15 @@ from attnctrl.consistency import (
 from attnctrl.adapters import adapter_for
 from attnctrl.clock import StepClock
 from attnctrl.errors import InvalidOptionError, InvalidTypeError, InvalidWeightError, PromptMismatchError, WordNotFoundError
+from attnctrl.processors import bind_timestep, install, restore
+from attnctrl.processors.consistency import (
+    ConsistencyProcessor,
+    ConsistencyState,
+    SharedAttentionState,
+    SharedSelfAttentionProcessor,
+    SubjectSharedProcessor,
+    SubjectSharedState,
+)
 from attnctrl.tokens import tokenize_prompt
 
 from .control import check_pipeline, control
@@ -241,9 +250,6 @@ class _ConsistentCall:
         output_type: str,
         common: dict[str, Any],
     ) -> Any:
-        from attnctrl.processors import install, restore
-        from attnctrl.processors import bind_timestep
-        from attnctrl.processors.consistency import ConsistencyProcessor, ConsistencyState
 
         state = ConsistencyState(
             settings=settings,
@@ -305,9 +311,6 @@ def consistent_self_attention(
 
     Yields the :class:`~attnctrl.processors.consistency.SharedAttentionState`.
     """
-    from attnctrl.processors import install, restore
-    from attnctrl.processors import bind_timestep
-    from attnctrl.processors.consistency import SharedAttentionState, SharedSelfAttentionProcessor
 
     check_pipeline(pipe)
     if not isinstance(settings, ConsistentSelfAttention):
@@ -407,9 +410,6 @@ def subject_shared_attention(
         PromptMismatchError: ``subject_words`` does not have one entry per prompt; during the call,
             when the batch is not ``prompts x images_per_prompt`` per CFG half.
     """
-    from attnctrl.processors import install, restore
-    from attnctrl.processors import bind_timestep
-    from attnctrl.processors.consistency import SubjectSharedProcessor, SubjectSharedState
 
     check_pipeline(pipe)
     if not isinstance(settings, ConsiStory):

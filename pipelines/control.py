@@ -11,6 +11,7 @@ from attnctrl.edits import Refine, Replace, Reweight
 from attnctrl.errors import InvalidOptionError, UnsupportedModelError
 from attnctrl.plan import compile_edit, compile_prompts
 from attnctrl.processors import (
+    PolicyProcessor,
     PromptToPromptProcessor,
     bind_timestep,
     install,
@@ -19,6 +20,8 @@ from attnctrl.processors import (
     restore,
 )
 from attnctrl.store import AttentionStore
+
+from .efficient import applied_handle
 
 __all__ = ["control", "EditSession", "check_pipeline"]
 
@@ -62,8 +65,6 @@ def _applied_policies(unet: Any) -> dict[str, Any]:
     Prompt-to-Prompt layers over such a policy (its layers keep their attention, the edit acts on V);
     any other attnctrl install (an open control block, a pipeline call in progress) is refused.
     """
-    from attnctrl.pipelines.efficient import applied_handle
-    from attnctrl.processors.efficient import PolicyProcessor
 
     if not is_installed(unet):
         return {}

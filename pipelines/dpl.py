@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 
 from attnctrl.errors import InvalidOptionError, UnsupportedModelError, WordNotFoundError
+from attnctrl.processors import install, restore
+from attnctrl.processors.maps import AttentionMapProcessor, MapRecorder
 from attnctrl.store import pick_resolution
 from attnctrl.tokens import PromptTokens, normalize_word, tokenize_prompt
 
@@ -271,8 +273,6 @@ def dynamic_prompt_learning(
     lr: float = 1e-3,
 ) -> DPLResult:
     """The DPL inversion of :func:`attnctrl.pipelines.invert` (``method="dpl"``)."""
-    from attnctrl.processors import install, restore
-    from attnctrl.processors.maps import AttentionMapProcessor, MapRecorder
 
     from .ddim import ddim_trajectory, null_text_step
 
@@ -413,8 +413,6 @@ def attention_losses(
     The background is ``background_mask`` ((H, W), 1 = background) or, when None, the estimate
     DPL stored in the inversion's stats (for other methods: estimated here from the replay).
     """
-    from attnctrl.processors import install, restore
-    from attnctrl.processors.maps import AttentionMapProcessor, MapRecorder
 
     inv = inversion[0]
     den = Denoiser(pipe, height=inv.height, width=inv.width)

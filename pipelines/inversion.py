@@ -42,6 +42,8 @@ from attnctrl.inversion import METHODS, Inversion
 
 from ._denoiser import Denoiser, PromptEmbeddings
 from .ddim import NullTextStep, ddim_trajectory, null_text_step
+from .dpl import dynamic_prompt_learning
+from .p2p import check_inversion
 
 __all__ = ["invert", "null_text_step", "NullTextStep", "image_geometry", "reconstruct", "ddim_trajectory"]
 
@@ -145,8 +147,6 @@ def invert(
     total = steps * (2 if method in ("null-text", "dpl") else 1)
     with _progress(pipe, total, f"{method} inversion", progress) as bar:
         if method == "dpl":
-            from .dpl import dynamic_prompt_learning
-
             result = dynamic_prompt_learning(
                 den, pipe, prompts, encoded, timesteps, embeddings,
                 guidance_scale=w, inner_steps=inner_steps, schedule=schedule, words=words,
@@ -226,8 +226,6 @@ def reconstruct(pipe: Any, inversion: Inversion, *, output_type: str = "pt") -> 
     inversion, the trajectory correction). Returns (M, 3, H, W) in [0, 1] (``output_type="pt"``)
     or PIL images (``"pil"``).
     """
-    from .p2p import check_inversion
-
     den = Denoiser(pipe, height=inversion.height, width=inversion.width)
     check_inversion(pipe, inversion, den)
     embeddings = den.encode_prompts(list(inversion.prompts))

@@ -26,6 +26,7 @@ from attnctrl.errors import InvalidOptionError, InvalidTypeError, InversionMisma
 from attnctrl.inversion import Inversion
 from attnctrl.store import AttentionStore
 
+from ._denoiser import Denoiser
 from .control import control
 
 __all__ = ["Prompt2PromptPipeline", "Prompt2PromptXLPipeline", "Prompt2PromptOutput", "load_pipeline", "check_inversion", "pipeline_lock"]
@@ -193,8 +194,6 @@ _INVERSION_REFUSED = ("negative_prompt", "negative_prompt_embeds", "prompt_embed
 
 def check_inversion(pipe: Any, inversion: Inversion, denoiser: Any = None) -> None:
     """Refuse an inversion made with another model (compared by weight fingerprint)."""
-    from ._denoiser import Denoiser
-
     if not isinstance(inversion, Inversion):
         raise InvalidTypeError(f"inversion must be an attnctrl.Inversion (from attnctrl.pipelines.invert or Inversion.load), got {type(inversion).__name__}")
     den = denoiser or Denoiser(pipe, height=inversion.height, width=inversion.width)

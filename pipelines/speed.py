@@ -22,6 +22,7 @@ import torch
 
 from attnctrl.errors import InvalidOptionError
 from attnctrl.policies import policy_label, policy_names
+from attnctrl.processors import is_installed
 
 __all__ = ["SpeedRun", "SpeedReport", "compare_speed", "parse_policy", "POLICIES"]
 
@@ -178,7 +179,6 @@ def compare_speed(
         A :class:`SpeedReport`; each policy is removed again after its run.
     """
     import attnctrl
-    from attnctrl.processors import is_installed
 
     if not policies:
         raise InvalidOptionError("compare_speed: give at least one efficient-attention policy to compare with stock attention")
