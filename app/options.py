@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from attnctrl.cli import options as grammar
-from attnctrl.cli.options import MODES, OptionError, parse_lines
+from attnctrl.cli.options import MODES, OptionError, check_int, check_number, parse_lines
 from attnctrl.errors import AttnctrlError
 
 __all__ = [
@@ -112,16 +112,6 @@ def parse_policies(selected: Sequence[str] | None, options_text: str | None) -> 
     if unused:
         raise OptionError(f"Policy options: options given for {', '.join(unused)}, which is not ticked")
     return [grammar.parse_efficient(lines.get(name, name), label="Policy options") for name in names]
-
-
-def check_int(value: Any, what: str, low: int, high: int) -> int:
-    """``value`` (a Gradio number, possibly a float or None) as an int in [low, high]."""
-    return grammar.check_int(value, what, low, high)
-
-
-def check_number(value: Any, what: str, low: float, high: float) -> float:
-    """``value`` as a finite float in [low, high]."""
-    return grammar.check_number(value, what, low, high)
 
 
 def build_edit(

@@ -20,7 +20,7 @@ import torch
 
 from .errors import InvalidOptionError
 
-__all__ = ["StepClock", "distinct_timesteps"]
+__all__ = ["StepClock", "Clocked", "distinct_timesteps"]
 
 
 def distinct_timesteps(timesteps: Any) -> list[float]:
@@ -104,3 +104,26 @@ class StepClock:
         self._last_t = t
         self.step, self.num_steps = index, total
         return new_generation
+
+
+class Clocked:
+    """Mixin of a per-generation state that owns a :class:`StepClock` as ``self.clock``: its
+    ``scheduler`` (the object whose ``.timesteps`` is the schedule), ``step`` and ``num_steps``."""
+
+    clock: StepClock
+
+    @property
+    def scheduler(self) -> Any:
+        return self.clock.scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler: Any) -> None:
+        self.clock.scheduler = scheduler
+
+    @property
+    def step(self) -> int:
+        return self.clock.step
+
+    @property
+    def num_steps(self) -> int:
+        return self.clock.num_steps

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import torch
 
-from .clock import StepClock
+from .clock import Clocked, StepClock
 from .errors import LocalBlendNotAppliedError
 from .tracing import host_side
 from .p2p import RowLayout, edited_attention
@@ -22,7 +22,7 @@ from .tokens import PromptTokens
 __all__ = ["EditController"]
 
 
-class EditController:
+class EditController(Clocked):
     """State of one Prompt-to-Prompt generation (or of plain generation with an attention store).
 
     Args:
@@ -54,23 +54,6 @@ class EditController:
         self.clock = StepClock()
         self._cross_steps: dict[tuple[int, int, torch.device, torch.dtype], Any] = {}
         self.reset()
-
-    @property
-    def timesteps_source(self) -> Any:
-        """The object whose ``.timesteps`` is the schedule (the pipeline's scheduler)."""
-        return self.clock.scheduler
-
-    @timesteps_source.setter
-    def timesteps_source(self, scheduler: Any) -> None:
-        self.clock.scheduler = scheduler
-
-    @property
-    def step(self) -> int:
-        return self.clock.step
-
-    @property
-    def num_steps(self) -> int:
-        return self.clock.num_steps
 
     # ---- per-generation state -------------------------------------------------------------
     def reset(self) -> None:

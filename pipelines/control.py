@@ -122,11 +122,11 @@ def control(
     controller = EditController(
         tokens, plan, images_per_prompt=images_per_prompt, record=record, materialise=materialise, backend=backend
     )
-    controller.timesteps_source = pipe.scheduler
+    controller.scheduler = pipe.scheduler
 
     def pre_forward(module: Any, args: tuple, kwargs: dict) -> None:
         timestep, sample = bind_timestep(module, args, kwargs)
-        controller.timesteps_source = pipe.scheduler
+        controller.scheduler = pipe.scheduler
         controller.observe_denoiser_call(timestep, sample)
 
     install(

@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from ..clock import StepClock
+from ..clock import Clocked, StepClock
 from ..errors import InvalidTypeError
 
 __all__ = [
@@ -132,7 +132,7 @@ def policy_label(config: Any) -> str:
     return spec.label(config) if spec.label is not None else spec.name
 
 
-class PolicyState:
+class PolicyState(Clocked):
     """Step index, token grid, private generator and caches shared by the processors of one install.
 
     :meth:`observe` runs before every denoiser forward (a pre-forward hook). The step index comes
@@ -158,22 +158,6 @@ class PolicyState:
         self.latent_hw: tuple[int, int] | None = None
         self._cache: OrderedDict[Any, Any] = OrderedDict()
         self.reset()
-
-    @property
-    def scheduler(self) -> Any:
-        return self.clock.scheduler
-
-    @scheduler.setter
-    def scheduler(self, scheduler: Any) -> None:
-        self.clock.scheduler = scheduler
-
-    @property
-    def step(self) -> int:
-        return self.clock.step
-
-    @property
-    def num_steps(self) -> int:
-        return self.clock.num_steps
 
     def reset(self) -> None:
         self.clock.reset()
