@@ -129,9 +129,10 @@ register_backend(
 )
 
 #: Declared capabilities of the "triton" backend (forward-only Triton flash attention, dense or
-#: group-routed with key-tile skipping). CPU only under TRITON_INTERPRET=1 and bfloat16 never
-#: there; in automatic selection it steps aside off CUDA and for unmasked calls without
-#: probabilities (see attnctrl/kernels/_triton.py).
+#: group-routed with key-tile skipping, probabilities of up to 32 key columns in the same pass).
+#: CPU only under TRITON_INTERPRET=1 and bfloat16 never there; in automatic selection it runs only
+#: on CUDA, for attention plus probabilities and for large routings that flex cannot run
+#: (see attnctrl/kernels/_triton.py).
 TRITON_CAPS = Capabilities(
     devices=frozenset({"cuda", "cpu"}),
     dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}),
