@@ -39,6 +39,8 @@ GB = 10**9  # reported sizes are decimal gigabytes
 __all__ = [
     "GB",
     "GIB",
+    "PIXART_ALPHA_TRANSFORMER",
+    "SDXL_UNET",
     "ChildResult",
     "Memory",
     "atomic_write",
@@ -54,6 +56,31 @@ __all__ = [
     "set_address_space_limit",
     "synchronize",
 ]
+
+
+# ---- published model configs (random weights are built from them) -----------------------------
+# SDXL base 1.0's UNet (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json), keyword
+# arguments of ``diffusers.UNet2DConditionModel``. 2.6 B parameters; text conditioning is 2048 wide
+# (CLIP ViT-L 768 + OpenCLIP bigG 1280), ``text_embeds`` 1280 + 6 time ids x 256 = 2816.
+SDXL_UNET: dict[str, Any] = dict(
+    sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    mid_block_type="UNetMidBlock2DCrossAttn", block_out_channels=(320, 640, 1280), layers_per_block=2,
+    downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5,
+    cross_attention_dim=2048, transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+# PixArt-alpha XL-2 1024 (PixArt-alpha/PixArt-XL-2-1024-MS, transformer/config.json), keyword
+# arguments of ``diffusers.PixArtTransformer2DModel``: 28 blocks of 16 heads x 72, patch 2, T5 captions
+# (4096 wide, 120 tokens); sample_size 128 turns on the resolution / aspect-ratio conditions.
+PIXART_ALPHA_TRANSFORMER: dict[str, Any] = dict(
+    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28, dropout=0.0,
+    norm_num_groups=32, cross_attention_dim=1152, attention_bias=True, sample_size=128, patch_size=2,
+    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, upcast_attention=False, norm_type="ada_norm_single",
+    norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=4096, attention_type="default",
+)
 
 
 # ---- devices and dtypes ------------------------------------------------------------------------
