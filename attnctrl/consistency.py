@@ -423,11 +423,12 @@ class ConsiStory:
             level): 16x16 on a 32x32-latent model, 24x24 on SDXL at 768x768.
         mask_steps: how many of the most recent steps' maps are averaged (ConsiStory: 20).
         query_blend: ``(start, end)`` of the vanilla-query ramp, or None to skip it. On steps
-            ``0 .. steps // 10`` (0-5 of 50, as ConsiStory) that share, an extra stock UNet pass
-            stores each shared layer's queries and SDSA uses
+            ``0 .. steps // 10`` (0-5 of 50, as ConsiStory) that share, the UNet runs on a doubled
+            batch (a stock copy of the rows first) whose stock half stores each shared layer's
+            queries, and SDSA uses
             ``q = s_t q_vanilla + (1 - s_t) q`` with ``s_t`` linear from ``start`` at step 0 to
-            ``end`` at the last step (0.9, 0.8837, ... 0.8184 for 50 steps). Costs one extra pass
-            on those steps; brings back layout diversity.
+            ``end`` at the last step (0.9, 0.8837, ... 0.8184 for 50 steps). Costs twice the UNet
+            work and activation memory on those steps; brings back layout diversity.
         layers: ``"up"`` (decoder self-attention only, ConsiStory) or ``"all"``.
         seed: seed of the private dropout generator (reseeded at every generation).
 

@@ -370,6 +370,30 @@ def _subject_positions(tokenizer: Any, prompts: Sequence[str], subject_words: st
     return tuple(out)
 
 
+def _doubled(value: Any, rows: int) -> Any:
+    """``value`` with every tensor whose first dimension is ``rows`` (also inside dicts, lists and
+    tuples) concatenated to itself: ``[copy, original]``, 2 x ``rows`` rows."""
+    if isinstance(value, torch.Tensor):
+        return torch.cat([value, value]) if value.ndim and value.shape[0] == rows else value
+    if isinstance(value, dict):
+        return {k: _doubled(v, rows) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_doubled(v, rows) for v in value)
+    return value
+
+
+def _real_rows(output: Any, rows: int) -> Any:
+    """The last ``rows`` of a doubled UNet call's output (a tensor, a ``BaseOutput`` such as
+    ``UNet2DConditionOutput``, or the ``return_dict=False`` tuple)."""
+    if isinstance(output, torch.Tensor):
+        return output[rows:] if output.ndim and output.shape[0] == 2 * rows else output
+    if isinstance(output, BaseOutput):
+        return type(output)(**{k: _real_rows(v, rows) for k, v in output.items()})
+    if type(output) in (list, tuple):
+        return type(output)(_real_rows(v, rows) for v in output)
+    return output
+
+
 @contextlib.contextmanager
 def subject_shared_attention(
     pipe: Any,
@@ -399,8 +423,18 @@ def subject_shared_attention(
 
     Installs, on the UNet: every cross-attention layer records the subject words' maps at the mask
     level (the others compute plain attention); the shared self-attention layers run SDSA from step
-    ``settings.start_step``. With query blending, an extra stock UNet pass runs on the blended
-    steps. Feature injection is not included (see :class:`~attnctrl.consistency.ConsiStory`).
+    ``settings.start_step``. Feature injection is not included (see
+    :class:`~attnctrl.consistency.ConsiStory`).
+
+    Query blending: on the blended steps the UNet call is doubled in place of a second pass. A
+    forward pre-hook concatenates a stock copy of every batch-dimensioned input (``sample``,
+    ``encoder_hidden_states``, a batched ``timestep``, the tensors of ``added_cond_kwargs`` and
+    ``cross_attention_kwargs``, ...) in front of the real rows; the processors run plain attention
+    on the stock rows, keep the shared layers' queries from them and blend those into the real rows'
+    queries; a forward hook returns only the real rows' output (``UNet2DConditionOutput`` or the
+    ``return_dict=False`` tuple). The UNet's activation memory doubles on those steps (steps ``0 ..
+    steps // 10`` that share). Subject-mask maps are recorded from the real rows only. Other hooks
+    registered on the UNet after this block is entered see the doubled batch on those steps.
 
     Yields the :class:`~attnctrl.processors.consistency.SubjectSharedState` (``state.masks(grid,
     device)`` gives the current subject masks).
@@ -431,9 +465,8 @@ def subject_shared_attention(
     state = SubjectSharedState(settings, positions, images_per_prompt=images_per_prompt, halves=2 if cfg else 1)
     clock = StepClock(pipe.scheduler)
 
-    def pre_forward(module: Any, args: tuple, kwargs: dict) -> None:
-        if state.vanilla:  # the nested stock pass below
-            return
+    def pre_forward(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        state.stock_rows = 0
         timestep, sample = bind_timestep(module, args, kwargs)
         latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
         clock.scheduler = pipe.scheduler
@@ -444,18 +477,22 @@ def subject_shared_attention(
             state.mask_grid = settings.mask_grid(grids)
         step, steps = clock.step, clock.num_steps
         state.begin_step(step, steps)
-        if settings.blend_weight(step, steps) is not None:
-            # query blending: a stock pass of the same inputs stores the shared layers' queries
-            state.vanilla = True
-            try:
-                module(*args, **kwargs)
-            finally:
-                state.vanilla = False
+        if settings.blend_weight(step, steps) is None:
+            return None
+        # query blending: one doubled call, a stock copy of the inputs first, then the real rows
+        rows = int(sample.shape[0])
+        state.stock_rows = rows
+        return _doubled(args, rows), _doubled(kwargs, rows)
+
+    def post_forward(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+        rows, state.stock_rows = state.stock_rows, 0
+        return _real_rows(output, rows) if rows else None
 
     install(
         unet,
         lambda name, module: SubjectSharedProcessor(state, name, share=name in shared) if name in shared or name in cross else None,
         pre_forward=pre_forward,
+        post_forward=post_forward,
     )
     try:
         yield state

@@ -310,11 +310,15 @@ class SubjectSharedState:
         latent_hw: the latent grid of the current generation; mask_grid: the cross-attention level
             (h, w) the masks are made from. Both are set by the pipeline's hook.
         step, steps: the current step (0-based) and the number of steps (set by the hook).
-        vanilla: True during query blending's extra stock pass.
+        stock_rows: on a query-blending step the UNet call is doubled (set by the pipeline's hook
+            for each call): its first ``stock_rows`` rows are a stock copy of the real rows that
+            follow, run with plain attention so that the shared layers can keep their queries. 0
+            when the call is not doubled.
         generator: the private dropout generator, reseeded by :meth:`restart`.
         history: the anchors' subject-token maps of the last ``mask_steps`` finished steps, each
             (anchors, h, w, C) float32, C = len(:attr:`columns`), averaged over the layers.
-        queries: the vanilla queries of the current step, layer name -> (batch, heads, N, d).
+        queries: the vanilla queries of the current step (from the stock rows), layer name ->
+            (batch, heads, N, d).
     """
 
     settings: ConsiStory
@@ -325,7 +329,7 @@ class SubjectSharedState:
     mask_grid: tuple[int, int] | None = None
     step: int = 0
     steps: int = 1
-    vanilla: bool = False
+    stock_rows: int = 0
     generator: torch.Generator = field(default_factory=lambda: torch.Generator(device="cpu"))
     history: deque = field(default_factory=deque)
     queries: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -453,7 +457,13 @@ class SubjectSharedProcessor:
     ones. Cross-attention at the mask level: computed as usual while the subject columns'
     probabilities are recorded. Anything else: plain attention.
 
-    Shapes: ``hidden_states`` (batch, N, C) or (batch, C, h, w), batch = ``halves x images``.
+    On a doubled call (``state.stock_rows > 0``, query blending) the first ``stock_rows`` rows run
+    plain attention and a shared layer stores their queries as the vanilla ones; the remaining (real)
+    rows are then processed as above, blending with those queries. Only the real rows are recorded
+    for the masks.
+
+    Shapes: ``hidden_states`` (batch, N, C) or (batch, C, h, w), batch = ``halves x images`` (twice
+    that on a doubled call).
     """
 
     def __init__(self, state: SubjectSharedState, name: str, share: bool = True) -> None:
@@ -470,7 +480,37 @@ class SubjectSharedProcessor:
         temb: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> torch.Tensor:
-        call = project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        stock = self.state.stock_rows
+        if stock:
+            rows = hidden_states.shape[0]
+            if rows != 2 * stock:
+                raise RuntimeError(
+                    f"subject-driven shared attention: a query-blending call should have {2 * stock} rows "
+                    f"({stock} stock + {stock} real), this layer got {rows}"
+                )
+
+            def part(value: Any, rows: slice) -> Any:
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == 2 * stock:
+                    return value[rows]
+                return value
+
+            inputs = (hidden_states, encoder_hidden_states, attention_mask, temb)
+            first = self._stock(attn, project(attn, *(part(v, slice(None, stock)) for v in inputs)))
+            second = self._real(attn, project(attn, *(part(v, slice(stock, None)) for v in inputs)))
+            return torch.cat([first, second])
+        return self._real(attn, project(attn, hidden_states, encoder_hidden_states, attention_mask, temb))
+
+    def _stock(self, attn: Any, call: Any) -> torch.Tensor:
+        """The stock rows of query blending: plain attention, and a shared self-attention layer
+        keeps their queries for the real rows."""
+        state = self.state
+        if self.share and not call.is_cross and call.mask is None:
+            if state.settings.blend_weight(state.step, state.steps) is not None:
+                state.queries[self.name] = call.query.detach()
+        hidden = kernels.attention(call.query, call.key, call.value, scale=attn.scale, mask=call.mask)
+        return output(attn, hidden, call)
+
+    def _real(self, attn: Any, call: Any) -> torch.Tensor:
         if call.mask is None:
             if call.is_cross:
                 if self._records(call):
@@ -486,7 +526,7 @@ class SubjectSharedProcessor:
 
     def _records(self, call: Any) -> bool:
         state = self.state
-        return not state.vanilla and state.mask_grid is not None and self._grid(call) == state.mask_grid
+        return state.mask_grid is not None and self._grid(call) == state.mask_grid
 
     def _record(self, attn: Any, call: Any) -> torch.Tensor:
         state = self.state
@@ -498,12 +538,6 @@ class SubjectSharedProcessor:
         state = self.state
         rows, heads, n, d = call.query.shape
         weight = state.settings.blend_weight(state.step, state.steps)
-        if state.vanilla:
-            # the stock pass of query blending: keep this layer's queries for the real pass
-            if weight is not None:
-                state.queries[self.name] = call.query.detach()
-            hidden = kernels.attention(call.query, call.key, call.value, scale=attn.scale)
-            return output(attn, hidden, call)
         query = call.query
         vanilla = state.queries.get(self.name)
         if weight is not None and vanilla is not None and vanilla.shape == query.shape:

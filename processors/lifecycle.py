@@ -44,7 +44,8 @@ def install(
     model: Any,
     make_processor: Callable[[str, Any], Any | None],
     *,
-    pre_forward: Callable[[Any, tuple, dict], None] | None = None,
+    pre_forward: Callable[[Any, tuple, dict], tuple[tuple, dict] | None] | None = None,
+    post_forward: Callable[[Any, tuple, dict, Any], Any] | None = None,
     replace: bool = False,
     on_top: bool = False,
 ) -> None:
@@ -54,7 +55,10 @@ def install(
         model: a diffusers model with ``attn_processors``.
         make_processor: ``(name, attention_module) -> processor`` or None to keep that layer's
             current processor.
-        pre_forward: called as ``pre_forward(model, args, kwargs)`` before every forward.
+        pre_forward: called as ``pre_forward(model, args, kwargs)`` before every forward; it may
+            return new ``(args, kwargs)`` for the forward (None keeps them).
+        post_forward: called as ``post_forward(model, args, kwargs, output)`` after every forward
+            (with the arguments the forward got); it may return a new output (None keeps it).
         replace: if attnctrl processors are installed, restore the original ones first (re-applying
             the same feature).
         on_top: if attnctrl processors are installed, install over them as a layer; :func:`restore`
@@ -95,9 +99,13 @@ def install(
     model.set_attn_processor(dict(new))
     hooks = []
     if pre_forward is not None:
-        def hook(module: Any, args: tuple, kwargs: dict) -> None:
-            pre_forward(module, args, kwargs)
+        def hook(module: Any, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+            return pre_forward(module, args, kwargs)
         hooks.append(model.register_forward_pre_hook(hook, with_kwargs=True))
+    if post_forward is not None:
+        def post_hook(module: Any, args: tuple, kwargs: dict, output: Any) -> Any:
+            return post_forward(module, args, kwargs, output)
+        hooks.append(model.register_forward_hook(post_hook, with_kwargs=True))
     setattr(model, _HOOKS, hooks)
 
 

@@ -215,14 +215,18 @@ def test_sdsa_matches_a_brute_force_dense_mask(blend):
     hidden = _hidden(2)
     query_rows = attn.to_q(hidden)
     if blend:
-        # the stock pass of query blending stores its queries and returns stock attention
-        state.vanilla = True
+        # a doubled call of query blending: the stock rows come first and run stock attention,
+        # their queries are blended into the real rows' ones
+        state.stock_rows = 2 * IMAGES
         vanilla_hidden = _hidden(3)
-        torch.testing.assert_close(processor(attn, vanilla_hidden), _stock(attn, vanilla_hidden), rtol=0, atol=1e-6)
-        state.vanilla = False
+        both = processor(attn, torch.cat([vanilla_hidden, hidden]))
+        state.stock_rows = 0
+        torch.testing.assert_close(both[: 2 * IMAGES], _stock(attn, vanilla_hidden), rtol=0, atol=1e-6)
         weight = 0.9 - 0.8 / 9
         query_rows = weight * attn.to_q(vanilla_hidden) + (1 - weight) * query_rows
-    out = processor(attn, hidden)
+        out = both[2 * IMAGES :]
+    else:
+        out = processor(attn, hidden)
     # replay the private generator: one draw per anchor token, once for this step and level
     replay = torch.Generator().manual_seed(5)
     masks = _regions()[:2].flatten(1)
@@ -335,10 +339,20 @@ def test_subject_shared_attention_end_to_end(sd_pipe):
     hook = pipe.unet.register_forward_pre_hook(lambda module, args: forwards.append(1))
     try:
         with subject_shared_attention(pipe, ConsiStory(), "cat", prompts=PROMPTS) as state:
+            rows: list[int] = []  # what the UNet runs on, seen after the preset's hook
+            inner = pipe.unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+            outputs: list[int] = []
+            after = pipe.unet.register_forward_hook(lambda module, args, out: outputs.append(out[0].shape[0]))
             rng = torch.random.get_rng_state()
             shared = _run(pipe, steps=10)
+            inner.remove(), after.remove()
             assert torch.equal(torch.random.get_rng_state(), rng)  # a generation leaves the global RNG alone
-            assert len(forwards) == 11  # query blending: one stock pass more, on step 1 (= 10 // 10)
+            # query blending: no extra pass, the call of step 1 (= 10 // 10) is doubled (stock copy
+            # first), and the pipeline gets back only the real rows
+            assert len(forwards) == 10
+            assert rows == [6, 12] + [6] * 8
+            assert outputs == [6] * 10  # the preset's forward hook runs first: real rows only
+            assert state.stock_rows == 0
             assert state.mask_grid == (16, 16)  # no 32x32 level on this model: the nearest one
             masks = state.masks((16, 16), torch.device("cpu"))
             assert masks.shape == (2, 256) and masks.any(dim=1).all() and not masks.all()
@@ -417,3 +431,112 @@ def test_shapes_model_keeps_the_subject_in_every_image():
     for image in shared:
         array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
         assert "red" in {d.colour for d in analyze(array)}
+
+
+def _latents(pipe, steps, prompts):
+    generator = torch.Generator().manual_seed(0)
+    return pipe(prompts, num_inference_steps=steps, generator=generator, output_type="latent").images
+
+
+def _reference_blending(pipe, settings, words, prompts, steps):
+    """A hand-made query-blending path: a separate stock copy of the UNet runs the same inputs on
+    every blended step and its shared layers' ``to_q`` outputs become the vanilla queries, while the
+    preset's own (doubled) call is undone back to the real rows."""
+    import copy
+
+    from attnctrl.pipelines.consistency import subject_shared_attention
+
+    stock = copy.deepcopy(pipe.unet)
+    shared = [n[: -len(".processor")] for n in pipe.unet.attn_processors if n.startswith("up_blocks") and ".attn1." in n]
+    original: list = []  # the (args, kwargs) the pipeline calls the UNet with
+
+    def keep(module, args, kw):
+        original[:] = [args, kw]
+
+    first = pipe.unet.register_forward_pre_hook(keep, with_kwargs=True)  # runs before the preset's hook
+    try:
+        with subject_shared_attention(pipe, settings, words, prompts=prompts) as state:
+
+            def reference(module, args, kw):
+                if not state.stock_rows:
+                    return None
+                state.stock_rows = 0
+                args, kw = original
+                queries = {}
+                handles = [
+                    stock.get_submodule(n).to_q.register_forward_hook(lambda m, i, o, n=n: queries.__setitem__(n, o)) for n in shared
+                ]
+                try:
+                    with torch.no_grad():
+                        stock(*args, **kw)
+                finally:
+                    for h in handles:
+                        h.remove()
+                for n, q in queries.items():
+                    heads = pipe.unet.get_submodule(n).heads
+                    state.queries[n + ".processor"] = q.view(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)
+                return args, kw
+
+            handle = pipe.unet.register_forward_pre_hook(reference, with_kwargs=True)
+            try:
+                return _latents(pipe, steps, prompts)
+            finally:
+                handle.remove()
+    finally:
+        first.remove()
+
+
+@pytest.mark.parametrize("model", ["sd", "sdxl"])
+def test_query_blending_equals_a_separate_stock_pass(model, request):
+    """The doubled call gives the latents of a separate stock pass whose queries are blended in
+    (SD: encoder_hidden_states; SDXL also doubles added_cond_kwargs' text_embeds and time_ids)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from attnctrl.pipelines.consistency import subject_shared_attention
+    from attnctrl.processors import is_installed
+
+    if model == "sd":
+        pipe = StableDiffusionPipeline.from_pipe(request.getfixturevalue("sd_pipe"))
+        prompts, words, settings = PROMPTS, [["red", "cat"], "cat", "cat"], ConsiStory(start_step=0)
+    else:
+        pipe = StableDiffusionXLPipeline.from_pipe(request.getfixturevalue("sdxl_pipe"))
+        prompts, words, settings = ["a cat", "a cat on the grass"], "cat", ConsiStory(start_step=0)
+    steps = 20  # blended steps 0, 1, 2
+    with subject_shared_attention(pipe, settings, words, prompts=prompts):
+        blended = _latents(pipe, steps, prompts)
+    with subject_shared_attention(pipe, ConsiStory(start_step=0, query_blend=None), words, prompts=prompts):
+        unblended = _latents(pipe, steps, prompts)
+    reference = _reference_blending(pipe, settings, words, prompts, steps)
+    assert not is_installed(pipe.unet)
+    assert (blended - unblended).abs().max() > 1e-3  # blending matters here
+    torch.testing.assert_close(blended, reference, rtol=0, atol=1e-5)
+
+
+def test_a_doubled_call_returns_the_real_rows_in_either_output_form(sd_pipe):
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    from attnctrl.pipelines.consistency import subject_shared_attention
+
+    pipe = _stock_pipe(sd_pipe)
+    pipe.scheduler.set_timesteps(10)
+    t = pipe.scheduler.timesteps[1]
+    sample = torch.randn(6, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(6, 16, 32, generator=torch.Generator().manual_seed(2))
+    outs = []
+    for return_dict in (True, False):
+        with subject_shared_attention(pipe, ConsiStory(), "cat", prompts=PROMPTS) as state:
+            rows: list[int] = []
+            hook = pipe.unet.register_forward_pre_hook(lambda module, args, kw: rows.append(args[0].shape[0]), with_kwargs=True)
+            with torch.no_grad():
+                pipe.unet(sample, pipe.scheduler.timesteps[0], encoder_hidden_states=text)  # step 0: masks
+                out = pipe.unet(sample, t.expand(6), encoder_hidden_states=text, return_dict=return_dict)
+            hook.remove()
+            assert rows == [6, 12] and state.stock_rows == 0  # a batched timestep is doubled too
+        if return_dict:
+            assert isinstance(out, UNet2DConditionOutput)
+            outs.append(out.sample)
+        else:
+            assert isinstance(out, tuple) and len(out) == 1
+            outs.append(out[0])
+    assert outs[0].shape == sample.shape
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
