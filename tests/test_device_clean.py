@@ -136,6 +136,14 @@ def test_fused_p2p_coefficients_follow_the_device():
     assert out.device.type == "meta" and probs.device.type == "meta"
 
 
+def test_probability_columns_on_the_device_are_checked_without_a_host_read():
+    from attnctrl.kernels import attention_with_probs
+
+    q = torch.empty(1, 2, 16, 8, device="meta")
+    out, probs = attention_with_probs(q, q, q, columns=torch.tensor([0, 15], device="meta"))
+    assert probs.shape == (1, 2, 16, 2) and probs.device.type == "meta"
+
+
 def test_compiled_unet_with_p2p_matches_eager(tokenizer):
     """``torch.compile(unet)`` with Prompt-to-Prompt installed runs on the CPU and gives the eager
     result over several steps (inside and outside the edit windows). ``aot_eager`` traces the graphs

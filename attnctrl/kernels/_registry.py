@@ -611,8 +611,15 @@ def normalize_columns(columns: object, nk: int, device: torch.device) -> torch.T
         if columns.ndim != 1:
             raise AttentionShapeError(f"columns must be a 1-D tensor of key indices, got shape {_shape(columns)}")
         cols = columns.to(device=device, dtype=torch.long)
+        if columns.device.type != "cpu":
+            # Reading the range back would be a host sync on every call: check it on the device.
+            if cols.numel():
+                torch._assert_async(
+                    ((cols >= 0) & (cols < nk)).all(), f"attention columns must be key indices in [0, {nk})"
+                )
+            return cols
         if cols.numel():
-            lo, hi = int(cols.min()), int(cols.max())
+            lo, hi = int(columns.min()), int(columns.max())
         else:
             lo, hi = 0, 0
     else:
