@@ -67,6 +67,15 @@ class RowLayout:
         three (R,) int64 tensors on ``device`` (built once per layout and device)."""
         return _edited_rows(self, torch.device(device))
 
+    def self_sources(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(batch,) int64 on ``device``: row ``i`` takes its self-attention queries and keys from
+        row ``self_sources[i]`` (edited rows from their source row, every other row from itself)."""
+        return _self_sources(self, batch, torch.device(device))
+
+    @property
+    def num_edited(self) -> int:
+        return (self.num_prompts - 1) * self.images_per_prompt
+
 
 @functools.lru_cache(maxsize=256)
 def _edited_rows(layout: RowLayout, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,6 +87,31 @@ def _edited_rows(layout: RowLayout, device: torch.device) -> tuple[torch.Tensor,
             sources.append(layout.cond_offset + i)
             edits.append(p - 1)
     return tuple(torch.tensor(x, dtype=torch.long, device=device) for x in (rows, sources, edits))  # type: ignore[return-value]
+
+
+@functools.lru_cache(maxsize=256)
+def _identity_rows(batch: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(batch, device=device)
+
+
+@functools.lru_cache(maxsize=256)
+def _self_sources(layout: RowLayout, batch: int, device: torch.device) -> torch.Tensor:
+    n = layout.images_per_prompt
+    index = list(range(batch))
+    for p in range(1, layout.num_prompts):
+        for i in range(n):
+            index[layout.cond_offset + p * n + i] = layout.cond_offset + i
+    return torch.tensor(index, dtype=torch.long, device=device)
+
+
+#: Key counts up to which a call's probabilities are computed explicitly (the text tokens of
+#: cross-attention). The store needs them anyway, and for this few keys one matmul, one softmax and
+#: one matmul are far fewer kernel launches than flash attention, probability columns and a second
+#: attention for the edit: at 512² on a GPU the denoiser step is bound by launches, not by math.
+FEW_KEYS = 1024
+#: Query rows of the few-keys path are processed in chunks whose probabilities stay under this many
+#: bytes, so memory stays flat at any resolution (one chunk up to ~2048² with 77 text tokens).
+FEW_KEYS_CHUNK_BYTES = 512 * 2**20
 
 
 def edited_attention(
@@ -124,14 +158,17 @@ def edited_attention(
             )
         return _materialised(q, k, v, layout, cross, replace_self, want_probs, scale, mask)
     rows, sources, edits = layout.edited_rows(q.device)
-    active_cross = cross is not None and not cross.is_identity() and len(rows) > 0
-    row_map = torch.arange(q.shape[0], device=q.device)
-    if replace_self and len(rows) > 0:
-        q = q.clone()
-        k = k.clone()
-        q[rows] = q[sources]
-        k[rows] = k[sources]
-        row_map[rows] = sources
+    active_cross = cross is not None and not cross.is_identity() and layout.num_edited > 0
+    # A forced backend is honoured: the few-keys path runs on plain matmul/softmax.
+    if backend is None and attend is None and (want_probs or active_cross) and k.shape[-2] <= FEW_KEYS:
+        return _few_keys_attention(
+            q, k, v, layout=layout, cross=cross if active_cross else None, want_probs=want_probs, scale=scale, mask=mask
+        )
+    row_map = None
+    if replace_self and layout.num_edited > 0:
+        row_map = layout.self_sources(q.shape[0], q.device)
+        q = q.index_select(0, row_map)
+        k = k.index_select(0, row_map)
     v_main = v
     if active_cross:
         cross = cross.to(v.device, v.dtype)
@@ -153,6 +190,8 @@ def edited_attention(
         )
         probs = p.mean(dim=1)
     elif attend is not None:
+        if row_map is None:
+            row_map = _identity_rows(q.shape[0], q.device)
         out = attend(q, k, v_main, row_map)
     else:
         out = kernels.attention(q, k, v_main, scale=scale, mask=mask, backend=backend)
@@ -164,6 +203,70 @@ def edited_attention(
             q[sources], k[sources], v_src, scale=scale, mask=_rows(mask, sources), backend=backend
         )
     return out, probs
+
+
+def _few_keys_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: RowLayout,
+    cross: CrossStep | None,
+    want_probs: bool,
+    scale: float | None,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`edited_attention` for a call with few keys (M <= :data:`FEW_KEYS`), probabilities explicit.
+
+    Probabilities are computed in the inputs' dtype (float32 softmax accumulation, like SDPA's math
+    path), the edit is applied to them as ``A_e' = A_src @ W + A_e * c`` (:attr:`CrossStep.probability_form`,
+    the official edited map), and the head average of the conditional rows is float32. Queries
+    are chunked to :data:`FEW_KEYS_CHUNK_BYTES` of probabilities. Shapes as in :func:`edited_attention`.
+    """
+    b, h, n, _ = q.shape
+    m = k.shape[-2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if cross is not None:
+        rows, sources, edits = layout.edited_rows(q.device)
+        weight, coef = cross.to(q.device, q.dtype).probability_form(edits)  # (R, 1, M, M), (R, 1, 1, M)
+        v_rows = v.index_select(0, rows)
+    chunk = max(1, FEW_KEYS_CHUNK_BYTES // max(1, b * h * m * q.element_size()))
+    outs, maps = [], []
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        part = (slice(None), slice(None), slice(start, stop)) if chunk < n else (slice(None),)
+        probs = _probabilities(q[part], k, scale, _query_rows(mask, start, stop, n) if chunk < n else mask)
+        if want_probs:
+            maps.append(probs[layout.cond_rows].mean(dim=1, dtype=torch.float32))
+        out = torch.matmul(probs, v)
+        if cross is not None:
+            edited = torch.matmul(probs.index_select(0, sources), weight).addcmul_(probs.index_select(0, rows), coef)
+            out.index_copy_(0, rows, torch.matmul(edited, v_rows))
+        outs.append(out)
+    if len(outs) == 1:
+        return outs[0], maps[0] if want_probs else None
+    return torch.cat(outs, dim=2), torch.cat(maps, dim=1) if want_probs else None
+
+
+def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask)`` in ``q.dtype``, (B, H, Nq, Nk); fully-masked rows are 0."""
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))
+    if mask is None:
+        return torch.softmax(scores, dim=-1)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask.to(scores.dtype)
+    # Every key masked: softmax would give NaN; give zeros without a data-dependent branch.
+    dead = torch.isneginf(scores.amax(dim=-1, keepdim=True))
+    return torch.softmax(scores.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
+def _query_rows(mask: torch.Tensor | None, start: int, stop: int, n: int) -> torch.Tensor | None:
+    """The part of a mask broadcastable to (B, H, n, M) that applies to queries ``start:stop``."""
+    if mask is None or mask.dim() < 2 or mask.shape[-2] != n:
+        return mask
+    return mask[..., start:stop, :]
 
 
 def _rows(mask: torch.Tensor | None, rows: slice | torch.Tensor) -> torch.Tensor | None:

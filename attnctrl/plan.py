@@ -7,7 +7,7 @@ mismatched prompts, non-finite weights.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -55,9 +55,18 @@ class CrossStep:
     equalizer: torch.Tensor | None
     alpha: torch.Tensor
     identity: bool = False
+    #: probability forms by edited-row tensor (see :meth:`probability_form`)
+    _forms: dict = field(default_factory=dict, compare=False, repr=False)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "CrossStep":
-        """This step with its float tensors in ``dtype`` and every tensor on ``device``."""
+        """This step with its float tensors in ``dtype`` and every tensor on ``device`` (itself
+        when they already are, so what it caches is kept)."""
+        device = torch.device(device)
+        floats = [t for t in (self.mapper, self.keep, self.equalizer, self.alpha) if t is not None]
+        tensors = floats + ([self.index] if self.index is not None else [])
+        if all(t.dtype == dtype for t in floats) and all(t.device == device for t in tensors):
+            return self
+
         def move(t: torch.Tensor | None, floating: bool = True) -> torch.Tensor | None:
             if t is None:
                 return None
@@ -84,6 +93,20 @@ class CrossStep:
     def is_identity(self) -> bool:
         """True when this step leaves every edited row's attention untouched."""
         return self.identity
+
+    def probability_form(self, edits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, c)`` of shapes (R, 1, L, L) and (R, 1, 1, L) for edited rows of edit indices
+        ``edits`` (R,): row ``r`` maps its probabilities as ``A_r' = A_src @ W[r] + A_r * c[r]`` (the
+        map of :meth:`fused_coefficients`, applied to explicit probabilities, broadcast over heads
+        and queries). Built once per ``edits`` tensor: the controller keeps one step per device."""
+        cached = self._forms.get(id(edits))
+        if cached is not None and cached[0] is edits:  # the reference held keeps the id unique
+            return cached[1]
+        a, d = self.fused_coefficients()
+        weight = (self.mapper * a[:, None, :]).index_select(0, edits)[:, None]
+        form = (weight, d.index_select(0, edits)[:, None, None, :])
+        self._forms[id(edits)] = (edits, form)
+        return form
 
 
 @dataclass(frozen=True)

@@ -96,3 +96,78 @@ def test_no_cfg_layout(tokenizer):
     out = ctl.attention(q, k, v, is_cross=True)
     _, plain = reference_attention(q, k, v)
     assert torch.allclose(out[1], plain[0].double() @ plan.mapper[0].double(), atol=1e-12)
+
+
+# ---- the few-keys path (explicit probabilities for text keys) ---------------------------------
+def _edit_call(tokenizer, edit, *, dtype=torch.float64, tokens=50, keys=16, mask=None, backend=None, seed=3):
+    """One recorded CFG cross-attention call at step 0 through :func:`edited_attention`."""
+    from attnctrl.p2p import RowLayout, edited_attention
+
+    plan = compile_edit(edit, tokenizer, [SRC, EDT])
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(4, 2, tokens, 8, generator=g).to(dtype)
+    k = torch.randn(4, 2, keys, 8, generator=g).to(dtype)
+    v = torch.randn(4, 2, keys, 6, generator=g).to(dtype)
+    cross = plan.cross_step(0, STEPS)
+    return edited_attention(q, k, v, layout=RowLayout.from_batch(4, 2), cross=cross, want_probs=True,
+                            mask=mask, backend=backend)
+
+
+@pytest.mark.parametrize("edit", [Replace(), Reweight({"tiger": 3.0}, base=Replace()), Refine()],
+                         ids=["replace", "reweight", "refine"])
+def test_few_keys_path_equals_attention_kernel_path(tokenizer, monkeypatch, edit):
+    """Explicit probabilities with the edit applied to them give the outputs and maps of the
+    V-folded kernel path (forced by a key threshold of 0) and of the materialised reference."""
+    import attnctrl.p2p as p2p
+
+    few_out, few_maps = _edit_call(tokenizer, edit)
+    monkeypatch.setattr(p2p, "FEW_KEYS", 0)
+    kernel_out, kernel_maps = _edit_call(tokenizer, edit)
+    assert torch.allclose(few_out, kernel_out, atol=1e-10)
+    assert few_maps.dtype == torch.float32  # what the store keeps
+    assert torch.allclose(few_maps.double(), kernel_maps.double(), atol=1e-6)
+
+
+def test_few_keys_path_chunks_queries_and_masks(tokenizer, monkeypatch):
+    import attnctrl.p2p as p2p
+
+    mask = torch.ones(4, 1, 50, 16, dtype=torch.bool)
+    mask[..., 10:] = False
+    mask[:, :, 7] = False  # one query sees no key: zeros, not NaN
+    whole_out, whole_maps = _edit_call(tokenizer, Replace(), mask=mask)
+    monkeypatch.setattr(p2p, "FEW_KEYS_CHUNK_BYTES", 1)  # one query row per chunk
+    out, maps = _edit_call(tokenizer, Replace(), mask=mask)
+    assert torch.allclose(out, whole_out, atol=1e-12) and torch.equal(maps, whole_maps)
+    assert torch.isfinite(out).all() and (out[:, :, 7] == 0).all() and (maps[:, 7] == 0).all()
+    assert (maps[..., 10:] == 0).all()
+    monkeypatch.setattr(p2p, "FEW_KEYS", 0)
+    kernel_out, kernel_maps = _edit_call(tokenizer, Replace(), mask=mask)
+    assert torch.allclose(out, kernel_out, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_few_keys_path_half_precision(tokenizer, dtype):
+    out, maps = _edit_call(tokenizer, Replace(), dtype=dtype)
+    ref_out, ref_maps = _edit_call(tokenizer, Replace(), dtype=torch.float64)
+    assert out.dtype == dtype and maps.dtype == torch.float32
+    tol = 2e-2 if dtype == torch.bfloat16 else 4e-3
+    assert (out.double() - ref_out).abs().max() < tol and (maps.double() - ref_maps).abs().max() < tol
+
+
+def test_forced_backend_is_used_for_text_keys(tokenizer, monkeypatch):
+    """A forced backend is not bypassed by the few-keys path."""
+    from attnctrl import kernels
+
+    seen = []
+    real = kernels.attention_with_probs
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("backend"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "attention_with_probs", spy)
+    _edit_call(tokenizer, Replace(), backend="reference")
+    assert seen == ["reference"]
+    seen.clear()
+    _edit_call(tokenizer, Replace())
+    assert seen == []
