@@ -895,3 +895,25 @@ def test_grouped_attention_routing_on_triton_equals_gather_and_reference(pattern
     assert torch.allclose(gathered.double(), exact, atol=1e-5)
     assert torch.allclose(on_triton.double(), exact, atol=tol)
     assert torch.equal(on_triton, grouped_attention(q, k, v, h, w, implementation="routing", backend="triton", **common))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_aligned_rows_copies_only_misaligned_layouts(dtype):
+    """The compiled kernels read every row at a 16-byte boundary (misaligned 16-bit rows gave wrong
+    outputs on an H200): aligned layouts pass through untouched, others are copied to a padded
+    buffer whose view has the same shape and values."""
+    from attnctrl.kernels._triton import ROW_ALIGNMENT, aligned_rows
+
+    base = torch.randn(2, 77, 3, 40).to(dtype)
+    diffusers_layout = base.transpose(1, 2)  # (B, H, N, D) view of (B, N, H, D): aligned rows
+    assert aligned_rows(diffusers_layout) is diffusers_layout
+    odd = nan_padded(torch.randn(2, 2, 77, 24).to(dtype), transpose=False)  # 29-element rows
+    fixed = aligned_rows(odd)
+    assert fixed is not odd and fixed.shape == odd.shape and torch.equal(fixed, odd)
+    elem = fixed.element_size()
+    assert fixed.stride(-1) == 1 and all((st * elem) % ROW_ALIGNMENT == 0 for st in fixed.stride()[:-1])
+    assert fixed.data_ptr() % ROW_ALIGNMENT == 0
+    shifted = torch.randn(4 * 64 + 1).to(dtype)[1:].view(4, 1, 8, 8)  # aligned strides, odd start
+    assert torch.equal(aligned_rows(shifted), shifted) and aligned_rows(shifted).data_ptr() % ROW_ALIGNMENT == 0
+    odd_dim = torch.randn(1, 1, 5, 33).to(dtype)  # contiguous, but 33-element rows
+    assert aligned_rows(odd_dim).stride(-2) * elem % ROW_ALIGNMENT == 0

@@ -743,6 +743,34 @@ def _log2_table(routing: Routing) -> torch.Tensor:
     return torch.where(torch.isneginf(table), table.double(), scaled).float().contiguous()
 
 
+#: Byte alignment the compiled kernels get for every row of q, k and v.
+ROW_ALIGNMENT = 16
+
+
+def aligned_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t (..., D)`` itself when its data pointer and every stride but the last (which must be 1)
+    are multiples of :data:`ROW_ALIGNMENT` bytes, else a copy whose rows are (the last dim padded
+    to the alignment, sliced back to D: a view of the same shape).
+
+    Why: the first H200 run of the compiled kernel gave finite but wrong float16/bfloat16 outputs
+    (error 0.8) for values behind a strided view with 58-byte rows, while float32 (4-byte aligned
+    elements) and the same shapes with aligned rows were right. The copy costs one pass over a
+    tensor in a layout diffusers never produces for head dims that are multiples of 8.
+    """
+    elem = t.element_size()
+    strides_ok = t.stride(-1) == 1 and all(
+        (st * elem) % ROW_ALIGNMENT == 0 for st, n in zip(t.stride()[:-1], t.shape[:-1]) if n > 1
+    )
+    if strides_ok and t.data_ptr() % ROW_ALIGNMENT == 0:
+        return t
+    per_row = ROW_ALIGNMENT // math.gcd(ROW_ALIGNMENT, elem)
+    width = -(-t.shape[-1] // per_row) * per_row
+    buf = t.new_empty(*t.shape[:-1], width)
+    view = buf[..., : t.shape[-1]]
+    view.copy_(t)
+    return view
+
+
 def _bucket(n: int) -> int:
     """Tuning bucket of a length: the next power of two, at least 256 (small calls share one)."""
     return max(256, _next_pow2(n))
@@ -1007,6 +1035,8 @@ class TritonBackend(Backend):
         """
         interpret = interpreter_enabled()
         attention_kernel, _ = _kernels(interpret)
+        if not interpret:
+            q, k, v = aligned_rows(q), aligned_rows(k), aligned_rows(v)
         b, h, nq, d = q.shape
         nk, dv = k.shape[2], v.shape[3]
         n_cols = 0 if columns is None else columns.numel()
@@ -1094,6 +1124,8 @@ class TritonBackend(Backend):
             out = self.forward(q, k, v, scale=scale, mask=mask)
             return out, q.new_zeros((b, h, nq, 0), dtype=torch.float32)
         cols = torch.arange(nk, device=q.device) if columns is None else columns
+        if not interpreter_enabled():  # once here, so the two passes read the same copies
+            q, k, v = aligned_rows(q), aligned_rows(k), aligned_rows(v)
         if n_cols <= self.fused_columns:
             out, _, probs, _, _, _ = self._forward_pass(q, k, v, scale=scale, mask=mask, store_lse=False, columns=cols)
             assert probs is not None
