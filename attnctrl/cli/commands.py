@@ -537,9 +537,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 
 def cmd_train_shapes(argv: list[str]) -> int:
+    """``train-shapes``: the UNet shapes model, or with ``--flow`` the flow-matching (SD3-shaped) one."""
+    argv = list(argv)
+    if "--flow" in argv:
+        from ..models.shapes.train_flow import main as train_flow_main
+
+        argv.remove("--flow")
+        return int(train_flow_main(argv) or 0)
     from ..models.shapes.train import main as train_main
 
-    return int(train_main(list(argv)) or 0)
+    return int(train_main(argv) or 0)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -784,7 +791,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser(
         "train-shapes",
-        help="train the embedded shapes model (arguments as scripts/train_shapes.py; see train-shapes --help)",
+        help="train the embedded shapes model (arguments as scripts/train_shapes.py; see train-shapes --help; "
+             "train-shapes --flow trains the flow-matching SD3-shaped one, see train-shapes --flow --help)",
         add_help=False,
     )
     _add_examples(sub)

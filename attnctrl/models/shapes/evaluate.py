@@ -6,6 +6,7 @@ subset). Every score comes from :func:`attnctrl.models.shapes.analyze`: no learn
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -34,14 +35,26 @@ class GenerationScores:
     both_present: float
     single_images: int
     pair_images: int
+    failures: tuple[str, ...] = ()
+    """One line per wrong image: ``prompt | seed | what analyze() found``."""
+
+
+def _accepts(pipe: Any, name: str) -> bool:
+    """Whether ``pipe.__call__`` takes the keyword ``name`` (attnctrl's pipelines take ``edit``; stock
+    diffusers pipelines, e.g. the flow model's StableDiffusion3Pipeline, do not)."""
+    try:
+        return name in inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _generate(pipe: Any, prompts: Sequence[str], seed: int, steps: int, guidance: float) -> np.ndarray:
     """Plain generation (no edit), one image per prompt, each from the same seed's noise."""
+    plain = {"edit": None, "attention_store": False} if _accepts(pipe, "edit") else {}
     out = []
     for prompt in prompts:
         image = pipe(
-            [prompt], edit=None, attention_store=False, num_inference_steps=steps, guidance_scale=guidance,
+            [prompt], **plain, num_inference_steps=steps, guidance_scale=guidance,
             generator=torch.Generator().manual_seed(seed), output_type="np",
         ).images[0]
         out.append(image)
@@ -58,26 +71,36 @@ def score_generation(
     both asked colours are present.
     """
     colour_ok = position_ok = singles = pairs_ok = pairs = 0
+    failures: list[str] = []
     for seed in seeds:
         images = _generate(pipe, [p.prompt for p in prompts], seed, steps, guidance)
         for spec, image in zip(prompts, images):
             found = analyze((image * 255).round().astype(np.uint8))
             colours = [d.colour for d in found]
+            seen = ", ".join(f"{d.colour} {d.shape} {d.position}" for d in found) or "nothing"
             if len(spec.objects) == 1:
                 want = spec.objects[0]
                 singles += 1
-                colour_ok += bool(found) and found[0].colour == want.colour
+                colour_right = bool(found) and found[0].colour == want.colour
                 match = [d for d in found if d.colour == want.colour]
-                position_ok += bool(match) and want.position is not None and match[0].position == want.position
+                position_right = bool(match) and want.position is not None and match[0].position == want.position
+                colour_ok += colour_right
+                position_ok += position_right
+                if not (colour_right and position_right):
+                    failures.append(f"{spec.prompt} | seed {seed} | {seen}")
             else:
                 pairs += 1
-                pairs_ok += all(o.colour in colours for o in spec.objects)
+                both = all(o.colour in colours for o in spec.objects)
+                pairs_ok += both
+                if not both:
+                    failures.append(f"{spec.prompt} | seed {seed} | {seen}")
     return GenerationScores(
         colour_accuracy=colour_ok / max(1, singles),
         position_accuracy=position_ok / max(1, singles),
         both_present=pairs_ok / max(1, pairs),
         single_images=singles,
         pair_images=pairs,
+        failures=tuple(failures),
     )
 
 
