@@ -12,6 +12,7 @@ from . import errors, kernels
 from .edits import LocalBlend, Refine, Replace, Reweight
 from .policies import AgentAttention, GroupedAttention, ProxyAttention, WindowAttention
 from .inversion import Inversion
+from .mmdit import ImageQK
 
 __version__ = "0.1.0"
 
@@ -20,6 +21,7 @@ __all__ = [
     "Refine",
     "Reweight",
     "LocalBlend",
+    "ImageQK",
     "Inversion",
     "AgentAttention",
     "WindowAttention",

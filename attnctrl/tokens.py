@@ -1,8 +1,10 @@
 """Words, tokens and the token mappers of Prompt-to-Prompt.
 
 Everything here works on token *positions* in the padded text sequence a pipeline feeds to
-cross-attention (position 0 is the start-of-text token), for any tokenizer length (77 for Stable
-Diffusion, 32 for the embedded shapes model).
+cross-attention, for any tokenizer length (77 for Stable Diffusion, 32 for the embedded shapes
+model, 256/512 for T5) and any special-token layout: CLIP puts a start-of-text token at position 0
+and an end token after the words; T5 (sentencepiece, "▁" word starts) has no start token, so its
+first word is at position 0. The layout is read from the tokenizer itself (:func:`special_tokens`).
 
 Differences from the official implementation, on purpose:
 
@@ -31,6 +33,7 @@ __all__ = [
     "normalize_word",
     "replacement_mapper",
     "refinement_alignment",
+    "special_tokens",
 ]
 
 _STRIP = string.punctuation + "“”‘’«»…"
@@ -111,11 +114,26 @@ def _encode_plain(tokenizer: Any, text: str) -> list[int]:
 _warned_truncation: set[str] = set()
 
 
+def special_tokens(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """(ids the tokenizer puts before a text, ids it puts after), read by encoding a probe word
+    with and without special tokens: ``([bos], [eos])`` for CLIP, ``([], [eos])`` for T5."""
+    probe = _encode_plain(tokenizer, "a")
+    full = list(tokenizer("a")["input_ids"])
+    for i in range(len(full) - len(probe) + 1):
+        if probe and full[i : i + len(probe)] == probe:
+            return full[:i], full[i + len(probe) :]
+    # A tokenizer whose probe encoding changes with special tokens: assume CLIP's layout.
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return [bos], [eos]
+
+
 def tokenize_prompt(tokenizer: Any, prompt: str, length: int | None = None) -> PromptTokens:
     """Split ``prompt`` into words and find each word's token positions.
 
     Args:
-        tokenizer: a Hugging Face tokenizer with start/end tokens (CLIP-style).
+        tokenizer: a Hugging Face tokenizer (CLIP-style with start/end tokens, or T5-style with an
+            end token only; see :func:`special_tokens`).
         prompt: the prompt text.
         length: the padded sequence length; defaults to ``tokenizer.model_max_length``.
 
@@ -123,9 +141,11 @@ def tokenize_prompt(tokenizer: Any, prompt: str, length: int | None = None) -> P
     words wholly past it); the pipeline itself warns about the truncation, as diffusers does.
     """
     length = int(length or tokenizer.model_max_length)
+    lead_ids, trail_ids = special_tokens(tokenizer)
+    limit = length - len(trail_ids)  # first position the words cannot reach
     words: list[WordSpan] = []
     ids: list[int] = []
-    pos = 1
+    pos = len(lead_ids)
     for raw in prompt.split():
         core = raw.strip(_STRIP) or raw
         lead, trail = raw[: raw.index(core)], raw[raw.index(core) + len(core) :]
@@ -135,7 +155,7 @@ def tokenize_prompt(tokenizer: Any, prompt: str, length: int | None = None) -> P
         start = pos + len(before)
         # The word's positions are those of its letters, not of the punctuation around it.
         def kept(first: int, count: int) -> tuple[int, ...]:
-            return tuple(p for p in range(first, first + count) if p < length - 1)
+            return tuple(p for p in range(first, first + count) if p < limit)
 
         words.append(
             WordSpan(raw, normalize_word(raw), kept(start, len(toks)), kept(pos, len(before)),
@@ -146,27 +166,32 @@ def tokenize_prompt(tokenizer: Any, prompt: str, length: int | None = None) -> P
     whole = _encode_plain(tokenizer, prompt)
     if whole != ids:
         # A tokenizer whose pieces cross whitespace: fall back to character offsets.
-        words, ids = _spans_from_offsets(tokenizer, prompt, length)
-    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    full = [bos, *ids[: max(0, length - 2)], eos]
+        words, ids = _spans_from_offsets(tokenizer, prompt, len(lead_ids), limit)
+    full = [*lead_ids, *ids[: max(0, length - len(lead_ids) - len(trail_ids))], *trail_ids]
     return PromptTokens(prompt=prompt, words=tuple(words), ids=tuple(full), length=length)
 
 
-def _spans_from_offsets(tokenizer: Any, prompt: str, length: int) -> tuple[list[WordSpan], list[int]]:
+def _spans_from_offsets(tokenizer: Any, prompt: str, first: int, limit: int) -> tuple[list[WordSpan], list[int]]:
     enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     offsets = enc["offset_mapping"]
     words: list[WordSpan] = []
     cursor = 0
+    def overlapping(lo: int, hi: int) -> tuple[int, ...]:
+        return tuple(first + i for i, (a, b) in enumerate(offsets) if a < hi and b > lo and first + i < limit)
+
     for raw in prompt.split():
         start = prompt.index(raw, cursor)
         end = start + len(raw)
         cursor = end
-        positions = tuple(
-            1 + i for i, (a, b) in enumerate(offsets) if a < end and b > start and 1 + i < length - 1
-        )
-        words.append(WordSpan(raw, normalize_word(raw), positions))
+        core = raw.strip(_STRIP) or raw
+        core_start = start + raw.index(core)
+        core_end = core_start + len(core)
+        # The word's positions are those of its letters; punctuation tokens go to lead/trail.
+        positions = overlapping(core_start, core_end)
+        lead = tuple(p for p in overlapping(start, core_start) if p not in positions)
+        trail = tuple(p for p in overlapping(core_end, end) if p not in positions)
+        words.append(WordSpan(raw, normalize_word(raw), positions, lead, trail))
     return words, ids
 
 

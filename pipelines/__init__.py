@@ -3,11 +3,14 @@
 from .consistency import ConsistentSubjectsPipeline, ConsistentSubjectsXLPipeline, Subject
 from .control import EditSession, control
 from .inversion import invert, reconstruct
+from .mmdit import Prompt2PromptFluxPipeline, Prompt2PromptSD3Pipeline
 from .p2p import Prompt2PromptOutput, Prompt2PromptPipeline, Prompt2PromptXLPipeline, load_pipeline
 
 __all__ = [
     "Prompt2PromptPipeline",
     "Prompt2PromptXLPipeline",
+    "Prompt2PromptSD3Pipeline",
+    "Prompt2PromptFluxPipeline",
     "Prompt2PromptOutput",
     "ConsistentSubjectsPipeline",
     "ConsistentSubjectsXLPipeline",

@@ -22,13 +22,15 @@ from attnctrl.processors import (
 from attnctrl.store import AttentionStore
 
 from .efficient import applied_handle
+from .mmdit_control import is_mmdit_pipeline, joint_control
 
 __all__ = ["control", "EditSession", "check_pipeline"]
 
 SUPPORTED = (
     "StableDiffusionPipeline (SD 1.x/2.x) and StableDiffusionXLPipeline (SDXL), their subclasses "
     "(attnctrl.pipelines.Prompt2PromptPipeline / Prompt2PromptXLPipeline), and other pipelines "
-    "whose denoiser is a UNet2DConditionModel with a CLIP tokenizer"
+    "whose denoiser is a UNet2DConditionModel with a CLIP tokenizer; StableDiffusion3Pipeline (SD3/SD3.5) "
+    "and FluxPipeline (Flux.1) (Prompt2PromptSD3Pipeline / Prompt2PromptFluxPipeline)"
 )
 
 
@@ -86,6 +88,9 @@ def control(
     record: bool = True,
     materialise: bool = False,
     backend: str | None = None,
+    structure: Any = None,
+    map_blocks: Sequence[int] | None = None,
+    max_sequence_length: int | None = None,
 ) -> Iterator[EditSession]:
     """Install Prompt-to-Prompt processors on ``pipe.unet`` and restore the previous ones on exit.
 
@@ -103,7 +108,20 @@ def control(
         record: keep an attention store (``session.attention``).
         materialise: use the explicit reference attention (the official algorithm; O(N^2) memory).
         backend: kernel backend name (None = best available).
+        structure, map_blocks, max_sequence_length: MM-DiT pipelines (SD3/SD3.5, Flux.1) only; see
+            :func:`attnctrl.pipelines.mmdit_control.joint_control` (the structure of the source comes
+            through the image queries/keys, :class:`attnctrl.ImageQK`).
     """
+    if is_mmdit_pipeline(pipe):
+        with joint_control(
+            pipe, edit, prompts, images_per_prompt=images_per_prompt, record=record, materialise=materialise,
+            backend=backend, structure=structure, map_blocks=map_blocks, max_sequence_length=max_sequence_length,
+        ) as joint_session:
+            yield joint_session
+        return
+    given = [n for n, v in (("structure", structure), ("map_blocks", map_blocks), ("max_sequence_length", max_sequence_length)) if v is not None]
+    if given:
+        raise InvalidOptionError(f"{', '.join(given)}: options of MM-DiT pipelines (SD3/Flux); {type(pipe).__name__} has a UNet")
     check_pipeline(pipe)
     policies = _applied_policies(pipe.unet)
     if materialise and policies:

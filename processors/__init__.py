@@ -2,10 +2,13 @@
 
 from .lifecycle import attention_modules, bind_timestep, install, is_installed, layers_installed, restore
 from .efficient import PolicyProcessor
+from .joint import JointAttentionProcessor, check_joint_supported
 from .p2p import PromptToPromptProcessor
 
 __all__ = [
     "PromptToPromptProcessor",
+    "JointAttentionProcessor",
+    "check_joint_supported",
     "PolicyProcessor",
     "install",
     "restore",

@@ -48,6 +48,7 @@ def install(
     post_forward: Callable[[Any, tuple, dict, Any], Any] | None = None,
     replace: bool = False,
     on_top: bool = False,
+    check: Callable[[Any], str | None] = check_supported,
 ) -> None:
     """Replace the processors of ``model``.
 
@@ -64,6 +65,8 @@ def install(
         on_top: if attnctrl processors are installed, install over them as a layer; :func:`restore`
             then removes only this layer and the layer below keeps its processors and hooks
             (Prompt-to-Prompt over an efficient-attention policy).
+        check: ``check(attention_module)`` -> why the module cannot take the new processor, or None
+            (default: the UNet/DiT rules of :func:`check_supported`; MM-DiT joint attention has its own).
 
     Raises:
         RuntimeError: attnctrl processors are installed and neither ``replace`` nor ``on_top`` is set
@@ -86,7 +89,7 @@ def install(
         processor = make_processor(name, module)
         if processor is None:
             continue
-        reason = check_supported(module)
+        reason = check(module)
         if reason is not None:
             raise UnsupportedModelError(f"{name}: {reason}")
         new[name] = processor

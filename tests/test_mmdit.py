@@ -1,0 +1,296 @@
+"""Prompt-to-Prompt and word maps on MM-DiTs (SD3/SD3.5 and Flux.1) with tiny random pipelines."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnctrl
+from attnctrl import ImageQK, LocalBlend, Refine, Replace, Reweight
+from attnctrl.adapters import FluxAdapter, SD3Adapter, adapter_for
+from attnctrl.errors import InvalidOptionError, PromptMismatchError, WordNotFoundError
+from attnctrl.mmdit import TextSegment, compile_joint_prompts, gaussian_smooth
+from attnctrl.tokens import tokenize_prompt
+
+from mmdit_models import T5_LENGTH, build_flux, build_sd3, build_t5_tokenizer
+
+PROMPTS = ["a photo of a cat on the grass", "a photo of a tiger on the grass"]
+STEPS = 4
+OFF = ImageQK(steps=0.0)
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer():
+    return build_t5_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def sd3(tokenizer, t5_tokenizer):
+    return build_sd3(tokenizer, t5_tokenizer, dual=True)
+
+
+@pytest.fixture(scope="module")
+def flux(tokenizer, t5_tokenizer):
+    return build_flux(tokenizer, t5_tokenizer)
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def pipe(request, sd3, flux):
+    return sd3 if request.param == "sd3" else flux
+
+
+def stock(pipe):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    cls = FluxPipeline if isinstance(pipe, FluxPipeline) else StableDiffusion3Pipeline
+    out = cls(**pipe.components)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def noise(pipe, height=32, width=32, seed=5):
+    """One image's initial noise in the pipeline's own layout (Flux: packed tokens)."""
+    from diffusers import FluxPipeline
+
+    g = torch.Generator().manual_seed(seed)
+    if isinstance(pipe, FluxPipeline):
+        x = torch.randn(1, 4, height // 2, width // 2, generator=g)
+        return pipe._pack_latents(x, 1, 4, height // 2, width // 2)
+    return torch.randn(1, 4, height // 2, width // 2, generator=g)
+
+
+def call(plain, prompts=PROMPTS, *, height=32, width=32, **kwargs):
+    """Latents of a stock pipeline's generation of ``prompts``, every row from the same noise."""
+    latents = noise(plain, height, width)
+    latents = latents.expand(len(prompts), *latents.shape[1:])
+    return plain(
+        prompts, height=height, width=width, num_inference_steps=STEPS, latents=latents,
+        max_sequence_length=T5_LENGTH, output_type="latent", **kwargs,
+    ).images
+
+
+def run(pipe, prompts=PROMPTS, edit=None, *, height=32, width=32, **kwargs):
+    return pipe(
+        prompts, edit=edit, height=height, width=width, num_inference_steps=STEPS, latents=noise(pipe, height, width),
+        max_sequence_length=T5_LENGTH, output_type="latent", **kwargs,
+    )
+
+
+# ---- adapters and tokens -----------------------------------------------------------------------------
+def test_adapters(sd3, flux):
+    a = adapter_for(sd3.transformer)
+    assert isinstance(a, SD3Adapter) and not a.text_first("x")
+    assert a.joint_layers(sd3.transformer) == ["transformer_blocks.0.attn.processor", "transformer_blocks.1.attn.processor"]
+    assert a.image_only_layers(sd3.transformer) == ["transformer_blocks.0.attn2.processor"]
+    assert a.self_attention_layers(sd3.transformer)[:2] == ["transformer_blocks.0.attn.processor", "transformer_blocks.0.attn2.processor"]
+    assert a.token_grid_of_call(sd3.transformer, (torch.zeros(1, 4, 16, 24),), {}) == (8, 12)
+    assert a.patch_size(sd3.transformer) == 2 and a.latent_hw(sd3.transformer, (8, 12)) == (16, 24)
+    f = adapter_for(flux.transformer)
+    assert isinstance(f, FluxAdapter) and f.text_first("x") and f.cfg_layout == "conditional-only"
+    assert f.joint_layers(flux.transformer)[-1] == "single_transformer_blocks.1.attn.processor"
+    ids = flux._prepare_latent_image_ids(1, 8, 12, "cpu", torch.float32)
+    assert f.token_grid_of_call(flux.transformer, (), {"img_ids": ids}) == (8, 12)
+    assert f.map_blocks(flux.transformer) == (0, 1)  # not Flux.1's depth: every double block
+
+
+def test_t5_word_positions_have_no_start_token(tokenizer, t5_tokenizer):
+    t5 = tokenize_prompt(t5_tokenizer, "a photo of a tiger, on the grass", 12)
+    assert t5.positions_of("a") == [0, 3]
+    assert t5.positions_of("tiger") == [4, 5]  # "▁ti" "ger"
+    assert t5.positions_of("on") == [7]  # after the comma's own token
+    assert t5.ids[-1] == t5_tokenizer.eos_token_id and t5.end == len(t5.ids) - 1
+    clip = tokenize_prompt(tokenizer, "a photo of a tiger", 16)
+    assert clip.positions_of("tiger") == [5, 6]  # CLIP: start token at 0
+    segments = (TextSegment("clip", tokenizer, 0, 16), TextSegment("t5", t5_tokenizer, 16, 12))
+    (joint,) = compile_joint_prompts(segments, ["a photo of a tiger"])
+    assert joint.length == 28 and joint.positions_of("tiger") == [5, 6, 20, 21]
+
+
+# ---- the processor is the stock math ----------------------------------------------------------------
+def test_nothing_edited_is_bit_exact(pipe):
+    """Plain generation through the joint processor (nothing edited, nothing recorded) equals the
+    stock processors bit for bit; ``remove`` puts the very same processor objects back."""
+    plain = stock(pipe)
+    reference = call(plain)
+    before = dict(pipe.transformer.attn_processors)
+    with attnctrl.control(plain, None, PROMPTS, record=False, max_sequence_length=T5_LENGTH):
+        installed = pipe.transformer.attn_processors
+        assert sum(type(p).__name__ == "JointAttentionProcessor" for p in installed.values()) == len(
+            adapter_for(pipe.transformer).joint_layers(pipe.transformer))
+        ours = call(plain)
+    assert torch.equal(ours, reference)
+    after = pipe.transformer.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+    assert not pipe.transformer._forward_pre_hooks
+
+
+def test_source_row_equals_stock_generation(pipe):
+    out = run(pipe, edit=Replace()).images
+    alone = call(stock(pipe), [PROMPTS[0]])
+    assert torch.allclose(out[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("edit", [Replace(), Reweight({"cat": 1.0}), Refine(blend=LocalBlend("cat"))])
+def test_identity_edits(pipe, edit):
+    """Editing a prompt into itself (any edit, structure on) gives its plain generation."""
+    out = run(pipe, [PROMPTS[0], PROMPTS[0]], edit=edit).images
+    plain = call(stock(pipe), [PROMPTS[0]])
+    for row in out:
+        assert torch.allclose(row, plain[0], atol=1e-5, rtol=1e-5)
+
+
+def test_empty_windows_leave_each_prompt_unedited(pipe):
+    out = run(pipe, edit=Replace(cross_steps=0.0), structure=OFF, attention_store=False).images
+    assert torch.equal(out, call(stock(pipe)))
+
+
+def test_replace_stays_closer_to_source_than_a_prompt_change(pipe):
+    plain = call(stock(pipe))
+    change = (plain[1] - plain[0]).norm()
+    # The anchor's default window (20% of 4 steps) is empty here: the word edit alone pulls towards the source.
+    words_only = run(pipe, edit=Replace()).images
+    assert (words_only[1] - words_only[0]).norm() < change
+    with_structure = run(pipe, edit=Replace(), structure=ImageQK(steps=0.5)).images
+    # (random text encoders make every token's embedding differ between the prompts, so only a little closer)
+    assert (with_structure[1] - with_structure[0]).norm() < (words_only[1] - words_only[0]).norm()
+    assert not torch.equal(with_structure[1], with_structure[0])
+
+
+EDITS = {
+    "replace": (PROMPTS, Replace(cross_steps={"default": 1.0, "tiger": 0.5})),
+    "refine": (["a photo of a cat on the grass", "a photo of a big cat on the grass"], Refine()),
+    "reweight over replace": (PROMPTS, Reweight({"tiger": -1.5}, base=Replace())),
+    "reweight": ([PROMPTS[1], PROMPTS[1]], Reweight({"tiger": 4.0})),
+    "replace + blend, 2 images": (PROMPTS, Replace(blend=LocalBlend(["cat", "tiger"], subtract="grass"))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EDITS))
+def test_fused_equals_materialised_fp64(pipe, name):
+    """The fused path (edit folded into V, joint softmax) is the official formula on the explicit
+    joint probabilities, to float64 round-off; and the edit does something."""
+    prompts, edit = EDITS[name]
+    images = 2 if "2 images" in name else 1
+    pipe.to(torch.float64)
+    try:
+        kwargs = dict(num_images_per_prompt=images)
+        fused = run(pipe, prompts, edit=edit, **kwargs).images
+        ref = run(pipe, prompts, edit=edit, materialise=True, **kwargs).images
+        plain = run(pipe, prompts, edit=Replace(cross_steps=0.0) if "refine" not in name else Refine(cross_steps=0.0),
+                    structure=OFF, **kwargs).images
+    finally:
+        pipe.to(torch.float32)
+    assert fused.dtype == torch.float64
+    assert (fused - ref).abs().max().item() <= 1e-9
+    assert (fused[images:] - plain[images:]).abs().max().item() > 1e-4
+
+
+# ---- word maps and LocalBlend -----------------------------------------------------------------------
+def test_word_maps_non_square(pipe):
+    out = run(pipe, edit=Replace(), height=32, width=48)
+    store = out.attention
+    assert store.resolutions() == [(8, 12)]
+    raw = store.word_maps(1, "Tiger")
+    assert raw.shape == (8, 12) and torch.isfinite(raw).all() and raw.min() >= 0 and raw.sum() > 0
+    smooth = store.word_maps(0, "cat", smooth=1.0)
+    assert smooth.shape == (8, 12) and torch.isfinite(smooth).all()
+    assert torch.allclose(smooth, gaussian_smooth(store.word_maps(0, "cat"), 1.0))
+    with pytest.raises(WordNotFoundError, match="grass"):
+        store.word_maps(0, "lion")
+
+
+def test_maps_come_from_the_map_blocks(pipe):
+    a = run(pipe, map_blocks=[0]).attention.word_maps(0, "cat")
+    b = run(pipe, map_blocks=[1]).attention.word_maps(0, "cat")
+    assert not torch.allclose(a, b)
+    with pytest.raises(InvalidOptionError, match="out of range"):
+        run(pipe, map_blocks=[99])
+
+
+def test_local_blend_outside_mask_equals_source(pipe):
+    edit = Replace(blend=LocalBlend(["cat", "tiger"], threshold=0.95))
+    out = run(pipe, edit=edit)
+    mask = out.blend_masks
+    latents = out.images
+    if latents.ndim == 3:  # Flux: packed tokens on the map grid
+        outside = mask[1, 0].flatten() == 0
+        assert 0 < outside.sum() < outside.numel()
+        assert torch.equal(latents[1][outside], latents[0][outside])
+    else:
+        outside = mask[1, 0] == 0
+        assert 0 < outside.sum() < outside.numel()
+        assert torch.equal(latents[1][:, outside], latents[0][:, outside])
+
+
+def test_local_blend_needs_step_end_on_stock_pipelines(pipe):
+    plain = stock(pipe)
+    with attnctrl.control(plain, Replace(blend=LocalBlend(["cat", "tiger"])), PROMPTS, max_sequence_length=T5_LENGTH):
+        with pytest.raises(attnctrl.errors.LocalBlendNotAppliedError, match="callback_on_step_end"):
+            call(plain)
+
+
+def test_control_on_stock_pipeline_equals_our_pipeline(pipe):
+    plain = stock(pipe)
+    with attnctrl.control(plain, Replace(), PROMPTS, max_sequence_length=T5_LENGTH) as session:
+        ours = call(plain)
+        assert session.attention.word_maps(1, "tiger").shape == (8, 8)
+    assert torch.equal(ours, run(pipe, edit=Replace()).images)
+
+
+# ---- options and errors -----------------------------------------------------------------------------
+def test_errors(pipe):
+    plain = stock(pipe)
+    with pytest.raises(InvalidOptionError, match="max_sequence_length"):
+        with attnctrl.control(plain, Replace(), PROMPTS):  # compiled for the default length
+            call(plain)
+    with pytest.raises(InvalidOptionError, match="ImageQK"):
+        run(pipe, edit=Replace(self_steps=0.6))
+    with pytest.raises(PromptMismatchError, match="same number of words"):
+        run(pipe, ["a cat", "a big tiger"], edit=Replace())
+    with pytest.raises(attnctrl.errors.InvalidScheduleError):
+        ImageQK(blocks=[-1])
+    with pytest.raises(InvalidOptionError, match="MM-DiT"):
+        from conftest import build_sd
+
+        with attnctrl.control(build_sd(pipe.tokenizer), Replace(), PROMPTS, max_sequence_length=8):
+            pass
+
+
+def test_flux_true_cfg_is_refused(flux):
+    with pytest.raises(InvalidOptionError, match="true_cfg_scale"):
+        run(flux, edit=Replace(), true_cfg_scale=2.0, negative_prompt="dog")
+
+
+def test_sd3_without_t5_uses_clip_positions(tokenizer, t5_tokenizer):
+    pipe = build_sd3(tokenizer, t5_tokenizer, with_t5=False, layers=1)
+    out = run(pipe, edit=Replace())
+    assert torch.isfinite(out.images).all()
+    tokens = out.attention.prompts[1]
+    assert tokens.positions_of("tiger") == [5, 6]  # CLIP only: T5's part is zeros
+
+
+def test_from_pipe_and_images_per_prompt(sd3):
+    from diffusers import StableDiffusion3Pipeline
+
+    from attnctrl.pipelines import Prompt2PromptSD3Pipeline
+
+    plain = StableDiffusion3Pipeline(**sd3.components)
+    ours = Prompt2PromptSD3Pipeline.from_pipe(plain, dtype=torch.float32)
+    ours.set_progress_bar_config(disable=True)
+    out = ours(PROMPTS, edit=Replace(), num_inference_steps=2, num_images_per_prompt=2,
+               generator=torch.Generator().manual_seed(0), max_sequence_length=T5_LENGTH, output_type="latent")
+    assert out.images.shape[0] == 4
+    assert torch.equal(out.images[0], out.images[0])
+    assert not torch.equal(out.images[0], out.images[1])  # two images, two noises
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_on_cpu(pipe, dtype):
+    pipe.to(dtype)
+    try:
+        out = run(pipe, edit=Reweight({"tiger": 2.0}, base=Replace(blend=LocalBlend(["cat", "tiger"]))))
+    finally:
+        pipe.to(torch.float32)
+    assert out.images.dtype == dtype
+    assert torch.isfinite(out.images.float()).all()
+    assert torch.isfinite(out.attention.word_maps(1, "tiger")).all()
