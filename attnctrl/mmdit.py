@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .clock import Clocked, StepClock
-from .edits import LocalBlend, Refine, Replace, Reweight, Window, normalize_window
+from .edits import Refine, Replace, Reweight, Window, normalize_window
 from .errors import InvalidOptionError, InvalidScheduleError, InvalidTypeError, LocalBlendNotAppliedError
 from .kernels.reference import softmax_probs
 from .p2p import RowLayout
@@ -49,6 +49,7 @@ from .tracing import host_side
 
 __all__ = [
     "ImageQK",
+    "structure_for",
     "TextSegment",
     "JointAttentionStore",
     "JointEditController",
@@ -172,10 +173,10 @@ def compile_joint_prompts(segments: Sequence[TextSegment], prompts: Sequence[str
 
 def _check_mmdit_edit(edit: Any) -> None:
     schedule = edit.schedule_source if isinstance(edit, Reweight) else edit
-    if tuple(schedule.self_steps) != _DEFAULT_SELF_STEPS or schedule.self_max_tokens is not None:
+    if schedule.self_max_tokens is not None:
         raise InvalidOptionError(
-            "self_steps / self_max_tokens are UNet self-attention options; on SD3/Flux the structure of the source "
-            "comes through the image queries and keys: pass structure=attnctrl.ImageQK(steps=..., blocks=...)"
+            "self_max_tokens gates UNet self-attention by resolution; an MM-DiT has one token grid: choose the "
+            "blocks of the image q/k replacement with structure=attnctrl.ImageQK(blocks=...)"
         )
     blend = schedule.blend
     if blend is not None and blend.resolution is not None:
@@ -234,6 +235,30 @@ def compile_joint_edit(edit: Replace | Refine | Reweight, segments: Sequence[Tex
         kind=kind, prompts=tokens, mapper=mapper, keep=keep, index=index, equalizer=equalizer,
         cross_windows=windows, self_window=first.self_window, self_max_tokens=None, blend=blend,
     )
+
+
+def structure_for(edit: Any, structure: ImageQK | None) -> ImageQK:
+    """The image q/k window of an edit on an MM-DiT.
+
+    An edit's ``self_steps`` (P2P's self-attention window) means, on an MM-DiT, the window of its
+    analogue, the image q/k replacement: ``Replace(self_steps=0.5)`` is ``ImageQK(steps=0.5)``.
+    Left at its default (0.4), the anchor's default ``ImageQK()`` (0.2, every block) applies.
+    Giving both a non-default ``self_steps`` and ``structure`` is refused (two windows for one thing).
+    """
+    if structure is not None and not isinstance(structure, ImageQK):
+        raise InvalidTypeError(f"structure must be an attnctrl.ImageQK, got {type(structure).__name__}")
+    if edit is None:
+        return structure if structure is not None else ImageQK()
+    schedule = edit.schedule_source if isinstance(edit, Reweight) else edit
+    custom = tuple(schedule.self_steps) != _DEFAULT_SELF_STEPS
+    if structure is not None:
+        if custom:
+            raise InvalidOptionError(
+                f"self_steps={schedule.self_steps} and structure={structure!r} both set the image q/k window on an "
+                "MM-DiT; give one of them"
+            )
+        return structure
+    return ImageQK(steps=schedule.self_steps) if custom else ImageQK()
 
 
 # ---- the attention math -------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from attnctrl.adapters import adapter_for
 from attnctrl.errors import InvalidOptionError, InvalidWeightError
 from attnctrl.images import ImageInput, load_image
 from attnctrl.inversion import METHODS, Inversion
@@ -51,6 +52,11 @@ __all__ = ["invert", "null_text_step", "NullTextStep", "image_geometry", "recons
 def image_geometry(pipe: Any) -> tuple[int, int]:
     """(native side in pixels, multiple that heights and widths must be) for ``pipe``'s model."""
     vae_factor = int(getattr(pipe, "vae_scale_factor", 8))
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        # SD3/Flux: one token grid, latent patches of the adapter's patch size (Flux: the 2x2 packing)
+        transformer = pipe.transformer
+        side = getattr(pipe, "default_sample_size", None) or transformer.config.sample_size
+        return int(side) * vae_factor, vae_factor * adapter_for(transformer).patch_size(transformer)
     native = int(pipe.unet.config.sample_size) * vae_factor
     levels = len(pipe.unet.config.block_out_channels)
     return native, vae_factor * 2 ** (levels - 1)

@@ -20,7 +20,7 @@ from attnctrl.errors import InvalidOptionError, PromptMismatchError
 from attnctrl.mmdit import ImageQK
 
 from .mmdit_control import DEFAULT_T5_TOKENS, joint_control
-from .p2p import Prompt2PromptOutput, pipeline_lock
+from .output import Prompt2PromptOutput, pipeline_lock
 
 __all__ = ["Prompt2PromptSD3Pipeline", "Prompt2PromptFluxPipeline"]
 

@@ -14,8 +14,15 @@ import torch
 from attnctrl.adapters import adapter_for, is_mmdit
 from attnctrl.adapters.mmdit import MMDiTAdapter, SD3Adapter
 from attnctrl.edits import Refine, Replace, Reweight
-from attnctrl.errors import InvalidOptionError, InvalidTypeError, UnsupportedModelError
-from attnctrl.mmdit import ImageQK, JointEditController, TextSegment, compile_joint_edit, compile_joint_prompts
+from attnctrl.errors import InvalidOptionError, UnsupportedModelError
+from attnctrl.mmdit import (
+    ImageQK,
+    JointEditController,
+    TextSegment,
+    compile_joint_edit,
+    compile_joint_prompts,
+    structure_for,
+)
 from attnctrl.processors import JointAttentionProcessor, bind_timestep, check_joint_supported, install, is_installed, restore
 
 __all__ = ["joint_control", "JointSession", "text_segments", "is_mmdit_pipeline", "DEFAULT_T5_TOKENS"]
@@ -97,7 +104,8 @@ def joint_control(
 
     Args:
         structure: the source's image queries/keys in the edited rows (default ``ImageQK()``: the
-            anchor's first 20% of the steps, every joint block); ``ImageQK(steps=0.0)`` turns it off.
+            anchor's first 20% of the steps, every joint block, or the edit's ``self_steps`` when set;
+            see :func:`attnctrl.mmdit.structure_for`); ``ImageQK(steps=0.0)`` turns it off.
         map_blocks: joint-layer indices whose T2I attention makes the word maps (default: the
             anchor's five blocks for SD3-medium/SD3.5-large/Flux.1 depths, else every joint layer).
         max_sequence_length: the pipeline call's (default the pipeline's: SD3 256, Flux 512).
@@ -106,8 +114,7 @@ def joint_control(
     adapter = adapter_for(transformer)
     if not isinstance(adapter, MMDiTAdapter):
         raise UnsupportedModelError(f"{type(transformer).__name__} is not an MM-DiT (SD3/Flux transformer)")
-    if structure is not None and not isinstance(structure, ImageQK):
-        raise InvalidTypeError(f"structure must be an attnctrl.ImageQK, got {type(structure).__name__}")
+    structure = structure_for(edit, structure)
     if not isinstance(images_per_prompt, int) or isinstance(images_per_prompt, bool) or images_per_prompt < 1:
         raise InvalidOptionError(f"images_per_prompt must be a positive int, got {images_per_prompt!r}")
     if is_installed(transformer):
@@ -130,7 +137,7 @@ def joint_control(
         raise InvalidOptionError(f"map_blocks must be joint-layer indices (ints), got {map_blocks!r}")
     controller = JointEditController(
         tokens, plan, text_length=text_length, joint_layers=layers, map_blocks=blocks,
-        structure=structure if structure is not None else ImageQK(), images_per_prompt=images_per_prompt,
+        structure=structure, images_per_prompt=images_per_prompt,
         record=record, materialise=materialise, backend=backend,
     )
     controller.scheduler = pipe.scheduler

@@ -10,53 +10,26 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import threading
 import warnings
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
-from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from attnctrl.edits import Refine, Replace, Reweight
 from attnctrl.errors import InvalidOptionError, InvalidTypeError, InversionMismatchError, PromptMismatchError, UnsupportedModelError
 from attnctrl.inversion import Inversion
-from attnctrl.store import AttentionStore
 
 from ._denoiser import Denoiser
 from .control import control
+from .mmdit import Prompt2PromptFluxPipeline, Prompt2PromptSD3Pipeline
+from .output import Prompt2PromptOutput, pipeline_lock
 
 __all__ = ["Prompt2PromptPipeline", "Prompt2PromptXLPipeline", "Prompt2PromptOutput", "load_pipeline", "check_inversion", "pipeline_lock"]
 
 Edit = Replace | Refine | Reweight
-
-
-@dataclass
-class Prompt2PromptOutput(BaseOutput):
-    """Images (source first, then each edited prompt; ``num_images_per_prompt`` each), the
-    attention store with the cross-attention maps of every prompt, and with a LocalBlend the
-    final blend mask of every row, (rows, 1, latent_h, latent_w) float (1 = allowed to change)."""
-
-    images: Any
-    attention: AttentionStore | None = None
-    nsfw_content_detected: list[bool] | None = None
-    blend_masks: torch.Tensor | None = None
-
-
-_LOCKS_GUARD = threading.Lock()
-
-
-def pipeline_lock(pipe: Any) -> threading.Lock:
-    # Processors live on the shared UNet: two concurrent calls on one pipeline must not interleave.
-    with _LOCKS_GUARD:
-        lock = pipe.__dict__.get("_attnctrl_lock")
-        if lock is None:
-            lock = threading.Lock()
-            pipe.__dict__["_attnctrl_lock"] = lock
-        return lock
 
 
 class _Prompt2PromptCall:
@@ -389,21 +362,37 @@ def _model_class_name(model: str) -> str:
     return str(DiffusionPipeline.load_config(model).get("_class_name", ""))
 
 
-def load_pipeline(model: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **kwargs: Any) -> Prompt2PromptPipeline | Prompt2PromptXLPipeline:
-    """Load a Prompt-to-Prompt pipeline from a hub id or a local diffusers folder (SD 1.x/2.x or SDXL).
+def _pipeline_class(name: str) -> type | None:
+    """Our pipeline class for a ``model_index.json`` ``_class_name`` (None: not a supported text-to-image model)."""
+    if name in ("StableDiffusion3Pipeline", "Prompt2PromptSD3Pipeline"):
+        return Prompt2PromptSD3Pipeline
+    if name in ("FluxPipeline", "Prompt2PromptFluxPipeline"):
+        return Prompt2PromptFluxPipeline
+    if name.startswith(("StableDiffusion3", "Flux")):  # their img2img, inpainting and control variants
+        return None
+    if "XL" in name:
+        return Prompt2PromptXLPipeline
+    if name.startswith("StableDiffusion") or name == "Prompt2PromptPipeline":
+        return Prompt2PromptPipeline
+    return None
+
+
+def load_pipeline(
+    model: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None, **kwargs: Any
+) -> Prompt2PromptPipeline | Prompt2PromptXLPipeline | Prompt2PromptSD3Pipeline | Prompt2PromptFluxPipeline:
+    """Load a Prompt-to-Prompt pipeline from a hub id or a local diffusers folder (SD 1.x/2.x, SDXL,
+    SD3/SD3.5 or Flux.1).
 
     The pipeline class is picked from the folder's ``model_index.json``; ``attnctrl.models.SHAPES``
     loads the embedded shapes model offline.
     """
     name = _model_class_name(model)
-    if "XL" in name:
-        cls: type = Prompt2PromptXLPipeline
-    elif name.startswith("StableDiffusion") or name in ("Prompt2PromptPipeline",):
-        cls = Prompt2PromptPipeline
-    else:
+    cls = _pipeline_class(name)
+    if cls is None:
         raise UnsupportedModelError(
-            f"{model} is a {name or 'unknown'} model; attnctrl's Prompt-to-Prompt supports Stable Diffusion 1.x/2.x "
-            "and SDXL (StableDiffusionPipeline / StableDiffusionXLPipeline folders)"
+            f"{model} is a {name or 'unknown'} model; attnctrl's Prompt-to-Prompt supports Stable Diffusion 1.x/2.x, "
+            "SDXL, SD3/SD3.5 and Flux.1 text-to-image models (StableDiffusionPipeline / StableDiffusionXLPipeline / "
+            "StableDiffusion3Pipeline / FluxPipeline folders)"
         )
     options: dict[str, Any] = dict(kwargs)
     if dtype is not None:

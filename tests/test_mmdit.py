@@ -185,6 +185,15 @@ def test_fused_equals_materialised_fp64(pipe, name):
     assert (fused[images:] - plain[images:]).abs().max().item() > 1e-4
 
 
+def test_self_steps_set_the_image_qk_window():
+    from attnctrl.mmdit import structure_for
+
+    assert structure_for(Replace(), None) == ImageQK()  # the anchor's 0.2
+    assert structure_for(Replace(self_steps=0.5), None) == ImageQK(steps=0.5)
+    assert structure_for(Reweight({"cat": 2.0}, base=Refine(self_steps=(0.1, 0.3))), None) == ImageQK(steps=(0.1, 0.3))
+    assert structure_for(Replace(), OFF) == OFF and structure_for(None, None) == ImageQK()
+
+
 # ---- word maps and LocalBlend -----------------------------------------------------------------------
 def test_word_maps_non_square(pipe):
     out = run(pipe, edit=Replace(), height=32, width=48)
@@ -243,8 +252,10 @@ def test_errors(pipe):
     with pytest.raises(InvalidOptionError, match="max_sequence_length"):
         with attnctrl.control(plain, Replace(), PROMPTS):  # compiled for the default length
             call(plain)
+    with pytest.raises(InvalidOptionError, match="give one of them"):
+        run(pipe, edit=Replace(self_steps=0.6), structure=ImageQK(steps=0.3))
     with pytest.raises(InvalidOptionError, match="ImageQK"):
-        run(pipe, edit=Replace(self_steps=0.6))
+        run(pipe, edit=Replace(self_max_tokens=256))
     with pytest.raises(PromptMismatchError, match="same number of words"):
         run(pipe, ["a cat", "a big tiger"], edit=Replace())
     with pytest.raises(attnctrl.errors.InvalidScheduleError):

@@ -282,7 +282,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         # editing from an inversion samples with DDIM on the inversion's schedule (the pipeline's is restored after)
         "scheduler": "DDIMScheduler" if inversion is not None else type(pipe.scheduler).__name__,
         "device": str(pipe.device),
-        "dtype": str(pipe.unet.dtype).replace("torch.", ""),
+        "dtype": str((getattr(pipe, "unet", None) or pipe.transformer).dtype).replace("torch.", ""),
         "threads": torch_threads(),
         "materialise": bool(args.materialise),
         "efficient": None if policy is None else repr(policy),

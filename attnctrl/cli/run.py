@@ -231,7 +231,9 @@ def default_size(pipe: Any, inversion: Any = None) -> tuple[int, int]:
     if inversion is not None:
         return int(inversion.width), int(inversion.height)
     unet = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    side = int(unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    # SD3/Flux pipelines know their native latent side (Flux's transformer config has no sample_size).
+    latent_side = getattr(pipe, "default_sample_size", None) or unet.config.sample_size
+    side = int(latent_side) * int(getattr(pipe, "vae_scale_factor", 8) or 8)
     return side, side
 
 
