@@ -538,7 +538,11 @@ def test_selection_on_cuda_dense(monkeypatch):
     q = _fake_cuda_q()
     kw = dict(need_grad=False)
     assert "sdpa" in BACKEND.auto_selection_refusal(q, q, q, mask=None, need_probs=False, **kw)
+    q.dtype = torch.float32
     assert BACKEND.auto_selection_refusal(q, q, q, mask=None, need_probs=True, **kw) is None  # fused taps
+    for half in (torch.float16, torch.bfloat16):  # failed its CUDA check (H200, 2026-12-04): not automatic
+        q.dtype = half
+        assert "wrong outputs" in BACKEND.auto_selection_refusal(q, q, q, mask=None, need_probs=True, **kw)
 
 
 @pytest.mark.parametrize("need_probs", [False, True])
@@ -830,7 +834,8 @@ if dtype == torch.float16:
     # Automatic selection on CUDA: probabilities -> triton; plain attention -> not triton.
     pick = lambda **kw: _registry.select_backend(None, q, k, v, need_grad=False, **kw).name
     report["selection"] = {"dense+probs": pick(mask=None, need_probs=True), "dense": pick(mask=None, need_probs=False)}
-    check("selection/dense+probs-not-triton", float(report["selection"]["dense+probs"] != "triton"), 0)
+    # 16-bit dense attention + probabilities steps aside until its H200 failure is fixed
+    check("selection/dense+probs-is-triton", float(report["selection"]["dense+probs"] == "triton"), 0)
     check("selection/dense-is-triton", float(report["selection"]["dense"] == "triton"), 0)
 print("REPORT " + json.dumps(report))
 """

@@ -79,7 +79,12 @@ it runs only where it wins (:meth:`TritonBackend.auto_selection_refusal`), and s
 * for routings below :data:`ROUTING_MIN_AUTO_ELEMENTS` mask elements (``B' * Nq * Nk``, flex's
   own threshold): there one sdpa call with a small materialised mask is cheap.
 
-So on CUDA it is picked for **attention plus probabilities without a routing** (the fused one-pass
+* for unmasked float16/bfloat16 attention with probabilities (:data:`UNVERIFIED_DENSE_HALF`): on an
+  H200 the compiled kernel's outputs were wrong for one odd shape (Nq 77, Nk 130, D 40, Dv 24) while
+  its probabilities and every routed case were right; it stays out of automatic selection until
+  its CUDA test passes.
+
+So on CUDA it is picked for **float32 attention plus probabilities without a routing** (the fused one-pass
 taps path, where sdpa needs a separate chunked pass over every score to get the normaliser), and
 for **large routings that flex cannot run** (flex unavailable, refusing the call, or running
 eagerly), where it beat sdpa with a materialised mask 2x (2.97 vs 6.14 ms at N=16384). With a
@@ -743,6 +748,14 @@ def _log2_table(routing: Routing) -> torch.Tensor:
     return torch.where(torch.isneginf(table), table.double(), scaled).float().contiguous()
 
 
+#: Why automatic selection leaves 16-bit unmasked attention + probabilities to other backends.
+UNVERIFIED_DENSE_HALF = (
+    "steps aside for unmasked float16/bfloat16 attention with probabilities: on an H200 (triton 3.6, "
+    "2026-12-04) this compiled kernel gave wrong outputs (max error 0.8) for Nq 77, Nk 130, D 40, Dv 24 "
+    "while its probabilities were right; sdpa + probability columns is used until that passes "
+    "(force backend='triton' to use it anyway)"
+)
+
 #: Byte alignment the compiled kernels get for every row of q, k and v.
 ROW_ALIGNMENT = 16
 
@@ -915,6 +928,8 @@ class TritonBackend(Backend):
         if mask_kind(mask) == MASK_NONE:
             if not need_probs:
                 return "steps aside for unmasked attention without probabilities: sdpa's fused flash kernels are faster"
+            if q.dtype in (torch.float16, torch.bfloat16):
+                return UNVERIFIED_DENSE_HALF
             return None  # attention + probabilities in one pass
         if _flex_takes_routing(q, k, v, mask=mask, need_probs=need_probs, need_grad=need_grad):
             return "steps aside for routings that flex runs: compiled FlexAttention is ~5x faster on them"
