@@ -62,6 +62,7 @@ class StepClock:
         self.scheduler = scheduler
         self._schedule_tensor: Any = None
         self._schedule: list[float] = []
+        self._raw_schedule: list[float] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -84,12 +85,15 @@ class StepClock:
             index, total = int(step), int(num_steps)
             t = None
         else:
-            t = _timestep_value(timestep)
             source = getattr(self.scheduler, "timesteps", None)
             if source is not None and source is not self._schedule_tensor:
                 new_generation = new_generation or self._schedule_tensor is not None
                 self._schedule_tensor = source
                 self._schedule = distinct_timesteps(source)
+                self._raw_schedule = source.detach().flatten().cpu().tolist() if torch.is_tensor(source) else None
+            t = self._schedule_value(timestep, source)
+            if t is None:
+                t = _timestep_value(timestep)
             if source is not None and self._schedule:
                 schedule = self._schedule
                 index = min(range(len(schedule)), key=lambda i: abs(schedule[i] - t))
@@ -104,6 +108,23 @@ class StepClock:
         self._last_t = t
         self.step, self.num_steps = index, total
         return new_generation
+
+
+    def _schedule_value(self, timestep: Any, source: Any) -> float | None:
+        """The value of a timestep that is a view into the scheduler's schedule tensor (what
+        diffusers pipelines pass: ``for t in timesteps``, maybe expanded), read from the host copy
+        of the schedule: no device-to-host copy and no synchronisation per denoiser call. None
+        when ``timestep`` is not such a view."""
+        raw = getattr(self, "_raw_schedule", None)
+        if raw is None or not torch.is_tensor(timestep) or getattr(timestep, "_base", None) is not source:
+            return None
+        if source.dim() != 1 or source.stride(0) == 0:
+            return None
+        offset = timestep.storage_offset() - source.storage_offset()
+        position, rest = divmod(offset, source.stride(0))
+        if rest or not 0 <= position < len(raw) or (timestep.numel() > 1 and any(st for st in timestep.stride())):
+            return None
+        return float(raw[position])
 
 
 class Clocked:

@@ -172,3 +172,29 @@ def test_compiled_unet_with_p2p_matches_eager(tokenizer):
     for a, b in zip(eager, outs):
         torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(compiled_maps, eager_maps, atol=1e-6, rtol=1e-5)
+
+
+def test_step_clock_reads_schedule_views_without_a_device_read(monkeypatch):
+    """Pipelines pass ``t`` from ``for t in scheduler.timesteps`` (maybe expanded to the batch): the
+    clock finds its step from the host copy of the schedule, never reading the (device) timestep;
+    Heun-style repeated schedules map to the distinct step; other timesteps are still read."""
+    from types import SimpleNamespace
+
+    import attnctrl.clock as clock
+
+    scheduler = SimpleNamespace(timesteps=torch.tensor([999.0, 749.0, 749.0, 499.0, 499.0, 0.0]))
+    tick_clock = clock.StepClock(scheduler)
+    real_read = clock._timestep_value
+
+    def no_read(timestep):
+        raise AssertionError("the timestep was read back")
+
+    monkeypatch.setattr(clock, "_timestep_value", no_read)
+    steps = []
+    for t in scheduler.timesteps:
+        tick_clock.tick(t.expand(4))
+        steps.append((tick_clock.step, tick_clock.num_steps))
+    assert steps == [(0, 4), (1, 4), (1, 4), (2, 4), (2, 4), (3, 4)]
+    monkeypatch.setattr(clock, "_timestep_value", real_read)
+    tick_clock.tick(torch.tensor(749.0))  # not a view of the schedule: read as before
+    assert tick_clock.step == 1
