@@ -39,7 +39,13 @@ import torch.nn.functional as F
 from . import kernels
 from .clock import Clocked, StepClock
 from .edits import Refine, Replace, Reweight, Window, normalize_window
-from .errors import InvalidOptionError, InvalidScheduleError, InvalidTypeError, LocalBlendNotAppliedError
+from .errors import (
+    InvalidOptionError,
+    InvalidScheduleError,
+    InvalidTypeError,
+    LocalBlendNotAppliedError,
+    PromptMismatchError,
+)
 from .kernels.reference import softmax_probs
 from .p2p import RowLayout
 from .plan import BlendPlan, CrossStep, EditPlan, compile_edit, step_window
@@ -147,8 +153,6 @@ def compile_joint_prompts(segments: Sequence[TextSegment], prompts: Sequence[str
     joint sequence (the mappers are built per segment by :func:`compile_joint_edit`)."""
     total = _check_segments(segments)
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
-        from .errors import PromptMismatchError
-
         raise PromptMismatchError("prompts must be a list of strings: [source, edited_1, ...]")
     out = []
     for prompt in prompts:
@@ -205,8 +209,9 @@ def compile_joint_edit(edit: Replace | Refine | Reweight, segments: Sequence[Tex
     keep = torch.ones(num_edits, total)
     index = torch.arange(total).repeat(num_edits, 1) if kind == "refine" else None
     equalizer = torch.ones(num_edits, total) if plans[0][1].equalizer is not None else None
+    schedule = edit.schedule_source if isinstance(edit, Reweight) else edit
     windows = torch.empty(num_edits, total, 2)
-    windows[..., 0], windows[..., 1] = plans[0][1].cross_windows[:, -1, 0:1], plans[0][1].cross_windows[:, -1, 1:2]
+    windows[..., 0], windows[..., 1] = schedule.cross_steps["default"]  # for segments without words
     for s in segments:
         if s.tokenizer is None:
             span = slice(s.offset, s.offset + s.length)
@@ -480,7 +485,8 @@ class JointEditController(Clocked):
         previous = self.clock.step
         if self.clock.tick(timestep):
             self._forget_generation()
-        elif self.clock.step > previous >= 0:
+        elif self.clock.step > previous >= 0 and getattr(self.scheduler, "state_in_first_order", True) is not False:
+            # (a second-order sampler's corrector call already sits at the next timestep, before its step end)
             self._check_blend_applied(previous)
         if text_tokens != self.text_length:
             raise InvalidOptionError(
@@ -564,6 +570,8 @@ class JointEditController(Clocked):
     def step_end(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
         """``callback_on_step_end``: applies LocalBlend to ``latents`` (SD3: (B, C, H, W); Flux: packed
         (B, N, 4C) tokens of the same grid as the maps)."""
+        if getattr(getattr(pipe, "scheduler", None), "state_in_first_order", True) is False:
+            return callback_kwargs  # halfway through a second-order (Heun) step
         self._blended_step = self.step
         plan = self.plan
         if plan is None or plan.blend is None or not self._blend_due(self.step):

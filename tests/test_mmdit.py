@@ -305,3 +305,16 @@ def test_half_precision_on_cpu(pipe, dtype):
     assert out.images.dtype == dtype
     assert torch.isfinite(out.images.float()).all()
     assert torch.isfinite(out.attention.word_maps(1, "tiger")).all()
+
+
+def test_second_order_flow_sampler(sd3):
+    """FlowMatchHeun calls the transformer twice per step: one step index, one blend per step."""
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    original = sd3.scheduler
+    sd3.scheduler = FlowMatchHeunDiscreteScheduler.from_config(original.config)
+    try:
+        out = run(sd3, edit=Replace(blend=LocalBlend(["cat", "tiger"])))
+    finally:
+        sd3.scheduler = original
+    assert torch.isfinite(out.images).all() and out.attention.num_steps == STEPS

@@ -80,3 +80,12 @@ def test_app_edit_and_maps(model_dir):
     result = actions.run_edit(model, form, seed=1, steps=2, guidance=3.5, size=(32, 32))
     assert len(result.images) == 2 and result.attention.word_maps(1, "tiger").shape == (8, 8)
     assert actions.attention_figure(result) is not None
+
+
+def test_cli_refuses_ddpm_samplers_on_flow_models(model_dir, tmp_path, capsys):
+    path, _ = model_dir
+    code = cli.main(["edit", "--model", path, "--steps", "2", "--size", "32x32", "--out", str(tmp_path / "o"),
+                     "--prompt", SOURCE, "--to", EDITED, "--scheduler", "ddim"])
+    assert code == 2
+    assert "leave --scheduler unset" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "source.png").exists()

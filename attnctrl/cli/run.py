@@ -41,6 +41,11 @@ def set_scheduler(pipe: Any, name: str | None) -> None:
     """Replace ``pipe.scheduler`` by the named sampler, built from the model's scheduler config."""
     if name is None:
         return
+    if "FlowMatch" in type(pipe.scheduler).__name__:
+        raise OptionError(
+            f"--scheduler {name}: the offered samplers are for diffusion (DDPM-family) models; this flow-matching model "
+            f"({type(pipe).__name__}) samples with its own {type(pipe.scheduler).__name__}: leave --scheduler unset"
+        )
     import diffusers
 
     options: dict[str, Any] = {}
