@@ -311,33 +311,27 @@ def joint_edited_attention(
     if not active and not want_probs:
         return kernels.attention(q, k, v, backend=backend), None
 
-    cond = layout.cond_rows
-    uncond = slice(0, layout.cond_offset)
-    columns = torch.arange(text.start, text.stop, device=q.device)
-    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
     v_main = v
     if active:
         cross = cross.to(v.device, v.dtype)
         a, d = cross.fused_coefficients()
         v_main = v.clone()
         v_main[rows, :, text] = v[rows, :, text] * d[edits][:, None, :, None]
-        # Text queries are not edited (only the T2I block is): they read the unscaled values.
-        out[:, :, text] = kernels.attention(q[:, :, text], k, v, backend=backend)
-        queries = image
-    else:
-        queries = slice(0, q.shape[2])
     probs = None
-    if layout.cond_offset:
-        out[uncond, :, queries] = kernels.attention(q[uncond, :, queries], k[uncond], v_main[uncond], backend=backend)
     if want_probs:
-        out[cond, :, queries], p = kernels.attention_with_probs(
-            q[cond, :, queries], k[cond], v_main[cond], columns=columns, backend=backend
-        )
-        p = p.mean(dim=1)
-        probs = p if active else p[:, image]
+        cond = layout.cond_rows
+        uncond = slice(0, layout.cond_offset)
+        out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=q.dtype, device=q.device)
+        if layout.cond_offset:
+            out[uncond] = kernels.attention(q[uncond], k[uncond], v_main[uncond], backend=backend)
+        columns = torch.arange(text.start, text.stop, device=q.device)
+        out[cond], p = kernels.attention_with_probs(q[cond], k[cond], v_main[cond], columns=columns, backend=backend)
+        probs = p.mean(dim=1)[:, image]
     else:
-        out[cond, :, queries] = kernels.attention(q[cond, :, queries], k[cond], v_main[cond], backend=backend)
+        out = kernels.attention(q, k, v_main, backend=backend)
     if active:
+        # Only the T2I block is edited: the edited rows' text queries read the unscaled values.
+        out[rows, :, text] = kernels.attention(q[rows][:, :, text], k[rows], v[rows], backend=backend)
         weighted = cross.mapper[edits] * a[edits][:, None, :]  # (R, L_src, L_edit)
         v_src = torch.zeros_like(v[rows])
         v_src[:, :, text] = torch.einsum("rwj,rhjd->rhwd", weighted, v[rows][:, :, text])
