@@ -468,17 +468,34 @@ class JointEditController(Clocked):
     def _forget_generation(self) -> None:
         self.grid: tuple[int, int] | None = None
         self.text_tokens: int | None = None
+        self._last_timestep: float | None = None
         self._blended_step = -1
         if self.store is not None:
             self.store.reset()
 
     @host_side
-    def observe_denoiser_call(self, timestep: Any, grid: tuple[int, int], text_tokens: int) -> None:
+    def observe_denoiser_call(
+        self, timestep: Any, grid: tuple[int, int], text_tokens: int, *, one_call_per_step: bool = False
+    ) -> None:
         """Called before every transformer forward with its timestep (in the scheduler's units), its
-        image-token grid and the length of its text sequence."""
+        image-token grid and the length of its text sequence.
+
+        ``one_call_per_step``: the model takes one call per timestep (Flux.1, guidance-distilled); a
+        second call at the same timestep is true CFG's negative-prompt call, which would be edited as
+        if it held the prompts, so it is refused.
+        """
         previous = self.clock.step
+        value = float(timestep.detach().flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
+        if one_call_per_step and self._last_timestep == value:
+            raise InvalidOptionError(
+                "the transformer was called twice at one timestep: true CFG (true_cfg_scale > 1 with a negative "
+                "prompt) makes a negative-prompt call that the edit cannot tell from the prompts' call; use the "
+                "distilled guidance_scale with Prompt-to-Prompt on Flux"
+            )
+        self._last_timestep = value
         if self.clock.tick(timestep):
             self._forget_generation()
+            self._last_timestep = value
         elif self.clock.step > previous >= 0 and getattr(self.scheduler, "state_in_first_order", True) is not False:
             # (a second-order sampler's corrector call already sits at the next timestep, before its step end)
             self._check_blend_applied(previous)

@@ -149,7 +149,9 @@ def joint_control(
             timestep = timestep * adapter.timestep_factor  # Flux gets t / 1000; the schedule is in t
         controller.scheduler = pipe.scheduler
         grid = adapter.token_grid_of_call(module, args, kwargs)
-        controller.observe_denoiser_call(timestep, grid, int(_encoder_states(args, kwargs).shape[1]))
+        controller.observe_denoiser_call(
+            timestep, grid, int(_encoder_states(args, kwargs).shape[1]), one_call_per_step=family == "flux"
+        )
 
     install(
         transformer,

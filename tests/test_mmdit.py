@@ -270,6 +270,10 @@ def test_errors(pipe):
 def test_flux_true_cfg_is_refused(flux):
     with pytest.raises(InvalidOptionError, match="true_cfg_scale"):
         run(flux, edit=Replace(), true_cfg_scale=2.0, negative_prompt="dog")
+    plain = stock(flux)  # on a stock pipeline: the second call at one timestep is refused
+    with attnctrl.control(plain, Replace(), PROMPTS, max_sequence_length=T5_LENGTH):
+        with pytest.raises(InvalidOptionError, match="true CFG"):
+            call(plain, true_cfg_scale=2.0, negative_prompt="a dog")
 
 
 def test_sd3_without_t5_uses_clip_positions(tokenizer, t5_tokenizer):
