@@ -3,7 +3,7 @@
 An inversion holds everything needed to reconstruct (and then edit) its images with the model it was
 made with: the DDIM latent trajectory, and what the method adds to it (per-step null-text embeddings,
 the source prompt's embeddings for negative-prompt inversion, the per-step learned prompt embeddings of
-Dynamic Prompt Learning). It also records the model's identity and the settings (steps, guidance,
+Dynamic Prompt Learning, the per-step noise maps of edit-friendly DDPM inversion). It also records the model's identity and the settings (steps, guidance,
 size, scheduler), so that editing with another model or other settings is refused with a clear message
 instead of silently producing a wrong image. It is produced by :func:`attnctrl.pipelines.invert`.
 
@@ -25,11 +25,11 @@ from .io import atomic_write_bytes
 
 __all__ = ["Inversion", "METHODS", "model_fingerprint", "fingerprints_match"]
 
-METHODS = ("ddim", "null-text", "negative-prompt", "direct", "dpl")
+METHODS = ("ddim", "null-text", "negative-prompt", "direct", "dpl", "edit-friendly")
 """Inversion methods, see :func:`attnctrl.pipelines.invert`."""
 
 FORMAT = "attnctrl.inversion/1"
-_TENSOR_FIELDS = ("latents", "timesteps", "null_embeddings", "null_pooled", "source_embeddings")
+_TENSOR_FIELDS = ("latents", "timesteps", "null_embeddings", "null_pooled", "source_embeddings", "noise_maps")
 _META_FIELDS = ("method", "prompts", "guidance_scale", "height", "width", "model", "scheduler")
 
 
@@ -92,6 +92,9 @@ class Inversion:
         scheduler: the DDIM scheduler config the trajectory follows.
         stats: how it was made (UNet evaluations, seconds, per-step losses, ...).
         words: DPL's learned nouns (empty for other methods).
+        noise_maps: edit-friendly DDPM only: (S, M, C, h, w) float32 noise of each stochastic
+            (eta = 1) DDIM step, so that sampling the source prompt from ``latents[0]`` with them
+            lands on ``latents[k + 1]`` after step ``k``; None for other methods.
     """
 
     method: str
@@ -108,6 +111,7 @@ class Inversion:
     source_embeddings: torch.Tensor | None = None
     stats: dict[str, Any] = field(default_factory=dict)
     words: tuple[str, ...] = ()
+    noise_maps: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -127,6 +131,12 @@ class Inversion:
             self.source_embeddings.ndim != 4 or self.source_embeddings.shape[:2] != (steps, m)
         ):
             raise InvalidOptionError(f"source_embeddings must be ({steps}, {m}, L, D), got {tuple(self.source_embeddings.shape)}")
+        if (self.noise_maps is not None) != (self.method == "edit-friendly"):
+            raise InvalidOptionError("noise_maps are required by method='edit-friendly' and only by it")
+        if self.noise_maps is not None and tuple(self.noise_maps.shape) != (steps,) + tuple(self.latents.shape[1:]):
+            raise InvalidOptionError(
+                f"noise_maps must be ({steps}, {m}, C, h, w) like the latents' steps, got {tuple(self.noise_maps.shape)}"
+            )
         if self.null_pooled is not None and self.null_pooled.shape[0] != m:
             raise InvalidOptionError(f"null_pooled must have {m} rows, got {tuple(self.null_pooled.shape)}")
         h, w = int(self.latents.shape[-2]), int(self.latents.shape[-1])
@@ -184,6 +194,7 @@ class Inversion:
             null_embeddings=pick(self.null_embeddings, 1),
             null_pooled=pick(self.null_pooled, 0),
             source_embeddings=pick(self.source_embeddings, 1),
+            noise_maps=pick(self.noise_maps, 1),
         )
 
     # ------------------------------------------------------------------------------------------

@@ -17,7 +17,10 @@ __all__ = [
     "FAST_STALL_TOLERANCE",
     "NullTextStep",
     "ddim_trajectory",
+    "edit_friendly_trajectory",
+    "guided_output",
     "null_text_step",
+    "stochastic_std",
 ]
 
 FAST_LR_SCALE = 3.0
@@ -168,3 +171,65 @@ def ddim_trajectory(
             if bar is not None:
                 bar.update(1)
     return torch.stack(trajectory[::-1])
+
+
+def edit_friendly_trajectory(
+    denoiser: Denoiser,
+    encoded: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeddings: PromptEmbeddings,
+    guidance_scale: float,
+    *,
+    generator: torch.Generator,
+    bar: Any = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Edit-friendly DDPM inversion (Huberman-Spiegelglas et al., CVPR 2024) of ``encoded`` (M, C, h, w).
+
+    Every latent of the trajectory is the image noised independently to its timestep,
+    ``x_k = sqrt(a_k) x_0 + sqrt(1 - a_k) e_k`` with fresh ``e_k`` (not a DDIM path); then, step by
+    step, the noise ``z_k`` that makes the guided stochastic DDIM step (eta = 1, the scheduler's own
+    ``step``) go exactly from ``x_k`` to ``x_{k+1}`` is solved for. Sampling the source prompt from
+    ``x_0`` of the schedule with those noises reconstructs the image; other prompts carry the edit,
+    with the noises holding the image's structure.
+
+    Returns:
+        ``(trajectory (S + 1, M, C, h, w), noise_maps (S, M, C, h, w))``, float32, trajectory in
+        denoising order (``trajectory[S]`` is ``encoded``).
+    """
+    steps = len(timesteps)
+    x0 = encoded.float()
+    fresh = torch.randn((steps, *x0.shape), generator=generator, dtype=torch.float32).to(x0.device)
+    trajectory = [denoiser._alpha(int(t)) ** 0.5 * x0 + (1 - denoiser._alpha(int(t))) ** 0.5 * fresh[k]
+                  for k, t in enumerate(timesteps.tolist())] + [x0]
+    scheduler = denoiser.scheduler
+    maps = []
+    with torch.no_grad():
+        for k, t in enumerate(timesteps.tolist()):
+            z = trajectory[k]
+            out = guided_output(denoiser, z, int(t), embeddings, guidance_scale)
+            mean = scheduler.step(out, int(t), z, eta=1.0, variance_noise=torch.zeros_like(z)).prev_sample
+            std = stochastic_std(denoiser, int(t))
+            maps.append((trajectory[k + 1] - mean) / std if std > 0 else torch.zeros_like(z))
+            if bar is not None:
+                bar.update(1)
+    return torch.stack(trajectory), torch.stack(maps)
+
+
+def stochastic_std(denoiser: Denoiser, t: int) -> float:
+    """Standard deviation of the noise a DDIM step with eta = 1 adds going from ``t`` to the
+    previous timestep (DDIM's sigma_t, the same as ``DDIMScheduler.step``)."""
+    a_t, a_prev = denoiser._alpha(t), denoiser._alpha(denoiser.prev_timestep(t))
+    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev) if a_t < 1 else 0.0
+    return max(variance, 0.0) ** 0.5
+
+
+def guided_output(
+    denoiser: Denoiser, z: torch.Tensor, t: int, embeddings: PromptEmbeddings, guidance_scale: float
+) -> torch.Tensor:
+    """The classifier-free-guided model output at ``z`` (M, C, h, w): ``u + w (c - u)``, or the
+    conditional output alone at guidance <= 1."""
+    if guidance_scale <= 1.0:
+        return denoiser(z, t, embeddings.cond, embeddings.pooled)
+    pooled = None if embeddings.pooled is None else torch.cat([embeddings.uncond_pooled, embeddings.pooled])
+    out_u, out_c = denoiser(torch.cat([z, z]), t, torch.cat([embeddings.uncond, embeddings.cond]), pooled).chunk(2)
+    return out_u + guidance_scale * (out_c - out_u)

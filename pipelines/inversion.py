@@ -24,6 +24,12 @@ Methods (``method=``):
 ``"dpl"``
     Dynamic Prompt Learning (Wang et al. 2023) on top of null-text inversion; see
     :mod:`attnctrl.pipelines.dpl`.
+``"edit-friendly"``
+    Edit-friendly DDPM inversion (Huberman-Spiegelglas et al. 2024, the inversion of LEDITS++): the
+    image noised independently to every timestep, and per step the noise map that makes a guided
+    stochastic DDIM step (eta = 1) land exactly on the next latent. Editing samples every row with
+    those noise maps, so the source row reconstructs the image and edited rows keep its structure.
+    One guided UNet pass per step, no optimisation; ``seed`` fixes the noises.
 
 The optimisation runs in float32 whatever the pipeline's dtype: only the UNet runs in it.
 """
@@ -42,7 +48,7 @@ from attnctrl.images import ImageInput, load_image
 from attnctrl.inversion import METHODS, Inversion
 
 from ._denoiser import Denoiser, PromptEmbeddings
-from .ddim import NullTextStep, ddim_trajectory, null_text_step
+from .ddim import NullTextStep, ddim_trajectory, edit_friendly_trajectory, null_text_step
 from .dpl import dynamic_prompt_learning
 from .p2p import check_inversion
 
@@ -90,6 +96,7 @@ def invert(
     schedule: Literal["fast", "official"] = "fast",
     words: Sequence[str] | None = None,
     background_mask: torch.Tensor | None = None,
+    seed: int = 0,
     progress: bool = True,
 ) -> Inversion:
     """Invert one or several real images with a Stable Diffusion 1.x/2.x or SDXL pipeline.
@@ -101,7 +108,8 @@ def invert(
             as one batch). Resized by the rule of :mod:`attnctrl.images`: to ``height`` x ``width``
             (centre crop), or by default to the model's native area with the aspect ratio kept.
         prompt: the caption of each image (one string for all of them, or one per image).
-        method: ``"ddim"``, ``"null-text"``, ``"negative-prompt"``, ``"direct"`` or ``"dpl"`` (module doc).
+        method: ``"ddim"``, ``"null-text"``, ``"negative-prompt"``, ``"direct"``, ``"dpl"`` or
+            ``"edit-friendly"`` (module doc).
         num_inference_steps, guidance_scale: the DDIM steps and guidance the edit will use.
         inner_steps: null-text Adam iterations per step at most (official: 10).
         schedule: ``"fast"`` or ``"official"`` null-text schedule (see :func:`attnctrl.pipelines.ddim.null_text_step`).
@@ -109,6 +117,7 @@ def invert(
             :func:`attnctrl.pipelines.dpl.find_nouns`).
         background_mask: DPL only: (M, H, W) or (H, W) user background mask (1 = background)
             instead of the clustered estimate.
+        seed: edit-friendly only: seed of the independent noises the image is noised with.
         progress: show progress bars (also obeys ``pipe.set_progress_bar_config``).
 
     Returns:
@@ -147,7 +156,7 @@ def invert(
     embeddings = den.encode_prompts(prompts)
     timesteps = den.timesteps(steps)
     encoded = den.encode_images(pixels)
-    null = null_pooled = source = None
+    null = null_pooled = source = noise_maps = None
     stats: dict[str, Any] = {}
     learned_words: tuple[str, ...] = ()
     total = steps * (2 if method in ("null-text", "dpl") else 1)
@@ -162,7 +171,12 @@ def invert(
         else:
             if words is not None or background_mask is not None:
                 raise InvalidOptionError("words= and background_mask= are options of method='dpl'")
-            trajectory = ddim_trajectory(den, encoded, timesteps, embeddings, bar=bar)
+            if method == "edit-friendly":
+                generator = torch.Generator("cpu").manual_seed(int(seed))
+                trajectory, noise_maps = edit_friendly_trajectory(den, encoded, timesteps, embeddings, w, generator=generator, bar=bar)
+                stats["seed"] = int(seed)
+            else:
+                trajectory = ddim_trajectory(den, encoded, timesteps, embeddings, bar=bar)
             if method == "negative-prompt":
                 null = embeddings.cond[None].clone()
                 null_pooled = embeddings.pooled.clone() if embeddings.pooled is not None else None
@@ -193,6 +207,7 @@ def invert(
         source_embeddings=None if source is None else source.cpu(),
         stats=stats,
         words=learned_words,
+        noise_maps=None if noise_maps is None else noise_maps.cpu(),
     )
 
 
@@ -252,6 +267,10 @@ def reconstruct(pipe: Any, inversion: Inversion, *, output_type: str = "pt") -> 
             out = out_u + w * (out_c - out_u)
         else:
             out = den(z, t, cond, embeddings.pooled)
+        if inversion.noise_maps is not None:  # edit-friendly: the stochastic step with its noise map
+            noise = inversion.noise_maps[k].to(den.device)
+            z = den.scheduler.step(out, t, z, eta=1.0, variance_noise=noise).prev_sample
+            continue
         z = den.step(z, out, t)
     images = den.decode(z)
     if output_type == "pil":

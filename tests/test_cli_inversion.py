@@ -95,10 +95,11 @@ def test_edit_from_inversion_row_0_is_the_reconstruction(inverted, shapes_pipe, 
     assert run["inversion"]["method"] == "null-text" and run["inversion"]["file"] == path
 
 
-def test_edit_image_inverts_first(image_path, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["ddim", "edit-friendly"])
+def test_edit_image_inverts_first(method, image_path, tmp_path, capsys):
     out = tmp_path / "edit"
     saved = tmp_path / "saved.safetensors"
-    code = cli.main(["edit", "--image", image_path, "--method", "ddim", "--steps", STEPS, "--prompt", SOURCE,
+    code = cli.main(["edit", "--image", image_path, "--method", method, "--steps", STEPS, "--prompt", SOURCE,
                      "--to", EDITED, "--save-inversion", str(saved), "--out", str(out)])
     assert code == 0, capsys.readouterr().err
     for name in ("source.png", "edit_1.png", "grid.png", "run.json"):
@@ -106,9 +107,9 @@ def test_edit_image_inverts_first(image_path, tmp_path, capsys):
     with Image.open(out / "edit_1.png") as im:
         assert im.size == (64, 64)
     inv = Inversion.load(saved)
-    assert inv.method == "ddim" and inv.prompts == (SOURCE,) and inv.num_inference_steps == int(STEPS)
+    assert inv.method == method and inv.prompts == (SOURCE,) and inv.num_inference_steps == int(STEPS)
     run = json.loads((out / "run.json").read_text())
-    assert run["inversion"]["image"] == image_path and run["inversion"]["method"] == "ddim"
+    assert run["inversion"]["image"] == image_path and run["inversion"]["method"] == method
     assert "invert" in run["timings_s"]
 
 

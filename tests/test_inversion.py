@@ -39,7 +39,7 @@ def inversions(shapes_pipe, shapes_image):
 
     return {
         method: invert(shapes_pipe, shapes_image, PROMPT, method=method, num_inference_steps=STEPS, progress=False)
-        for method in ("ddim", "null-text", "negative-prompt", "direct")
+        for method in ("ddim", "null-text", "negative-prompt", "direct", "edit-friendly")
     }
 
 
@@ -193,8 +193,11 @@ def test_inversion_shapes_and_metadata(inversions):
         assert inv.model["class"] == "Prompt2PromptPipeline" and inv.model["fingerprint"]
     assert inversions["ddim"].null_embeddings is None and inversions["direct"].null_embeddings is None
     assert inversions["negative-prompt"].null_embeddings.shape[0] == 1
-    # all four share the DDIM trajectory
+    # the DDIM methods share one trajectory
     torch.testing.assert_close(inversions["ddim"].latents, inversions["null-text"].latents)
+    friendly = inversions["edit-friendly"]
+    assert friendly.noise_maps.shape == (STEPS, 1, 4, 16, 16) and inversions["ddim"].noise_maps is None
+    assert torch.equal(friendly.encoded, inversions["ddim"].encoded)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,3 +496,52 @@ def test_fast_null_text_schedule_survives_one_overshoot():
     cond, null = torch.zeros(1, 3, 8), torch.zeros(1, 3, 8)
     step = null_text_step(_OvershootingDenoiser(), latents, 500, 0, target, cond, null, guidance_scale=7.5, schedule="fast")
     assert step.iterations[0] > 3 and step.loss[0] < 25.0 * 0.5, step
+
+
+
+# ---------------------------------------------------------------------------------------------
+# edit-friendly DDPM inversion
+# ---------------------------------------------------------------------------------------------
+
+
+def test_edit_friendly_noise_maps_reconstruct_exactly(shapes_pipe, shapes_image, inversions):
+    """Sampling the source prompt with the noise maps lands on the encoded image (the pipeline's
+    source row and :func:`reconstruct`); an edited row changes; the file round-trips."""
+    from attnctrl.pipelines import reconstruct
+
+    inv = inversions["edit-friendly"]
+    out = shapes_pipe([PROMPT, "a blue circle on the left"], edit=attnctrl.Replace(), inversion=inv, output_type="latent")
+    torch.testing.assert_close(out.images[0].float(), inv.encoded[0], rtol=0, atol=1e-3)
+    assert (out.images[1].float() - inv.encoded[0]).abs().max() > 0.05  # the edited row changed
+    ref = _tensor(shapes_image)
+    vae_limit = psnr(reconstruct(shapes_pipe, inversions["direct"])[0], ref)
+    assert psnr(reconstruct(shapes_pipe, inv)[0], ref) > vae_limit - 0.1
+    # each intermediate latent is the image noised independently (not a DDIM path)
+    assert not torch.allclose(inv.latents[1:-1], inversions["ddim"].latents[1:-1], atol=1e-2)
+
+
+def test_edit_friendly_edit_changes_the_colour_and_keeps_the_place(shapes_pipe, shapes_image, inversions):
+    from attnctrl.models.shapes import analyze
+
+    inv = inversions["edit-friendly"]
+    out = shapes_pipe([PROMPT, "a blue circle on the left"], edit=attnctrl.Replace(), inversion=inv)
+    source, edited = analyze(out.images[0]), analyze(out.images[1])
+    assert source and source[0].colour == "red"
+    assert edited and edited[0].colour == "blue"
+    a, b = np.asarray(source[0].mask, bool), np.asarray(edited[0].mask, bool)
+    assert (a & b).sum() / (a | b).sum() > 0.6  # the object stays where it was
+
+
+def test_edit_friendly_file_roundtrip_and_validation(inversions, tmp_path):
+    import dataclasses
+
+    inv = inversions["edit-friendly"]
+    loaded = Inversion.load(inv.save(tmp_path / "ef.safetensors"))
+    assert loaded.method == "edit-friendly" and torch.equal(loaded.noise_maps, inv.noise_maps)
+    assert torch.equal(inv[0].noise_maps, inv.noise_maps)
+    with pytest.raises(attnctrl.errors.InvalidOptionError, match="noise_maps"):
+        dataclasses.replace(inv, noise_maps=None)
+    with pytest.raises(attnctrl.errors.InvalidOptionError, match="noise_maps"):
+        dataclasses.replace(inversions["ddim"], noise_maps=inv.noise_maps)
+    with pytest.raises(attnctrl.errors.InvalidOptionError, match="noise_maps"):
+        dataclasses.replace(inv, noise_maps=inv.noise_maps[1:])
