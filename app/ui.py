@@ -159,7 +159,8 @@ Training-free attention control for diffusers: edit a generated or real image by
 (Prompt-to-Prompt), look at each word's attention, keep subjects consistent across scenes, and time
 efficient attention (agent, agentsd, window, proxy, grouped) against stock attention.
 The default model is the small embedded **shapes** model (64x64 scenes of coloured shapes; offline);
-type a hub id (`org/name`) or a local diffusers folder to use another Stable Diffusion 1.x/2.x or SDXL model."""
+type a hub id (`org/name`) or a local diffusers folder to use another Stable Diffusion 1.x/2.x or SDXL model
+(SD3/SD3.5 and Flux.1 too, for editing and attention maps)."""
 
 
 def build_app(

@@ -617,7 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
         "or --inversion the source is a real image: the first prompt must be its caption (the one it was inverted "
         "with), and DIR/source.png is its reconstruction.",
     )
-    e.add_argument("--model", default=None, help="diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
+    e.add_argument("--model", default=None,
+                   help="diffusers folder or hub id (SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1); default: the embedded shapes model")
     e.add_argument("--prompt", required=True, help="the source prompt")
     e.add_argument("--to", action="append", metavar="EDITED", help="an edited prompt (repeat for several); optional with --weight")
     e.add_argument("--mode", choices=MODES, default="replace",
@@ -771,7 +772,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(--max-file-size). Example: attnctrl app --port 7860",
     )
     a.add_argument("--model", default=None,
-                   help="the model shown first: a diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
+                   help="the model shown first: a diffusers folder or hub id (SD 1.x/2.x, SDXL; SD3/SD3.5 and Flux.1 for "
+                        "editing and maps); default: the embedded shapes model")
     a.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every network interface)")
     a.add_argument("--port", type=int, default=None, help="port (default: 7860 or the next free one, or $GRADIO_SERVER_PORT)")
