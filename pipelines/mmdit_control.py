@@ -17,6 +17,7 @@ from attnctrl.edits import Refine, Replace, Reweight
 from attnctrl.errors import InvalidOptionError, UnsupportedModelError
 from attnctrl.mmdit import (
     ImageQK,
+    JointAttentionStore,
     JointEditController,
     TextSegment,
     compile_joint_edit,
@@ -67,7 +68,8 @@ class JointSession:
         self.controller = controller
 
     @property
-    def attention(self) -> Any:
+    def attention(self) -> JointAttentionStore | None:
+        """The word maps (``session.attention.word_maps(i, word)``), None with ``record=False`` and no LocalBlend."""
         return self.controller.store
 
     def step_end(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:

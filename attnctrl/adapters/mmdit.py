@@ -164,7 +164,8 @@ class FluxAdapter(MMDiTAdapter):
             raise UnsupportedModelError(
                 "img_ids is on the 'meta' device, so the token grid cannot be read; pass img_ids as a CPU tensor"
             )
-        ids = ids.reshape(-1, ids.shape[-1])
+        if ids.ndim == 3:  # the deprecated batched form (diffusers uses its first row too)
+            ids = ids[0]
         # Host read, once per transformer call (like the timestep), never per attention call.
         rows = int(ids[:, 1].max()) + 1
         cols = int(ids[:, 2].max()) + 1
