@@ -322,3 +322,24 @@ def test_second_order_flow_sampler(sd3):
     finally:
         sd3.scheduler = original
     assert torch.isfinite(out.images).all() and out.attention.num_steps == STEPS
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_mmdit(pipe, dtype):
+    """On CUDA: nothing edited = stock bit for bit; the source row = stock generation; edits finite."""
+    plain = stock(pipe)
+    pipe.to("cuda", dtype)
+    try:
+        reference = call(plain).float()
+        with attnctrl.control(plain, None, PROMPTS, record=False, max_sequence_length=T5_LENGTH):
+            assert torch.equal(call(plain).float(), reference)
+        out = run(pipe, edit=Reweight({"tiger": 2.0}, base=Replace(blend=LocalBlend(["cat", "tiger"]))),
+                  structure=ImageQK(steps=0.5))
+        images = out.images.float()
+        assert images.device.type == "cuda" and torch.isfinite(images).all()
+        alone = call(plain, [PROMPTS[0]]).float()
+        assert (images[0] - alone[0]).abs().max().item() <= 0.05 * alone.abs().max().item()
+        assert torch.isfinite(out.attention.word_maps(1, "tiger")).all()
+    finally:
+        pipe.to("cpu", torch.float32)
