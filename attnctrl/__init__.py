@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import errors, kernels
-from .edits import LocalBlend, Refine, Replace, Reweight
+from .edits import KVInjection, LocalBlend, Refine, Replace, Reweight
 from .policies import AgentAttention, GroupedAttention, ProxyAttention, WindowAttention
 from .inversion import Inversion
 from .mmdit import ImageQK
@@ -21,6 +21,7 @@ __all__ = [
     "Refine",
     "Reweight",
     "LocalBlend",
+    "KVInjection",
     "ImageQK",
     "Inversion",
     "AgentAttention",

@@ -51,6 +51,9 @@ class EditController(Clocked):
         self.backend = backend
         needs_maps = record or (plan is not None and plan.blend is not None)
         self.store: AttentionStore | None = AttentionStore(self.prompts, images_per_prompt) if needs_maps else None
+        #: self-attention layers of the denoiser (set when processors are installed; K/V injection
+        #: selects layers as a share of them)
+        self.num_self_layers = 0
         self.clock = StepClock()
         self._cross_steps: dict[tuple[int, int, torch.device, torch.dtype], Any] = {}
         self.reset()
@@ -109,13 +112,16 @@ class EditController(Clocked):
         scale: float | None = None,
         mask: torch.Tensor | None = None,
         attend: Any = None,
+        layer: int | None = None,
     ) -> torch.Tensor:
         """One attention call of the denoiser, (batch, heads, N, D) tensors in and out.
 
         ``attend``: the layer's efficient-attention policy for a self-attention call (see
-        :func:`attnctrl.p2p.edited_attention`), None for exact attention.
+        :func:`attnctrl.p2p.edited_attention`), None for exact attention. ``layer``: the index of
+        a self-attention layer in call order (K/V injection selects layers by it).
         """
         layout, cross, replace_self, hw = self._call_plan(q.shape[0], q.shape[-2], is_cross, q.device, v.dtype)
+        inject_kv = not is_cross and self._kv_active(layer)
         out, probs = edited_attention(
             q, k, v,
             layout=layout,
@@ -127,6 +133,7 @@ class EditController(Clocked):
             materialise=self.materialise,
             backend=self.backend,
             attend=None if is_cross else attend,
+            inject_kv=inject_kv,
         )
         if probs is not None:
             self._record(hw, probs)
@@ -155,6 +162,13 @@ class EditController(Clocked):
                 replace_self = tokens <= limit
         record = is_cross and self.store is not None and hw is not None
         return layout, cross, replace_self, hw if record else None
+
+    @host_side
+    def _kv_active(self, layer: int | None) -> bool:
+        plan = self.plan
+        return plan is not None and plan.kv is not None and self.step >= 0 and plan.kv_active(
+            self.step, self.num_steps, layer, self.num_self_layers
+        )
 
     @host_side
     def _record(self, hw: tuple[int, int], probs: torch.Tensor) -> None:

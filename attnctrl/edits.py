@@ -21,7 +21,7 @@ from .errors import InvalidScheduleError, InvalidTypeError, InvalidWeightError
 #: useful range (about -5 to 10) it overflows float16 (65504) and turns the image into NaN.
 MAX_WEIGHT = 100.0
 
-__all__ = ["Replace", "Refine", "Reweight", "LocalBlend", "Edit", "Window", "CrossSteps"]
+__all__ = ["Replace", "Refine", "Reweight", "LocalBlend", "KVInjection", "Edit", "Window", "CrossSteps"]
 
 Window = Union[float, tuple[float, float]]
 CrossSteps = Union[Window, Mapping[str, Window]]
@@ -218,4 +218,68 @@ class Reweight:
         return self.base if self.base is not None else self
 
 
-Edit = Union[Replace, Refine, Reweight]
+#: MasaCtrl's schedule (SD 1.5, 50 steps): mutual self-attention from step 4 on ...
+MASACTRL_STEPS: tuple[float, float] = (0.08, 1.0)
+#: ... in the self-attention layers from layer 10 of SD 1.5's 16 (44 of SDXL's 70), in call order.
+MASACTRL_LAYERS: float = 10 / 16
+
+
+@dataclass(frozen=True)
+class KVInjection:
+    """Mutual self-attention (MasaCtrl on UNets, Stable Flow's K/V injection on MM-DiT): inside a
+    step window and on chosen self-attention layers, the edited rows' queries read the **source
+    row's keys and values**, so an edited prompt keeps the source's appearance while its own
+    queries may change the layout (non-rigid edits: pose, action). The source row is untouched.
+    Prompts need no word alignment.
+
+    Args:
+        steps: the step window (fraction or ``(start, end)``); default MasaCtrl's step 4 of 50 on.
+        layers: which self-attention layers, in call order: a fraction in [0, 1] (from that share of
+            the layers on; default 10/16, MasaCtrl's layer 10 of SD 1.5's 16), an int (from that layer
+            index on) or a tuple of layer indices.
+        base: a word edit (:class:`Replace`, :class:`Refine`, :class:`Reweight`) applied as well: its
+            cross-attention edit, self-attention window and LocalBlend keep their meaning; in a layer
+            and step where K/V injection is active it takes precedence over the base's
+            self-attention replacement.
+    """
+
+    steps: Window = MASACTRL_STEPS
+    layers: Union[float, int, tuple[int, ...]] = MASACTRL_LAYERS
+    base: "Replace | Refine | Reweight | None" = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "steps", normalize_window(self.steps, "KVInjection.steps"))
+        layers = self.layers
+        if isinstance(layers, bool):
+            raise InvalidScheduleError(f"KVInjection.layers must be a fraction, a start index or a tuple of indices, got {layers!r}")
+        if isinstance(layers, float):
+            if not (math.isfinite(layers) and 0.0 <= layers <= 1.0):
+                raise InvalidScheduleError(f"KVInjection.layers as a fraction must be in [0, 1], got {layers!r}")
+        elif isinstance(layers, int):
+            if layers < 0:
+                raise InvalidScheduleError(f"KVInjection.layers as a start index must be >= 0, got {layers!r}")
+        elif isinstance(layers, (tuple, list)) and layers and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+            object.__setattr__(self, "layers", tuple(sorted(set(layers))))
+        else:
+            raise InvalidScheduleError(
+                f"KVInjection.layers must be a fraction in [0, 1], a start index or a non-empty tuple of layer indices, got {layers!r}"
+            )
+        if self.base is not None and not isinstance(self.base, (Replace, Refine, Reweight)):
+            raise InvalidTypeError(f"KVInjection.base must be a Replace, Refine or Reweight, got {type(self.base).__name__}")
+
+    @property
+    def blend(self) -> LocalBlend | None:
+        """The base edit's LocalBlend (None without a base)."""
+        if self.base is None:
+            return None
+        return self.base.schedule_source.blend if isinstance(self.base, Reweight) else self.base.blend
+
+    def layer_selected(self, index: int, num_layers: int) -> bool:
+        """Whether self-attention layer ``index`` (of ``num_layers``, call order) injects."""
+        if isinstance(self.layers, tuple):
+            return index in self.layers
+        start = round(self.layers * num_layers) if isinstance(self.layers, float) else self.layers
+        return index >= start
+
+
+Edit = Union[Replace, Refine, Reweight, KVInjection]

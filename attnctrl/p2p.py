@@ -72,6 +72,12 @@ class RowLayout:
         row ``self_sources[i]`` (edited rows from their source row, every other row from itself)."""
         return _self_sources(self, batch, torch.device(device))
 
+    def kv_sources(self, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(batch,) int64 on ``device``: row ``i`` reads keys and values from row ``kv_sources[i]``
+        under K/V injection: every edited row, conditional and unconditional, from its image's
+        source row of the same half (MasaCtrl injects in both halves of the guided batch)."""
+        return _kv_sources(self, batch, torch.device(device))
+
     @property
     def num_edited(self) -> int:
         return (self.num_prompts - 1) * self.images_per_prompt
@@ -104,6 +110,18 @@ def _self_sources(layout: RowLayout, batch: int, device: torch.device) -> torch.
     return torch.tensor(index, dtype=torch.long, device=device)
 
 
+@functools.lru_cache(maxsize=256)
+def _kv_sources(layout: RowLayout, batch: int, device: torch.device) -> torch.Tensor:
+    n = layout.images_per_prompt
+    index = list(range(batch))
+    offsets = (0, layout.cond_offset) if layout.cond_offset else (0,)
+    for offset in offsets:
+        for p in range(1, layout.num_prompts):
+            for i in range(n):
+                index[offset + p * n + i] = offset + i
+    return torch.tensor(index, dtype=torch.long, device=device)
+
+
 #: Key counts up to which a call's probabilities are computed explicitly (the text tokens of
 #: cross-attention). The store needs them anyway, and for this few keys one matmul, one softmax and
 #: one matmul are far fewer kernel launches than flash attention, probability columns and a second
@@ -128,6 +146,7 @@ def edited_attention(
     materialise: bool = False,
     backend: str | None = None,
     attend: SelfAttend | None = None,
+    inject_kv: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention with the Prompt-to-Prompt edit of this call.
 
@@ -146,10 +165,17 @@ def edited_attention(
             keys of row ``row_map[i]``; None = exact attention. Replacing self-attention stays
             exact in spirit: a policy that is linear in V applies the source's (approximate) map
             to the edited rows' values.
+        inject_kv: self-attention call where K/V injection is active (:class:`attnctrl.KVInjection`):
+            edited rows attend with their own queries to their source row's keys and values; it
+            takes precedence over ``replace_self``.
 
     Returns:
         ``(out, probs)`` with ``out`` of shape (batch, heads, N, Dv).
     """
+    if inject_kv and layout.num_edited > 0:
+        sources_of = layout.kv_sources(q.shape[0], q.device)
+        k, v = k.index_select(0, sources_of), v.index_select(0, sources_of)
+        replace_self = False
     if materialise:
         if attend is not None:
             raise InvalidOptionError(

@@ -7,12 +7,12 @@ mismatched prompts, non-finite weights.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
 
-from .edits import LocalBlend, Refine, Replace, Reweight
+from .edits import KVInjection, LocalBlend, Refine, Replace, Reweight
 from .errors import InvalidTypeError, InvalidWeightError, PromptMismatchError, TruncatedWordError, WordNotFoundError
 from .tokens import PromptTokens, refinement_alignment, replacement_mapper, tokenize_prompt
 
@@ -123,6 +123,8 @@ class EditPlan:
     self_window: tuple[float, float]
     self_max_tokens: int | None
     blend: BlendPlan | None
+    #: mutual self-attention (K/V injection) on top of the word edit, or None
+    kv: KVInjection | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -136,6 +138,14 @@ class EditPlan:
         # The plan's tensors live on the host: deciding identity here costs no device sync.
         return CrossStep(self.kind, self.mapper, self.keep, self.index, self.equalizer, alpha,
                          identity=not bool(alpha.any()))
+
+    def kv_active(self, step: int, num_steps: int, layer: int | None, num_layers: int) -> bool:
+        """Whether self-attention layer ``layer`` (call order, of ``num_layers``) injects the
+        source's keys and values at ``step``."""
+        if self.kv is None or layer is None:
+            return False
+        start, end = step_window(self.kv.steps, num_steps, inclusive_end_step=False)
+        return start <= step < end and self.kv.layer_selected(layer, num_layers)
 
     def self_active(self, step: int, num_steps: int) -> bool:
         start, end = step_window(self.self_window, num_steps, inclusive_end_step=False)
@@ -193,14 +203,16 @@ def _edited_positions(word: str, edited: Sequence[PromptTokens], what: str) -> l
     return found
 
 
-def compile_edit(edit: Replace | Refine | Reweight, tokenizer: Any, prompts: Sequence[str]) -> EditPlan:
+def compile_edit(edit: Replace | Refine | Reweight | KVInjection, tokenizer: Any, prompts: Sequence[str]) -> EditPlan:
     """Validate an edit against its prompts and build its tensors.
 
     Raises specific :mod:`attnctrl.errors` exceptions for fewer than two prompts, word-count
     mismatches under Replace, words missing from their prompt and bad weights.
     """
+    if isinstance(edit, KVInjection):
+        return _compile_kv_injection(edit, tokenizer, prompts)
     if not isinstance(edit, (Replace, Refine, Reweight)):
-        raise InvalidTypeError(f"edit must be attnctrl.Replace, Refine or Reweight, got {type(edit).__name__}")
+        raise InvalidTypeError(f"edit must be attnctrl.Replace, Refine, Reweight or KVInjection, got {type(edit).__name__}")
     tokens = compile_prompts(tokenizer, prompts)
     if len(tokens) < 2:
         raise PromptMismatchError(
@@ -260,6 +272,32 @@ def compile_edit(edit: Replace | Refine | Reweight, tokenizer: Any, prompts: Seq
         self_window=schedule.self_steps,
         self_max_tokens=schedule.self_max_tokens,
         blend=blend,
+    )
+
+
+def _compile_kv_injection(edit: KVInjection, tokenizer: Any, prompts: Sequence[str]) -> EditPlan:
+    """A K/V injection, with its base word edit's plan when chained, else an identity word edit
+    (no cross window, no self window: prompts need no word alignment)."""
+    if edit.base is not None:
+        return replace(compile_edit(edit.base, tokenizer, prompts), kv=edit)
+    tokens = compile_prompts(tokenizer, prompts)
+    if len(tokens) < 2:
+        raise PromptMismatchError(
+            f"an edit needs at least two prompts [source, edited, ...], got {len(tokens)}: {list(prompts)!r}"
+        )
+    num_edits, length = len(tokens) - 1, tokens[0].length
+    return EditPlan(
+        kind="kv",
+        prompts=tokens,
+        mapper=torch.eye(length).expand(num_edits, length, length).clone(),
+        keep=torch.ones(num_edits, length),
+        index=None,
+        equalizer=None,
+        cross_windows=torch.zeros(num_edits, length, 2),
+        self_window=(0.0, 0.0),
+        self_max_tokens=None,
+        blend=None,
+        kv=edit,
     )
 
 

@@ -6,8 +6,9 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+from attnctrl.adapters import adapter_for
 from attnctrl.controller import EditController
-from attnctrl.edits import Refine, Replace, Reweight
+from attnctrl.edits import KVInjection, Refine, Replace, Reweight
 from attnctrl.errors import InvalidOptionError, UnsupportedModelError
 from attnctrl.plan import compile_edit, compile_prompts
 from attnctrl.processors import (
@@ -81,7 +82,7 @@ def _applied_policies(unet: Any) -> dict[str, Any]:
 @contextlib.contextmanager
 def control(
     pipe: Any,
-    edit: Replace | Refine | Reweight | None,
+    edit: Replace | Refine | Reweight | KVInjection | None,
     prompts: Sequence[str],
     *,
     images_per_prompt: int = 1,
@@ -147,9 +148,11 @@ def control(
         controller.scheduler = pipe.scheduler
         controller.observe_denoiser_call(timestep, sample)
 
+    self_layers = {name: i for i, name in enumerate(adapter_for(pipe.unet).self_attention_layers(pipe.unet))}
+    controller.num_self_layers = len(self_layers)
     install(
         pipe.unet,
-        lambda name, module: PromptToPromptProcessor(controller, name, policy=policies.get(name)),
+        lambda name, module: PromptToPromptProcessor(controller, name, policy=policies.get(name), layer=self_layers.get(name)),
         pre_forward=pre_forward,
         on_top=bool(policies),
     )

@@ -18,7 +18,7 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLP
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
-from attnctrl.edits import Refine, Replace, Reweight
+from attnctrl.edits import KVInjection, Refine, Replace, Reweight
 from attnctrl.errors import InvalidOptionError, InvalidTypeError, InversionMismatchError, PromptMismatchError, UnsupportedModelError
 from attnctrl.inversion import Inversion
 
@@ -29,7 +29,7 @@ from .output import Prompt2PromptOutput, pipeline_lock
 
 __all__ = ["Prompt2PromptPipeline", "Prompt2PromptXLPipeline", "Prompt2PromptOutput", "load_pipeline", "check_inversion", "pipeline_lock"]
 
-Edit = Replace | Refine | Reweight
+Edit = Replace | Refine | Reweight | KVInjection
 
 
 class _Prompt2PromptCall:

@@ -29,9 +29,11 @@ class PromptToPromptProcessor:
     (batch, L, C_text) for cross-attention, None for self-attention.
     """
 
-    def __init__(self, controller: EditController, name: str, policy: Any = None) -> None:
+    def __init__(self, controller: EditController, name: str, policy: Any = None, layer: int | None = None) -> None:
         self.controller = controller
         self.name = name
+        #: index of this layer among the denoiser's self-attention layers (call order), or None
+        self.layer = layer
         #: the efficient-attention processor this layer had (a ``PolicyProcessor``), or None
         self.policy = policy
 
@@ -49,7 +51,8 @@ class PromptToPromptProcessor:
         if self.policy is not None and not call.is_cross:
             attend = self._policy_attend(attn, hidden_states, call)
         hidden = self.controller.attention(
-            call.query, call.key, call.value, is_cross=call.is_cross, scale=attn.scale, mask=call.mask, attend=attend
+            call.query, call.key, call.value, is_cross=call.is_cross, scale=attn.scale, mask=call.mask, attend=attend,
+            layer=self.layer,
         )
         return output(attn, hidden, call)
 

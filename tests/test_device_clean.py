@@ -43,6 +43,10 @@ EDITS = {
     "reweight over replace": Reweight({"dog": -1.0}, base=Replace()),
     "replace + local blend": Replace(blend=LocalBlend(("cat", "dog"))),
     "refine + local blend, subtract": Refine(blend=LocalBlend(("cat", "dog"), subtract=("grass",))),
+    "kv injection": attnctrl.KVInjection(steps=(0.0, 1.0), layers=0.0),
+    "kv injection over replace + local blend": attnctrl.KVInjection(
+        steps=(0.0, 1.0), layers=(3, 5), base=Replace(self_steps=1.0, blend=LocalBlend(("cat", "dog")))
+    ),
 }
 POLICIES = {
     "agent": attnctrl.AgentAttention(),

@@ -37,8 +37,9 @@ def _latents(out) -> torch.Tensor:
         (PROMPTS, Replace(blend=LocalBlend(("cat", "dog")))),
         (["a cat on the grass", "a big red cat on the grass"], Refine(blend=LocalBlend(("cat", "cat"), subtract=("grass",)))),
         (PROMPTS, Reweight({"dog": -1.0, "grass": 2.0}, base=Replace())),
+        (["a cat on the grass", "a cat running on the street"], attnctrl.KVInjection(steps=(0.0, 1.0), layers=0.0)),
     ],
-    ids=["replace-blend", "refine-blend-subtract", "reweight-chained"],
+    ids=["replace-blend", "refine-blend-subtract", "reweight-chained", "kv-injection"],
 )
 def test_p2p_edits(half_pipe, prompts, edit):
     out = half_pipe(prompts, edit=edit, num_inference_steps=3, output_type="latent",

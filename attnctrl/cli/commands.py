@@ -30,6 +30,7 @@ from .options import (
     SCHEDULERS,
     OptionError,
     build_edit,
+    parse_kv,
     check_guidance,
     check_positive_int,
     check_prompt,
@@ -195,7 +196,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     cross = parse_cross(args.cross)
     self_steps = parse_window(args.self_steps, "--self") if args.self_steps is not None else 0.4
     blend = parse_blend(args.blend, len(prompts))
-    edit = build_edit(args.mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend)
+    kv = parse_kv(args.kv, args.kv_steps, args.kv_layers)
+    edit = build_edit(args.mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend, kv=kv)
     policy = parse_efficient(args.efficient)
     if policy is not None and args.materialise:
         raise OptionError("--materialise runs explicit attention maps and cannot be combined with --efficient")
@@ -623,7 +625,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--to", action="append", metavar="EDITED", help="an edited prompt (repeat for several); optional with --weight")
     e.add_argument("--mode", choices=MODES, default="replace",
                    help="replace: word swap, same number of words (default); refine: words added or changed freely; "
-                        "reweight: only --weight, with its own windows")
+                        "reweight: only --weight, with its own windows; kv: K/V injection alone (see --kv)")
     e.add_argument("--weight", action="append", metavar="WORD=X",
                    help="scale WORD's attention in the edited prompts (negative allowed; X1,X2 = one factor per edited prompt)")
     e.add_argument("--blend", action="append", metavar="WORD",
@@ -631,6 +633,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cross", action="append", metavar="FRAC|A,B|WORD=FRAC",
                    help="cross-attention window as a fraction of the steps (default 0.8); WORD=FRAC sets one word's window")
     e.add_argument("--self", dest="self_steps", metavar="FRAC|A,B", help="self-attention window (default 0.4)")
+    e.add_argument("--kv", action="store_true",
+                   help="K/V injection (MasaCtrl): edited rows read the source's self-attention keys/values in the "
+                        "late layers from step 4/50 on (non-rigid edits); --mode kv uses it alone, without a word edit")
+    e.add_argument("--kv-steps", metavar="FRAC|A,B", default=None, help="K/V injection step window (default 0.08,1; implies --kv)")
+    e.add_argument("--kv-layers", metavar="FRAC|INDEX|I,J,..", default=None,
+                   help="K/V injection layers: a share of the self-attention layers (0.625 = from 10 of 16), a first "
+                        "index, or indices (implies --kv)")
     e.add_argument("--seed", type=int, default=None, help=f"noise seed (default {DEFAULT_SEED}; not with --image/--inversion)")
     e.add_argument("--steps", type=int, default=None,
                    help=f"sampling steps (default {DEFAULT_STEPS}; with --inversion: the inversion's)")

@@ -58,6 +58,7 @@ __all__ = [
     "figure_words",
     "resolve_device",
     "resolve_dtype",
+    "parse_kv",
 ]
 
 # Deterministic samplers only: an ancestral sampler draws fresh noise per row at every step, so the
@@ -65,7 +66,7 @@ __all__ = [
 SCHEDULERS = ("ddim", "euler", "dpm++2m", "heun", "pndm")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
-MODES = ("replace", "refine", "reweight")
+MODES = ("replace", "refine", "reweight", "kv")
 MAX_SIDE = 8192
 MAX_FIGURE_WORDS = 6
 DEFAULT_STEPS = 50
@@ -288,21 +289,56 @@ def build_edit(
     self_steps: Any = 0.4,
     weights: Mapping[str, Any] | None = None,
     blend: Sequence[Sequence[str]] | None = None,
+    kv: Mapping[str, Any] | None = None,
     label: str = "--mode",
 ) -> Any:
     """The attnctrl edit of the options: Replace/Refine (with LocalBlend), chained into Reweight when
-    weights are given; or a plain Reweight (``mode="reweight"``, which needs weights)."""
-    from .. import LocalBlend, Refine, Replace, Reweight
+    weights are given; or a plain Reweight (``mode="reweight"``, which needs weights); wrapped in a
+    KVInjection when ``kv`` (its ``steps``/``layers`` keyword arguments) is given; ``mode="kv"`` is
+    K/V injection alone (no word edit: the prompts need no word alignment)."""
+    from .. import KVInjection, LocalBlend, Refine, Replace, Reweight
 
     if mode not in MODES:
         raise OptionError(f"{label}: {mode!r} is not one of {', '.join(MODES)}")
+    if mode == "kv":
+        extra = [name for name, given in (("weights", weights), ("blend", blend)) if given]
+        if extra:
+            raise OptionError(f"{label} kv: K/V injection alone has no word edit; {' and '.join(extra)} need --mode replace or refine")
+        return KVInjection(**dict(kv or {}))
     local = LocalBlend(blend) if blend else None
     if mode == "reweight":
         if not weights:
             raise OptionError(f"{label} reweight: give at least one weight, e.g. red=2.0")
-        return Reweight(dict(weights), cross_steps=cross, self_steps=self_steps, blend=local)
-    base = (Replace if mode == "replace" else Refine)(cross_steps=cross, self_steps=self_steps, blend=local)
-    return Reweight(dict(weights), base=base) if weights else base
+        edit: Any = Reweight(dict(weights), cross_steps=cross, self_steps=self_steps, blend=local)
+    else:
+        base = (Replace if mode == "replace" else Refine)(cross_steps=cross, self_steps=self_steps, blend=local)
+        edit = Reweight(dict(weights), base=base) if weights else base
+    return KVInjection(**dict(kv), base=edit) if kv is not None else edit
+
+
+def parse_kv(enabled: bool, steps: str | None, layers: str | None) -> dict[str, Any] | None:
+    """``--kv`` / ``--kv-steps A,B`` / ``--kv-layers FRAC|INDEX|I,J,...`` -> KVInjection keyword
+    arguments (None when K/V injection is off). A layer value with a dot is a fraction of the
+    self-attention layers, an integer the first layer index, a comma list explicit indices."""
+    if not enabled and steps is None and layers is None:
+        return None
+    out: dict[str, Any] = {}
+    if steps is not None:
+        window = parse_window(steps, "--kv-steps")
+        out["steps"] = window
+    if layers is not None:
+        text = layers.strip()
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            if len(parts) > 1:
+                out["layers"] = tuple(int(p) for p in parts)
+            elif "." in text:
+                out["layers"] = float(text)
+            else:
+                out["layers"] = int(text)
+        except ValueError:
+            raise OptionError(f"--kv-layers: expected a fraction like 0.625, a start index like 10 or indices like 10,11,12, got {layers!r}") from None
+    return out
 
 
 def describe(obj: Any) -> Any:
