@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -280,6 +280,7 @@ def joint_edited_attention(
     want_probs: bool = False,
     materialise: bool = False,
     backend: str | None = None,
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Joint attention with the Prompt-to-Prompt edit of this call.
 
@@ -293,6 +294,11 @@ def joint_edited_attention(
             (cond rows, image tokens, text tokens) float32 (what the word maps record).
         materialise: the explicit reference (builds the full probability matrix).
         backend: kernel backend for the fused path (None = best available).
+        attend: the layer's own joint attention ``attend(q, k, v) -> out`` over full (batch, heads, S, D)
+            tensors (an efficient-attention policy applied with ``attnctrl.apply``: image->image
+            restricted, text full), used for every call whose image queries' softmax matters; None =
+            exact attention. The edited rows' text queries keep exact attention (the policy's too), and
+            the word maps (``want_probs``) are read from exact probabilities.
 
     Returns:
         ``(out (batch, heads, S, D) in q.dtype, probs or None)``. With nothing to do this is one
@@ -307,9 +313,18 @@ def joint_edited_attention(
         k[rows, :, image] = k[sources, :, image]
     active = cross is not None and not cross.is_identity() and has_rows
     if materialise:
+        if attend is not None:
+            raise InvalidOptionError(
+                "materialise=True builds explicit attention maps and cannot run the efficient-attention policy "
+                "applied to this pipeline; call attnctrl.remove(pipe) first, or use materialise=False"
+            )
         return _materialised(q, k, v, layout, text, image, cross if active else None, want_probs)
+    exact = attend is None
+    if exact:
+        def attend(q_: torch.Tensor, k_: torch.Tensor, v_: torch.Tensor) -> torch.Tensor:
+            return kernels.attention(q_, k_, v_, backend=backend)
     if not active and not want_probs:
-        return kernels.attention(q, k, v, backend=backend), None
+        return attend(q, k, v), None
 
     v_main = v
     if active:
@@ -327,17 +342,21 @@ def joint_edited_attention(
         columns = torch.arange(text.start, text.stop, device=q.device)
         out[cond], p = kernels.attention_with_probs(q[cond], k[cond], v_main[cond], columns=columns, backend=backend)
         probs = p.mean(dim=1)[:, image]
+        if not exact:
+            out = attend(q, k, v_main)  # a policy's output; the maps above stay the exact probabilities
     else:
-        out = kernels.attention(q, k, v_main, backend=backend)
+        out = attend(q, k, v_main)
     if active:
         # Only the T2I block is edited: the edited rows' text queries read the unscaled values.
         out[rows, :, text] = kernels.attention(q[rows][:, :, text], k[rows], v[rows], backend=backend)
         weighted = cross.mapper[edits] * a[edits][:, None, :]  # (R, L_src, L_edit)
         v_src = torch.zeros_like(v[rows])
         v_src[:, :, text] = torch.einsum("rwj,rhjd->rhwd", weighted, v[rows][:, :, text])
-        out[rows, :, image] = out[rows, :, image] + kernels.attention(
-            q[sources][:, :, image], k[sources], v_src, backend=backend
-        )
+        if exact:
+            source_term = kernels.attention(q[sources][:, :, image], k[sources], v_src, backend=backend)
+        else:  # the source's T2I block under the policy's joint normaliser
+            source_term = attend(q[sources], k[sources], v_src)[:, :, image]
+        out[rows, :, image] = out[rows, :, image] + source_term
     return out, probs
 
 
@@ -524,14 +543,18 @@ class JointEditController(Clocked):
     def _blend_due(self, step: int) -> bool:
         return step + 1 > int(self.plan.blend.config.start * self.num_steps)
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, name: str, text_first: bool) -> torch.Tensor:
-        """One joint-attention call, (batch, heads, S, D) in and out (S = text + image tokens)."""
+    def attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, name: str, text_first: bool,
+        attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """One joint-attention call, (batch, heads, S, D) in and out (S = text + image tokens);
+        ``attend``: the layer's efficient-attention policy (see :func:`joint_edited_attention`)."""
         layout, text, image, cross, replace_qk, record = self._call_plan(
             q.shape[0], q.shape[2], name, text_first, q.device, v.dtype
         )
         out, probs = joint_edited_attention(
             q, k, v, layout=layout, text=text, image=image, cross=cross, replace_qk=replace_qk,
-            want_probs=record, materialise=self.materialise, backend=self.backend,
+            want_probs=record, materialise=self.materialise, backend=self.backend, attend=attend,
         )
         if probs is not None:
             self._record(probs)

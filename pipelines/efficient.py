@@ -7,7 +7,9 @@ tomesd-style lifecycle with processors instead of class swaps::
     attnctrl.remove(pipe)            # or handle.remove(), or ``with attnctrl.apply(...):``
 
 Policies: :class:`~attnctrl.AgentAttention` (UNets), :class:`~attnctrl.WindowAttention`,
-:class:`~attnctrl.ProxyAttention` and :class:`~attnctrl.GroupedAttention` (UNets and PixArt DiTs).
+:class:`~attnctrl.ProxyAttention` and :class:`~attnctrl.GroupedAttention` (UNets, PixArt DiTs and the
+MM-DiTs SD3/SD3.5 and Flux.1, where they restrict the image-to-image part of joint attention and text
+keeps full attention; see :mod:`attnctrl.processors.joint_policy`).
 """
 
 from __future__ import annotations
@@ -15,19 +17,26 @@ from __future__ import annotations
 from typing import Any
 
 from attnctrl.policies import PolicyState, config_types, policy_specs, spec_for
-from attnctrl.adapters import adapter_for
+from attnctrl.adapters import adapter_for, is_mmdit
+from attnctrl.adapters.mmdit import MMDiTAdapter, SD3Adapter
 from attnctrl.errors import InvalidTypeError, UnsupportedModelError
 from attnctrl.processors import (
+    JointPolicyAttention,
+    JointPolicyProcessor,
     PolicyProcessor,
     attention_modules,
     bind_timestep,
+    check_joint_supported,
     install,
     is_installed,
     layers_installed,
     restore,
 )
 
-__all__ = ["apply", "remove", "applied_handle", "EfficientHandle", "SUPPORTED", "SUPPORTED_DIT"]
+__all__ = [
+    "apply", "remove", "applied_handle", "applied_joint_policies", "EfficientHandle", "SUPPORTED", "SUPPORTED_DIT",
+    "SUPPORTED_MMDIT",
+]
 
 SUPPORTED = (
     "diffusers UNet2DConditionModel (Stable Diffusion 1.x/2.x, SDXL) or a pipeline whose .unet is one "
@@ -37,7 +46,18 @@ SUPPORTED_DIT = (
     "diffusers PixArtTransformer2DModel or a pipeline whose .transformer is one (PixArtAlphaPipeline, "
     "PixArtSigmaPipeline); WindowAttention, ProxyAttention and GroupedAttention only"
 )
+SUPPORTED_MMDIT = (
+    "diffusers SD3Transformer2DModel / FluxTransformer2DModel or a pipeline whose .transformer is one "
+    "(StableDiffusion3Pipeline, FluxPipeline, Prompt2PromptSD3Pipeline, Prompt2PromptFluxPipeline); "
+    "WindowAttention, ProxyAttention and GroupedAttention only"
+)
 _HANDLE = "_attnctrl_efficient_handle"
+#: ``_resolve``'s patch size for an MM-DiT: its state takes the token grid itself (observe_tokens).
+_MMDIT = 0
+
+
+def _mmdit_policies() -> str:
+    return ", ".join(f"attnctrl.{s.config.__name__}" for s in policy_specs() if "mmdit" in s.models)
 
 
 def _resolve(pipe_or_model: Any, config: Any = None) -> tuple[Any, Any, int]:
@@ -56,6 +76,17 @@ def _resolve(pipe_or_model: Any, config: Any = None) -> tuple[Any, Any, int]:
     if not isinstance(transformer, PixArtTransformer2DModel):
         transformer = getattr(pipe_or_model, "transformer", None)
     policy = type(config).__name__ if config is not None else "efficient attention"
+    mmdit = pipe_or_model if is_mmdit(pipe_or_model) else transformer
+    if mmdit is not None and is_mmdit(mmdit):
+        if config is not None and isinstance(config, config_types()) and "mmdit" not in spec_for(config).models:
+            raise UnsupportedModelError(
+                f"{policy} is not available on the MM-DiT {type(mmdit).__name__} of {type(pipe_or_model).__name__}: "
+                "its two-stage agent softmax has no joint normaliser with the text keys of joint attention, so image "
+                f"queries would lose their attention to the prompt. Use {_mmdit_policies()} (ProxyAttention's "
+                "window-mean proxies are the training-free MM-DiT counterpart of agent tokens)"
+            )
+        scheduler = None if mmdit is pipe_or_model else getattr(pipe_or_model, "scheduler", None)
+        return mmdit, scheduler, _MMDIT
     if isinstance(transformer, PixArtTransformer2DModel):
         if config is not None and isinstance(config, config_types()) and "dit" not in spec_for(config).models:
             for_dit = ", ".join(f"attnctrl.{s.config.__name__}" for s in policy_specs() if "dit" in s.models)
@@ -67,7 +98,7 @@ def _resolve(pipe_or_model: Any, config: Any = None) -> tuple[Any, Any, int]:
         return transformer, scheduler, adapter_for(transformer).patch_size(transformer)
     denoiser = unet if unet is not None else getattr(pipe_or_model, "transformer", pipe_or_model)
     unet_only = config is not None and isinstance(config, config_types()) and "dit" not in spec_for(config).models
-    supported = SUPPORTED if unet_only else f"{SUPPORTED}; {SUPPORTED_DIT}"
+    supported = SUPPORTED if unet_only else f"{SUPPORTED}; {SUPPORTED_DIT}; {SUPPORTED_MMDIT}"
     raise UnsupportedModelError(
         f"{type(pipe_or_model).__name__} (denoiser {type(denoiser).__name__}) is not supported by "
         f"{policy}; supported: {supported}"
@@ -139,6 +170,10 @@ def apply(pipe_or_model: Any, config: Any, *, scheduler: Any = None) -> Efficien
             "other attnctrl processors are installed on this UNet (an open attnctrl.control block or a "
             "pipeline call in progress); apply the efficient-attention policy outside it"
         )
+    if patch_size == _MMDIT:
+        handle = _apply_mmdit(model, config, scheduler)
+        setattr(model, _HANDLE, handle)
+        return handle
     state = PolicyState(config, scheduler, patch_size=patch_size)
 
     names = [name for name in model.attn_processors if _selected(name, config)]
@@ -167,9 +202,59 @@ def apply(pipe_or_model: Any, config: Any, *, scheduler: Any = None) -> Efficien
     return handle
 
 
+def _apply_mmdit(model: Any, config: Any, scheduler: Any) -> EfficientHandle:
+    """Install ``config`` on every joint-attention layer of an SD3/Flux transformer (B's joint processor
+    with the policy as its attention: image->image restricted, text full) and on SD3.5's image-only
+    ``attn2`` layers (the generic :class:`PolicyProcessor`), filtered by ``config.layers``. One token
+    grid for every block, so ``max_downsample`` has nothing to choose (any value keeps every block)."""
+    adapter = adapter_for(model)
+    if not isinstance(adapter, MMDiTAdapter):  # is_mmdit said yes, so this is a bug, not user input
+        raise UnsupportedModelError(f"{type(model).__name__} has no MM-DiT adapter")
+    family = "sd3" if isinstance(adapter, SD3Adapter) else "flux"
+    state = PolicyState(config, scheduler, patch_size=1)
+    joint = set(adapter.joint_layers(model))
+    names = [n for n in adapter.self_attention_layers(model) if config.layers is None or any(p in n for p in config.layers)]
+    if not names:
+        raise UnsupportedModelError(
+            f"{type(config).__name__}.layers={config.layers!r} matches no attention layer of {type(model).__name__}; "
+            f"its layers are named like {adapter.joint_layers(model)[0]!r}"
+        )
+    index_of = {name: i for i, name in enumerate(names)}
+
+    def make(name: str, module: Any) -> Any:
+        if name not in index_of:
+            return None
+        if name in joint:
+            return JointPolicyProcessor(state, name, index_of[name], family=family)
+        return PolicyProcessor(state, name, index_of[name])
+
+    def pre_forward(module: Any, args: tuple, kwargs: dict) -> None:
+        timestep, _ = bind_timestep(module, args, kwargs)
+        if adapter.timestep_factor != 1.0:
+            timestep = timestep * adapter.timestep_factor  # Flux gets t / 1000; the schedule is in t
+        state.observe_tokens(timestep, adapter.token_grid_of_call(module, args, kwargs))
+
+    install(model, make, pre_forward=pre_forward, replace=True, check=check_joint_supported)
+    return EfficientHandle(model, config, state)
+
+
 def applied_handle(model: Any) -> EfficientHandle | None:
     """The handle of the policy ``attnctrl.apply`` installed on ``model`` (a UNet or DiT), or None."""
     return getattr(model, _HANDLE, None)
+
+
+def applied_joint_policies(transformer: Any) -> dict[str, JointPolicyAttention]:
+    """Processor name -> the policy attention of each joint layer, when only an ``attnctrl.apply`` policy is
+    installed on the MM-DiT ``transformer`` ({} when nothing is). Prompt-to-Prompt layers over it; any
+    other attnctrl install (an open control block, a pipeline call in progress) is refused."""
+    if not is_installed(transformer):
+        return {}
+    if layers_installed(transformer) == 1 and applied_handle(transformer) is not None:
+        return {name: p.policy for name, p in transformer.attn_processors.items() if isinstance(p, JointPolicyProcessor)}
+    raise RuntimeError(
+        "attnctrl processors are already installed on this transformer (an open attnctrl.control block, or a "
+        "Prompt2Prompt pipeline call in progress); nested control on one pipeline is not supported"
+    )
 
 
 def remove(pipe_or_model: Any) -> bool:

@@ -24,7 +24,17 @@ from attnctrl.mmdit import (
     compile_joint_prompts,
     structure_for,
 )
-from attnctrl.processors import JointAttentionProcessor, bind_timestep, check_joint_supported, install, is_installed, restore
+from attnctrl.processors import (
+    EditUnderPolicy,
+    JointAttentionProcessor,
+    bind_timestep,
+    check_joint_supported,
+    install,
+    is_installed,
+    restore,
+)
+
+from .efficient import applied_joint_policies
 
 __all__ = ["joint_control", "JointSession", "text_segments", "is_mmdit_pipeline", "DEFAULT_T5_TOKENS"]
 
@@ -119,7 +129,10 @@ def joint_control(
     structure = structure_for(edit, structure)
     if not isinstance(images_per_prompt, int) or isinstance(images_per_prompt, bool) or images_per_prompt < 1:
         raise InvalidOptionError(f"images_per_prompt must be a positive int, got {images_per_prompt!r}")
-    if is_installed(transformer):
+    # An efficient-attention policy applied with attnctrl.apply stays under the edit (its joint layers'
+    # attention, as on UNets); any other attnctrl install is refused.
+    policies = applied_joint_policies(transformer)
+    if is_installed(transformer) and not policies:
         raise RuntimeError(
             "attnctrl processors are already installed on this transformer (an open attnctrl.control block, or a "
             "Prompt2Prompt pipeline call in progress); nested control on one pipeline is not supported"
@@ -155,12 +168,13 @@ def joint_control(
             timestep, grid, int(_encoder_states(args, kwargs).shape[1]), one_call_per_step=family == "flux"
         )
 
-    install(
-        transformer,
-        lambda name, module: JointAttentionProcessor(controller, name, family=family) if name in joint else None,
-        pre_forward=pre_forward,
-        check=check_joint_supported,
-    )
+    def processor(name: str, module: Any) -> JointAttentionProcessor | None:
+        if name not in joint:
+            return None
+        edit = controller if name not in policies else EditUnderPolicy(controller, policies[name])
+        return JointAttentionProcessor(edit, name, family=family)  # type: ignore[arg-type]
+
+    install(transformer, processor, pre_forward=pre_forward, check=check_joint_supported, on_top=bool(policies))
     try:
         yield JointSession(controller)
     finally:

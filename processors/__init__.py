@@ -3,6 +3,7 @@
 from .lifecycle import attention_modules, bind_timestep, install, is_installed, layers_installed, restore
 from .efficient import PolicyProcessor
 from .joint import JointAttentionProcessor, check_joint_supported
+from .joint_policy import EditUnderPolicy, JointPolicyAttention, JointPolicyProcessor
 from .p2p import PromptToPromptProcessor
 
 __all__ = [
@@ -10,6 +11,9 @@ __all__ = [
     "JointAttentionProcessor",
     "check_joint_supported",
     "PolicyProcessor",
+    "JointPolicyProcessor",
+    "JointPolicyAttention",
+    "EditUnderPolicy",
     "install",
     "restore",
     "is_installed",

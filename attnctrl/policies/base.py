@@ -18,7 +18,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..clock import Clocked, StepClock
-from ..errors import InvalidTypeError
+from ..errors import InvalidOptionError, InvalidTypeError
 
 __all__ = [
     "PolicyCall",
@@ -45,6 +45,10 @@ class PolicyCall:
         layer_index: position of the layer among the layers the policy patched (model order).
         project_queries: ``(B, n, C) -> (B, H, n, D)``: the layer's own query projection (and query
             norm), for policies that make extra query-like tokens (agent attention).
+        context_key, context_value: ``(B, H, L, D)`` / ``(B, H, L, Dv)`` keys and values that EVERY
+            query also attends to, in the same softmax as its restricted image keys: the text tokens
+            of an MM-DiT's joint attention (SD3, Flux). None on UNets and DiTs. A policy registered
+            with ``"mmdit"`` in its models must honour them.
     """
 
     query: torch.Tensor
@@ -55,6 +59,13 @@ class PolicyCall:
     scale: float
     layer_index: int
     project_queries: Callable[[torch.Tensor], torch.Tensor]
+    context_key: torch.Tensor | None = None
+    context_value: torch.Tensor | None = None
+
+    @property
+    def context_tokens(self) -> int:
+        """``L``, the number of context (text) keys every query also sees (0 without context)."""
+        return 0 if self.context_key is None else int(self.context_key.shape[2])
 
 
 Attend = Callable[[Any, PolicyCall, "PolicyState"], "torch.Tensor | None"]
@@ -69,7 +80,9 @@ class PolicySpec:
         config: the frozen config dataclass.
         attend: ``(config, call, state) -> (B, H, N, Dv) or None`` (None: stock attention for this call).
         presets: other names and the config classmethod that makes each (``{"agentsd": "agentsd"}``).
-        models: ``"unet"``, ``"dit"``: the model families the policy supports.
+        models: ``"unet"``, ``"dit"``, ``"mmdit"``: the model families the policy supports (``"mmdit"``:
+            it restricts the image-to-image part of joint attention and honours
+            :attr:`PolicyCall.context_key`, the text keys every image query keeps).
         label: ``config -> name`` for tables, when a config's name depends on its settings.
     """
 
@@ -177,6 +190,15 @@ class PolicyState(Clocked):
         if self.clock.tick(timestep, step=step, num_steps=num_steps):
             self._reseed()
         self.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+
+    def observe_tokens(self, timestep: Any, grid: tuple[int, int]) -> None:
+        """Record one denoiser call whose token grid is known directly (MM-DiTs: the adapter reads it
+        from the latent or from Flux's ``img_ids``). Use with ``patch_size=1``: ``grid`` is the token grid."""
+        if self.patch_size != 1:
+            raise InvalidOptionError("PolicyState.observe_tokens takes the token grid itself; build the state with patch_size=1")
+        if self.clock.tick(timestep):
+            self._reseed()
+        self.latent_hw = (int(grid[0]), int(grid[1]))
 
     @property
     def active(self) -> bool:

@@ -28,6 +28,7 @@ __all__ = [
     "to_group_major",
     "from_group_major",
     "group_neighbours",
+    "group_slot_classes",
     "grouped_routing",
     "grouped_attention",
     "density",
@@ -183,7 +184,8 @@ def group_neighbours(
 
 
 def grouped_routing(
-    h: int, w: int, group: tuple[int, int], pattern: str = "neighborhood", radius: int = 1, *, device: Any = None
+    h: int, w: int, group: tuple[int, int], pattern: str = "neighborhood", radius: int = 1, *, device: Any = None,
+    context_tokens: int = 0,
 ) -> Routing:
     """The :class:`~attnctrl.kernels.Routing` of grouped attention over GROUP-MAJOR tokens.
 
@@ -191,6 +193,10 @@ def grouped_routing(
     :func:`group_permutation` order, so each group is a contiguous run; the ``(G, G)`` table is
     0 where the query group may attend to the key group and ``-inf`` elsewhere. Every group sees
     itself, so no query is fully masked.
+
+    ``context_tokens`` ``L > 0``: the keys are the ``N`` group-major tokens followed by ``L`` context
+    (MM-DiT text) keys with label ``G``, open to every query group: key labels ``(1, N + L)``,
+    table ``(G, G + 1)``.
     """
     gy, gx = _group_grid(h, w, group)
     perm, _ = group_permutation(h, w, group, device=device)
@@ -199,7 +205,11 @@ def grouped_routing(
     labels = (rows * gx + cols).flatten()[perm][None]
     allow = _group_allow(gy, gx, pattern, radius, device)
     table = torch.zeros(allow.shape, device=device).masked_fill(~allow, float("-inf"))
-    return Routing(labels, labels, table, validate=False)  # labels in range by construction
+    keys = labels
+    if context_tokens:
+        keys = torch.cat([labels, torch.full((1, context_tokens), gy * gx, dtype=labels.dtype, device=device)], dim=1)
+        table = torch.cat([table, torch.zeros(gy * gx, 1, device=device)], dim=1)
+    return Routing(labels, keys, table, validate=False)  # labels in range by construction
 
 
 def density(h: int, w: int, group: Any = 16, pattern: str = "neighborhood", radius: int = 1) -> float:
@@ -246,6 +256,8 @@ def grouped_attention(
     routing: Routing | None = None,
     permutation: tuple[torch.Tensor, torch.Tensor] | None = None,
     neighbours: tuple[torch.Tensor, torch.Tensor] | None = None,
+    context: tuple[torch.Tensor, torch.Tensor] | None = None,
+    slot_classes: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> torch.Tensor:
     """GRAT grouped self-attention, one :func:`attnctrl.kernels.attention` call.
 
@@ -260,7 +272,13 @@ def grouped_attention(
     Args:
         q, k, v: ``(B, H, N, D)``, ``(B, H, N, D)``, ``(B, H, N, Dv)``; ``N = h·w`` row-major.
         routing, permutation, neighbours: prebuilt :func:`grouped_routing`,
-            :func:`group_permutation`, :func:`group_neighbours` for this grid (callers cache them).
+            :func:`group_permutation`, :func:`group_neighbours` for this grid (callers cache them;
+            the routing built with the context's length).
+        slot_classes: prebuilt :func:`group_slot_classes` on ``q``'s device (``"gather"``; without it
+            they are derived from ``neighbours``, which reads their values back to the host).
+        context: ``(key (B, H, L, D), value (B, H, L, Dv))`` every query also attends to in the same
+            softmax (MM-DiT text tokens): appended to the routed keys with their own open label, to
+            every gathered key buffer, or (strips) one more partial result combined by log-sum-exp.
 
     Returns:
         ``(B, H, N, Dv)`` in ``q.dtype``.
@@ -271,15 +289,19 @@ def grouped_attention(
         reason = strips_refusal(q, k, v, h, w, group, pattern, backend)
         if reason is not None:
             raise InvalidOptionError(f"grouped_attention: implementation='strips' does not apply: {reason}; use 'gather'")
-        return _grouped_strips(q, k, v, h, w, group, radius, q.shape[-1] ** -0.5 if scale is None else float(scale), backend)
+        return _grouped_strips(
+            q, k, v, h, w, group, radius, q.shape[-1] ** -0.5 if scale is None else float(scale), backend, context
+        )
+    context_key, context_value = context if context is not None else (None, None)
+    length = 0 if context_key is None else context_key.shape[2]
     if implementation == "routing":
         if routing is None:
-            routing = grouped_routing(h, w, group, pattern, radius, device=q.device)
+            routing = grouped_routing(h, w, group, pattern, radius, device=q.device, context_tokens=length)
         perm, inverse = permutation or group_permutation(h, w, group, device=q.device)
-        out = kernels.attention(
-            to_group_major(q, perm), to_group_major(k, perm), to_group_major(v, perm),
-            scale=scale, mask=routing, backend=backend,
-        )
+        keys, values = to_group_major(k, perm), to_group_major(v, perm)
+        if context_key is not None:
+            keys, values = torch.cat([keys, context_key], dim=2), torch.cat([values, context_value], dim=2)
+        out = kernels.attention(to_group_major(q, perm), keys, values, scale=scale, mask=routing, backend=backend)
         return from_group_major(out, inverse)
     if implementation != "gather":
         raise InvalidOptionError(f"implementation must be one of {GROUPED_IMPLEMENTATIONS}, got {implementation!r}")
@@ -303,15 +325,21 @@ def grouped_attention(
     # Groups are split by their number of valid slots (for a 3x3 neighbourhood: corner, edge and
     # interior groups), each class one dense call over exactly its valid key groups, so no score is
     # computed for a neighbour past the border; only padding inside partial groups is masked.
-    for members, slots_index in _slot_classes(index, valid):
+    for members, slots_index in slot_classes if slot_classes is not None else _slot_classes(index, valid):
         n_members, n_slots = slots_index.shape
 
-        def pick(x: torch.Tensor) -> torch.Tensor:
-            return x.index_select(2, slots_index.flatten()).view(b * heads, n_members, n_slots * m, x.shape[-1])
+        def pick(x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+            picked = x.index_select(2, slots_index.flatten()).view(b * heads, n_members, n_slots * m, x.shape[-1])
+            if extra is None:
+                return picked
+            shared = extra.reshape(b * heads, 1, length, extra.shape[-1]).expand(b * heads, n_members, length, extra.shape[-1])
+            return torch.cat([picked, shared], dim=2)
 
         queries = qg.index_select(2, members).view(b * heads, n_members, m, q.shape[-1])
         mask = None if real is None else real[slots_index].view(1, n_members, 1, n_slots * m)
-        part = kernels.attention(queries, pick(kg), pick(vg), scale=scale, mask=mask, backend=backend)
+        if mask is not None and length:
+            mask = torch.cat([mask, mask.new_ones(1, n_members, 1, length)], dim=-1)
+        part = kernels.attention(queries, pick(kg, context_key), pick(vg, context_value), scale=scale, mask=mask, backend=backend)
         out.index_copy_(2, members, part.view(b, heads, n_members, m, -1))
     return _from_groups(out, h, w, group)
 
@@ -358,7 +386,7 @@ def _column_runs(n_cols: int, radius: int) -> list[tuple[int, int, int, int]]:
 
 def _grouped_strips(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int, group: tuple[int, int], radius: int, scale: float,
-    backend: Any = None,
+    backend: Any = None, context: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Neighbourhood grouped attention without copying K/V per query group.
 
@@ -367,6 +395,7 @@ def _grouped_strips(
     for a row of query groups the keys in one key row are an overlapping strided view
     ``(B·H, columns, span·m, D)`` of K (and V). Each key row is one CPU flash call that also
     returns the log-sum-exp, and the up to ``2r+1`` partial outputs are combined exactly by it.
+    ``context`` keys (MM-DiT text, ``(B, H, L, D)``) are one more partial result of every query.
     """
     b, heads, _, d = q.shape
     gy, gx = h // group[0], w // group[1]
@@ -381,6 +410,17 @@ def _grouped_strips(
         start = x.storage_offset() + (key_row * gx + first) * m * d
         return x.as_strided((b * heads, columns, span * m, d), (x.stride(0), m * d, d, 1), start)
 
+    shared = None
+    if context is not None:
+        shared = tuple(x.reshape(b * heads, 1, x.shape[2], x.shape[-1]).contiguous() for x in context)
+
+    def context_part(queries: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if shared is None:
+            return []
+        columns = queries.shape[1]
+        keys, values = (x.expand(b * heads, columns, x.shape[2], x.shape[-1]) for x in shared)
+        return [kernels.attention_with_lse(queries, keys, values, scale=scale, backend=backend)]
+
     for row in range(gy):
         key_rows = range(max(0, row - radius), min(gy, row + radius + 1))
         for first, end, offset, span in _column_runs(gx, radius):
@@ -391,7 +431,7 @@ def _grouped_strips(
                     scale=scale, backend=backend,
                 )
                 for r in key_rows
-            ]
+            ] + context_part(queries)
             if len(parts) == 1:
                 out[:, row, first:end] = parts[0][0]
                 continue
@@ -403,6 +443,15 @@ def _grouped_strips(
                 combined = term if combined is None else combined.add_(term)
             out[:, row, first:end] = combined
     return _from_groups(out.view(b, heads, gy * gx, m, d), h, w, group)
+
+
+def group_slot_classes(
+    h: int, w: int, group: tuple[int, int], pattern: str = "neighborhood", radius: int = 1, *, device: Any = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The gather path's query-group classes (by number of valid key slots), built on the host and moved to
+    ``device`` once, so that calls on an accelerator never read them back: ``[(members, slots)]``."""
+    classes = _slot_classes(*group_neighbours(h, w, group, pattern, radius, device="cpu"))
+    return [(members.to(device), slots.to(device)) for members, slots in classes]
 
 
 def _slot_classes(index: torch.Tensor, valid: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -451,11 +500,16 @@ def attend(config: GroupedAttention, call: PolicyCall, state: PolicyState) -> to
     if implementation == "auto":
         implementation = grouped_implementation(call.query, call.key, call.value, h, w, config.group, config.pattern, config.backend)
     shape = (h, w, config.group, config.pattern, config.radius, device)
+    length = call.context_tokens
     extra: dict[str, Any] = {}
+    if call.context_key is not None:
+        extra["context"] = (call.context_key, call.context_value)
     if implementation == "routing":
         extra["routing"] = state.cached(
-            ("grouped-routing", *shape),
-            lambda: grouped_routing(h, w, config.group, config.pattern, config.radius, device=device),
+            ("grouped-routing", *shape, length),
+            lambda: grouped_routing(
+                h, w, config.group, config.pattern, config.radius, device=device, context_tokens=length
+            ),
         )
         extra["permutation"] = state.cached(
             ("group-permutation", h, w, config.group, device),
@@ -466,10 +520,14 @@ def attend(config: GroupedAttention, call: PolicyCall, state: PolicyState) -> to
             ("group-neighbours", *shape),
             lambda: group_neighbours(h, w, config.group, config.pattern, config.radius, device=device),
         )
+        extra["slot_classes"] = state.cached(
+            ("group-slot-classes", *shape),
+            lambda: group_slot_classes(h, w, config.group, config.pattern, config.radius, device=device),
+        )
     return grouped_attention(
         call.query, call.key, call.value, h, w, group=config.group, pattern=config.pattern,
         radius=config.radius, implementation=implementation, scale=call.scale, backend=config.backend, **extra,
     )
 
 
-register_policy("grouped", GroupedAttention, attend)
+register_policy("grouped", GroupedAttention, attend, models=("unet", "dit", "mmdit"))

@@ -16,7 +16,7 @@ from .. import kernels
 from ..errors import InvalidWeightError
 from .base import PolicyCall, PolicyState, register_policy
 from .common import check_gating, choice, int_pair, steps_active
-from .window import needs_region_mask, padded_size, region_table, window_merge, window_partition, window_regions
+from .window import needs_region_mask, padded_size, region_table, window_merge, window_partition, window_regions, with_context
 
 __all__ = ["ProxyAttention", "window_proxies", "proxy_attention"]
 
@@ -118,6 +118,7 @@ def proxy_attention(
     swin_mask: bool = True,
     scale: float | None = None,
     backend: Any = None,
+    context: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Window attention with proxy tokens in the same softmax (see :class:`ProxyAttention`).
 
@@ -133,6 +134,8 @@ def proxy_attention(
         window: local window ``(wh, ww)`` tokens; proxy_window: proxies' window (None = window).
         shift: ``(dy, dx)`` cyclic shift of the local windows (the proxies never shift).
         swin_mask: with a shift, mask pairs the roll wrapped apart.
+        context: ``(key (B, H, L, D), value (B, H, L, Dv))`` every query also attends to, unbiased,
+            in the same softmax (MM-DiT text tokens): each window's keys become ``n + M + L``.
 
     Returns:
         ``(B, H, N, Dv)`` in ``q.dtype``.
@@ -147,17 +150,19 @@ def proxy_attention(
         per_window = proxies[:, None].expand(b, n_windows, heads, m, proxies.shape[-1])
         return torch.cat([local, per_window.reshape(b * n_windows, heads, m, -1)], dim=2)
 
-    bias = torch.cat([torch.zeros(n, device=q.device), counts.log()])
+    context_key, context_value = context if context is not None else (None, None)
+    length = 0 if context_key is None else context_key.shape[2]
+    bias = torch.cat([torch.zeros(n, device=q.device), counts.log(), torch.zeros(length, device=q.device)])
     if needs_region_mask(h, w, window, shift, swin_mask):
         labels = window_regions(h, w, window, shift, swin_mask=swin_mask, device=q.device)  # (P, n)
         local = region_table(q.device)[labels[:, :, None], labels[:, None, :]]  # (P, n, n)
-        proxies = bias[n:].expand(n_windows, n, m)
-        mask = torch.cat([local, proxies], dim=-1)[:, None].repeat(b, 1, 1, 1)  # (B·P, 1, n, n + M)
+        others = bias[n:].expand(n_windows, n, m + length)  # proxies (+log count), then context (0)
+        mask = torch.cat([local, others], dim=-1)[:, None].repeat(b, 1, 1, 1)  # (B·P, 1, n, n + M + L)
     else:
-        mask = bias.view(1, 1, 1, n + m)
-    out = kernels.attention(
-        q_w, with_proxies(k_w, key_proxies), with_proxies(v_w, value_proxies), scale=scale, mask=mask, backend=backend
-    )
+        mask = bias.view(1, 1, 1, n + m + length)
+    keys = with_context(with_proxies(k_w, key_proxies), context_key, b)
+    values = with_context(with_proxies(v_w, value_proxies), context_value, b)
+    out = kernels.attention(q_w, keys, values, scale=scale, mask=mask, backend=backend)
     return window_merge(out, b, h, w, window, shift)
 
 def attend(config: ProxyAttention, call: PolicyCall, state: PolicyState) -> torch.Tensor | None:
@@ -167,8 +172,8 @@ def attend(config: ProxyAttention, call: PolicyCall, state: PolicyState) -> torc
     return proxy_attention(
         call.query, call.key, call.value, h, w, window=config.window, proxy_window=config.proxy_window,
         shift=config.layer_shift(call.layer_index), swin_mask=config.swin_mask, scale=call.scale,
-        backend=config.backend,
+        backend=config.backend, context=None if call.context_key is None else (call.context_key, call.context_value),
     )
 
 
-register_policy("proxy", ProxyAttention, attend)
+register_policy("proxy", ProxyAttention, attend, models=("unet", "dit", "mmdit"))

@@ -33,11 +33,15 @@ __all__ = [
     "window_attention",
     "region_table",
     "needs_region_mask",
+    "CONTEXT_REGION",
+    "with_context",
 ]
 
 SHIFT_QUARTERS = 4
 #: Region label of padding tokens in :func:`window_regions` (real tokens use 0..3).
 PAD_REGION = 4
+#: Key label of context (MM-DiT text) keys appended to every window: every query region may attend to it.
+CONTEXT_REGION = PAD_REGION + 1
 
 
 @dataclass(frozen=True)
@@ -187,11 +191,28 @@ def window_regions(
     return labels.reshape(py * px, window[0] * window[1])
 
 
-def region_table(device: Any) -> torch.Tensor:
+def region_table(device: Any, *, context: bool = False) -> torch.Tensor:
     """Identity routing table over the regions: a token attends only to its own region. Padding
-    queries see padding keys, so no row is ever fully masked (their output is dropped)."""
-    table = torch.full((PAD_REGION + 1, PAD_REGION + 1), float("-inf"), device=device)
-    return table.fill_diagonal_(0.0)
+    queries see padding keys, so no row is ever fully masked (their output is dropped).
+
+    With ``context`` the table has one more key column, :data:`CONTEXT_REGION`, open to every query
+    region (the text keys of joint attention): ``(PAD_REGION + 1, PAD_REGION + 2)``."""
+    table = torch.full((PAD_REGION + 1, PAD_REGION + 1), float("-inf"), device=device).fill_diagonal_(0.0)
+    if context:
+        table = torch.cat([table, torch.zeros(PAD_REGION + 1, 1, device=device)], dim=1)
+    return table
+
+
+def with_context(local: torch.Tensor, context: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """Append the context keys (or values) to every window's own: ``(B·P, H, n, D)`` and context
+    ``(B, H, L, D)`` -> ``(B·P, H, n + L, D)`` (row ``b·P + p`` gets batch ``b``'s context).
+    ``context`` None returns ``local`` unchanged."""
+    if context is None:
+        return local
+    windows = local.shape[0] // batch
+    heads, length, dim = context.shape[1:]
+    per_window = context[:, None].expand(batch, windows, heads, length, dim).reshape(batch * windows, heads, length, dim)
+    return torch.cat([local, per_window.to(local.dtype)], dim=2)
 
 
 def needs_region_mask(h: int, w: int, window: tuple[int, int], shift: tuple[int, int], swin_mask: bool) -> bool:
@@ -207,14 +228,23 @@ def window_routing(
     swin_mask: bool = False,
     batch: int = 1,
     device: Any = None,
+    context_tokens: int = 0,
 ) -> Routing | None:
     """The :class:`~attnctrl.kernels.Routing` of a window batch (``batch·P`` rows of ``n`` tokens):
     region labels of :func:`window_regions` with an identity table, so padding keys and (with
-    ``swin_mask``) tokens of another region are masked. None when nothing needs masking."""
+    ``swin_mask``) tokens of another region are masked. None when nothing needs masking.
+
+    ``context_tokens`` ``L > 0``: every window's keys end with ``L`` context keys (:func:`with_context`)
+    labelled :data:`CONTEXT_REGION`, which every query may attend to."""
     if not needs_region_mask(h, w, window, shift, swin_mask):
         return None
     labels = window_regions(h, w, window, shift, swin_mask=swin_mask, device=device).repeat(batch, 1)
-    return Routing(labels, labels, region_table(device), validate=False)  # labels in range by construction
+    keys = labels
+    if context_tokens:
+        text = torch.full((labels.shape[0], context_tokens), CONTEXT_REGION, dtype=labels.dtype, device=device)
+        keys = torch.cat([labels, text], dim=1)
+    table = region_table(device, context=bool(context_tokens))
+    return Routing(labels, keys, table, validate=False)  # labels in range by construction
 
 
 def window_attention(
@@ -230,6 +260,7 @@ def window_attention(
     scale: float | None = None,
     backend: Any = None,
     routing: Routing | None | str = "build",
+    context: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Self-attention inside (shifted) windows, one :func:`attnctrl.kernels.attention` call.
 
@@ -239,17 +270,25 @@ def window_attention(
         shift: ``(dy, dx)`` cyclic shift in tokens (:func:`window_shift`).
         swin_mask: mask pairs of tokens that the roll wrapped apart (:func:`window_regions`).
         routing: ``"build"`` (default) or a prebuilt :func:`window_routing` for this call (callers
-            reuse one across layers so backends can cache it).
+            reuse one across layers so backends can cache it; built with the context's length).
+        context: ``(key (B, H, L, D), value (B, H, L, Dv))`` that every query also attends to in the
+            same softmax (MM-DiT text tokens); appended to every window's keys (:func:`with_context`).
 
     Returns:
         ``(B, H, N, Dv)`` in ``q.dtype``.
     """
     b = q.shape[0]
     window = window_size(h, w, windows)
+    context_key, context_value = context if context is not None else (None, None)
     if isinstance(routing, str):
-        routing = window_routing(h, w, window, shift, swin_mask=swin_mask, batch=b, device=q.device)
-    parts = [window_partition(x, h, w, window, shift) for x in (q, k, v)]
-    out = kernels.attention(*parts, scale=scale, mask=routing, backend=backend)
+        routing = window_routing(
+            h, w, window, shift, swin_mask=swin_mask, batch=b, device=q.device,
+            context_tokens=0 if context_key is None else context_key.shape[2],
+        )
+    q_w, k_w, v_w = (window_partition(x, h, w, window, shift) for x in (q, k, v))
+    out = kernels.attention(
+        q_w, with_context(k_w, context_key, b), with_context(v_w, context_value, b), scale=scale, mask=routing, backend=backend
+    )
     return window_merge(out, b, h, w, window, shift)
 
 def attend(config: WindowAttention, call: PolicyCall, state: PolicyState) -> torch.Tensor | None:
@@ -263,14 +302,18 @@ def attend(config: WindowAttention, call: PolicyCall, state: PolicyState) -> tor
         quarter = int(torch.randint(SHIFT_QUARTERS, (1,), generator=state.generator))
     shift = window_shift(window, quarter)
     batch, device = call.query.shape[0], call.query.device
+    length = call.context_tokens
     routing = state.cached(
-        ("window", h, w, window, shift, config.swin_mask, batch, device),
-        lambda: window_routing(h, w, window, shift, swin_mask=config.swin_mask, batch=batch, device=device),
+        ("window", h, w, window, shift, config.swin_mask, batch, device, length),
+        lambda: window_routing(
+            h, w, window, shift, swin_mask=config.swin_mask, batch=batch, device=device, context_tokens=length
+        ),
     )
+    context = None if call.context_key is None else (call.context_key, call.context_value)
     return window_attention(
         call.query, call.key, call.value, h, w, windows=config.windows, shift=shift,
-        swin_mask=config.swin_mask, scale=call.scale, backend=config.backend, routing=routing,
+        swin_mask=config.swin_mask, scale=call.scale, backend=config.backend, routing=routing, context=context,
     )
 
 
-register_policy("window", WindowAttention, attend)
+register_policy("window", WindowAttention, attend, models=("unet", "dit", "mmdit"))
