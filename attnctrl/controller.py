@@ -49,13 +49,14 @@ class EditController(Clocked):
         self.images_per_prompt = images_per_prompt
         self.materialise = materialise
         self.backend = backend
-        needs_maps = record or (plan is not None and plan.blend is not None)
+        needs_maps = record or (plan is not None and (plan.blend is not None or plan.kv_select is not None))
         self.store: AttentionStore | None = AttentionStore(self.prompts, images_per_prompt) if needs_maps else None
         #: self-attention layers of the denoiser (set when processors are installed; K/V injection
         #: selects layers as a share of them)
         self.num_self_layers = 0
         self.clock = StepClock()
         self._cross_steps: dict[tuple[int, int, torch.device, torch.dtype], Any] = {}
+        self._kv_mask_cache: dict[Any, Any] = {}
         self.reset()
 
     # ---- per-generation state -------------------------------------------------------------
@@ -67,6 +68,7 @@ class EditController(Clocked):
     def _forget_generation(self) -> None:
         self.latent_hw: tuple[int, int] | None = None
         self._blended_step = -1
+        self._kv_mask_cache.clear()
         if self.store is not None:
             self.store.reset()
 
@@ -122,6 +124,7 @@ class EditController(Clocked):
         """
         layout, cross, replace_self, hw = self._call_plan(q.shape[0], q.shape[-2], is_cross, q.device, v.dtype)
         inject_kv = not is_cross and self._kv_active(layer)
+        kv_masks = self._kv_masks(layout, q.shape[0], q.shape[-2], q.device) if inject_kv else None
         out, probs = edited_attention(
             q, k, v,
             layout=layout,
@@ -134,6 +137,7 @@ class EditController(Clocked):
             backend=self.backend,
             attend=None if is_cross else attend,
             inject_kv=inject_kv,
+            kv_masks=kv_masks,
         )
         if probs is not None:
             self._record(hw, probs)
@@ -169,6 +173,53 @@ class EditController(Clocked):
         return plan is not None and plan.kv is not None and self.step >= 0 and plan.kv_active(
             self.step, self.num_steps, layer, self.num_self_layers
         )
+
+    @host_side
+    def _kv_masks(
+        self, layout: RowLayout, batch: int, tokens: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """K/V injection's subject masks at this call's grid (see :func:`attnctrl.p2p.edited_attention`),
+        from the store's maps of the mask words; built once per step, grid and device. None without
+        mask words, or while the store has no maps yet (injection then runs unmasked)."""
+        plan = self.plan
+        if plan.kv_select is None or self.store is None or not self.store.resolutions():
+            return None
+        grid = resolution_of(tokens, self.latent_hw)
+        if grid is None:
+            return None
+        key = (self.step, grid, batch, device)
+        cached = self._kv_mask_cache.get(key)
+        if cached is None:
+            if len(self._kv_mask_cache) > 64:
+                self._kv_mask_cache.clear()
+            cached = self._build_kv_masks(layout, batch, grid, device)
+            self._kv_mask_cache[key] = cached
+        return cached
+
+    def _build_kv_masks(
+        self, layout: RowLayout, batch: int, grid: tuple[int, int], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        store, kv = self.store, self.plan.kv
+        maps = store.maps(store.default_resolution())  # (rows, h, w, L), rows = prompts x images
+        n = self.images_per_prompt
+        select = self.plan.kv_select.repeat_interleave(n, dim=0).to(maps)
+        word = (maps * select[:, None, None, :]).sum(-1)  # (rows, h, w)
+        low = word.amin(dim=(1, 2), keepdim=True)
+        span = (word.amax(dim=(1, 2), keepdim=True) - low).clamp_min(1e-12)
+        subject = ((word - low) / span) > kv.mask_threshold
+        subject = torch.nn.functional.interpolate(subject[:, None].float(), size=grid, mode="nearest")[:, 0] > 0.5
+        subject = subject.flatten(1).to(device)  # (rows, N)
+        if layout.cond_offset:
+            subject = torch.cat([subject, subject])  # the unconditional half uses the same masks
+        sources = layout.kv_sources(batch, device)
+        edited = sources != torch.arange(batch, device=device)
+        source_subject = subject.index_select(0, sources)
+        def keys(allowed: torch.Tensor) -> torch.Tensor:
+            # rows that are not edited, and empty masks, attend to every key
+            allowed = allowed | ~edited[:, None] | ~allowed.any(dim=1, keepdim=True)
+            return allowed[:, None, None, :]
+        queries = (subject | ~edited[:, None])[:, None, :, None]
+        return keys(source_subject), keys(~source_subject), queries
 
     @host_side
     def _record(self, hw: tuple[int, int], probs: torch.Tensor) -> None:

@@ -241,11 +241,20 @@ class KVInjection:
             cross-attention edit, self-attention window and LocalBlend keep their meaning; in a layer
             and step where K/V injection is active it takes precedence over the base's
             self-attention replacement.
+        mask_words: MasaCtrl's mask-guided variant: ``(source word, edited word)``, the subject in
+            each prompt (a word or phrase; one edited word for every edited prompt). Its
+            cross-attention map from the attention store (min-max normalised, above
+            ``mask_threshold``) splits each image into subject and background: edited queries on
+            the subject read only the source's subject keys, the others only its background
+            keys, so subject and background do not bleed into each other.
+        mask_threshold: MasaCtrl's 0.1.
     """
 
     steps: Window = MASACTRL_STEPS
     layers: Union[float, int, tuple[int, ...]] = MASACTRL_LAYERS
     base: "Replace | Refine | Reweight | None" = None
+    mask_words: tuple[str, str] | None = None
+    mask_threshold: float = 0.1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steps", normalize_window(self.steps, "KVInjection.steps"))
@@ -266,6 +275,17 @@ class KVInjection:
             )
         if self.base is not None and not isinstance(self.base, (Replace, Refine, Reweight)):
             raise InvalidTypeError(f"KVInjection.base must be a Replace, Refine or Reweight, got {type(self.base).__name__}")
+        if self.mask_words is not None:
+            words = self.mask_words
+            if (isinstance(words, str) or not isinstance(words, Sequence) or len(words) != 2
+                    or not all(isinstance(w, str) and w.strip() for w in words)):
+                raise InvalidWeightError(
+                    f"KVInjection.mask_words must be (source word, edited word), e.g. ('cat', 'cat'), got {words!r}"
+                )
+            object.__setattr__(self, "mask_words", (words[0], words[1]))
+        t = self.mask_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (math.isfinite(t) and 0.0 <= t < 1.0):
+            raise InvalidWeightError(f"KVInjection.mask_threshold must be in [0, 1), got {t!r}")
 
     @property
     def blend(self) -> LocalBlend | None:

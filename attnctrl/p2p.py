@@ -147,6 +147,7 @@ def edited_attention(
     backend: str | None = None,
     attend: SelfAttend | None = None,
     inject_kv: bool = False,
+    kv_masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention with the Prompt-to-Prompt edit of this call.
 
@@ -168,6 +169,10 @@ def edited_attention(
         inject_kv: self-attention call where K/V injection is active (:class:`attnctrl.KVInjection`):
             edited rows attend with their own queries to their source row's keys and values; it
             takes precedence over ``replace_self``.
+        kv_masks: the mask-guided variant of K/V injection: bool ``(subject keys (B, 1, 1, M),
+            background keys (B, 1, 1, M), subject queries (B, 1, N, 1))``; queries on the subject
+            attend to the subject keys only, the others to the background keys (rows that are not
+            edited pass all-True key masks, so they are unchanged).
 
     Returns:
         ``(out, probs)`` with ``out`` of shape (batch, heads, N, Dv).
@@ -176,6 +181,17 @@ def edited_attention(
         sources_of = layout.kv_sources(q.shape[0], q.device)
         k, v = k.index_select(0, sources_of), v.index_select(0, sources_of)
         replace_self = False
+        if kv_masks is not None:
+            if attend is not None:
+                raise InvalidOptionError(
+                    "KVInjection(mask_words=...) cannot run under an efficient-attention policy (its two masked "
+                    "attention calls need exact attention); remove the policy or the mask words"
+                )
+            subject_keys, background_keys, subject_queries = kv_masks
+            common = dict(layout=layout, scale=scale, materialise=materialise, backend=backend)
+            on_subject, _ = edited_attention(q, k, v, mask=_and_mask(mask, subject_keys), **common)
+            off_subject, _ = edited_attention(q, k, v, mask=_and_mask(mask, background_keys), **common)
+            return torch.where(subject_queries, on_subject, off_subject), None
     if materialise:
         if attend is not None:
             raise InvalidOptionError(
@@ -293,6 +309,16 @@ def _query_rows(mask: torch.Tensor | None, start: int, stop: int, n: int) -> tor
     if mask is None or mask.dim() < 2 or mask.shape[-2] != n:
         return mask
     return mask[..., start:stop, :]
+
+
+def _and_mask(mask: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
+    """A call's own mask (bool or additive, broadcastable to (B, H, N, M)) restricted to ``keys``
+    (bool (B, 1, 1, M))."""
+    if mask is None:
+        return keys
+    if mask.dtype == torch.bool:
+        return mask & keys
+    return mask.masked_fill(~keys, float("-inf"))
 
 
 def _rows(mask: torch.Tensor | None, rows: slice | torch.Tensor) -> torch.Tensor | None:

@@ -125,6 +125,8 @@ class EditPlan:
     blend: BlendPlan | None
     #: mutual self-attention (K/V injection) on top of the word edit, or None
     kv: KVInjection | None = None
+    #: (B, L) token selector of each prompt's mask word (K/V injection's mask-guided variant), or None
+    kv_select: torch.Tensor | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -279,7 +281,8 @@ def _compile_kv_injection(edit: KVInjection, tokenizer: Any, prompts: Sequence[s
     """A K/V injection, with its base word edit's plan when chained, else an identity word edit
     (no cross window, no self window: prompts need no word alignment)."""
     if edit.base is not None:
-        return replace(compile_edit(edit.base, tokenizer, prompts), kv=edit)
+        plan = compile_edit(edit.base, tokenizer, prompts)
+        return replace(plan, kv=edit, kv_select=_kv_selector(edit, plan.prompts))
     tokens = compile_prompts(tokenizer, prompts)
     if len(tokens) < 2:
         raise PromptMismatchError(
@@ -298,7 +301,19 @@ def _compile_kv_injection(edit: KVInjection, tokenizer: Any, prompts: Sequence[s
         self_max_tokens=None,
         blend=None,
         kv=edit,
+        kv_select=_kv_selector(edit, tokens),
     )
+
+
+def _kv_selector(edit: KVInjection, prompts: tuple[PromptTokens, ...]) -> torch.Tensor | None:
+    """(B, L) selector of the source word in prompt 0 and the edited word in every other prompt."""
+    if edit.mask_words is None:
+        return None
+    source_word, edited_word = edit.mask_words
+    rows = [_selector(prompts[0], [source_word])]
+    for p in prompts[1:]:
+        rows.append(_selector(p, [edited_word]))
+    return torch.stack(rows)
 
 
 def default_self_max_tokens(latent_hw: tuple[int, int]) -> int:

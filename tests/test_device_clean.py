@@ -44,6 +44,7 @@ EDITS = {
     "replace + local blend": Replace(blend=LocalBlend(("cat", "dog"))),
     "refine + local blend, subtract": Refine(blend=LocalBlend(("cat", "dog"), subtract=("grass",))),
     "kv injection": attnctrl.KVInjection(steps=(0.0, 1.0), layers=0.0),
+    "kv injection, mask-guided": attnctrl.KVInjection(steps=(0.0, 1.0), layers=0.0, mask_words=("cat", "dog")),
     "kv injection over replace + local blend": attnctrl.KVInjection(
         steps=(0.0, 1.0), layers=(3, 5), base=Replace(self_steps=1.0, blend=LocalBlend(("cat", "dog")))
     ),

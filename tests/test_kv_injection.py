@@ -134,3 +134,58 @@ def test_cli_kv_modes(tmp_path, capsys):
     assert "no word edit" in capsys.readouterr().err
     assert main(["edit", "--prompt", "a red circle", "--to", "a blue circle", "--kv-layers", "x",
                  "--out", str(tmp_path / "bad2")]) == 2
+
+
+# ---- the mask-guided variant -------------------------------------------------------------------
+def test_mask_guided_rule_at_one_layer(tokenizer):
+    """With subject masks, edited queries on the subject attend to the source's subject keys only,
+    the other queries to its background keys; source rows are untouched."""
+    from attnctrl.p2p import RowLayout, edited_attention
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(4, 2, 16, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    subject = torch.zeros(4, 16, dtype=torch.bool)
+    subject[:, :6] = True  # keys/queries 0..5 are the subject in every row
+    edited = torch.tensor([False, True, False, True])
+    keys_on = (subject | ~edited[:, None])[:, None, None, :]
+    keys_off = (~subject | ~edited[:, None])[:, None, None, :]
+    queries_on = (subject | ~edited[:, None])[:, None, :, None]
+    out, _ = edited_attention(q, k, v, layout=RowLayout.from_batch(4, 2), inject_kv=True,
+                              kv_masks=(keys_on, keys_off, queries_on))
+    src = torch.tensor([0, 0, 2, 2])
+    ks, vs = k[src], v[src]
+    on, _ = reference_attention(q, ks, vs, mask=subject[:, None, None, :])
+    off, _ = reference_attention(q, ks, vs, mask=~subject[:, None, None, :])
+    expected = torch.where(subject[:, None, :, None], on, off)
+    torch.testing.assert_close(out[[1, 3]], expected[[1, 3]], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[[0, 2]], reference_attention(q, k, v)[0][[0, 2]], rtol=0, atol=1e-12)
+
+
+def test_mask_guided_pipeline_runs_and_needs_the_words(sd_pipe):
+    from attnctrl.errors import WordNotFoundError
+
+    edit = KVInjection(steps=(0.3, 1.0), layers=0.0, mask_words=("cat", "cat"))
+    out = sd_pipe(PROMPTS, edit=edit, num_inference_steps=4, output_type="latent",
+                  generator=torch.Generator().manual_seed(0))
+    plain = sd_pipe(PROMPTS, edit=KVInjection(steps=(0.3, 1.0), layers=0.0), num_inference_steps=4,
+                    output_type="latent", generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.images).all()
+    torch.testing.assert_close(out.images[0], plain.images[0])  # the source row is the same
+    assert (out.images[1] - plain.images[1]).abs().max() > 1e-4  # the masks change the edited row
+    with pytest.raises(WordNotFoundError):
+        sd_pipe(PROMPTS, edit=KVInjection(mask_words=("cat", "dog")), num_inference_steps=2, output_type="latent")
+    for bad in (("cat",), "cat", ("cat", "")):
+        with pytest.raises(attnctrl.errors.InvalidWeightError):
+            KVInjection(mask_words=bad)
+
+
+def test_cli_kv_mask(tmp_path, capsys):
+    from attnctrl.cli import main
+
+    out = tmp_path / "mask"
+    code = main(["edit", "--prompt", "a red circle on the left", "--to", "a red circle in the centre", "--mode", "kv",
+                 "--kv-mask", "circle", "--kv-steps", "0.3,1", "--steps", "4", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "run.json").read_text())["edit"]["mask_words"] == ["circle", "circle"]
+    assert main(["edit", "--prompt", "a red circle", "--to", "a red square", "--kv-mask", "a,b,c",
+                 "--out", str(tmp_path / "bad")]) == 2

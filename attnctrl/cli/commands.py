@@ -196,7 +196,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     cross = parse_cross(args.cross)
     self_steps = parse_window(args.self_steps, "--self") if args.self_steps is not None else 0.4
     blend = parse_blend(args.blend, len(prompts))
-    kv = parse_kv(args.kv, args.kv_steps, args.kv_layers)
+    kv = parse_kv(args.kv, args.kv_steps, args.kv_layers, args.kv_mask)
     edit = build_edit(args.mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend, kv=kv)
     policy = parse_efficient(args.efficient)
     if policy is not None and args.materialise:
@@ -640,6 +640,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kv-layers", metavar="FRAC|INDEX|I,J,..", default=None,
                    help="K/V injection layers: a share of the self-attention layers (0.625 = from 10 of 16), a first "
                         "index, or indices (implies --kv)")
+    e.add_argument("--kv-mask", metavar="WORD|SRC,EDIT", default=None,
+                   help="K/V injection's mask-guided variant (MasaCtrl): the subject word (or source,edited words); "
+                        "subject queries read the source's subject, the rest its background (implies --kv)")
     e.add_argument("--seed", type=int, default=None, help=f"noise seed (default {DEFAULT_SEED}; not with --image/--inversion)")
     e.add_argument("--steps", type=int, default=None,
                    help=f"sampling steps (default {DEFAULT_STEPS}; with --inversion: the inversion's)")

@@ -316,13 +316,21 @@ def build_edit(
     return KVInjection(**dict(kv), base=edit) if kv is not None else edit
 
 
-def parse_kv(enabled: bool, steps: str | None, layers: str | None) -> dict[str, Any] | None:
-    """``--kv`` / ``--kv-steps A,B`` / ``--kv-layers FRAC|INDEX|I,J,...`` -> KVInjection keyword
-    arguments (None when K/V injection is off). A layer value with a dot is a fraction of the
-    self-attention layers, an integer the first layer index, a comma list explicit indices."""
-    if not enabled and steps is None and layers is None:
+def parse_kv(enabled: bool, steps: str | None, layers: str | None, mask: str | None = None) -> dict[str, Any] | None:
+    """``--kv`` / ``--kv-steps A,B`` / ``--kv-layers FRAC|INDEX|I,J,...`` / ``--kv-mask WORD[,WORD]``
+    -> KVInjection keyword arguments (None when K/V injection is off). A layer value with a dot is a
+    fraction of the self-attention layers, an integer the first layer index, a comma list explicit
+    indices; the mask words are the subject in the source and in the edited prompts (one word: both)."""
+    if not enabled and steps is None and layers is None and mask is None:
         return None
     out: dict[str, Any] = {}
+    if mask is not None:
+        words = [w.strip() for w in mask.split(",")]
+        if len(words) == 1:
+            words = words * 2
+        if len(words) != 2 or not all(words):
+            raise OptionError(f"--kv-mask: expected the subject word, or source,edited words like cat,dog, got {mask!r}")
+        out["mask_words"] = tuple(words)
     if steps is not None:
         window = parse_window(steps, "--kv-steps")
         out["steps"] = window
