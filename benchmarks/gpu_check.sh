@@ -21,12 +21,10 @@
 #                    (they skip: no xformers on the device). The CPU-only suites run in CI, not here.
 #   features   90 s  gpu_features.py --budget (cap - 20): sd15 + sdxl at 512², 3 steps, fp16 then bf16,
 #                    then the CLI; features it cannot start in time are listed as skipped.
-#   p2p       120 s  p2p.py fp16 at 512 / 1024 / 2048 with 20 / 10 / 5 steps x 3 / 2 / 1 repeats: each
-#                    variant is a fresh process that imports torch + diffusers and builds the 860M UNet
-#                    on the CPU (~10-15 s: the CPU random init is serial), so the 3 + 3 + 2 processes
-#                    (materialised at 2048² is pre-checked out: ~1.1 TB) are most of it, the GPU work a
-#                    few seconds per size; results are written after each size, so a cut keeps the
-#                    sizes done (2048² is the one at risk).
+#   p2p       120 s  gpu_p2p_profile.py fp16 at 512 / 1024 / 2048 with 20 / 10 / 5 steps x 3 / 2 / 1
+#                    repeats: one process, the SD 1.5-shaped UNet built on the GPU (the first check's
+#                    per-variant processes spent ~20 s each on a CPU init and timed out), plain vs fused
+#                    vs the forced kernel path, with a launch/sync profile at 512².
 #   attention  90 s  attention.py fp16: layer N 4096/16384/65536 x head dim 40/64 x 8 variants, then
 #                    one step of sd15 / sdxl / pixart at 1024, 2048, 4096 (sdpa, agent, window, proxy,
 #                    grouped), size by size; --budget (cap - 20) skips what it cannot start in time.
@@ -178,13 +176,13 @@ run_step() {
 if [ "$QUICK" = 1 ]; then
     DEV=cpu
     FEATURES=(--device cpu --quick)
-    P2P=(--device cpu --dtype fp32 --sizes 64 --steps 1 --repeats 1 --variants plain fused)
+    P2P=(--device cpu --dtype fp32 --sizes 64 --steps 1 --repeats 1 --variants plain fused --no-profile)
     ATTN=(--device cpu --dtype float32 --tokens 256 --head-dims 40 --layer-variants sdpa agent grouped
           --model sd15 pixart --size 64 --tiny-models --variants sdpa agent window grouped --repeats 1 --isolate run)
 else
     DEV=cuda
     FEATURES=(--device cuda)
-    P2P=(--device cuda --dtype fp16 --sizes 512 1024 2048 --steps 20 10 5 --repeats 3 2 1 --timeout 60)
+    P2P=(--device cuda --dtype fp16 --sizes 512 1024 2048 --steps 20 10 5 --repeats 3 2 1 --budget 100)
     ATTN=(--device cuda --dtype float16 --tokens 4096 16384 65536 --head-dims 40 64
           --model sd15 sdxl pixart --size 1024 2048 4096 --variants sdpa agent window proxy grouped --repeats 3)
 fi
@@ -192,13 +190,13 @@ fi
 # (a) CUDA tests (run with -P: the repository root must not shadow the installed package)
 run_step tests 90 180 0 "$WORK/tests.log" \
     "$PY" -P -m pytest -q -p no:cacheprovider -rfEs --timeout 120 --junitxml "$WORK/junit.xml" \
-    tests/test_kernels.py tests/test_triton.py tests/test_xformers.py -k cuda
+    tests/test_kernels.py tests/test_triton.py tests/test_xformers.py tests/test_mmdit.py -k cuda
 # (b) every feature, fp16 and bf16
 run_step features 90 120 20 "$WORK/features.log" \
     "$PY" benchmarks/gpu_features.py "${FEATURES[@]}" --budget __BUDGET__ --out "$WORK/features"
 # (c) Prompt-to-Prompt cost vs plain SDPA (and the materialised reference)
 run_step p2p 120 60 0 "$WORK/p2p.log" \
-    "$PY" benchmarks/p2p.py "${P2P[@]}" --out "$WORK/p2p"
+    "$PY" benchmarks/gpu_p2p_profile.py "${P2P[@]}" --out "$WORK/p2p"
 # (d) efficient attention: layer and denoiser-step sweep
 run_step attention 90 15 20 "$WORK/attention.log" \
     "$PY" benchmarks/attention.py "${ATTN[@]}" --part all --budget __BUDGET__ --timeout __LIMIT__ --out "$WORK/attention"
@@ -278,14 +276,14 @@ def step_md(step, files, title):
     return f"{note}\n\n{text}\n"
 
 features = load(work / "features" / "features.json") or {}
-p2p = load(work / "p2p" / "p2p.json")
+p2p = load(work / "p2p" / "p2p_profile.json")
 attention = load(work / "attention" / "attention.json")
 triton_dir = work / "triton"
 triton_json = {str(p.relative_to(triton_dir)): load(p) for p in sorted(triton_dir.rglob("*.json"))} if triton_dir.is_dir() else {}
 triton_mds = sorted(triton_dir.rglob("*.md")) if triton_dir.is_dir() else []
 tables = {
     "features.md": step_md("features", [work / "features" / "features.md"], "gpu_features.py"),
-    "p2p.md": step_md("p2p", [work / "p2p" / "p2p.md"], "p2p.py"),
+    "p2p.md": step_md("p2p", [work / "p2p" / "p2p_profile.md"], "gpu_p2p_profile.py"),
     "attention.md": step_md("attention", [work / "attention" / "attention.md"], "attention.py"),
     "triton.md": step_md("taps", triton_mds, "triton_taps.py") if (root / "benchmarks" / "triton_taps.py").exists()
     else "_triton_taps.py: not in this tree, not run._\n",
@@ -323,11 +321,15 @@ head += [f"- FAIL {r['group']}/{r['dtype']} {r['feature']}: {r['note'][:200]}" f
 if p2p:
     verdicts = []
     for size, d in (p2p.get("sizes") or {}).items():
-        f = (d.get("variants") or {}).get("fused", {})
-        verdicts.append(f"{size}²: fused {f.get('time_ratio', float('nan')):.2f}× time, {f.get('mem_ratio', float('nan')):.2f}× memory"
-                        if f.get("status") == "ok" and f.get("time_ratio") is not None else f"{size}²: fused {f.get('status', 'not run')}")
-    head += ["", f"**P2P**: {'; '.join(verdicts) or 'no size finished'} (targets ≤ 1.10× time, ≤ 1.15× memory; "
-             f"all met: {p2p.get('all_targets_met')}, complete: {p2p.get('complete')})."]
+        v = d.get("variants") or {}
+        plain, fused = v.get("plain", {}), v.get("fused", {})
+        if plain.get("status") == "ok" and fused.get("status") == "ok":
+            t = fused["seconds"] / plain["seconds"]
+            m = fused["peak_gb"] / plain["peak_gb"] if plain.get("peak_gb") else float("nan")
+            verdicts.append(f"{size}²: fused {t:.2f}× time, {m:.2f}× memory")
+        else:
+            verdicts.append(f"{size}²: fused {fused.get('status', 'not run')}")
+    head += ["", f"**P2P**: {'; '.join(verdicts) or 'no size finished'} (targets ≤ 1.05× time, ≤ 1.10× memory)."]
 summary = "\n".join(head) + "\n\n---\n\n## Features\n\n" + tables["features.md"] + "\n---\n\n## Prompt-to-Prompt\n\n" \
     + tables["p2p.md"] + "\n---\n\n## Efficient attention\n\n" + tables["attention.md"] + "\n---\n\n## Triton taps\n\n" \
     + tables["triton.md"]
