@@ -55,6 +55,8 @@ from attnctrl.processors.consistency import (
 from attnctrl.tokens import tokenize_prompt
 
 from .control import check_pipeline, control
+from .mmdit_consistency import joint_consistent_self_attention, joint_subject_shared_attention, subject_isolation
+from .mmdit_control import is_mmdit_pipeline
 from .p2p import pipeline_lock
 
 __all__ = [
@@ -64,6 +66,7 @@ __all__ = [
     "ConsistentSubjectsOutput",
     "consistent_self_attention",
     "subject_shared_attention",
+    "subject_isolation",
 ]
 
 MaskFn = Callable[[Any, str], Any]
@@ -312,6 +315,10 @@ def consistent_self_attention(
     Yields the :class:`~attnctrl.processors.consistency.SharedAttentionState`.
     """
 
+    if is_mmdit_pipeline(pipe):  # SD3/Flux: the image tokens of joint attention (pipelines/mmdit_consistency.py)
+        with joint_consistent_self_attention(pipe, settings, cfg=cfg, layers=layers) as joint_state:
+            yield joint_state
+        return
     check_pipeline(pipe)
     if not isinstance(settings, ConsistentSelfAttention):
         raise InvalidTypeError(f"settings must be an attnctrl.consistency.ConsistentSelfAttention, got {type(settings).__name__}")
@@ -445,6 +452,12 @@ def subject_shared_attention(
             when the batch is not ``prompts x images_per_prompt`` per CFG half.
     """
 
+    if is_mmdit_pipeline(pipe):  # SD3/Flux: T2I subject maps, image tokens of joint attention shared
+        with joint_subject_shared_attention(
+            pipe, settings, subject_words, prompts=prompts, cfg=cfg, images_per_prompt=images_per_prompt
+        ) as joint_state:
+            yield joint_state
+        return
     check_pipeline(pipe)
     if not isinstance(settings, ConsiStory):
         raise InvalidTypeError(f"settings must be an attnctrl.consistency.ConsiStory, got {type(settings).__name__}")
