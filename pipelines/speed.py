@@ -144,10 +144,16 @@ class SpeedReport:
 
 
 def _plain(pipe: Any) -> Any:
-    """A stock pipeline over the same components (no Prompt-to-Prompt bookkeeping in the timing)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    """A stock pipeline over the same components (no Prompt-to-Prompt bookkeeping in the timing):
+    SD, SDXL, or for an MM-DiT StableDiffusion3Pipeline / FluxPipeline."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    cls = StableDiffusionXLPipeline if hasattr(pipe, "text_encoder_2") else StableDiffusionPipeline
+    from .mmdit_control import is_mmdit_pipeline
+
+    if is_mmdit_pipeline(pipe):
+        cls = FluxPipeline if hasattr(pipe.transformer, "single_transformer_blocks") else StableDiffusion3Pipeline
+    else:
+        cls = StableDiffusionXLPipeline if hasattr(pipe, "text_encoder_2") else StableDiffusionPipeline
     if type(pipe) is cls:
         return pipe
     plain = cls.from_pipe(pipe)
@@ -169,8 +175,8 @@ def compare_speed(
     """Generate ``prompt`` with stock attention and with each policy; time every step.
 
     Args:
-        pipe: a Stable Diffusion or SDXL pipeline (ours or diffusers'); a policy already applied
-            to it is refused (remove it first, so that "stock" means stock).
+        pipe: a Stable Diffusion, SDXL, SD3/SD3.5 or Flux.1 pipeline (ours or diffusers'); a policy
+            already applied to it is refused (remove it first, so that "stock" means stock).
         policies: configs for :func:`attnctrl.apply` (agent, proxy, grouped, window).
         size: ``(width, height)``; None = the model's native size.
         progress: optional ``callable(fraction, description)``.
@@ -183,7 +189,8 @@ def compare_speed(
     if not policies:
         raise InvalidOptionError("compare_speed: give at least one efficient-attention policy to compare with stock attention")
     plain = _plain(pipe)
-    if is_installed(plain.unet):
+    denoiser = plain.transformer if getattr(plain, "unet", None) is None else plain.unet
+    if is_installed(denoiser):
         raise RuntimeError("attnctrl processors are installed on this pipeline; call attnctrl.remove(pipe) first")
     kwargs: dict[str, Any] = {}
     if size is not None:

@@ -382,3 +382,44 @@ def test_meta_device_dry_run(meta_pipe, name):
         with attnctrl.control(meta_pipe, Replace(), PROMPTS, max_sequence_length=META_T5, structure=attnctrl.ImageQK(steps=1.0)):
             out = meta_forward(meta_pipe, rows)
         assert out.device.type == "meta"
+
+
+# ---- CLI and app -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def model_dir(request, tokenizer, t5_tokenizer, tmp_path_factory):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    if request.param == "sd3":
+        pipe = build_sd3(tokenizer, t5_tokenizer, cls=StableDiffusion3Pipeline, layers=1)
+    else:
+        pipe = build_flux(tokenizer, t5_tokenizer, cls=FluxPipeline, double=1, single=1)
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    pipe.save_pretrained(path)
+    return str(path)
+
+
+def test_cli_speed_on_mmdit(model_dir, tmp_path, capsys):
+    import json
+
+    from attnctrl import cli
+
+    out = tmp_path / "speed"
+    code = cli.main([
+        "speed", "--model", model_dir, "--prompt", PROMPTS[0], "--steps", "2", "--size", "32x32", "--out", str(out),
+        "--efficient", "window", "--efficient", "grouped:group=2", "--efficient", "proxy:window=4",
+    ])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "speed.json").read_text())
+    assert [r["policy"] for r in record["runs"]] == ["stock", "window", "grouped", "proxy"]
+    code = cli.main(["speed", "--model", model_dir, "--prompt", PROMPTS[0], "--steps", "2", "--size", "32x32",
+                     "--out", str(tmp_path / "agent"), "--efficient", "agent"])
+    assert code != 0 and "ProxyAttention" in capsys.readouterr().err
+
+
+def test_app_speed_on_mmdit(model_dir):
+    from attnctrl.app import actions
+    from attnctrl.app.models import ModelCache
+
+    model = ModelCache(device="cpu", dtype="fp32").get(model_dir)
+    result = actions.run_speed(model, PROMPTS[0], [WindowAttention()], seed=1, steps=2, guidance=3.5, size=(32, 32))
+    assert len(result.images) == 2 and "window" in result.table
