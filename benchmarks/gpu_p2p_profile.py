@@ -2,7 +2,9 @@
 the stock SDPA pipeline, plus a launch/sync profile of one step (where the time goes).
 
 The SD 1.5-shaped pipeline of ``benchmarks/p2p.py`` (real UNet config, random weights, CFG 7.5, two
-prompts: 4 UNet rows), but built directly on the device (seconds instead of the ~20 s of a CPU
+prompts: 4 UNet rows), or with ``--model sd3`` / ``--model flux`` an SD3.5-medium- / Flux.1-dev-shaped
+MM-DiT (published configs, random weights, ``--layers`` cuts the depth; ``benchmarks/_mmdit_shapes.py``),
+built directly on the device (seconds instead of the ~20 s of a CPU
 init) and shared by every variant, so a whole size sweep fits in a short device call:
 
 * ``plain``   the stock ``StableDiffusionPipeline`` (``AttnProcessor2_0``): the baseline;
@@ -19,6 +21,8 @@ and the top operators by host time.
 
 Usage (device machine): ``python benchmarks/gpu_p2p_profile.py --out OUT_DIR``
 CPU smoke run: ``python benchmarks/gpu_p2p_profile.py --device cpu --dtype fp32 --sizes 64 --steps 2 --repeats 1``
+MM-DiT on a GPU (issue 23's target: fused <= 1.10x time and memory at 1024²):
+``python benchmarks/gpu_p2p_profile.py --model sd3 --sizes 1024 --steps 28`` (and ``--model flux``)
 """
 
 from __future__ import annotations
@@ -52,8 +56,21 @@ def _peak(device: str) -> int:
 def _call(pipes: dict[str, Any], variant: str, size: int, steps: int, device: str, dtype: torch.dtype) -> None:
     import attnctrl
 
+    common = dict(num_inference_steps=steps, height=size, width=size, output_type="latent")
+    if pipes["family"] != "sd15":
+        # MM-DiT: noise from a generator (the P2P pipeline shares it across prompts itself);
+        # SD3 guides with a CFG batch, Flux.1-dev is guidance-distilled (no CFG batch).
+        common.update(guidance_scale=7.0 if pipes["family"] == "sd3" else 3.5,
+                      generator=torch.Generator("cpu").manual_seed(SEED), max_sequence_length=128)
+        if variant == "plain":
+            pipes["plain"](prompt=list(PROMPTS), **common)
+            return
+        if variant == "kernel":
+            raise ValueError("the forced kernel path is a UNet comparison (few-keys vs V-folded text calls)")
+        pipes["p2p"](prompt=list(PROMPTS), edit=attnctrl.Replace(blend=attnctrl.LocalBlend(list(BLEND_WORDS))), **common)
+        return
     noise = torch.randn((1, 4, size // 8, size // 8), generator=torch.Generator("cpu").manual_seed(SEED)).to(device, dtype)
-    common = dict(num_inference_steps=steps, guidance_scale=GUIDANCE, height=size, width=size, output_type="latent")
+    common["guidance_scale"] = GUIDANCE
     if variant == "plain":
         pipes["plain"](prompt=list(PROMPTS), latents=noise.repeat(len(PROMPTS), 1, 1, 1), **common)
         return
@@ -92,14 +109,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, torch.device(device):
-        plain = build_pipeline("plain", device, dtype, Path(tmp))
-    from attnctrl.pipelines import Prompt2PromptPipeline
+        if args.model == "sd15":
+            plain = build_pipeline("plain", device, dtype, Path(tmp))
+        else:
+            from _mmdit_shapes import build_mmdit
 
-    pipes = {"plain": plain, "p2p": Prompt2PromptPipeline(**plain.components)}
+            words = sorted({w for p in PROMPTS for w in p.split()})
+            plain = build_mmdit(args.model, words, Path(tmp), layers=args.layers).to(device=device, dtype=dtype)
+            plain.set_progress_bar_config(disable=True)
+    from attnctrl.pipelines import Prompt2PromptFluxPipeline, Prompt2PromptPipeline, Prompt2PromptSD3Pipeline
+
+    cls = {"sd15": Prompt2PromptPipeline, "sd3": Prompt2PromptSD3Pipeline, "flux": Prompt2PromptFluxPipeline}[args.model]
+    pipes = {"plain": plain, "p2p": cls(**plain.components), "family": args.model}
     pipes["p2p"].set_progress_bar_config(disable=True)
     _sync(device)
     base = torch.cuda.memory_allocated() if device == "cuda" else 0
+    depth = "" if args.model == "sd15" or args.layers is None else f", depth cut to {args.layers}"
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": args.dtype,
+                               "model": {"sd15": "SD 1.5-shaped UNet", "sd3": "SD3.5-medium-shaped MM-DiT",
+                                         "flux": "Flux.1-dev-shaped MM-DiT"}[args.model] + depth,
                                "build_s": round(time.perf_counter() - t0, 1), "sizes": {}}
     print(f"built in {results['build_s']} s", file=sys.stderr, flush=True)
     deadline = time.perf_counter() + args.budget if args.budget else None
@@ -142,7 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = [f"## Prompt-to-Prompt on {results['device']} ({results['dtype']}, one process, SD 1.5-shaped UNet, 4 rows)", "",
+    lines = [f"## Prompt-to-Prompt on {results['device']} ({results['dtype']}, one process, {results['model']}, 2 prompts)", "",
              "| size | steps | variant | time (s) | time vs plain | peak (GB) | peak vs plain | Δ peak (GB) | status |",
              "|---|---|---|---|---|---|---|---|---|"]
     for size, row in results["sizes"].items():
@@ -175,11 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--steps", type=int, nargs="+", default=[20, 10, 5])
     p.add_argument("--repeats", type=int, nargs="+", default=[3, 2, 1])
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                   help="default: plain fused kernel (sd15), plain fused (sd3, flux)")
+    p.add_argument("--model", choices=("sd15", "sd3", "flux"), default="sd15",
+                   help="SD 1.5-shaped UNet, SD3.5-medium- or Flux.1-dev-shaped MM-DiT (published configs, random weights)")
+    p.add_argument("--layers", type=int, default=None, help="MM-DiT only: cut the depth to this many blocks (stated in the table)")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--budget", type=float, default=None, help="seconds; variants not started by then are skipped")
     p.add_argument("--out", type=Path, default=None, help="folder for p2p_profile.md / p2p_profile.json")
     args = p.parse_args(argv)
+    if args.variants is None:
+        args.variants = list(VARIANTS) if args.model == "sd15" else ["plain", "fused"]
     if "plain" not in args.variants:
         p.error("--variants must include plain (the baseline)")
     results = run(args)
