@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from diffusers import DDIMScheduler
 
 from ._denoiser import Denoiser, PromptEmbeddings
 
@@ -15,12 +16,13 @@ __all__ = [
     "FAST_LR_SCALE",
     "FAST_STALL_PATIENCE",
     "FAST_STALL_TOLERANCE",
+    "NoiseMapDDIM",
     "NullTextStep",
     "ddim_trajectory",
     "edit_friendly_trajectory",
     "guided_output",
     "null_text_step",
-    "stochastic_std",
+    "noise_map_scheduler",
 ]
 
 FAST_LR_SCALE = 3.0
@@ -173,6 +175,48 @@ def ddim_trajectory(
     return torch.stack(trajectory[::-1])
 
 
+class NoiseMapDDIM(DDIMScheduler):
+    """DDIM with eta = 1 for edit-friendly DDPM inversion.
+
+    Its variance is kept just below ``1 - alpha_prev``: at the first step of a zero-terminal-SNR
+    schedule (alpha_t = 0) DDIM's variance equals ``1 - alpha_prev`` and the direction term
+    ``sqrt(1 - alpha_prev - sigma^2)`` of ``DDIMScheduler.step`` takes the square root of a
+    rounding error, which can be negative (NaN). With ``noise_maps`` (S, rows, C, h, w) set,
+    step ``k`` adds map ``k`` (counted from ``set_timesteps``: DDIM calls ``step`` once per
+    timestep, so the timestep is never read back), whatever eta, generator or noise the
+    pipeline passes; without, it is DDIM with eta = 1 and the given ``variance_noise``.
+    """
+
+    noise_maps: torch.Tensor | None = None
+
+    def _get_variance(self, timestep: Any, prev_timestep: Any) -> Any:
+        variance = super()._get_variance(timestep, prev_timestep)
+        prev = int(prev_timestep)
+        alpha_prev = float(self.alphas_cumprod[prev]) if prev >= 0 else float(self.final_alpha_cumprod)
+        return min(float(variance), (1.0 - alpha_prev) * (1.0 - 1e-6))
+
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        super().set_timesteps(*args, **kwargs)
+        self._map_index = 0
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator: Any = None, variance_noise: Any = None,
+             return_dict: bool = True) -> Any:
+        if self.noise_maps is not None:
+            k = getattr(self, "_map_index", 0)
+            if k >= self.noise_maps.shape[0]:
+                from attnctrl.errors import InversionMismatchError
+
+                raise InversionMismatchError(
+                    f"edit-friendly sampling ran step {k + 1} but the inversion holds {self.noise_maps.shape[0]} noise "
+                    "maps; call the pipeline with the inversion's num_inference_steps (leave it unset)"
+                )
+            self._map_index = k + 1
+            variance_noise = self.noise_maps[k].to(sample.device, sample.dtype)
+        return super().step(model_output, timestep, sample, eta=1.0, use_clipped_model_output=use_clipped_model_output,
+                            variance_noise=variance_noise, return_dict=return_dict)
+
+
 def edit_friendly_trajectory(
     denoiser: Denoiser,
     encoded: torch.Tensor,
@@ -201,26 +245,26 @@ def edit_friendly_trajectory(
     fresh = torch.randn((steps, *x0.shape), generator=generator, dtype=torch.float32).to(x0.device)
     trajectory = [denoiser._alpha(int(t)) ** 0.5 * x0 + (1 - denoiser._alpha(int(t))) ** 0.5 * fresh[k]
                   for k, t in enumerate(timesteps.tolist())] + [x0]
-    scheduler = denoiser.scheduler
+    scheduler = noise_map_scheduler(denoiser)
     maps = []
     with torch.no_grad():
         for k, t in enumerate(timesteps.tolist()):
             z = trajectory[k]
             out = guided_output(denoiser, z, int(t), embeddings, guidance_scale)
-            mean = scheduler.step(out, int(t), z, eta=1.0, variance_noise=torch.zeros_like(z)).prev_sample
-            std = stochastic_std(denoiser, int(t))
+            mean = scheduler.step(out, int(t), z, variance_noise=torch.zeros_like(z)).prev_sample
+            std = scheduler._get_variance(int(t), denoiser.prev_timestep(int(t))) ** 0.5
             maps.append((trajectory[k + 1] - mean) / std if std > 0 else torch.zeros_like(z))
             if bar is not None:
                 bar.update(1)
     return torch.stack(trajectory), torch.stack(maps)
 
 
-def stochastic_std(denoiser: Denoiser, t: int) -> float:
-    """Standard deviation of the noise a DDIM step with eta = 1 adds going from ``t`` to the
-    previous timestep (DDIM's sigma_t, the same as ``DDIMScheduler.step``)."""
-    a_t, a_prev = denoiser._alpha(t), denoiser._alpha(denoiser.prev_timestep(t))
-    variance = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev) if a_t < 1 else 0.0
-    return max(variance, 0.0) ** 0.5
+def noise_map_scheduler(denoiser: Denoiser, noise_maps: torch.Tensor | None = None) -> Any:
+    """A :class:`NoiseMapDDIM` on the denoiser's schedule, its timesteps set, with ``noise_maps``."""
+    scheduler = NoiseMapDDIM.from_config(denoiser.scheduler.config)
+    scheduler.set_timesteps(denoiser.num_inference_steps)
+    scheduler.noise_maps = noise_maps
+    return scheduler
 
 
 def guided_output(

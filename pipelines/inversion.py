@@ -48,7 +48,7 @@ from attnctrl.images import ImageInput, load_image
 from attnctrl.inversion import METHODS, Inversion
 
 from ._denoiser import Denoiser, PromptEmbeddings
-from .ddim import NullTextStep, ddim_trajectory, edit_friendly_trajectory, null_text_step
+from .ddim import NullTextStep, ddim_trajectory, edit_friendly_trajectory, noise_map_scheduler, null_text_step
 from .dpl import dynamic_prompt_learning
 from .p2p import check_inversion
 
@@ -253,6 +253,7 @@ def reconstruct(pipe: Any, inversion: Inversion, *, output_type: str = "pt") -> 
     timesteps = den.timesteps(inversion.num_inference_steps)
     z = inversion.noise.to(den.device).float()
     w = inversion.guidance_scale
+    stochastic = None if inversion.noise_maps is None else noise_map_scheduler(den, inversion.noise_maps.to(den.device))
     for k, t in enumerate(timesteps.tolist()):
         cond = embeddings.cond if inversion.source_embeddings is None else inversion.source_embeddings[k].to(den.device)
         if inversion.method == "direct":
@@ -267,9 +268,8 @@ def reconstruct(pipe: Any, inversion: Inversion, *, output_type: str = "pt") -> 
             out = out_u + w * (out_c - out_u)
         else:
             out = den(z, t, cond, embeddings.pooled)
-        if inversion.noise_maps is not None:  # edit-friendly: the stochastic step with its noise map
-            noise = inversion.noise_maps[k].to(den.device)
-            z = den.scheduler.step(out, t, z, eta=1.0, variance_noise=noise).prev_sample
+        if stochastic is not None:  # edit-friendly: the stochastic step with its noise map
+            z = stochastic.step(out, t, z).prev_sample
             continue
         z = den.step(z, out, t)
     images = den.decode(z)

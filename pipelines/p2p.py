@@ -15,6 +15,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from .ddim import NoiseMapDDIM
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -275,7 +277,7 @@ def _from_inversion(pipe: Any, inversion: Inversion, num_prompts: int, n: int, s
 
     previous = pipe.scheduler
     if inversion.noise_maps is not None:
-        pipe.scheduler = _NoiseMapScheduler.from_config(inversion.scheduler)
+        pipe.scheduler = NoiseMapDDIM.from_config(inversion.scheduler)
         pipe.scheduler.noise_maps = inversion.noise_maps[:, image_of_row]
     else:
         pipe.scheduler = DDIMScheduler.from_config(inversion.scheduler)
@@ -285,33 +287,6 @@ def _from_inversion(pipe: Any, inversion: Inversion, num_prompts: int, n: int, s
     finally:
         handle.remove()
         pipe.scheduler = previous
-
-
-class _NoiseMapScheduler(DDIMScheduler):
-    """DDIM with eta = 1 whose step ``k`` adds the inversion's noise map ``k`` (edit-friendly DDPM):
-    ``noise_maps`` (S, rows, C, h, w), each row the map of its image. Steps are counted from
-    ``set_timesteps`` (DDIM calls ``step`` once per timestep), so the timestep is never read back."""
-
-    noise_maps: torch.Tensor | None = None
-
-    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
-        super().set_timesteps(*args, **kwargs)
-        self._map_index = 0
-
-    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, eta: float = 0.0,
-             use_clipped_model_output: bool = False, generator: Any = None, variance_noise: Any = None,
-             return_dict: bool = True) -> Any:
-        # The pipeline's eta and generator are replaced: this sampler is defined by its noise maps.
-        k = self._map_index
-        if self.noise_maps is None or k >= self.noise_maps.shape[0]:
-            raise InversionMismatchError(
-                f"edit-friendly sampling ran step {k + 1} but the inversion holds {0 if self.noise_maps is None else self.noise_maps.shape[0]} "
-                "noise maps; call the pipeline with the inversion's num_inference_steps (leave it unset)"
-            )
-        self._map_index = k + 1
-        noise = self.noise_maps[k].to(sample.device, sample.dtype)
-        return super().step(model_output, timestep, sample, eta=1.0, use_clipped_model_output=use_clipped_model_output,
-                            variance_noise=noise, return_dict=return_dict)
 
 
 def _is_stochastic(scheduler: Any) -> bool:

@@ -545,3 +545,19 @@ def test_edit_friendly_file_roundtrip_and_validation(inversions, tmp_path):
         dataclasses.replace(inversions["ddim"], noise_maps=inv.noise_maps)
     with pytest.raises(attnctrl.errors.InvalidOptionError, match="noise_maps"):
         dataclasses.replace(inv, noise_maps=inv.noise_maps[1:])
+
+
+def test_noise_map_scheduler_is_finite_at_zero_terminal_snr(shapes_pipe):
+    """At t = 999 of a zero-terminal-SNR schedule DDIM's eta = 1 variance equals 1 - alpha_prev, and
+    the direction term's square root of a rounding error gave NaN over 50 steps; the scheduler keeps
+    the variance just below it."""
+    from attnctrl.pipelines.ddim import NoiseMapDDIM
+
+    scheduler = NoiseMapDDIM.from_config(shapes_pipe.scheduler.config)
+    scheduler.set_timesteps(50)
+    assert float(scheduler.alphas_cumprod[999]) < 1e-6  # the shipped model's schedule ends at SNR 0
+    g = torch.Generator().manual_seed(0)
+    sample, out = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 4, 16, 16, generator=g)
+    for t in scheduler.timesteps[:3].tolist():
+        step = scheduler.step(out, t, sample, variance_noise=torch.zeros_like(sample)).prev_sample
+        assert torch.isfinite(step).all(), t
