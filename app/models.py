@@ -97,8 +97,14 @@ class LoadedModel:
             pipe = self._derived.get("consistent")
             if pipe is None:
                 from attnctrl.pipelines.consistency import ConsistentSubjectsPipeline, ConsistentSubjectsXLPipeline
+                from attnctrl.pipelines.mmdit_control import is_mmdit_pipeline
+                from attnctrl.pipelines.mmdit_subjects import ConsistentSubjectsFluxPipeline, ConsistentSubjectsSD3Pipeline
 
-                cls = ConsistentSubjectsXLPipeline if hasattr(self.pipe, "text_encoder_2") else ConsistentSubjectsPipeline
+                if is_mmdit_pipeline(self.pipe):
+                    flux = hasattr(self.pipe.transformer, "single_transformer_blocks")
+                    cls = ConsistentSubjectsFluxPipeline if flux else ConsistentSubjectsSD3Pipeline
+                else:
+                    cls = ConsistentSubjectsXLPipeline if hasattr(self.pipe, "text_encoder_2") else ConsistentSubjectsPipeline
                 pipe = cls.from_pipe(self.pipe)
                 self._derived["consistent"] = pipe
             return pipe

@@ -46,11 +46,11 @@ from attnctrl.mmdit import compile_joint_prompts
 from attnctrl.mmdit_consistency import isolation_routing_labels, joint_image_routing
 from attnctrl.processors import bind_timestep, check_joint_supported, install, restore
 from attnctrl.processors.consistency import SharedAttentionState, SubjectSharedState
-from attnctrl.processors.joint_consistency import JointRoutedProcessor
+from attnctrl.processors.joint_consistency import JointRoutedProcessor, RoutingRule
 
 from .mmdit_control import is_mmdit_pipeline, text_segments
 
-__all__ = ["joint_consistent_self_attention", "joint_subject_shared_attention", "subject_isolation", "JointCall"]
+__all__ = ["joint_consistent_self_attention", "joint_subject_shared_attention", "subject_isolation", "JointCall", "install_joint_rule"]
 
 
 class JointCall:
@@ -101,7 +101,9 @@ def _layers(adapter: MMDiTAdapter, transformer: Any, layers: Sequence[str] | Non
 
 
 @contextlib.contextmanager
-def _installed(pipe: Any, adapter: MMDiTAdapter, call: JointCall, rule: Any, names: Sequence[str], on_step: Any) -> Iterator[None]:
+def install_joint_rule(pipe: Any, adapter: MMDiTAdapter, call: JointCall, rule: Any, names: Sequence[str], on_step: Any) -> Iterator[None]:
+    """Install ``rule`` on the joint layers ``names`` of ``pipe.transformer`` for the block; the pre-forward
+    hook sets ``call``'s token grid and step and calls ``on_step(new_generation, step, steps)``."""
     transformer = pipe.transformer
     family = "sd3" if isinstance(adapter, SD3Adapter) else "flux"
     chosen = set(names)
@@ -128,7 +130,7 @@ def _installed(pipe: Any, adapter: MMDiTAdapter, call: JointCall, rule: Any, nam
 
 
 # ---- StoryDiffusion ------------------------------------------------------------------------------
-class _SharedRule:
+class _SharedRule(RoutingRule):
     """StoryDiffusion on joint attention: per layer call, with the preset's probability, every image of a
     half sees its own tokens plus one random sample of all the half's image tokens."""
 
@@ -182,12 +184,12 @@ def joint_consistent_self_attention(
         state.step, state.steps = step, steps
 
     names = _layers(adapter, pipe.transformer, layers)
-    with _installed(pipe, adapter, call, _SharedRule(state, call, backend), names, on_step):
+    with install_joint_rule(pipe, adapter, call, _SharedRule(state, call, backend), names, on_step):
         yield state
 
 
 # ---- ConsiStory ------------------------------------------------------------------------------------
-class _SubjectSharedRule:
+class _SubjectSharedRule(RoutingRule):
     """ConsiStory on joint attention: the map layers record the subject words' T2I maps of the anchors;
     from ``start_step`` every patched layer shares the anchors' kept subject tokens."""
 
@@ -308,12 +310,12 @@ def joint_subject_shared_attention(
         state.begin_step(step, steps)
 
     rule = _SubjectSharedRule(state, call, frozenset(joint[b] for b in blocks), backend)
-    with _installed(pipe, adapter, call, rule, joint, on_step):
+    with install_joint_rule(pipe, adapter, call, rule, joint, on_step):
         yield state
 
 
 # ---- IR-Diffusion isolation ----------------------------------------------------------------------
-class _IsolationRule:
+class _IsolationRule(RoutingRule):
     """IR-Diffusion's isolation on joint attention: within every row, subject ``a``'s image tokens never
     see subject ``b``'s; background, text and each subject's own tokens are untouched."""
 
@@ -365,5 +367,5 @@ def subject_isolation(
     call = JointCall(pipe, 1)
     rule = _IsolationRule(masks.cpu(), call, (float(steps[0]), float(steps[1])), backend)
     names = _layers(adapter, pipe.transformer, layers)
-    with _installed(pipe, adapter, call, rule, names, lambda new, step, total: None):
+    with install_joint_rule(pipe, adapter, call, rule, names, lambda new, step, total: None):
         yield masks

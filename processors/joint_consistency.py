@@ -19,7 +19,7 @@ from attnctrl.mmdit_consistency import joint_routed_attention
 
 from .joint import JointAttentionProcessor
 
-__all__ = ["JointRoutingRule", "JointRoutedAttention", "JointRoutedProcessor"]
+__all__ = ["JointRoutingRule", "RoutingRule", "JointRoutedAttention", "JointRoutedProcessor"]
 
 
 class JointRoutingRule(Protocol):
@@ -27,11 +27,33 @@ class JointRoutingRule(Protocol):
 
     backend: Any
 
+    def attend(
+        self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, image: slice, text: slice
+    ) -> torch.Tensor | None:
+        """The ``(B, H, S, Dv)`` output of this call under the preset, or None (stock attention).
+        ``q, k, v`` are the (B, H, S, D) joint tensors; a rule may record from them."""
+
+
+class RoutingRule:
+    """A :class:`JointRoutingRule` whose calls are one routing over each CFG half's images
+    (:func:`~attnctrl.mmdit_consistency.joint_routed_attention`); subclasses implement :meth:`routing`."""
+
+    backend: Any = None
+
     def routing(
         self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, image: slice, text: slice
     ) -> tuple[Routing, int] | None:
-        """``(routing of one CFG half on q's device, number of halves)`` for this call, or None (stock).
-        ``q, k, v`` are the (B, H, S, D) joint tensors; a rule may record from them."""
+        """``(routing of one CFG half on q's device, number of halves)`` for this call, or None (stock)."""
+        raise NotImplementedError
+
+    def attend(
+        self, name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, image: slice, text: slice
+    ) -> torch.Tensor | None:
+        decided = self.routing(name, q, k, v, image=image, text=text)
+        if decided is None:
+            return None
+        routing, halves = decided
+        return joint_routed_attention(q, k, v, routing, image=image, text=text, halves=halves, backend=self.backend)
 
 
 class JointRoutedAttention:
@@ -54,11 +76,8 @@ class JointRoutedAttention:
         text_tokens = tokens - image_tokens
         text = slice(0, text_tokens) if text_first else slice(image_tokens, tokens)
         image = slice(text_tokens, tokens) if text_first else slice(0, image_tokens)
-        decided = self.rule.routing(name, q, k, v, image=image, text=text)
-        if decided is None:
-            return kernels.attention(q, k, v, backend=self.rule.backend)
-        routing, halves = decided
-        return joint_routed_attention(q, k, v, routing, image=image, text=text, halves=halves, backend=self.rule.backend)
+        out = self.rule.attend(name, q, k, v, image=image, text=text)
+        return kernels.attention(q, k, v, backend=self.rule.backend) if out is None else out
 
 
 class JointRoutedProcessor(JointAttentionProcessor):

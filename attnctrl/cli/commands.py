@@ -360,18 +360,35 @@ def cmd_consistent(args: argparse.Namespace) -> int:
     check_positive_int(args.steps, "--steps")
     check_guidance(args.guidance)
     size = parse_size(args.size)
-    try:
-        settings = IRDiffusion(
-            isolate=not args.no_isolate, reference=not args.no_reference, reposition=args.reposition,
-            dropout=args.dropout, reference_bias=args.reference_bias, mutual_cross=args.mutual_cross,
-            gating=Gating(first_block=args.first_block, last_block=args.last_block), seed=args.seed,
-        )
-    except ValueError as err:
-        raise OptionError(str(err)) from None
+
+    def irdiffusion(reposition: str, mutual_cross: float) -> IRDiffusion:
+        try:
+            return IRDiffusion(
+                isolate=not args.no_isolate, reference=not args.no_reference,
+                reposition=args.reposition if args.reposition is not None else reposition,
+                dropout=args.dropout, reference_bias=args.reference_bias,
+                mutual_cross=args.mutual_cross if args.mutual_cross is not None else mutual_cross,
+                gating=Gating(first_block=args.first_block, last_block=args.last_block), seed=args.seed,
+            )
+        except ValueError as err:
+            raise OptionError(str(err)) from None
+
+    settings = irdiffusion("bbox", 0.9)  # checks the options before loading a model
     loaded, model, _ = load_from_args(args)
     width, height = size or default_size(loaded)
     check_memory(loaded, width, height, rows=2 * max(len(subjects), 1))
-    cls = ConsistentSubjectsXLPipeline if hasattr(loaded, "text_encoder_2") else ConsistentSubjectsPipeline
+    from ..pipelines.mmdit_control import is_mmdit_pipeline
+
+    if is_mmdit_pipeline(loaded):
+        # SD3/Flux (pipelines/mmdit_subjects.py): no mutual cross-attention on joint attention, and no
+        # reposition under Flux's RoPE; these are the defaults there, and asking for them is refused.
+        from ..pipelines.mmdit_subjects import ConsistentSubjectsFluxPipeline, ConsistentSubjectsSD3Pipeline
+
+        flux = hasattr(loaded.transformer, "single_transformer_blocks")
+        cls = ConsistentSubjectsFluxPipeline if flux else ConsistentSubjectsSD3Pipeline
+        settings = irdiffusion("none" if flux else "bbox", 0.0)
+    else:
+        cls = ConsistentSubjectsXLPipeline if hasattr(loaded, "text_encoder_2") else ConsistentSubjectsPipeline
     pipe = cls.from_pipe(loaded)
     extra: dict[str, Any] = {}
     if size is not None:
@@ -726,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--subject", action="append", required=True, metavar='NAME="PROMPT"@WORD',
                    help='a subject: its name, portrait prompt and the word naming it (repeat for several)')
     c.add_argument("--scene", action="append", default=[], metavar="PROMPT", help="a scene prompt naming subjects by their word (repeat)")
-    c.add_argument("--model", default=None, help="diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
+    c.add_argument("--model", default=None, help="diffusers folder or hub id (SD 1.x/2.x, SDXL, SD3/SD3.5, Flux.1); default: the embedded shapes model")
     c.add_argument("--out", required=True, metavar="DIR")
     c.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     c.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
@@ -734,10 +751,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--size", default=None, help="WxH in pixels (default: the model's native size)")
     c.add_argument("--no-isolate", action="store_true", help="turn isolation attention off")
     c.add_argument("--no-reference", action="store_true", help="turn reference attention off")
-    c.add_argument("--reposition", choices=("bbox", "keep-aspect", "none"), default="bbox")
+    c.add_argument("--reposition", choices=("bbox", "keep-aspect", "none"), default=None,
+                   help="move each portrait's subject into the scene subject's box (default bbox; Flux: none, the only one it takes)")
     c.add_argument("--dropout", type=float, default=0.5, help="query-side dropout of reference attention (default 0.5)")
     c.add_argument("--reference-bias", type=float, default=0.0, help="added to reference logits (default 0)")
-    c.add_argument("--mutual-cross", type=float, default=0.9, help="masked mutual cross-attention lambda (default 0.9; 0 = off)")
+    c.add_argument("--mutual-cross", type=float, default=None,
+                   help="masked mutual cross-attention lambda (default 0.9; 0 = off; SD3/Flux: 0, the only value they take)")
     c.add_argument("--first-block", type=int, default=None, help="first transformer block (call order) with reference attention")
     c.add_argument("--last-block", type=int, default=None, help="last transformer block with reference attention")
     c.add_argument("--device", choices=DEVICES, default="auto")
