@@ -25,8 +25,13 @@ AgentAttention())``, at a step where it is active), ``tomesd`` (``tomesd.apply_p
 defaults, ratio 0.5, with SDPA on: its known weak spot), ``window``, ``proxy``, ``grouped`` (top level).
 ``--model`` picks the denoiser (several allowed): ``sd15`` (the default), ``sdxl`` (SDXL base's UNet,
 2.6 B parameters, 2048-wide text, ``text_time`` conditions; policies act on its highest level with
-attention, latent/2) or ``pixart`` (PixArt-alpha XL-2's ``PixArtTransformer2DModel``, 28 blocks, patch 2,
-120 T5 tokens; AgentAttention and tomesd are UNet-only and are listed as n/a). ``--size`` takes several
+attention, latent/2), ``pixart`` (PixArt-alpha XL-2's ``PixArtTransformer2DModel``, 28 blocks, patch 2,
+120 T5 tokens; AgentAttention and tomesd are UNet-only and are listed as n/a) or ``flux``
+(Flux.1-dev's ``FluxTransformer2DModel`` dims: 24 heads x 128, 3072 wide, 4096-wide T5 input, guidance
+embedding, RoPE axes (16, 56, 56); batch 1, as Flux is guidance-distilled; 512 T5 tokens; the policies
+restrict the image->image part of joint attention, text keeps full attention). Its depth is
+``--flux-blocks DOUBLE SINGLE`` (default Flux.1-dev's 19 double-stream and 38 single-stream blocks;
+cut it on the CPU, where the full 12 B-parameter model does not fit, and say so with the numbers). ``--size`` takes several
 sizes (a resolution sweep). Each row also gives "rel. diff vs sdpa": ||out - out_sdpa|| / ||out_sdpa||
 of the step's output (the noise prediction) on the same inputs, the quality cost of the approximation
 at the model level (random weights: indicative only).
@@ -60,6 +65,10 @@ How to run
     python benchmarks/attention.py --part unet --size 1024 --variants sdpa agent tomesd
     python benchmarks/attention.py --device cuda --dtype float16 --model sd15 sdxl pixart \
         --size 1024 2048 4096 --variants sdpa agent window proxy grouped --out DIR   # GPU sweep
+    python benchmarks/attention.py --part unet --device cuda --dtype bfloat16 --model flux \
+        --size 1024 2048 --variants sdpa window proxy grouped --out DIR        # Flux-shaped, full depth
+    python benchmarks/attention.py --part unet --model flux --flux-blocks 1 2 --size 256 512 \
+        --variants sdpa window proxy grouped --no-write                          # CPU: depth cut
 
 ``tomesd`` comes from PyPI (``pip install tomesd``; not a dependency of attnctrl; where it is not
 installed its rows say so). Results: markdown tables on stdout, ``attention.md`` and ``attention.json``
@@ -106,9 +115,17 @@ BATCH = 2
 SEED = 0
 LAYER_VARIANTS = ("sdpa", "agent", "agent-pool", "agentsd", "agentsd-late", "proxy", "grouped", "window")
 UNET_VARIANTS = ("sdpa", "agent", "agentsd", "tomesd", "window", "proxy", "grouped")
-UNET_ONLY = ("agent", "agentsd", "tomesd")  # not for PixArt (attnctrl.apply refuses AgentAttention on DiTs)
-MODELS = ("sd15", "sdxl", "pixart")
-MODEL_NAMES = {"sd15": "SD 1.5-shaped UNet", "sdxl": "SDXL-shaped UNet", "pixart": "PixArt-α-shaped DiT"}
+UNET_ONLY = ("agent", "agentsd", "tomesd")  # not for PixArt/Flux (attnctrl.apply refuses AgentAttention on DiTs)
+MODELS = ("sd15", "sdxl", "pixart", "flux")
+MODEL_NAMES = {"sd15": "SD 1.5-shaped UNet", "sdxl": "SDXL-shaped UNet", "pixart": "PixArt-α-shaped DiT",
+               "flux": "Flux.1-dev-shaped MM-DiT"}
+#: Flux.1-dev's transformer config (black-forest-labs/FLUX.1-dev, transformer/config.json); the depth
+#: (num_layers double-stream, num_single_layers single-stream blocks) comes from --flux-blocks.
+FLUX_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+FLUX_TEXT_TOKENS = 512  # FluxPipeline's default max_sequence_length
 TARGET_DENSITY = 0.10
 CHECK_ROWS = 16
 BIG_SIZE = 4096  # steps at this size and above: one timed call after the warm-up
@@ -128,6 +145,8 @@ TINY = {
                  transformer_layers_per_block=(1, 1, 2), addition_time_embed_dim=8, projection_class_embeddings_input_dim=80),
     "pixart": dict(PIXART_ALPHA_TRANSFORMER, num_attention_heads=2, attention_head_dim=24, num_layers=2,
                    cross_attention_dim=48, caption_channels=40),  # inner dim divisible by 3 (size conditions)
+    "flux": dict(FLUX_DEV_TRANSFORMER, num_attention_heads=2, attention_head_dim=16, joint_attention_dim=32,
+                 pooled_projection_dim=32, axes_dims_rope=(4, 4, 8)),
 }
 
 
@@ -246,14 +265,18 @@ def run_layer(spec: dict[str, Any]) -> dict[str, Any]:
             **extra}
 
 
-def build_model(model: str, device: str, dtype: Any, tiny: bool = False) -> Any:
-    """The denoiser of ``model`` (published config, random weights; built on ``device``)."""
+def build_model(model: str, device: str, dtype: Any, tiny: bool = False, flux_blocks: Any = None) -> Any:
+    """The denoiser of ``model`` (published config, random weights; built on ``device``); ``flux_blocks``
+    ``(double, single)`` sets the Flux-shaped transformer's depth (None: Flux.1-dev's 19 and 38)."""
     import torch
-    from diffusers import PixArtTransformer2DModel, UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel
 
-    config = TINY[model] if tiny else {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "pixart": PIXART_ALPHA_TRANSFORMER}[model]
+    config = TINY[model] if tiny else {"sd15": SD15_UNET, "sdxl": SDXL_UNET, "pixart": PIXART_ALPHA_TRANSFORMER,
+                                       "flux": FLUX_DEV_TRANSFORMER}[model]
+    if model == "flux" and flux_blocks is not None:
+        config = dict(config, num_layers=int(flux_blocks[0]), num_single_layers=int(flux_blocks[1]))
     torch.manual_seed(SEED)
-    cls = PixArtTransformer2DModel if model == "pixart" else UNet2DConditionModel
+    cls = {"pixart": PixArtTransformer2DModel, "flux": FluxTransformer2DModel}.get(model, UNet2DConditionModel)
     if device.startswith("cuda"):  # initialising billions of parameters on the CPU takes longer than the step
         with torch.device(device):
             net = cls(**config)
@@ -268,6 +291,19 @@ def step_inputs(net: Any, model: str, size: int, device: str, dtype: Any) -> tup
 
     latent = size // 8
     g = torch.Generator().manual_seed(SEED)
+    if model == "flux":  # guidance-distilled: batch 1; the 16-channel latent packed 2x2 -> 64 features per token
+        side = latent // 2
+        ids = torch.zeros(side, side, 3)
+        ids[..., 1] = torch.arange(side)[:, None]
+        ids[..., 2] = torch.arange(side)[None, :]
+        return (), {
+            "hidden_states": torch.randn(1, side * side, net.config.in_channels, generator=g).to(device, dtype),
+            "encoder_hidden_states": torch.randn(1, FLUX_TEXT_TOKENS, net.config.joint_attention_dim, generator=g).to(device, dtype),
+            "pooled_projections": torch.randn(1, net.config.pooled_projection_dim, generator=g).to(device, dtype),
+            "timestep": torch.tensor([1.0], device=device, dtype=dtype),
+            "guidance": torch.tensor([3.5], device=device, dtype=dtype),
+            "img_ids": ids.reshape(-1, 3).to(device), "txt_ids": torch.zeros(FLUX_TEXT_TOKENS, 3, device=device),
+        }
     sample = torch.randn(BATCH, 4, latent, latent, generator=g).to(device, dtype)
     if model == "pixart":
         width = net.config.caption_channels
@@ -330,7 +366,8 @@ def run_unet(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    net = build_model(spec.get("model", "sd15"), spec["device"], getattr(torch, spec["dtype"]), spec.get("tiny", False))
+    net = build_model(spec.get("model", "sd15"), spec["device"], getattr(torch, spec["dtype"]), spec.get("tiny", False),
+                      spec.get("flux_blocks"))
     return run_step_on(net, spec)
 
 
@@ -360,7 +397,8 @@ def run_group(spec: dict[str, Any]) -> dict[str, Any]:
                 else:
                     model = job.get("model", "sd15")
                     if model not in nets:
-                        nets[model] = build_model(model, job["device"], getattr(torch, job["dtype"]), job.get("tiny", False))
+                        nets[model] = build_model(model, job["device"], getattr(torch, job["dtype"]), job.get("tiny", False),
+                                                  job.get("flux_blocks"))
                     r = run_step_on(nets[model], job)
                 results.append({**key, **r, "status": "ok"})
             except Exception as err:  # noqa: BLE001 - one row each; OOM is reported as such
@@ -501,6 +539,8 @@ def main() -> int:
     parser.add_argument("--model", nargs="+", choices=MODELS, default=["sd15"], help="denoisers of the step part (default sd15)")
     parser.add_argument("--size", type=int, nargs="+", default=[1024], help="image sizes of the step part (multiples of 64)")
     parser.add_argument("--variants", nargs="+", choices=UNET_VARIANTS, default=list(UNET_VARIANTS), help="step variants")
+    parser.add_argument("--flux-blocks", type=int, nargs=2, default=None, metavar=("DOUBLE", "SINGLE"),
+                        help="depth of the Flux-shaped transformer (default Flux.1-dev's 19 double, 38 single)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--unet-warmup", action=argparse.BooleanOptionalAction, default=True,
                         help="one untimed UNet call first (--no-unet-warmup: time the first call; eager PyTorch on CPU "
@@ -534,7 +574,7 @@ def main() -> int:
     started = time.time()
     deadline = started + args.budget if args.budget else None
     common = {"device": device, "dtype": args.dtype, "repeats": args.repeats, "threads": args.threads,
-              "tiny": args.tiny_models}
+              "tiny": args.tiny_models, "flux_blocks": args.flux_blocks}
     layer_results: list[dict[str, Any]] = []
     unet_results: list[dict[str, Any]] = []
     tome_installed = importlib.util.find_spec("tomesd") is not None
@@ -554,7 +594,7 @@ def main() -> int:
             for model in args.model:
                 for variant in args.variants:
                     key = {"model": model, "size": size, "variant": variant}
-                    if model == "pixart" and variant in UNET_ONLY:
+                    if model in ("pixart", "flux") and variant in UNET_ONLY:
                         unet_fixed.append({**key, "status": "n/a", "message": "UNet-only"})
                         continue
                     if variant == "tomesd" and not tome_installed:
@@ -639,9 +679,15 @@ def write_outputs(args: argparse.Namespace, device: str, started: float, layer_r
         if models == ["sd15"] and len(sizes) == 1:
             title = f"### One UNet step, SD 1.5-shaped UNet (random weights) at {sizes[0]}², batch {BATCH}"
         else:
+            batch = f"batch {BATCH}" if "flux" not in models else f"batch {BATCH} (Flux: 1, guidance-distilled)"
             title = (f"### One denoiser step ({', '.join(MODEL_NAMES[m] for m in models)}; random weights) at "
-                     f"{', '.join(f'{s}²' for s in sizes)}, batch {BATCH}")
+                     f"{', '.join(f'{s}²' for s in sizes)}, {batch}")
         sections.append(title + "\n\n" + unet_table(unet_results, cuda=device.startswith("cuda")))
+    if "flux" in {r.get("model") for r in unet_results}:
+        blocks = args.flux_blocks or (FLUX_DEV_TRANSFORMER["num_layers"], FLUX_DEV_TRANSFORMER["num_single_layers"])
+        cut = "" if args.flux_blocks is None else " (depth CUT from Flux.1-dev's 19 + 38)"
+        sections.append(f"Flux-shaped transformer: {blocks[0]} double-stream + {blocks[1]} single-stream blocks{cut}, "
+                        f"{FLUX_TEXT_TOKENS} T5 tokens; policies restrict image->image attention only, text keeps full attention.")
     env = environment(device)
     loads = [r["loadavg_1min"] for r in layer_results + unet_results if "loadavg_1min" in r]
     processes = ("each variant in its own process" if isolate == "variant"
