@@ -1,0 +1,196 @@
+"""The embedded flow-matching shapes model (``attnctrl.models.SHAPES_FLOW``) and its training script."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from attnctrl.models import SHAPES, SHAPES_FLOW
+
+SIZE_LIMIT_MB = 30.0  # the whole folder; the repository travels to GPU machines with a 64 MiB limit
+
+
+def _folder_files(root: str) -> list[str]:
+    return [os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs]
+
+
+def test_shapes_flow_is_exported():
+    import attnctrl.models as models
+
+    assert "SHAPES_FLOW" in models.__all__
+    assert os.path.isabs(SHAPES_FLOW) and os.path.isfile(os.path.join(SHAPES_FLOW, "model_index.json"))
+
+
+def test_folder_is_safetensors_and_json_within_the_size_limit():
+    files = _folder_files(SHAPES_FLOW)
+    weights = [f for f in files if f.endswith(".safetensors")]
+    assert {f.split(os.sep)[0] for f in weights} >= {"transformer", "vae", "text_encoder", "text_encoder_2"}
+    # tokenizer folders also hold merges.txt (BPE merges, plain text); nothing pickled, nothing else
+    assert all(f.endswith((".safetensors", ".json", ".txt")) for f in files), files
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")) for f in files)
+    size_mb = sum(os.path.getsize(os.path.join(SHAPES_FLOW, f)) for f in files) / 2**20
+    assert size_mb <= SIZE_LIMIT_MB, f"{size_mb:.1f} MB"
+    with open(os.path.join(SHAPES_FLOW, "model_index.json"), encoding="utf-8") as f:
+        index = json.load(f)
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+
+
+def test_package_data_ships_every_file_of_the_folder():
+    """pyproject's package-data globs cover the whole folder (so wheels carry it; test_packaging builds one)."""
+    import tomllib
+    from pathlib import Path, PurePosixPath
+
+    root = Path(__file__).resolve().parents[1]
+    with open(root / "pyproject.toml", "rb") as f:
+        globs = tomllib.load(f)["tool"]["setuptools"]["package-data"]["attnctrl.models.shapes"]
+    package = Path(SHAPES_FLOW).parent
+    for name in _folder_files(SHAPES_FLOW):
+        rel = PurePosixPath(Path(SHAPES_FLOW, name).relative_to(package).as_posix())
+        assert any(len(rel.parts) == len(PurePosixPath(g).parts) and rel.match(g) for g in globs), rel
+
+
+@pytest.fixture(scope="module")
+def flow_pipe():
+    from diffusers import DiffusionPipeline
+
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        pipe = DiffusionPipeline.from_pretrained(SHAPES_FLOW)
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_stock_loader_generates_64x64(flow_pipe):
+    from diffusers import StableDiffusion3Pipeline
+
+    assert isinstance(flow_pipe, StableDiffusion3Pipeline)
+    vae = flow_pipe.vae.config
+    assert vae.latent_channels == 4 and vae.shift_factor is not None and vae.scaling_factor > 0
+    out = flow_pipe("a red circle on the left", num_inference_steps=2, guidance_scale=5.0,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+def test_t5_stand_in_equals_no_t5(flow_pipe):
+    """text_encoder_3 outputs exact zeros: the same images as the pipeline without a T5 encoder."""
+    from diffusers import StableDiffusion3Pipeline
+
+    bare = StableDiffusion3Pipeline(**{**flow_pipe.components, "text_encoder_3": None, "tokenizer_3": None})
+    bare.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=2, guidance_scale=5.0, output_type="np")
+    a = flow_pipe("a blue square at the top", generator=torch.Generator().manual_seed(1), **kwargs).images
+    b = bare("a blue square at the top", generator=torch.Generator().manual_seed(1), **kwargs).images
+    assert np.array_equal(a, b)
+
+
+def test_null_token_processor_equals_the_full_sequence():
+    """Training's one null token with logit + ln(256) gives the stock outputs for 256 zero tokens."""
+    from diffusers import SD3Transformer2DModel
+
+    from attnctrl.models.shapes.train_flow import FlowModelConfig, JointAttentionWithNullTokens, transformer_config
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**transformer_config(FlowModelConfig(num_layers=2, num_attention_heads=2, attention_head_dim=8))).eval()
+    x, words, pooled = torch.randn(2, 4, 16, 16), torch.randn(2, 32, 256), torch.randn(2, 256)
+    t = torch.tensor([300.0, 800.0])
+    with torch.no_grad():
+        stock = model(x, torch.cat([words, torch.zeros(2, 256, 256)], 1), pooled, t).sample
+        sink: list[torch.Tensor] = []
+        for block in model.transformer_blocks:
+            block.attn.set_processor(JointAttentionWithNullTokens(256, 32, sink))
+        ours = model(x, torch.cat([words, torch.zeros(2, 1, 256)], 1), pooled, t).sample
+    torch.testing.assert_close(ours, stock, atol=1e-5, rtol=1e-5)
+    assert len(sink) == 2 and sink[0].shape == (2, 64, 32)
+    torch.testing.assert_close(sink[0].sum(-1), torch.ones(2, 64))
+
+
+def test_flow_matching_pair_follows_the_scheduler():
+    """x_t is the scheduler's scale_noise at sigma = t, and an Euler step with the exact target lands
+    on the path at the next sigma."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from attnctrl.models.shapes.train_flow import flow_matching_pair
+
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000)
+    sched.set_timesteps(10)
+    x0, noise = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    sigma = sched.sigmas[3]
+    xt, target = flow_matching_pair(x0, noise, sigma.view(1))
+    torch.testing.assert_close(xt, sched.scale_noise(x0, sched.timesteps[3:4], noise))
+    sched._step_index = 3
+    stepped = sched.step(target, sched.timesteps[3], xt).prev_sample
+    expected, _ = flow_matching_pair(x0, noise, sched.sigmas[4].view(1))
+    torch.testing.assert_close(stepped, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_training_step_is_finite_and_resume_is_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    from attnctrl.models.shapes.train_flow import FlowModelConfig, FlowTrainConfig, train_flow
+
+    config = FlowTrainConfig(pool_size=32, batch_size=4, warmup=2)
+    model = FlowModelConfig(num_layers=1, num_attention_heads=2, attention_head_dim=8, text_layer_width=16)
+    kwargs = dict(config=config, model=model, max_steps=4, shapes_dir=SHAPES, log_every=1000, threads=None, device="cpu")
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    train_flow(None, work_dir=straight, **kwargs)
+    train_flow(None, work_dir=split, stop_at_step=2, **kwargs)
+    with open(os.path.join(split, "ckpt", "state.json"), encoding="utf-8") as f:
+        assert json.load(f)["step"] == 2
+    train_flow(None, work_dir=split, resume=True, **kwargs)
+    for name in ("transformer", "ema", "optimizer"):
+        a = load_file(os.path.join(straight, "ckpt", f"{name}.safetensors"))
+        b = load_file(os.path.join(split, "ckpt", f"{name}.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
+    with open(os.path.join(straight, "ckpt", "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["step"] == 4 and math.isfinite(state["last_loss"])
+    with pytest.raises(ValueError, match="already holds a checkpoint"):
+        train_flow(None, work_dir=straight, **kwargs)
+
+
+def test_training_reduces_the_loss_on_a_fixed_batch():
+    """A few optimiser steps on one batch lower the flow-matching loss (the target is learnable)."""
+    from diffusers import SD3Transformer2DModel
+
+    from attnctrl.models.shapes.train_flow import FlowModelConfig, flow_matching_pair, sample_flow_times, transformer_config
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**transformer_config(FlowModelConfig(num_layers=1, num_attention_heads=2, attention_head_dim=8)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
+    t = sample_flow_times(4, g)
+    words, pooled = torch.randn(4, 33, 256, generator=g), torch.randn(4, 256, generator=g)
+    xt, target = flow_matching_pair(x0, noise, t)
+    losses = []
+    for _ in range(8):
+        loss = (model(xt, words, pooled, t * 1000).sample - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+
+
+def test_cli_train_shapes_flow_forwards_to_the_flow_parser(capsys):
+    from attnctrl import cli
+
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train-shapes", "--flow", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--grounding-weight" in out and "--time-sampling" in out
