@@ -42,6 +42,35 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / (a.float() - b.float()).pow(2).mean().clamp_min(1e-12)))
 
 
+def colour_swap(pipe, inv, prompt: str) -> dict | None:
+    """Edit the single-object prompt's colour word to another colour from ``inv``; None when the
+    prompt has no single colour + shape to swap."""
+    import numpy as np
+
+    import attnctrl
+    from attnctrl.models.shapes import COLOURS, SHAPE_KINDS, analyze
+
+    words = prompt.split()
+    colours = [w for w in words if w in COLOURS]
+    shapes = [w for w in words if w in SHAPE_KINDS]
+    if len(colours) != 1 or len(shapes) != 1:
+        return None
+    names = list(COLOURS)
+    target = names[(names.index(colours[0]) + 3) % len(names)]
+    edited_prompt = prompt.replace(colours[0], target, 1)
+    out = pipe([prompt, edited_prompt], edit=attnctrl.Replace(blend=attnctrl.LocalBlend([shapes[0]])), inversion=inv)
+    source, edited = analyze(out.images[0]), analyze(out.images[1])
+    a = np.asarray(out.images[0], dtype=np.float32) / 255
+    b = np.asarray(out.images[1], dtype=np.float32) / 255
+    # outside the edited row's LocalBlend mask (what may change), as benchmarks/shapes_quality.py scores it
+    region = torch.nn.functional.interpolate(out.blend_masks[1:2].float().cpu(), size=a.shape[:2], mode="nearest")[0, 0]
+    outside = (region == 0).numpy()
+    mse = float(((a - b) ** 2)[outside].mean()) if outside.any() else 0.0
+    return {"source": colours[0], "target": target, "found": edited[0].colour if edited else "nothing",
+            "colour_ok": bool(edited) and edited[0].colour == target,
+            "background_psnr": 10 * np.log10(1.0 / max(mse, 1e-12))}
+
+
 def sd15_timing(threads: int | None) -> dict[str, float]:
     from diffusers import UNet2DConditionModel
 
@@ -77,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--sd15", action="store_true", help="also time an SD 1.5-shaped UNet")
     parser.add_argument("--dpl", action="store_true", help="also run Dynamic Prompt Learning")
+    parser.add_argument("--edits", action="store_true", help="also swap the colour of each single-object image from every inversion")
+    parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                        help="only the methods whose name contains one of these (the null-text official schedule is always run: the baseline)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
@@ -102,10 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         ("null-text, official schedule", dict(method="null-text", schedule="official")),
         ("null-text, fast schedule", dict(method="null-text", schedule="fast")),
     ]
+    methods.append(("edit-friendly DDPM", dict(method="edit-friendly")))
     if args.dpl:
         methods.append(("dpl (fast null-text)", dict(method="dpl")))
+    if args.only:
+        methods = [(n, o) for n, o in methods if n.startswith("null-text") or any(t in n for t in args.only)]
     memory = Memory("cpu")
     results = {}
+    swaps: dict[str, list[dict]] = {}
     for name, options in methods:
         evals, backward, seconds, quality, iterations = [], [], [], [], []
         memory.reset_peak()
@@ -118,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             if "iterations" in inv.stats:
                 iterations.append(statistics.mean(x[0] for x in inv.stats["iterations"]))
             quality.append(psnr(reconstruct(pipe, inv)[0], ref))
+            if args.edits:
+                swaps.setdefault(name, []).append(colour_swap(pipe, inv, prompt))
         results[name] = dict(
             evaluations=statistics.mean(evals), backward=statistics.mean(backward), seconds=statistics.mean(seconds),
             psnr=statistics.mean(quality), psnr_each=quality, inner_iterations=statistics.mean(iterations) if iterations else None,
@@ -160,6 +198,19 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
         payload["sd15"] = timing
+    if swaps:
+        rows = []
+        for name, cases in swaps.items():
+            done = [c for c in cases if c is not None]
+            ok = sum(c["colour_ok"] for c in done)
+            bg = [c["background_psnr"] for c in done]
+            rows.append([name, f"{ok}/{len(done)}", f"{statistics.mean(bg):.1f}" if bg else "—", f"{min(bg):.1f}" if bg else "—",
+                         "; ".join(f"{c['source']}→{c['target']}{'' if c['colour_ok'] else ' (' + c['found'] + ')'}" for c in done)])
+        table += ("\n\nColour swap from each inversion (Replace + LocalBlend on the shape word, the inversion's steps "
+                  "and guidance; background PSNR between the edited and the reconstructed image outside the LocalBlend mask)\n\n"
+                  + markdown_table(["method", "new colour found", "background PSNR dB (mean)", "(worst)", "swaps"], rows)
+                  + "\n\nTargets: colour changed in >= 80% of swaps, background >= 35 dB.")
+        payload["swaps"] = swaps
     print(table)
     atomic_write_bytes(os.path.join(args.out, "inversion.md"), (table + "\n").encode("utf-8"))
     write_json_atomic(payload, os.path.join(args.out, "inversion.json"))
