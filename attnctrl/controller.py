@@ -22,7 +22,25 @@ from .tokens import PromptTokens
 __all__ = ["EditController"]
 
 
-class EditController(Clocked):
+class BlendSteps:
+    """LocalBlend's step bookkeeping shared by the UNet and MM-DiT controllers: needs ``plan``,
+    ``num_steps`` and ``_blended_step`` (the step whose step-end callback ran)."""
+
+    def _check_blend_applied(self, step: int) -> None:
+        blend = self.plan.blend if self.plan is not None else None
+        if blend is None or not self._blend_due(step):
+            return
+        if self._blended_step != step:
+            raise LocalBlendNotAppliedError(
+                "LocalBlend needs the step-end callback: pass callback_on_step_end=session.step_end "
+                "to the pipeline call (attnctrl's own pipelines do this for you)"
+            )
+
+    def _blend_due(self, step: int) -> bool:
+        return step + 1 > int(self.plan.blend.config.start * self.num_steps)
+
+
+class EditController(BlendSteps, Clocked):
     """State of one Prompt-to-Prompt generation (or of plain generation with an attention store).
 
     Args:
@@ -89,19 +107,6 @@ class EditController(Clocked):
             self.store.latent_hw = self.latent_hw
             self.store.num_steps = self.clock.num_steps
 
-    def _check_blend_applied(self, step: int) -> None:
-        blend = self.plan.blend if self.plan is not None else None
-        if blend is None or not self._blend_due(step):
-            return
-        if self._blended_step != step:
-            raise LocalBlendNotAppliedError(
-                "LocalBlend needs the step-end callback: pass callback_on_step_end=handle.step_end "
-                "to the pipeline call (attnctrl's own pipelines do this for you)"
-            )
-
-    def _blend_due(self, step: int) -> bool:
-        blend = self.plan.blend
-        return step + 1 > int(blend.config.start * self.num_steps)
 
     # ---- attention ------------------------------------------------------------------------
     def attention(

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from . import kernels
 from .clock import Clocked, StepClock
+from .controller import BlendSteps
 from .edits import Refine, Replace, Reweight, Window, normalize_window
 from .errors import (
     InvalidOptionError,
@@ -432,7 +433,7 @@ class JointAttentionStore(AttentionStore):
 
 
 # ---- the controller -----------------------------------------------------------------------------
-class JointEditController(Clocked):
+class JointEditController(BlendSteps, Clocked):
     """State of one Prompt-to-Prompt generation on an MM-DiT (or of plain generation with word maps).
 
     Args:
@@ -530,18 +531,6 @@ class JointEditController(Clocked):
             self.store.latent_hw = self.grid
             self.store.num_steps = self.clock.num_steps
 
-    def _check_blend_applied(self, step: int) -> None:
-        blend = self.plan.blend if self.plan is not None else None
-        if blend is None or not self._blend_due(step):
-            return
-        if self._blended_step != step:
-            raise LocalBlendNotAppliedError(
-                "LocalBlend needs the step-end callback: pass callback_on_step_end=session.step_end "
-                "to the pipeline call (attnctrl's own pipelines do this for you)"
-            )
-
-    def _blend_due(self, step: int) -> bool:
-        return step + 1 > int(self.plan.blend.config.start * self.num_steps)
 
     def attention(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, name: str, text_first: bool,
