@@ -21,6 +21,16 @@ Run: ``python benchmarks/shapes_quality.py [--seeds 4] [--steps 30] [--guidance 
 the comma-separated ``--steps``, ``--guidance`` and ``--shift``) on a tuning set of OTHER prompts
 (training-distribution combinations, seeds 100+), then scores the held-out set with the best one, and
 lists the wrong images (the worst cases).
+
+``--broad`` (either model) is the broad colour-swap evaluation: every (source colour -> target colour)
+pair over every shape (6 x 5 x 4 = 120 cells), ``--broad-seeds`` (default 0-3), one position per
+(shape, colour, seed) from the training distribution and none of the fixed set's prompts; one pipeline
+call per source holds all 5 edited prompts. It reports Replace's mean object IoU, new-colour accuracy,
+the worst 5 (shape, pair) cells and every pair's mean and lowest cell, and the background PSNR of
+Replace + LocalBlend (on the first ``--blend-seeds`` seeds), into ``<model>_broad.{md,json}``. With
+several ``--edit-settings`` it first compares them on ``--tuning-seeds`` (disjoint from the reporting
+seeds), then reports the library defaults and the best setting. About 9 minutes per model on one thread:
+``python benchmarks/shapes_quality.py --model shapes --broad --threads 1`` (``--model shapes-flow``).
 """
 
 from __future__ import annotations
@@ -147,6 +157,155 @@ def flow_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_edit_setting(text: str) -> dict:
+    """``"cross=0.8,self=0.4,thr=0.3,qk=0.2"`` -> a dict (any key may be left out: the library's
+    default then applies). ``cross``/``self``: Replace's cross_steps / self_steps; ``thr``: LocalBlend's
+    threshold; ``qk``: the ImageQK structure window on an MM-DiT (``structure=ImageQK(steps=qk)``)."""
+    out: dict = {}
+    for part in text.split(","):
+        if not part.strip():
+            continue
+        key, _, value = part.partition("=")
+        key = key.strip()
+        if key not in ("cross", "self", "thr", "qk"):
+            raise SystemExit(f"unknown edit setting {key!r} in {text!r}; use cross, self, thr, qk")
+        out[key] = float(value)
+    return out
+
+
+def describe_setting(setting: dict) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in setting.items()) or "library defaults"
+
+
+def grid_run(pipe, seeds, setting: dict, *, steps: int, guidance: float, blend: bool, shapes=None, colours=None) -> list:
+    """The broad grid with one edit setting (see :func:`parse_edit_setting`)."""
+    import attnctrl
+    from attnctrl.models.shapes.evaluate import score_swap_grid
+
+    replace_kwargs = {}
+    if "cross" in setting:
+        replace_kwargs["cross_steps"] = setting["cross"]
+    if "self" in setting:
+        replace_kwargs["self_steps"] = setting["self"]
+    call_kwargs = {"structure": attnctrl.ImageQK(steps=setting["qk"])} if "qk" in setting else None
+
+    def factory(local):
+        if local is not None and "thr" in setting:
+            local = attnctrl.LocalBlend(local.words, threshold=setting["thr"])
+        return attnctrl.Replace(blend=local, **replace_kwargs)
+
+    return score_swap_grid(pipe, seeds, edit_factory=factory, steps=steps, guidance=guidance, blend=blend,
+                           shapes=shapes, colours=colours, call_kwargs=call_kwargs)
+
+
+def _cell(c: dict) -> str:
+    return f"{c['shape']} {c['old']} -> {c['new']}"
+
+
+def broad_main(args: argparse.Namespace, is_flow: bool) -> int:
+    """``--broad``: every colour pair over every shape (see the module docstring)."""
+    from attnctrl.io import atomic_write_bytes, write_json_atomic
+    from attnctrl.models.shapes.evaluate import summarise_swap_grid
+    from attnctrl.pipelines import load_pipeline
+
+    pipe = load_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    steps, guidance = int(args.steps), float(args.guidance)
+    seeds = _numbers(args.broad_seeds, int)
+    tuning_seeds = _numbers(args.tuning_seeds, int)
+    if set(seeds) & set(tuning_seeds):
+        raise SystemExit(f"--broad-seeds {seeds} and --tuning-seeds {tuning_seeds} must not overlap")
+    candidates = [parse_edit_setting(t) for t in args.edit_settings.split(";")] if args.edit_settings else []
+    name = "shapes_flow" if is_flow else "shapes"
+    started = time.perf_counter()
+    lines: list[str] = []
+    tuning_rows = []
+    if len(candidates) > 1:
+        lines += [f"Tuning: Replace on the broad grid, seeds {tuning_seeds} (not the reporting seeds)", "",
+                  "| setting | IoU | lowest cell | new colour | seconds |", "|---|---|---|---|---|"]
+        for setting in candidates:
+            t0 = time.perf_counter()
+            summary = summarise_swap_grid(grid_run(pipe, tuning_seeds, setting, steps=steps, guidance=guidance, blend=False))
+            row = {"setting": setting, "iou": summary["iou"], "min_cell_iou": summary["min_cell_iou"],
+                   "new_colour": summary["new_colour"], "seconds": time.perf_counter() - t0}
+            tuning_rows.append(row)
+            lines.append(f"| {describe_setting(setting)} | {row['iou']:.3f} | {row['min_cell_iou']:.2f} | {row['new_colour']:.2f} | {row['seconds']:.0f} |")
+            print(lines[-1], flush=True)
+        # the best mean IoU among settings that keep the new colour (>= 0.95 of the tuning edits)
+        eligible = [r for r in tuning_rows if r["new_colour"] >= 0.95] or tuning_rows
+        chosen = max(eligible, key=lambda r: (r["iou"], r["min_cell_iou"]))["setting"]
+        lines += ["", f"chosen on the tuning seeds: {describe_setting(chosen)}", ""]
+    else:
+        chosen = candidates[0] if candidates else {}
+    runs = {}
+    report = [("defaults", {}, False, seeds)]
+    if chosen:
+        report.append(("chosen", chosen, False, seeds))
+    blend_seeds = seeds[: max(1, args.blend_seeds)]
+    if not args.no_blend:
+        report.append(("chosen_blend" if chosen else "defaults_blend", chosen, True, blend_seeds))
+    for key, setting, blend, run_seeds in report:
+        t0 = time.perf_counter()
+        records = grid_run(pipe, run_seeds, setting, steps=steps, guidance=guidance, blend=blend)
+        runs[key] = {"setting": setting, "blend": blend, "seeds": list(run_seeds), "summary": summarise_swap_grid(records),
+                     "records": [asdict(r) for r in records], "seconds": time.perf_counter() - t0}
+        print(f"{key}: IoU {runs[key]['summary']['iou']:.3f} ({runs[key]['seconds']:.0f} s)", flush=True)
+    elapsed = time.perf_counter() - started
+
+    model_words = "Flow shapes model (SHAPES_FLOW), Euler" if is_flow else "Shapes model (SHAPES), DDIM"
+    first = runs["defaults"]["summary"]
+    lines += [
+        f"{model_words}, {steps} steps, guidance {guidance}: broad colour-swap grid, every (old -> new) colour pair "
+        f"x {len(first['per_shape_iou'])} shapes x {len(seeds)} seeds {seeds} ({first['edits']} edits per row; "
+        "one position per shape, colour and seed, drawn from the training distribution, none of the fixed set's prompts)",
+        "",
+        "| edit | new colour | object IoU mean | lowest cell (shape, pair) | cells < 0.65 | source drawn right | background PSNR outside blend mask (mean / min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key, run in runs.items():
+        sm = run["summary"]
+        label = ("Replace, library defaults" if not run["setting"] else f"Replace, {describe_setting(run['setting'])}")
+        if run["blend"]:
+            label += f" + LocalBlend (seeds {run['seeds']})"
+        low = sm["worst_cells"][0]
+        psnr = "-" if sm["background_psnr"] is None else f"{sm['background_psnr']:.1f} / {sm['min_background_psnr']:.1f} dB"
+        below = sum(c["iou"] < 0.65 for c in sm["cells"])
+        lines.append(f"| {label} | {sm['new_colour']:.2f} | {sm['iou']:.3f} | {low['iou']:.2f} ({_cell(low)}) | "
+                     f"{below} of {len(sm['cells'])} | {sm['source_ok']:.2f} | {psnr} |")
+    for key, run in runs.items():
+        if run["blend"]:
+            continue
+        sm = run["summary"]
+        label = "library defaults" if not run["setting"] else describe_setting(run["setting"])
+        lines += ["", f"Worst cells, Replace ({label}): mean over {len(seeds)} seeds (lowest seed), new colour, source drawn right", "",
+                  "| cell | IoU (lowest) | new colour | source right |", "|---|---|---|---|"]
+        lines += [f"| {_cell(c)} | {c['iou']:.2f} ({c['min_iou']:.2f}) | {c['new_colour']:.2f} | {c['source_ok']:.2f} |"
+                  for c in sm["worst_cells"]]
+        lines += ["", f"Per shape IoU: " + ", ".join(f"{s} {v:.2f}" for s, v in sm["per_shape_iou"].items()), "",
+                  "Per colour pair (over shapes): mean IoU / lowest cell (its shape)", "",
+                  "| old \\ new | " + " | ".join(sorted({p['new'] for p in sm['pairs']})) + " |",
+                  "|---|" + "---|" * len({p['new'] for p in sm['pairs']})]
+        table = {(p["old"], p["new"]): p for p in sm["pairs"]}
+        news = sorted({p['new'] for p in sm['pairs']})
+        for old in sorted({p["old"] for p in sm["pairs"]}):
+            cells = []
+            for new in news:
+                p = table.get((old, new))
+                cells.append("-" if p is None else f"{p['iou']:.2f} / {p['min_cell_iou']:.2f} ({p['min_cell_shape']})")
+            lines.append(f"| {old} | " + " | ".join(cells) + " |")
+    lines += ["", "targets: object IoU >= 0.80 mean, no (shape, pair) cell below 0.65; new colour >= 0.80; "
+              f"LocalBlend background >= 35 dB. ({elapsed:.0f} s)"]
+    text = "\n".join(lines)
+    print(text)
+    os.makedirs(args.out, exist_ok=True)
+    atomic_write_bytes(os.path.join(args.out, f"{name}_broad.md"), (text + "\n").encode("utf-8"))
+    write_json_atomic({"settings": {k: v for k, v in vars(args).items()}, "steps": steps, "guidance": guidance,
+                       "seeds": seeds, "tuning_seeds": tuning_seeds, "tuning": tuning_rows, "chosen": chosen,
+                       "runs": runs, "seconds": elapsed},
+                      os.path.join(args.out, f"{name}_broad.json"))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=4, help="seeds per prompt")
@@ -159,6 +318,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="diffusers folder, 'shapes' or 'shapes-flow' (default: attnctrl.models.SHAPES)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    parser.add_argument("--broad", action="store_true",
+                        help="the broad colour-swap grid: every (old -> new) colour pair over every shape, --broad-seeds "
+                             "(into <model>_broad.{md,json}); works for both models")
+    parser.add_argument("--broad-seeds", default="0,1,2,3", help="--broad: reporting seeds (comma list)")
+    parser.add_argument("--tuning-seeds", default="100,101", help="--broad: seeds on which --edit-settings are compared")
+    parser.add_argument("--edit-settings", default="",
+                        help="--broad: ';'-separated candidates such as 'cross=0.8,self=0.4;cross=1.0,self=0.6' "
+                             "(keys cross, self, thr, qk); with several, the best on --tuning-seeds is reported")
+    parser.add_argument("--no-blend", action="store_true", help="--broad: skip the Replace + LocalBlend run")
+    parser.add_argument("--blend-seeds", type=int, default=2,
+                        help="--broad: the Replace + LocalBlend run uses the first N reporting seeds (default 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
 
@@ -167,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
     args.model = {"shapes": SHAPES, "shapes-flow": SHAPES_FLOW, None: SHAPES}.get(args.model, args.model)
     with open(os.path.join(args.model, "model_index.json"), encoding="utf-8") as f:
         is_flow = "StableDiffusion3" in json.load(f).get("_class_name", "")
+    if args.broad:
+        # the README's sampler settings of each model
+        args.steps = int(args.steps or (20 if is_flow else 30))
+        args.guidance = float(args.guidance or (4.0 if is_flow else 7.5))
+        return broad_main(args, is_flow)
     if is_flow:
         args.steps = args.steps or "24"
         args.guidance = args.guidance or "5.0"

@@ -114,3 +114,92 @@ def test_two_object_prompts_show_both(shapes_pipe):
     pairs = [p for p in held_out_prompts() if len(p.objects) == 2][:4]
     scores = score_generation(shapes_pipe, pairs, seeds=[0], steps=STEPS)
     assert scores.pair_images == 4 and scores.both_present >= 0.5
+
+
+# ---- the broad colour-swap grid (benchmarks/shapes_quality.py --broad) ----------------------------
+def test_broad_sources_cover_every_shape_and_colour_outside_the_fixed_and_held_out_sets():
+    from attnctrl.models.shapes import COLOURS, HELD_OUT, SHAPE_KINDS
+    from attnctrl.models.shapes.evaluate import broad_swap_sources
+
+    sources = broad_swap_sources([0, 1, 2, 3])
+    assert len(sources) == 4 * len(SHAPE_KINDS) * len(COLOURS)
+    assert {(s, c) for s, c, _, _ in sources} == {(s, c) for s in SHAPE_KINDS for c in COLOURS}
+    fixed = {(c.old, c.shape, c.source.split(c.shape, 1)[1].strip()) for c in colour_swap_cases()}
+    assert not {(c, s, p) for s, c, p, _ in sources} & (set(HELD_OUT) | fixed)
+    assert broad_swap_sources([0, 1, 2, 3]) == sources                 # deterministic
+    assert broad_swap_sources([2], shapes=["star"]) == [x for x in sources if x[3] == 2 and x[0] == "star"]
+
+
+class _PaintingPipe:
+    """Stands in for a Prompt-to-Prompt pipeline: draws each prompt's object exactly (no model), so
+    every edit keeps the outline (IoU ~1), has the new colour, and leaves the background untouched."""
+
+    def __call__(self, prompts, *, edit, num_inference_steps, guidance_scale, output_type, generator):
+        import types
+
+        import numpy as np
+        import torch
+
+        from attnctrl.models.shapes import Scene, SceneObject, render_array
+
+        self.edits = getattr(self, "edits", []) + [edit]
+        images = []
+        for prompt in prompts:
+            words = prompt.split()
+            colour, shape = words[1], words[2]
+            position = " ".join(words[3:])
+            images.append(render_array(Scene("white", (SceneObject(colour, shape, position),))) / 255.0)
+        # blend masks at 16x16: every 4x4 block where any prompt's image differs from the source's
+        changed = torch.from_numpy(np.abs(np.stack(images) - images[0]).sum(-1).max(0) > 0).float()
+        region = torch.nn.functional.max_pool2d(changed[None, None], 4)
+        masks = region.expand(len(prompts), 1, 16, 16).clone()
+        return types.SimpleNamespace(images=np.stack(images), blend_masks=masks if edit.blend is not None else None)
+
+
+def test_broad_grid_scores_exact_edits_as_perfect():
+    from attnctrl.models.shapes.evaluate import score_swap_grid, summarise_swap_grid
+
+    pipe = _PaintingPipe()
+    records = score_swap_grid(pipe, [0, 1], shapes=["circle", "square"], colours=["red", "blue", "yellow"],
+                              edit_factory=lambda blend: attnctrl.Replace(blend=blend), blend=True, steps=2)
+    assert len(records) == 2 * 2 * 3 * 2 and len(pipe.edits) == 2 * 2 * 3      # one call per source, 2 edits each
+    assert [list(e.blend.words) for e in pipe.edits[:1]] == [[("red", "circle"), ("blue", "circle"), ("yellow", "circle")]]
+    assert all(r.new_colour and r.source_ok and r.iou > 0.95 for r in records), records
+    assert all(r.background_psnr == float("inf") for r in records)
+    summary = summarise_swap_grid(records, worst=3)
+    assert summary["edits"] == 24 and summary["new_colour"] == 1.0 and summary["iou"] > 0.95
+    assert len(summary["cells"]) == 2 * 6 and len(summary["pairs"]) == 6 and len(summary["worst_cells"]) == 3
+    assert summary["worst_cells"][0]["iou"] == summary["min_cell_iou"] == min(c["iou"] for c in summary["cells"])
+
+
+def test_broad_summary_finds_the_worst_cells_and_pairs():
+    from attnctrl.models.shapes.evaluate import GridSwap, summarise_swap_grid
+
+    def rec(shape, old, new, seed, iou, ok=True, psnr=None):
+        return GridSwap(shape, old, new, "on the left", seed, iou, ok, True, shape, psnr)
+
+    records = [rec("star", "yellow", "purple", 0, 0.4), rec("star", "yellow", "purple", 1, 0.6, ok=False),
+               rec("circle", "yellow", "purple", 0, 0.9), rec("circle", "yellow", "purple", 1, 0.9),
+               rec("star", "red", "blue", 0, 0.8, psnr=30.0), rec("star", "red", "blue", 1, 0.7, psnr=40.0)]
+    s = summarise_swap_grid(records, worst=2)
+    assert s["iou"] == pytest.approx(sum(r.iou for r in records) / 6)
+    assert s["new_colour"] == pytest.approx(5 / 6)
+    assert s["background_psnr"] == pytest.approx(35.0) and s["min_background_psnr"] == 30.0
+    worst = s["worst_cells"]
+    assert [(c["shape"], c["old"], c["new"]) for c in worst] == [("star", "yellow", "purple"), ("star", "red", "blue")]
+    assert worst[0]["iou"] == pytest.approx(0.5) and worst[0]["min_iou"] == pytest.approx(0.4)
+    assert worst[0]["new_colour"] == 0.5
+    pair = {(p["old"], p["new"]): p for p in s["pairs"]}[("yellow", "purple")]
+    assert pair["iou"] == pytest.approx(0.7) and pair["min_cell_iou"] == pytest.approx(0.5) and pair["min_cell_shape"] == "star"
+    assert s["per_shape_iou"]["circle"] == pytest.approx(0.9)
+
+
+def test_broad_grid_on_the_shapes_model(shapes_pipe):
+    # The real code path, tiny: one shape, two colours, one seed, 6 steps, LocalBlend on.
+    from attnctrl.models.shapes.evaluate import score_swap_grid, summarise_swap_grid
+
+    records = score_swap_grid(shapes_pipe, [0], shapes=["square"], colours=["red", "blue"], steps=6,
+                              edit_factory=lambda blend: attnctrl.Replace(blend=blend), blend=True)
+    assert [(r.old, r.new) for r in records] == [("red", "blue"), ("blue", "red")]
+    assert all(0.0 <= r.iou <= 1.0 and r.background_psnr is not None for r in records)
+    assert summarise_swap_grid(records)["edits"] == 2

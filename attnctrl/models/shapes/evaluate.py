@@ -23,6 +23,10 @@ __all__ = [
     "score_generation",
     "colour_swap_cases",
     "score_colour_swap",
+    "GridSwap",
+    "broad_swap_sources",
+    "score_swap_grid",
+    "summarise_swap_grid",
 ]
 
 
@@ -243,3 +247,157 @@ def score_colour_swap(
         min_background_psnr=min(psnrs) if psnrs else None,
         images=count,
     )
+
+
+# ---- the broad colour-swap grid -----------------------------------------------------------------
+@dataclass(frozen=True)
+class GridSwap:
+    """One edit of the broad colour-swap grid: ``old`` -> ``new`` on a ``shape`` at ``position``.
+
+    ``iou``: half-contrast outline IoU between the source's and the edit's largest objects (as
+    :class:`SwapScores`'s ``mask_iou``). ``new_colour``: the edit's largest object has the new colour.
+    ``source_ok``: the source's largest object has the asked colour (a failed source explains a low
+    IoU that is not the edit's fault). ``source_shape``: ``analyze()``'s shape guess of the source
+    object (indicative). ``background_psnr``: PSNR outside this edit's LocalBlend mask, or None.
+    """
+
+    shape: str
+    old: str
+    new: str
+    position: str
+    seed: int
+    iou: float
+    new_colour: bool
+    source_ok: bool
+    source_shape: str
+    background_psnr: float | None
+
+
+def broad_swap_sources(
+    seeds: Sequence[int], *, shapes: Sequence[str] | None = None, colours: Sequence[str] | None = None
+) -> list[tuple[str, str, str, int]]:
+    """``(shape, colour, position, seed)`` sources of the broad grid: every shape and colour, one
+    position per (shape, colour, seed) drawn by a generator seeded with all three, among the
+    positions whose source prompt is in the training distribution (not a :data:`HELD_OUT` triple)
+    and not a source of the fixed :func:`colour_swap_cases` set."""
+    from . import COLOURS, HELD_OUT, POSITIONS, SHAPE_KINDS
+
+    shapes = list(SHAPE_KINDS if shapes is None else shapes)
+    colours = list(COLOURS if colours is None else colours)
+    fixed = {(c.old, c.shape, c.source.split(c.shape, 1)[1].strip()) for c in colour_swap_cases()}
+    banned = set(HELD_OUT) | fixed
+    out = []
+    for seed in seeds:
+        for shape in shapes:
+            for colour in colours:
+                allowed = [p for p in POSITIONS if (colour, shape, p) not in banned]
+                rng = np.random.default_rng([int(seed), SHAPE_KINDS.index(shape), list(COLOURS).index(colour), 24])
+                out.append((shape, colour, allowed[int(rng.integers(len(allowed)))], int(seed)))
+    return out
+
+
+def score_swap_grid(
+    pipe: Any,
+    seeds: Sequence[int],
+    *,
+    edit_factory: Any,
+    shapes: Sequence[str] | None = None,
+    colours: Sequence[str] | None = None,
+    steps: int = 30,
+    guidance: float = 7.5,
+    blend: bool = False,
+    call_kwargs: dict | None = None,
+) -> list[GridSwap]:
+    """Every (source colour -> target colour) swap over every shape, position and seed of
+    :func:`broad_swap_sources`, batched: one pipeline call per source holds the source prompt and
+    one edited prompt per other colour (Prompt-to-Prompt's several edited prompts per source).
+
+    ``edit_factory(blend)`` returns the edit (an attnctrl ``Replace``); ``blend`` is None or a
+    ``LocalBlend`` on the colour and shape words of every prompt, which the factory must pass on.
+    ``call_kwargs`` go to every pipeline call (e.g. ``structure=ImageQK(...)`` on an MM-DiT).
+    """
+    from . import COLOURS
+    from ... import LocalBlend
+
+    colours = list(COLOURS if colours is None else colours)
+    records: list[GridSwap] = []
+    for shape, old, position, seed in broad_swap_sources(seeds, shapes=shapes, colours=colours):
+        news = [c for c in colours if c != old]
+        prompts = [f"{with_article(c + ' ' + shape)} {position}" for c in [old, *news]]
+        local = LocalBlend([[c, shape] for c in [old, *news]]) if blend else None
+        out = pipe(prompts, edit=edit_factory(local), num_inference_steps=steps, guidance_scale=guidance,
+                   output_type="np", generator=torch.Generator().manual_seed(seed), **(call_kwargs or {}))
+        images = out.images
+        source = images[0]
+        a = _largest(source)
+        outline = _extent(source, a)
+        for i, new in enumerate(news, start=1):
+            b = _largest(images[i])
+            psnr = None
+            if blend and out.blend_masks is not None:
+                h, w = source.shape[:2]
+                region = torch.nn.functional.interpolate(out.blend_masks[i:i + 1].float().cpu(), size=(h, w), mode="nearest")[0, 0]
+                outside = (region == 0).numpy()
+                if outside.any():
+                    psnr = _psnr(source[outside], images[i][outside])
+            records.append(GridSwap(
+                shape=shape, old=old, new=new, position=position, seed=seed,
+                iou=_iou(outline, _extent(images[i], b)), new_colour=b is not None and b.colour == new,
+                source_ok=a is not None and a.colour == old, source_shape=a.shape if a is not None else "none",
+                background_psnr=psnr,
+            ))
+    return records
+
+
+def summarise_swap_grid(records: Sequence[GridSwap], worst: int = 5) -> dict:
+    """Means over ``records`` and the worst cells.
+
+    A cell is (shape, old colour, new colour), averaged over its seeds; ``worst_cells`` are the
+    ``worst`` cells of lowest mean IoU. ``pairs`` gives, per (old, new) colour pair over all shapes,
+    the mean IoU and its lowest cell (``min_cell_iou``, with that cell's shape). ``min_cell_iou`` is
+    the lowest cell mean over the whole grid, ``source_ok`` the share of sources drawn in the asked
+    colour, ``iou_source_ok`` the mean IoU over edits whose source was right.
+    """
+    if not records:
+        raise ValueError("summarise_swap_grid needs at least one record")
+    cells: dict[tuple[str, str, str], list[GridSwap]] = {}
+    for r in records:
+        cells.setdefault((r.shape, r.old, r.new), []).append(r)
+    cell_rows = []
+    for (shape, old, new), rs in cells.items():
+        cell_rows.append({
+            "shape": shape, "old": old, "new": new, "n": len(rs),
+            "iou": float(np.mean([r.iou for r in rs])), "min_iou": float(min(r.iou for r in rs)),
+            "new_colour": float(np.mean([r.new_colour for r in rs])),
+            "source_ok": float(np.mean([r.source_ok for r in rs])),
+        })
+    cell_rows.sort(key=lambda c: (c["iou"], c["shape"], c["old"], c["new"]))
+    pairs: dict[tuple[str, str], list[dict]] = {}
+    for c in cell_rows:
+        pairs.setdefault((c["old"], c["new"]), []).append(c)
+    pair_rows = []
+    for (old, new), cs in pairs.items():
+        low = min(cs, key=lambda c: c["iou"])
+        pair_rows.append({"old": old, "new": new, "iou": float(np.mean([c["iou"] for c in cs])),
+                          "min_cell_iou": low["iou"], "min_cell_shape": low["shape"]})
+    pair_rows.sort(key=lambda p: (p["min_cell_iou"], p["old"], p["new"]))
+    psnrs = [r.background_psnr for r in records if r.background_psnr is not None]
+    finite = [p for p in psnrs if math.isfinite(p)]
+    ok = [r for r in records if r.source_ok]
+    shapes: dict[str, list[float]] = {}
+    for r in records:
+        shapes.setdefault(r.shape, []).append(r.iou)
+    return {
+        "edits": len(records),
+        "iou": float(np.mean([r.iou for r in records])),
+        "new_colour": float(np.mean([r.new_colour for r in records])),
+        "min_cell_iou": cell_rows[0]["iou"],
+        "source_ok": float(np.mean([r.source_ok for r in records])),
+        "iou_source_ok": float(np.mean([r.iou for r in ok])) if ok else None,
+        "background_psnr": (float(np.mean(finite)) if finite else math.inf) if psnrs else None,
+        "min_background_psnr": float(min(psnrs)) if psnrs else None,
+        "per_shape_iou": {s: float(np.mean(v)) for s, v in shapes.items()},
+        "worst_cells": cell_rows[:worst],
+        "pairs": pair_rows,
+        "cells": cell_rows,
+    }
