@@ -222,46 +222,68 @@ class Reweight:
 MASACTRL_STEPS: tuple[float, float] = (0.08, 1.0)
 #: ... in the self-attention layers from layer 10 of SD 1.5's 16 (44 of SDXL's 70), in call order.
 MASACTRL_LAYERS: float = 10 / 16
+#: Stable Flow's "vital layers" of Flux.1 (found by ablation), ``(block kind, index)``: double-stream
+#: blocks 0, 1, 17, 18 and single-stream blocks 9, 34, 35, 37, 6, injected at every step.
+FLUX_VITAL_LAYERS: tuple[tuple[str, int], ...] = (
+    ("transformer_blocks", 0), ("transformer_blocks", 1), ("transformer_blocks", 17), ("transformer_blocks", 18),
+    ("single_transformer_blocks", 9), ("single_transformer_blocks", 34), ("single_transformer_blocks", 35),
+    ("single_transformer_blocks", 37), ("single_transformer_blocks", 6),
+)
+#: Stable Flow's step window: every step.
+STABLE_FLOW_STEPS: tuple[float, float] = (0.0, 1.0)
 
 
 @dataclass(frozen=True)
 class KVInjection:
     """Mutual self-attention (MasaCtrl on UNets, Stable Flow's K/V injection on MM-DiT): inside a
-    step window and on chosen self-attention layers, the edited rows' queries read the **source
-    row's keys and values**, so an edited prompt keeps the source's appearance while its own
-    queries may change the layout (non-rigid edits: pose, action). The source row is untouched.
-    Prompts need no word alignment.
+    step window and on chosen attention layers, the edited rows' queries read the **source row's
+    keys and values**, so an edited prompt keeps the source's appearance while its own queries may
+    change the layout (non-rigid edits: pose, action). The source row is untouched. Prompts need no
+    word alignment.
+
+    On a UNet the layers are its self-attention layers. On an MM-DiT (SD3/SD3.5, Flux) they are its
+    joint-attention layers in call order (Flux: double-stream blocks 0..18, then single-stream
+    blocks 19..56), and only the **image** tokens' keys and values are the source's: each row keeps
+    its own text keys and values, so the edited prompt still speaks through them.
 
     Args:
-        steps: the step window (fraction or ``(start, end)``); default MasaCtrl's step 4 of 50 on.
-        layers: which self-attention layers, in call order: a fraction in [0, 1] (from that share of
-            the layers on; default 10/16, MasaCtrl's layer 10 of SD 1.5's 16), an int (from that layer
-            index on) or a tuple of layer indices.
+        steps: the step window (fraction or ``(start, end)``); default MasaCtrl's step 4 of 50 on
+            (``(0.08, 1.0)``), or every step with ``layers="vital"`` (Stable Flow).
+        layers: which layers, in call order: a fraction in [0, 1] (from that share of the layers
+            on; default 10/16, MasaCtrl's layer 10 of SD 1.5's 16), an int (from that layer index
+            on), a tuple of layer indices, or ``"vital"``: Stable Flow's vital layers of Flux.1
+            (double-stream blocks 0, 1, 17, 18 and single-stream blocks 9, 34, 35, 37, 6; Flux.1's
+            depth only, refused elsewhere).
         base: a word edit (:class:`Replace`, :class:`Refine`, :class:`Reweight`) applied as well: its
             cross-attention edit, self-attention window and LocalBlend keep their meaning; in a layer
             and step where K/V injection is active it takes precedence over the base's
-            self-attention replacement.
+            self-attention replacement (MM-DiT: over the image q/k replacement).
         mask_words: MasaCtrl's mask-guided variant: ``(source word, edited word)``, the subject in
             each prompt (a word or phrase; one edited word for every edited prompt). Its
             cross-attention map from the attention store (min-max normalised, above
             ``mask_threshold``) splits each image into subject and background: edited queries on
             the subject read only the source's subject keys, the others only its background
-            keys, so subject and background do not bleed into each other.
+            keys, so subject and background do not bleed into each other (UNets only).
         mask_threshold: MasaCtrl's 0.1.
     """
 
-    steps: Window = MASACTRL_STEPS
-    layers: Union[float, int, tuple[int, ...]] = MASACTRL_LAYERS
+    steps: Window | None = None
+    layers: Union[float, int, tuple[int, ...], str] = MASACTRL_LAYERS
     base: "Replace | Refine | Reweight | None" = None
     mask_words: tuple[str, str] | None = None
     mask_threshold: float = 0.1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "steps", normalize_window(self.steps, "KVInjection.steps"))
         layers = self.layers
-        if isinstance(layers, bool):
+        if self.steps is None:
+            object.__setattr__(self, "steps", STABLE_FLOW_STEPS if layers == "vital" else MASACTRL_STEPS)
+        object.__setattr__(self, "steps", normalize_window(self.steps, "KVInjection.steps"))
+        if isinstance(layers, str):
+            if layers != "vital":
+                raise InvalidScheduleError(f"KVInjection.layers as a name must be 'vital' (Stable Flow's Flux.1 layers), got {layers!r}")
+        elif isinstance(layers, bool):
             raise InvalidScheduleError(f"KVInjection.layers must be a fraction, a start index or a tuple of indices, got {layers!r}")
-        if isinstance(layers, float):
+        elif isinstance(layers, float):
             if not (math.isfinite(layers) and 0.0 <= layers <= 1.0):
                 raise InvalidScheduleError(f"KVInjection.layers as a fraction must be in [0, 1], got {layers!r}")
         elif isinstance(layers, int):
@@ -295,7 +317,10 @@ class KVInjection:
         return self.base.schedule_source.blend if isinstance(self.base, Reweight) else self.base.blend
 
     def layer_selected(self, index: int, num_layers: int) -> bool:
-        """Whether self-attention layer ``index`` (of ``num_layers``, call order) injects."""
+        """Whether layer ``index`` (of ``num_layers``, call order) injects (``"vital"`` is resolved
+        by the model's adapter, not here)."""
+        if self.layers == "vital":
+            raise InvalidScheduleError("KVInjection(layers='vital') names Flux.1 blocks; it is resolved by the model, not by index")
         if isinstance(self.layers, tuple):
             return index in self.layers
         start = round(self.layers * num_layers) if isinstance(self.layers, float) else self.layers

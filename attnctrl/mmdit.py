@@ -30,7 +30,7 @@ segment (:func:`compile_joint_prompts`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from . import kernels
 from .clock import Clocked, StepClock
 from .controller import BlendSteps
-from .edits import Refine, Replace, Reweight, Window, normalize_window
+from .edits import FLUX_VITAL_LAYERS, KVInjection, Refine, Replace, Reweight, Window, normalize_window
 from .errors import (
     InvalidOptionError,
     InvalidScheduleError,
@@ -49,7 +49,7 @@ from .errors import (
 )
 from .kernels.reference import softmax_probs
 from .p2p import RowLayout
-from .plan import BlendPlan, CrossStep, EditPlan, compile_edit, step_window
+from .plan import BlendPlan, CrossStep, EditPlan, compile_edit, kv_only_plan, step_window
 from .store import AttentionStore, blend_mask
 from .tokens import PromptTokens, WordSpan, tokenize_prompt
 from .tracing import host_side
@@ -64,6 +64,7 @@ __all__ = [
     "compile_joint_edit",
     "joint_edited_attention",
     "gaussian_smooth",
+    "kv_layers",
     "BLEND_SMOOTHING",
 ]
 
@@ -190,16 +191,32 @@ def _check_mmdit_edit(edit: Any) -> None:
         )
 
 
-def compile_joint_edit(edit: Replace | Refine | Reweight, segments: Sequence[TextSegment], prompts: Sequence[str]) -> EditPlan:
+def compile_joint_edit(
+    edit: Replace | Refine | Reweight | KVInjection, segments: Sequence[TextSegment], prompts: Sequence[str]
+) -> EditPlan:
     """Validate an edit against its prompts and build its tensors over the joint text sequence.
+
+    A :class:`~attnctrl.KVInjection` compiles its base word edit (if any) and carries itself in
+    ``plan.kv``; its layers are resolved against the model by :class:`JointEditController`.
 
     Each segment is compiled on its own (its tokenizer, its length, its own start/end/padding
     alignment), then the segments are put side by side: the mapper is block-diagonal (a token never
     inherits attention from another encoder's token), the other per-token tensors are concatenated.
     A segment without a tokenizer (zeros in the sequence) maps one to one and is never selected.
     """
+    if isinstance(edit, KVInjection):
+        if edit.mask_words is not None:
+            raise InvalidOptionError(
+                "KVInjection(mask_words=...) is MasaCtrl's UNet variant; on an MM-DiT the injection reads the source's "
+                "image keys and values everywhere (Stable Flow): leave mask_words unset, and add a LocalBlend to the "
+                "base edit to keep the background"
+            )
+        if edit.base is None:
+            _check_segments(segments)
+            return kv_only_plan(edit, compile_joint_prompts(segments, prompts))
+        return replace(compile_joint_edit(edit.base, segments, prompts), kv=edit)
     if not isinstance(edit, (Replace, Refine, Reweight)):
-        raise InvalidTypeError(f"edit must be attnctrl.Replace, Refine or Reweight, got {type(edit).__name__}")
+        raise InvalidTypeError(f"edit must be attnctrl.Replace, Refine, Reweight or KVInjection, got {type(edit).__name__}")
     total = _check_segments(segments)
     _check_mmdit_edit(edit)
     tokens = compile_joint_prompts(segments, prompts)
@@ -253,6 +270,12 @@ def structure_for(edit: Any, structure: ImageQK | None) -> ImageQK:
     """
     if structure is not None and not isinstance(structure, ImageQK):
         raise InvalidTypeError(f"structure must be an attnctrl.ImageQK, got {type(structure).__name__}")
+    if isinstance(edit, KVInjection):
+        # The injection is the structure-keeping mechanism of a non-rigid edit: the image q/k
+        # replacement (which would pin the layout too) runs only with a base word edit or when asked for.
+        if edit.base is None:
+            return structure if structure is not None else ImageQK(steps=0.0)
+        edit = edit.base
     if edit is None:
         return structure if structure is not None else ImageQK()
     schedule = edit.schedule_source if isinstance(edit, Reweight) else edit
@@ -278,6 +301,7 @@ def joint_edited_attention(
     image: slice,
     cross: CrossStep | None = None,
     replace_qk: bool = False,
+    inject_kv: bool = False,
     want_probs: bool = False,
     materialise: bool = False,
     backend: str | None = None,
@@ -291,6 +315,9 @@ def joint_edited_attention(
         text, image: where the text and the image tokens are in the sequence.
         cross: this step's word edit of the T2I block (None or an identity step: none).
         replace_qk: edited rows take the source row's image queries and keys (:class:`ImageQK`).
+        inject_kv: edited rows take the source row's image keys and values (:class:`attnctrl.KVInjection`,
+            Stable Flow), in both halves of a guided batch; it takes precedence over ``replace_qk``.
+            Text keys and values stay each row's.
         want_probs: also return the head-averaged T2I probabilities of the conditional rows,
             (cond rows, image tokens, text tokens) float32 (what the word maps record).
         materialise: the explicit reference (builds the full probability matrix).
@@ -307,7 +334,15 @@ def joint_edited_attention(
     """
     rows, sources, edits = layout.edited_rows(q.device)
     has_rows = rows.shape[0] > 0  # shape metadata: no device read
-    if replace_qk and has_rows:
+    if inject_kv and has_rows:
+        # Both halves of a guided batch inject (MasaCtrl; the unconditional edited rows read the
+        # unconditional source), so guidance does not pull the edit back to its own appearance.
+        kv_rows = layout.kv_sources(q.shape[0], q.device)
+        k = k.clone()
+        v = v.clone()
+        k[:, :, image] = k[:, :, image].index_select(0, kv_rows)
+        v[:, :, image] = v[:, :, image].index_select(0, kv_rows)
+    elif replace_qk and has_rows:
         q = q.clone()
         k = k.clone()
         q[rows, :, image] = q[sources, :, image]
@@ -433,6 +468,33 @@ class JointAttentionStore(AttentionStore):
 
 
 # ---- the controller -----------------------------------------------------------------------------
+def kv_layers(kv: KVInjection, joint_layers: Sequence[str]) -> frozenset[str]:
+    """The processor names of the joint layers where ``kv`` injects (``joint_layers`` in call order).
+
+    ``layers="vital"`` is Stable Flow's Flux.1 set (:data:`attnctrl.edits.FLUX_VITAL_LAYERS`), refused on
+    a model without those blocks (SD3, or a Flux of another depth): its blocks were found by ablation on
+    Flux.1 and mean nothing elsewhere."""
+    layers = list(joint_layers)
+    if kv.layers == "vital":
+        names = [f"{kind}.{index}.attn.processor" for kind, index in FLUX_VITAL_LAYERS]
+        double = sum(1 for name in layers if name.startswith("transformer_blocks."))
+        single = sum(1 for name in layers if name.startswith("single_transformer_blocks."))
+        if (double, single) != (19, 38):
+            raise InvalidOptionError(
+                f"KVInjection(layers='vital') is Stable Flow's set for Flux.1 (19 double-stream + 38 single-stream "
+                f"blocks); this transformer has {double} + {single}. Give joint-layer indices instead, e.g. "
+                "layers=(0, 1, 2) (call order: double-stream blocks first), or a fraction of the layers"
+            )
+        return frozenset(names)
+    if isinstance(kv.layers, tuple):
+        bad = [i for i in kv.layers if i >= len(layers)]
+        if bad:
+            raise InvalidOptionError(
+                f"KVInjection.layers {bad} out of range: the model has {len(layers)} joint-attention layers (0..{len(layers) - 1})"
+            )
+    return frozenset(name for i, name in enumerate(layers) if kv.layer_selected(i, len(layers)))
+
+
 class JointEditController(BlendSteps, Clocked):
     """State of one Prompt-to-Prompt generation on an MM-DiT (or of plain generation with word maps).
 
@@ -475,6 +537,7 @@ class JointEditController(BlendSteps, Clocked):
         self.map_layers = frozenset(layers[i] for i in map_blocks)
         qk_blocks = structure.blocks if structure is not None and structure.blocks is not None else range(len(layers))
         self.qk_layers = frozenset(layers[i] for i in qk_blocks)
+        self.kv_layers = kv_layers(plan.kv, layers) if plan is not None and plan.kv is not None else frozenset()
         needs_maps = record or (plan is not None and plan.blend is not None)
         self.store: JointAttentionStore | None = JointAttentionStore(self.prompts, images_per_prompt) if needs_maps else None
         self.clock = StepClock()
@@ -538,12 +601,12 @@ class JointEditController(BlendSteps, Clocked):
     ) -> torch.Tensor:
         """One joint-attention call, (batch, heads, S, D) in and out (S = text + image tokens);
         ``attend``: the layer's efficient-attention policy (see :func:`joint_edited_attention`)."""
-        layout, text, image, cross, replace_qk, record = self._call_plan(
+        layout, text, image, cross, replace_qk, inject_kv, record = self._call_plan(
             q.shape[0], q.shape[2], name, text_first, q.device, v.dtype
         )
         out, probs = joint_edited_attention(
             q, k, v, layout=layout, text=text, image=image, cross=cross, replace_qk=replace_qk,
-            want_probs=record, materialise=self.materialise, backend=self.backend, attend=attend,
+            inject_kv=inject_kv, want_probs=record, materialise=self.materialise, backend=self.backend, attend=attend,
         )
         if probs is not None:
             self._record(probs)
@@ -552,7 +615,7 @@ class JointEditController(BlendSteps, Clocked):
     @host_side
     def _call_plan(
         self, batch: int, tokens: int, name: str, text_first: bool, device: torch.device, dtype: torch.dtype
-    ) -> tuple[RowLayout, slice, slice, CrossStep | None, bool, bool]:
+    ) -> tuple[RowLayout, slice, slice, CrossStep | None, bool, bool, bool]:
         if self.grid is None or self.text_tokens is None:
             raise RuntimeError("the transformer hook did not run: install processors with attnctrl.control or our pipelines")
         layout = RowLayout.from_batch(batch, len(self.prompts), self.images_per_prompt)
@@ -565,15 +628,18 @@ class JointEditController(BlendSteps, Clocked):
             )
         text = slice(0, length) if text_first else slice(image_tokens, tokens)
         image = slice(length, tokens) if text_first else slice(0, image_tokens)
-        cross, replace_qk = None, False
+        cross, replace_qk, inject_kv = None, False, False
         plan = self.plan
         if plan is not None and self.step >= 0:
             cross = self._cross_step(device, dtype)
-            if self.structure is not None and name in self.qk_layers:
+            if name in self.kv_layers:
+                start, end = step_window(plan.kv.steps, self.num_steps, inclusive_end_step=False)
+                inject_kv = start <= self.step < end
+            if self.structure is not None and name in self.qk_layers and not inject_kv:
                 start, end = step_window(self.structure.steps, self.num_steps, inclusive_end_step=False)
                 replace_qk = start <= self.step < end
         record = self.store is not None and name in self.map_layers
-        return layout, text, image, cross, replace_qk, record
+        return layout, text, image, cross, replace_qk, inject_kv, record
 
     @host_side
     def _record(self, probs: torch.Tensor) -> None:

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from .edits import KVInjection, LocalBlend, Refine, Replace, Reweight
-from .errors import InvalidTypeError, InvalidWeightError, PromptMismatchError, TruncatedWordError, WordNotFoundError
+from .errors import InvalidOptionError, InvalidTypeError, InvalidWeightError, PromptMismatchError, TruncatedWordError, WordNotFoundError
 from .tokens import PromptTokens, refinement_alignment, replacement_mapper, tokenize_prompt
 
 __all__ = ["EditPlan", "BlendPlan", "CrossStep", "compile_edit", "compile_prompts", "step_window"]
@@ -278,15 +278,26 @@ def compile_edit(edit: Replace | Refine | Reweight | KVInjection, tokenizer: Any
 
 
 def _compile_kv_injection(edit: KVInjection, tokenizer: Any, prompts: Sequence[str]) -> EditPlan:
-    """A K/V injection, with its base word edit's plan when chained, else an identity word edit
-    (no cross window, no self window: prompts need no word alignment)."""
+    """A K/V injection on a UNet, with its base word edit's plan when chained, else
+    :func:`kv_only_plan`."""
+    if edit.layers == "vital":
+        raise InvalidOptionError(
+            "KVInjection(layers='vital') names Stable Flow's Flux.1 blocks; on a UNet give the self-attention layers "
+            "as a fraction (MasaCtrl: 10/16), a start index or indices"
+        )
     if edit.base is not None:
         plan = compile_edit(edit.base, tokenizer, prompts)
         return replace(plan, kv=edit, kv_select=_kv_selector(edit, plan.prompts))
-    tokens = compile_prompts(tokenizer, prompts)
+    return kv_only_plan(edit, compile_prompts(tokenizer, prompts))
+
+
+def kv_only_plan(edit: KVInjection, tokens: tuple[PromptTokens, ...]) -> EditPlan:
+    """The plan of a K/V injection without a word edit: an identity word edit (no cross window, no
+    self window: prompts need no word alignment) over ``tokens`` (their ``length`` is the text
+    sequence's)."""
     if len(tokens) < 2:
         raise PromptMismatchError(
-            f"an edit needs at least two prompts [source, edited, ...], got {len(tokens)}: {list(prompts)!r}"
+            f"an edit needs at least two prompts [source, edited, ...], got {len(tokens)}: {[t.prompt for t in tokens]!r}"
         )
     num_edits, length = len(tokens) - 1, tokens[0].length
     return EditPlan(

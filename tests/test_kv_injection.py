@@ -73,7 +73,7 @@ def test_injection_takes_precedence_over_self_replacement(tokenizer):
 
 
 def test_bad_options():
-    for bad in (-1, 1.5, (), ("a",), True, "vital"):
+    for bad in (-1, 1.5, (), ("a",), True, "late"):
         with pytest.raises(InvalidScheduleError):
             KVInjection(layers=bad)
     with pytest.raises(InvalidScheduleError):

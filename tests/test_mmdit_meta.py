@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import attnctrl
-from attnctrl import ImageQK, LocalBlend, Refine, Replace, Reweight
+from attnctrl import ImageQK, KVInjection, LocalBlend, Refine, Replace, Reweight
 
 from mmdit_models import build_flux, build_sd3, build_t5_tokenizer
 
@@ -34,6 +34,7 @@ EDITS = {
     "replace": Replace(),
     "refine": Refine(),
     "reweight over replace + blend": Reweight({"tiger": 2.0}, base=Replace(blend=LocalBlend(["cat", "tiger"]))),
+    "kv injection over replace": KVInjection(steps=(0.0, 1.0), layers=0.5, base=Replace()),
 }
 
 
@@ -104,3 +105,17 @@ def test_meta_dry_run(meta_pipe, name):
             latents = torch.empty(shape, device="meta", dtype=meta_pipe.transformer.dtype)
             blended = controller.apply_blend(latents)
             assert blended.device.type == "meta" and blended.shape == latents.shape
+
+
+def test_meta_vital_layers_on_flux_dev(tokenizer):
+    """Stable Flow's vital layers resolve on the real Flux.1-dev depth and run on ``meta``."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    pipe = build_flux(tokenizer, build_t5_tokenizer(), cls=FluxPipeline, double=1, single=1)
+    with torch.device("meta"):
+        pipe.transformer = FluxTransformer2DModel(**FLUX_DEV).to(torch.bfloat16)
+    pipe.scheduler.set_timesteps(10)
+    with attnctrl.control(pipe, KVInjection(layers="vital"), PROMPTS, max_sequence_length=T5) as session:
+        assert len(session.controller.kv_layers) == 9
+        out = forward(pipe, len(PROMPTS))
+    assert out.device.type == "meta"

@@ -651,12 +651,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-attention window as a fraction of the steps (default 0.8); WORD=FRAC sets one word's window")
     e.add_argument("--self", dest="self_steps", metavar="FRAC|A,B", help="self-attention window (default 0.4)")
     e.add_argument("--kv", action="store_true",
-                   help="K/V injection (MasaCtrl): edited rows read the source's self-attention keys/values in the "
-                        "late layers from step 4/50 on (non-rigid edits); --mode kv uses it alone, without a word edit")
-    e.add_argument("--kv-steps", metavar="FRAC|A,B", default=None, help="K/V injection step window (default 0.08,1; implies --kv)")
-    e.add_argument("--kv-layers", metavar="FRAC|INDEX|I,J,..", default=None,
-                   help="K/V injection layers: a share of the self-attention layers (0.625 = from 10 of 16), a first "
-                        "index, or indices (implies --kv)")
+                   help="K/V injection (MasaCtrl; Stable Flow on SD3/Flux): edited rows read the source's (image) "
+                        "keys/values in the late layers from step 4/50 on (non-rigid edits); --mode kv uses it alone, "
+                        "without a word edit")
+    e.add_argument("--kv-steps", metavar="FRAC|A,B", default=None,
+                   help="K/V injection step window (default 0.08,1; every step with --kv-layers vital; implies --kv)")
+    e.add_argument("--kv-layers", metavar="FRAC|INDEX|I,J,..|vital", default=None,
+                   help="K/V injection layers: a share of the self-attention layers (SD3/Flux: joint-attention layers; "
+                        "0.625 = from 10 of 16), a first index, indices, or vital (Stable Flow's Flux.1 layers) "
+                        "(implies --kv)")
     e.add_argument("--kv-mask", metavar="WORD|SRC,EDIT", default=None,
                    help="K/V injection's mask-guided variant (MasaCtrl): the subject word (or source,edited words); "
                         "subject queries read the source's subject, the rest its background (implies --kv)")

@@ -319,8 +319,8 @@ def build_edit(
 def parse_kv(enabled: bool, steps: str | None, layers: str | None, mask: str | None = None) -> dict[str, Any] | None:
     """``--kv`` / ``--kv-steps A,B`` / ``--kv-layers FRAC|INDEX|I,J,...`` / ``--kv-mask WORD[,WORD]``
     -> KVInjection keyword arguments (None when K/V injection is off). A layer value with a dot is a
-    fraction of the self-attention layers, an integer the first layer index, a comma list explicit
-    indices; the mask words are the subject in the source and in the edited prompts (one word: both)."""
+    fraction of the self-attention layers (MM-DiT: joint-attention layers), an integer the first layer
+    index, a comma list explicit indices, ``vital`` Stable Flow's Flux.1 layers; the mask words are the subject in the source and in the edited prompts (one word: both)."""
     if not enabled and steps is None and layers is None and mask is None:
         return None
     out: dict[str, Any] = {}
@@ -338,14 +338,16 @@ def parse_kv(enabled: bool, steps: str | None, layers: str | None, mask: str | N
         text = layers.strip()
         parts = [p.strip() for p in text.split(",")]
         try:
-            if len(parts) > 1:
+            if text == "vital":
+                out["layers"] = "vital"
+            elif len(parts) > 1:
                 out["layers"] = tuple(int(p) for p in parts)
             elif "." in text:
                 out["layers"] = float(text)
             else:
                 out["layers"] = int(text)
         except ValueError:
-            raise OptionError(f"--kv-layers: expected a fraction like 0.625, a start index like 10 or indices like 10,11,12, got {layers!r}") from None
+            raise OptionError(f"--kv-layers: expected a fraction like 0.625, a start index like 10, indices like 10,11,12 or vital (Flux.1), got {layers!r}") from None
     return out
 
 

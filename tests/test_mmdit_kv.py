@@ -1,0 +1,178 @@
+"""K/V injection (Stable Flow) on MM-DiTs: the rule at one layer, layer/step selection, the vital
+preset, pipelines, chaining with a word edit, the CLI and the meta device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnctrl
+from attnctrl import ImageQK, KVInjection, LocalBlend, Refine, Replace
+from attnctrl.errors import InvalidOptionError
+from attnctrl.kernels.reference import softmax_probs
+from attnctrl.mmdit import joint_edited_attention, kv_layers, structure_for
+from attnctrl.p2p import RowLayout
+
+from mmdit_models import T5_LENGTH, build_flux, build_sd3, build_t5_tokenizer
+
+PROMPTS = ["a photo of a cat on the grass", "a photo of a cat jumping on the grass"]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer():
+    return build_t5_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def pipe(request, tokenizer, t5_tokenizer):
+    if request.param == "sd3":
+        return build_sd3(tokenizer, t5_tokenizer, dual=True)
+    return build_flux(tokenizer, t5_tokenizer)
+
+
+def noise(pipe, height=32, width=32, seed=5):
+    from diffusers import FluxPipeline
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 4, height // 2, width // 2, generator=g)
+    return pipe._pack_latents(x, 1, 4, height // 2, width // 2) if isinstance(pipe, FluxPipeline) else x
+
+
+def run(pipe, edit, prompts=PROMPTS, **kwargs):
+    return pipe(
+        prompts, edit=edit, height=32, width=32, num_inference_steps=STEPS, latents=noise(pipe),
+        max_sequence_length=T5_LENGTH, output_type="latent", **kwargs,
+    ).images
+
+
+# ---- the rule at one layer -------------------------------------------------------------------------------
+@pytest.mark.parametrize("text_first", [False, True])
+def test_edited_rows_read_the_source_image_keys_and_values(text_first):
+    """Every edited row (both halves of the guided batch) attends with its own queries to its
+    source's image keys/values and its own text keys/values; source rows are untouched."""
+    g = torch.Generator().manual_seed(0)
+    layout = RowLayout.from_batch(4, 2, 1)  # [uncond src, uncond edit, cond src, cond edit]
+    text_len, image_len = 5, 12
+    q, k, v = (torch.randn(4, 2, text_len + image_len, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    text = slice(0, text_len) if text_first else slice(image_len, image_len + text_len)
+    image = slice(text_len, text_len + image_len) if text_first else slice(0, image_len)
+    out, _ = joint_edited_attention(q, k, v, layout=layout, text=text, image=image, inject_kv=True)
+    for row, source in ((0, 0), (1, 0), (2, 2), (3, 2)):
+        keys, values = k[row].clone(), v[row].clone()
+        keys[:, image], values[:, image] = k[source][:, image], v[source][:, image]
+        expected = softmax_probs(q[row:row + 1], keys[None], scale=8**-0.5, mask=None) @ values[None]
+        assert torch.allclose(out[row:row + 1], expected, atol=1e-12), row
+    # precedence over the image q/k replacement, and the materialised reference agrees
+    both, _ = joint_edited_attention(q, k, v, layout=layout, text=text, image=image, inject_kv=True, replace_qk=True)
+    assert torch.equal(both, out)
+    ref, _ = joint_edited_attention(q, k, v, layout=layout, text=text, image=image, inject_kv=True, materialise=True)
+    assert torch.allclose(ref, out, atol=1e-12)
+
+
+def test_layer_selection_and_vital_preset():
+    layers = [f"transformer_blocks.{i}.attn.processor" for i in range(19)]
+    layers += [f"single_transformer_blocks.{i}.attn.processor" for i in range(38)]
+    vital = kv_layers(KVInjection(layers="vital"), layers)
+    assert sorted(layers.index(name) for name in vital) == [0, 1, 17, 18, 19 + 6, 19 + 9, 19 + 34, 19 + 35, 19 + 37]
+    assert KVInjection(layers="vital").steps == (0.0, 1.0)  # Stable Flow: every step
+    assert KVInjection().steps == (0.08, 1.0)  # MasaCtrl
+    assert kv_layers(KVInjection(layers=(2, 5)), layers) == {layers[2], layers[5]}
+    assert kv_layers(KVInjection(layers=0.5), layers) == set(layers[28:])
+    with pytest.raises(InvalidOptionError, match="19 double-stream \\+ 38 single-stream"):
+        kv_layers(KVInjection(layers="vital"), layers[:3])
+    with pytest.raises(InvalidOptionError, match="out of range"):
+        kv_layers(KVInjection(layers=(60,)), layers)
+    with pytest.raises(attnctrl.errors.InvalidScheduleError, match="'vital'"):
+        KVInjection(layers="late")
+
+
+def test_structure_window_of_an_injection():
+    assert structure_for(KVInjection(), None) == ImageQK(steps=0.0)  # no q/k pinning of the layout
+    assert structure_for(KVInjection(), ImageQK(steps=0.3)) == ImageQK(steps=0.3)
+    assert structure_for(KVInjection(base=Replace()), None) == ImageQK()  # the base edit's window
+
+
+def test_unet_only_and_mmdit_only_options(tokenizer):
+    from attnctrl.plan import compile_edit
+
+    with pytest.raises(InvalidOptionError, match="Flux.1"):
+        compile_edit(KVInjection(layers="vital"), tokenizer, ["a cat", "a dog"])
+
+
+# ---- pipelines -----------------------------------------------------------------------------------------------
+def test_source_row_untouched_and_empty_window_is_identity(pipe):
+    plain = run(pipe, None, attention_store=False)
+    injected = run(pipe, KVInjection(steps=(0.0, 1.0), layers=0.0))
+    assert torch.allclose(injected[0], plain[0], atol=1e-6)
+    assert not torch.allclose(injected[1], plain[1], atol=1e-4)
+    # a prompt injected with its own keys and values is its plain generation
+    same = run(pipe, KVInjection(steps=(0.0, 1.0), layers=0.0), [PROMPTS[0], PROMPTS[0]])
+    assert torch.allclose(same[1], plain[0], atol=1e-5)
+    none = run(pipe, KVInjection(steps=(0.0, 0.0)))
+    assert torch.allclose(none, plain, atol=1e-6)
+
+
+def test_chained_with_a_word_edit_fused_equals_materialised(pipe):
+    edit = KVInjection(steps=(0.0, 0.5), layers=(1,), base=Refine(blend=LocalBlend(["cat", "cat"])))
+    pipe.to(torch.float64)
+    try:
+        fused = run(pipe, edit)
+        ref = run(pipe, edit, materialise=True)
+        without = run(pipe, edit.base)
+    finally:
+        pipe.to(torch.float32)
+    assert (fused - ref).abs().max().item() <= 1e-9
+    assert (fused[1] - without[1]).abs().max().item() > 1e-4
+
+
+def test_refusals(pipe):
+    with pytest.raises(InvalidOptionError, match="mask_words"):
+        run(pipe, KVInjection(mask_words=("cat", "cat")))
+    with pytest.raises(InvalidOptionError, match="vital"):
+        run(pipe, KVInjection(layers="vital"))  # the tiny model is not Flux.1-deep
+    with pytest.raises(InvalidOptionError, match="out of range"):
+        run(pipe, KVInjection(layers=(40,)))
+
+
+def test_control_on_a_stock_pipeline(pipe):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    cls = FluxPipeline if isinstance(pipe, FluxPipeline) else StableDiffusion3Pipeline
+    stock = cls(**pipe.components)
+    stock.set_progress_bar_config(disable=True)
+    edit = KVInjection(steps=(0.0, 1.0), layers=(0, 1))
+    latents = noise(pipe).expand(2, *noise(pipe).shape[1:])
+    with attnctrl.control(stock, edit, PROMPTS, max_sequence_length=T5_LENGTH):
+        ours = stock(PROMPTS, height=32, width=32, num_inference_steps=STEPS, latents=latents,
+                     max_sequence_length=T5_LENGTH, output_type="latent").images
+    assert torch.allclose(ours, run(pipe, edit), atol=1e-6)
+
+
+def test_half_precision_on_cpu(pipe):
+    for dtype in (torch.float16, torch.bfloat16):
+        pipe.to(dtype)
+        try:
+            out = run(pipe, KVInjection(steps=(0.0, 1.0), layers=0.5, base=Refine()))
+        finally:
+            pipe.to(torch.float32)
+        assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_cli_kv_on_mmdit(pipe, tmp_path, capsys):
+    from attnctrl import cli
+
+    path = tmp_path / "model"
+    pipe.save_pretrained(path)
+    out = tmp_path / "run"
+    code = cli.main([
+        "edit", "--model", str(path), "--steps", "2", "--size", "32x32", "--out", str(out),
+        "--prompt", PROMPTS[0], "--to", PROMPTS[1], "--mode", "kv", "--kv-layers", "0,1", "--kv-steps", "0,1",
+    ])
+    assert code == 0, capsys.readouterr().err
+    assert (out / "edit.png").exists() or any(out.glob("*.png"))
+    code = cli.main([
+        "edit", "--model", str(path), "--steps", "2", "--size", "32x32", "--out", str(tmp_path / "bad"),
+        "--prompt", PROMPTS[0], "--to", PROMPTS[1], "--mode", "kv", "--kv-layers", "vital",
+    ])
+    assert code != 0 and "vital" in capsys.readouterr().err
