@@ -199,7 +199,9 @@ def test_broad_grid_on_the_shapes_model(shapes_pipe):
     from attnctrl.models.shapes.evaluate import score_swap_grid, summarise_swap_grid
 
     records = score_swap_grid(shapes_pipe, [0], shapes=["square"], colours=["red", "blue"], steps=6,
-                              edit_factory=lambda blend: attnctrl.Replace(blend=blend), blend=True)
+                              edit_factory=lambda blend: attnctrl.Replace(blend=blend), blend=True, ideal=True)
     assert [(r.old, r.new) for r in records] == [("red", "blue"), ("blue", "red")]
     assert all(0.0 <= r.iou <= 1.0 and r.background_psnr is not None for r in records)
-    assert summarise_swap_grid(records)["edits"] == 2
+    assert all(0.5 < r.ideal_iou <= 1.0 for r in records)          # the recoloured source, through the VAE
+    summary = summarise_swap_grid(records)
+    assert summary["edits"] == 2 and summary["ideal_iou"] == pytest.approx(sum(r.ideal_iou for r in records) / 2)

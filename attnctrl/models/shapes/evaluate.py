@@ -271,6 +271,9 @@ class GridSwap:
     source_ok: bool
     source_shape: str
     background_psnr: float | None
+    ideal_iou: float | None = None
+    """With ``ideal=True``: this IoU for the source's object recoloured exactly in pixels and passed
+    through the VAE (the ceiling of any edit decoded by it, as :class:`SwapScores`'s ``recolour_iou``)."""
 
 
 def broad_swap_sources(
@@ -307,6 +310,7 @@ def score_swap_grid(
     guidance: float = 7.5,
     blend: bool = False,
     call_kwargs: dict | None = None,
+    ideal: bool = False,
 ) -> list[GridSwap]:
     """Every (source colour -> target colour) swap over every shape, position and seed of
     :func:`broad_swap_sources`, batched: one pipeline call per source holds the source prompt and
@@ -315,6 +319,7 @@ def score_swap_grid(
     ``edit_factory(blend)`` returns the edit (an attnctrl ``Replace``); ``blend`` is None or a
     ``LocalBlend`` on the colour and shape words of every prompt, which the factory must pass on.
     ``call_kwargs`` go to every pipeline call (e.g. ``structure=ImageQK(...)`` on an MM-DiT).
+    ``ideal`` also scores each edit's ceiling (``GridSwap.ideal_iou``: one VAE round trip per edit).
     """
     from . import COLOURS
     from ... import LocalBlend
@@ -344,7 +349,7 @@ def score_swap_grid(
                 shape=shape, old=old, new=new, position=position, seed=seed,
                 iou=_iou(outline, _extent(images[i], b)), new_colour=b is not None and b.colour == new,
                 source_ok=a is not None and a.colour == old, source_shape=a.shape if a is not None else "none",
-                background_psnr=psnr,
+                background_psnr=psnr, ideal_iou=_recolour_iou(pipe, source, outline, new) if ideal else None,
             ))
     return records
 
@@ -370,6 +375,7 @@ def summarise_swap_grid(records: Sequence[GridSwap], worst: int = 5) -> dict:
             "iou": float(np.mean([r.iou for r in rs])), "min_iou": float(min(r.iou for r in rs)),
             "new_colour": float(np.mean([r.new_colour for r in rs])),
             "source_ok": float(np.mean([r.source_ok for r in rs])),
+            "ideal_iou": (float(np.mean([r.ideal_iou for r in rs])) if all(r.ideal_iou is not None for r in rs) else None),
         })
     cell_rows.sort(key=lambda c: (c["iou"], c["shape"], c["old"], c["new"]))
     pairs: dict[tuple[str, str], list[dict]] = {}
@@ -394,6 +400,7 @@ def summarise_swap_grid(records: Sequence[GridSwap], worst: int = 5) -> dict:
         "min_cell_iou": cell_rows[0]["iou"],
         "source_ok": float(np.mean([r.source_ok for r in records])),
         "iou_source_ok": float(np.mean([r.iou for r in ok])) if ok else None,
+        "ideal_iou": (float(np.mean([r.ideal_iou for r in records])) if all(r.ideal_iou is not None for r in records) else None),
         "background_psnr": (float(np.mean(finite)) if finite else math.inf) if psnrs else None,
         "min_background_psnr": float(min(psnrs)) if psnrs else None,
         "per_shape_iou": {s: float(np.mean(v)) for s, v in shapes.items()},
