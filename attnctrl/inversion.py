@@ -23,13 +23,19 @@ import torch
 from .errors import InvalidOptionError, InversionMismatchError, MissingFileError
 from .io import atomic_write_bytes
 
-__all__ = ["Inversion", "METHODS", "model_fingerprint", "fingerprints_match"]
+__all__ = ["Inversion", "METHODS", "UNET_METHODS", "FLOW_METHODS", "model_fingerprint", "fingerprints_match"]
 
-METHODS = ("ddim", "null-text", "negative-prompt", "direct", "dpl", "edit-friendly")
+UNET_METHODS = ("ddim", "null-text", "negative-prompt", "direct", "dpl", "edit-friendly")
+"""Inversions of DDIM-family UNets (Stable Diffusion 1.x/2.x, SDXL)."""
+
+FLOW_METHODS = ("rf-euler", "rf-solver", "fireflow", "rf-inversion")
+"""Rectified-flow inversions of MM-DiTs (SD3/SD3.5, Flux.1), see :mod:`attnctrl.pipelines.flow_inversion`."""
+
+METHODS = UNET_METHODS + FLOW_METHODS
 """Inversion methods, see :func:`attnctrl.pipelines.invert`."""
 
 FORMAT = "attnctrl.inversion/1"
-_TENSOR_FIELDS = ("latents", "timesteps", "null_embeddings", "null_pooled", "source_embeddings", "noise_maps")
+_TENSOR_FIELDS = ("latents", "timesteps", "null_embeddings", "null_pooled", "source_embeddings", "noise_maps", "sigmas")
 _META_FIELDS = ("method", "prompts", "guidance_scale", "height", "width", "model", "scheduler")
 
 
@@ -95,6 +101,12 @@ class Inversion:
         noise_maps: edit-friendly DDPM only: (S, M, C, h, w) float32 noise of each stochastic
             (eta = 1) DDIM step, so that sampling the source prompt from ``latents[0]`` with them
             lands on ``latents[k + 1]`` after step ``k``; None for other methods.
+        sigmas: rectified-flow methods only: (S + 1,) float64 noise levels of ``latents`` in
+            denoising order (``sigmas[0]`` ~ 1, ``sigmas[S] = 0``; ``x = (1 - sigma) x0 + sigma noise``);
+            ``timesteps`` then holds ``sigmas[:S] * 1000`` (float32, the transformer's SD3 units).
+            Flow latents are stored unpacked (M, C, h, w) for Flux as well.
+        options: rectified-flow methods only: what reconstruction and editing need besides the
+            tensors (family, ``max_sequence_length``, RF-Inversion's gamma/eta/start/stop, seed).
     """
 
     method: str
@@ -112,6 +124,8 @@ class Inversion:
     stats: dict[str, Any] = field(default_factory=dict)
     words: tuple[str, ...] = ()
     noise_maps: torch.Tensor | None = None
+    sigmas: torch.Tensor | None = None
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -137,6 +151,10 @@ class Inversion:
             raise InvalidOptionError(
                 f"noise_maps must be ({steps}, {m}, C, h, w) like the latents' steps, got {tuple(self.noise_maps.shape)}"
             )
+        if (self.sigmas is not None) != (self.method in FLOW_METHODS):
+            raise InvalidOptionError(f"sigmas are required by the rectified-flow methods ({', '.join(FLOW_METHODS)}) and only by them")
+        if self.sigmas is not None and tuple(self.sigmas.shape) != (steps + 1,):
+            raise InvalidOptionError(f"sigmas must have shape ({steps + 1},), got {tuple(self.sigmas.shape)}")
         if self.null_pooled is not None and self.null_pooled.shape[0] != m:
             raise InvalidOptionError(f"null_pooled must have {m} rows, got {tuple(self.null_pooled.shape)}")
         h, w = int(self.latents.shape[-2]), int(self.latents.shape[-1])
@@ -151,6 +169,11 @@ class Inversion:
             )
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def is_flow(self) -> bool:
+        """Whether this is a rectified-flow inversion (SD3/Flux) rather than a DDIM-family one."""
+        return self.method in FLOW_METHODS
+
     @property
     def num_images(self) -> int:
         return int(self.latents.shape[1])
@@ -226,6 +249,7 @@ class Inversion:
             "scheduler": self.scheduler,
             "stats": self.stats,
             "words": list(self.words),
+            "options": self.options,
         }
         data = save(tensors, metadata={"attnctrl": json.dumps(meta, default=_jsonable)})
         return atomic_write_bytes(path, data)
@@ -272,6 +296,7 @@ class Inversion:
                 scheduler=dict(meta["scheduler"]),
                 stats=dict(meta.get("stats") or {}),
                 words=tuple(str(w) for w in meta.get("words") or ()),
+                options=dict(meta.get("options") or {}),
                 **{name: tensors.get(name) for name in _TENSOR_FIELDS},
             )
         except (TypeError, ValueError) as exc:  # wrong types in the metadata, or tensors that do not fit

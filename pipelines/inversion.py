@@ -32,6 +32,11 @@ Methods (``method=``):
     One guided UNet pass per step, no optimisation; ``seed`` fixes the noises.
 
 The optimisation runs in float32 whatever the pipeline's dtype: only the UNet runs in it.
+
+SD3/SD3.5 and Flux.1 pipelines take the rectified-flow methods instead: ``"rf-euler"`` (plain Euler
+flow inversion, the baseline), ``"rf-solver"`` (RF-Solver, second order, 2 transformer calls per
+step), ``"fireflow"`` (FireFlow, second order at ~1 call per step) and ``"rf-inversion"``
+(RF-Inversion's controlled ODEs); see :mod:`attnctrl.pipelines.flow_inversion`.
 """
 
 from __future__ import annotations
@@ -45,11 +50,13 @@ import torch
 from attnctrl.adapters import adapter_for
 from attnctrl.errors import InvalidOptionError, InvalidWeightError
 from attnctrl.images import ImageInput, load_image
-from attnctrl.inversion import METHODS, Inversion
+from attnctrl.inversion import FLOW_METHODS, METHODS, UNET_METHODS, Inversion
 
 from ._denoiser import Denoiser, PromptEmbeddings
 from .ddim import NullTextStep, ddim_trajectory, edit_friendly_trajectory, noise_map_scheduler, null_text_step
 from .dpl import dynamic_prompt_learning
+from .flow_inversion import FLOW_DEFAULTS, flow_invert, flow_reconstruct
+from .mmdit_control import is_mmdit_pipeline
 from .p2p import check_inversion
 
 __all__ = ["invert", "null_text_step", "NullTextStep", "image_geometry", "reconstruct", "ddim_trajectory"]
@@ -88,7 +95,7 @@ def invert(
     prompt: str | Sequence[str],
     method: str = "null-text",
     num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     *,
     height: int | None = None,
     width: int | None = None,
@@ -98,6 +105,12 @@ def invert(
     background_mask: torch.Tensor | None = None,
     seed: int = 0,
     progress: bool = True,
+    gamma: float | None = None,
+    eta: float | None = None,
+    start: float | None = None,
+    stop: float | None = None,
+    eta_decay: float | None = None,
+    max_sequence_length: int | None = None,
 ) -> Inversion:
     """Invert one or several real images with a Stable Diffusion 1.x/2.x or SDXL pipeline.
 
@@ -108,16 +121,23 @@ def invert(
             as one batch). Resized by the rule of :mod:`attnctrl.images`: to ``height`` x ``width``
             (centre crop), or by default to the model's native area with the aspect ratio kept.
         prompt: the caption of each image (one string for all of them, or one per image).
-        method: ``"ddim"``, ``"null-text"``, ``"negative-prompt"``, ``"direct"``, ``"dpl"`` or
-            ``"edit-friendly"`` (module doc).
-        num_inference_steps, guidance_scale: the DDIM steps and guidance the edit will use.
+        method: UNets: ``"ddim"``, ``"null-text"``, ``"negative-prompt"``, ``"direct"``, ``"dpl"`` or
+            ``"edit-friendly"``; SD3/Flux: ``"rf-euler"``, ``"rf-solver"``, ``"fireflow"`` or
+            ``"rf-inversion"`` (module doc).
+        num_inference_steps, guidance_scale: the steps and guidance the edit will use (guidance
+            default: 7.5 on UNets; 1.0 for the flow ODE solvers, 3.5 for RF-Inversion).
         inner_steps: null-text Adam iterations per step at most (official: 10).
         schedule: ``"fast"`` or ``"official"`` null-text schedule (see :func:`attnctrl.pipelines.ddim.null_text_step`).
         words: DPL only: the nouns to learn (default: found from the prompt, see
             :func:`attnctrl.pipelines.dpl.find_nouns`).
         background_mask: DPL only: (M, H, W) or (H, W) user background mask (1 = background)
             instead of the clustered estimate.
-        seed: edit-friendly only: seed of the independent noises the image is noised with.
+        seed: edit-friendly: seed of the independent noises the image is noised with; rf-inversion:
+            seed of its target noise sample.
+        gamma, eta, start, stop, eta_decay: rf-inversion only: controller strength of the forward
+            ODE (0.5), of the reverse one (0.9), the fraction of the steps where eta acts
+            ([0, 0.25)), and its decay power (0: none).
+        max_sequence_length: SD3/Flux only: T5 tokens (the pipelines' default: SD3 256, Flux 512).
         progress: show progress bars (also obeys ``pipe.set_progress_bar_config``).
 
     Returns:
@@ -126,13 +146,29 @@ def invert(
     """
     if method not in METHODS:
         raise InvalidOptionError(f"unknown inversion method {method!r}; use one of {', '.join(METHODS)}")
+    flow = is_mmdit_pipeline(pipe)
+    if flow and method not in FLOW_METHODS:
+        raise InvalidOptionError(
+            f"method={method!r} inverts DDIM-family UNets; {type(pipe).__name__} is an SD3/Flux (rectified-flow) "
+            f"pipeline: use one of {', '.join(FLOW_METHODS)}"
+        )
+    if not flow and method in FLOW_METHODS:
+        raise InvalidOptionError(
+            f"method={method!r} inverts SD3/Flux (rectified-flow) pipelines; {type(pipe).__name__} is not one: "
+            f"use one of {', '.join(UNET_METHODS)}"
+        )
+    flow_options = {"gamma": gamma, "eta": eta, "start": start, "stop": stop, "eta_decay": eta_decay}
+    if not flow and (any(v is not None for v in flow_options.values()) or max_sequence_length is not None):
+        raise InvalidOptionError("gamma, eta, start, stop, eta_decay and max_sequence_length are options of the SD3/Flux methods")
+    if guidance_scale is None:
+        guidance_scale = FLOW_DEFAULTS[method]["guidance_scale"] if flow else 7.5
     if schedule not in ("fast", "official"):
         raise InvalidOptionError(f"schedule must be 'fast' or 'official', got {schedule!r}")
     steps = int(num_inference_steps)
     if steps < 1:
         raise InvalidOptionError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
     w = float(guidance_scale)
-    if not math.isfinite(w) or w < 1.0:
+    if not math.isfinite(w) or w < (0.0 if flow else 1.0):
         raise InvalidWeightError(f"guidance_scale must be a finite number >= 1, got {guidance_scale}")
     if method in ("null-text", "dpl") and w <= 1.0:
         raise InvalidWeightError(f"{method} inversion optimises the unconditional branch, which guidance_scale={w} does not use; use guidance > 1 or method='ddim'")
@@ -150,6 +186,14 @@ def invert(
     if len(sizes) != 1:
         raise InvalidOptionError(f"images of one batch must share a size, got {sorted(sizes)}; give height= and width=")
     H, W = pixels.shape[-2:]
+    if flow:
+        if words is not None or background_mask is not None:
+            raise InvalidOptionError("words= and background_mask= are options of method='dpl' (UNets)")
+        with _progress(pipe, steps, f"{method} inversion", progress) as bar:
+            return flow_invert(
+                pipe, pixels, prompts, method, steps, w, max_sequence_length=max_sequence_length, seed=seed, bar=bar,
+                **{k: v for k, v in flow_options.items() if v is not None},
+            )
 
     started = time.perf_counter()
     den = Denoiser(pipe, height=H, width=W)
@@ -247,6 +291,15 @@ def reconstruct(pipe: Any, inversion: Inversion, *, output_type: str = "pt") -> 
     inversion, the trajectory correction). Returns (M, 3, H, W) in [0, 1] (``output_type="pt"``)
     or PIL images (``"pil"``).
     """
+    if isinstance(inversion, Inversion) and inversion.is_flow or is_mmdit_pipeline(pipe):
+        if not isinstance(inversion, Inversion):
+            check_inversion(pipe, inversion)  # the type error
+        images = flow_reconstruct(pipe, inversion)
+        if output_type == "pil":
+            from attnctrl.images import to_pil
+
+            return [to_pil(im) for im in images]
+        return images
     den = Denoiser(pipe, height=inversion.height, width=inversion.width)
     check_inversion(pipe, inversion, den)
     embeddings = den.encode_prompts(list(inversion.prompts))
