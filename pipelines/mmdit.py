@@ -16,9 +16,11 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils.torch_utils import randn_tensor
 
 from attnctrl.edits import Refine, Replace, Reweight
-from attnctrl.errors import InvalidOptionError, PromptMismatchError
+from attnctrl.errors import InvalidOptionError, InversionMismatchError, InvalidTypeError, PromptMismatchError
+from attnctrl.inversion import Inversion
 from attnctrl.mmdit import ImageQK
 
+from .flow_inversion import FlowDenoiser, check_flow_inversion, clock_points, flow_sample
 from .mmdit_control import DEFAULT_T5_TOKENS, joint_control
 from .output import Prompt2PromptOutput, pipeline_lock
 
@@ -53,6 +55,7 @@ class _JointPrompt2PromptCall:
         prompt: str | Sequence[str] | None = None,
         edit: Edit | None = None,
         *,
+        inversion: Inversion | None = None,
         structure: ImageQK | None = None,
         map_blocks: Sequence[int] | None = None,
         attention_store: bool = True,
@@ -79,6 +82,14 @@ class _JointPrompt2PromptCall:
             if kwargs.get(embeds) is not None:
                 raise PromptMismatchError(f"{embeds}= cannot be combined with Prompt-to-Prompt: the edit is defined on the prompts' words")
         self._refuse_options(kwargs)
+        if inversion is not None:
+            return self._edit_inversion(
+                prompts, edit, inversion, structure=structure, map_blocks=map_blocks, attention_store=attention_store,
+                materialise=materialise, backend=backend, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+                latents=latents, max_sequence_length=max_sequence_length, callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, return_dict=return_dict,
+                generator=generator, kwargs=kwargs,
+            )
         n = 1 if num_images_per_prompt is None else int(num_images_per_prompt)
         length = max_sequence_length or DEFAULT_T5_TOKENS[self._family_name]
         height = height or self.default_sample_size * self.vae_scale_factor
@@ -98,6 +109,79 @@ class _JointPrompt2PromptCall:
             has_blend = controller.plan is not None and controller.plan.blend is not None
             masks = controller.blend_masks(self._mask_hw(height, width)) if has_blend else None
         result = Prompt2PromptOutput(images=out.images, attention=session.attention, blend_masks=masks)
+        return result if return_dict else (result.images, result.attention)
+
+    def _edit_inversion(
+        self, prompts: list[str], edit: Edit | None, inversion: Inversion, *, structure: Any, map_blocks: Any,
+        attention_store: bool, materialise: bool, backend: str | None, height: int | None, width: int | None,
+        num_images_per_prompt: int | None, latents: Any, max_sequence_length: int | None, callback_on_step_end: Any,
+        callback_on_step_end_tensor_inputs: list[str], return_dict: bool, generator: Any, kwargs: dict,
+    ) -> Prompt2PromptOutput | tuple:
+        """Edit from a rectified-flow inversion: every row starts from the inverted noise and is sampled
+        with the inversion's own solver (RF-Inversion: its controlled reverse), so the source row
+        reconstructs the image; the edit acts on the other rows."""
+        if not isinstance(inversion, Inversion):
+            raise InvalidTypeError(f"inversion must be an attnctrl.Inversion (from attnctrl.pipelines.invert or Inversion.load), got {type(inversion).__name__}")
+        den = check_flow_inversion(self, inversion)
+        if any(p.strip() != prompts[0].strip() for p in inversion.prompts):
+            other = sorted(set(inversion.prompts))
+            if len(other) > 1:
+                raise PromptMismatchError(f"this inversion holds images with different prompts {other}; edit them one at a time with inversion[i]")
+            raise PromptMismatchError(
+                f"the first prompt must be the one the image was inverted with, {other[0]!r} (got {prompts[0]!r}); put the edited prompts after it"
+            )
+        m = inversion.num_images
+        if num_images_per_prompt not in (None, 1, m):
+            raise InversionMismatchError(f"num_images_per_prompt={num_images_per_prompt}, but the inversion holds {m} image(s); leave it unset")
+        if latents is not None or generator is not None:
+            raise InversionMismatchError("latents= and generator= cannot be combined with inversion=: the inversion provides the starting noise")
+        for name, value in (("height", height), ("width", width)):
+            if value is not None and int(value) != getattr(inversion, name):
+                raise InversionMismatchError(f"{name}={value}, but the image was inverted at {inversion.height}x{inversion.width}; leave it unset")
+        if max_sequence_length is not None and int(max_sequence_length) != den.max_sequence_length:
+            raise InversionMismatchError(f"max_sequence_length={max_sequence_length}, but the image was inverted with {den.max_sequence_length}; leave it unset")
+        expected = {"num_inference_steps": inversion.num_inference_steps, "guidance_scale": inversion.guidance_scale}
+        for name, value in expected.items():
+            given = kwargs.pop(name, None)
+            if given is not None and float(given) != float(value):
+                raise InversionMismatchError(f"{name}={given}, but the image was inverted with {name}={value}; leave it unset")
+        output_type = kwargs.pop("output_type", "pil")
+        refused = sorted(k for k, v in kwargs.items() if v is not None)
+        if refused:
+            raise InversionMismatchError(f"{', '.join(refused)} cannot be combined with inversion= (the inversion fixes the prompts, noise and schedule)")
+        points = clock_points(inversion.method, inversion.sigmas)
+
+        class _Clock:  # the step clock's schedule: one point per step (also for half-step evaluations)
+            timesteps = points
+
+        with pipeline_lock(self), joint_control(
+            self, edit, prompts, images_per_prompt=m, record=attention_store, materialise=materialise, backend=backend,
+            structure=structure, map_blocks=map_blocks, max_sequence_length=den.max_sequence_length, clock=_Clock,
+        ) as session:
+            callback, _ = _chain(session.step_end, callback_on_step_end, callback_on_step_end_tensor_inputs)
+            self._num_timesteps = inversion.num_inference_steps
+
+            def step_end(i: int, t: float, lat: torch.Tensor) -> torch.Tensor:
+                return callback(self, i, torch.tensor(t), {"latents": lat}).get("latents", lat)
+
+            final = flow_sample(den, inversion, prompts, m, step_end=step_end, interrupted=lambda: bool(getattr(self, "_interrupt", False)))
+            controller = session.controller
+            has_blend = controller.plan is not None and controller.plan.blend is not None
+            masks = controller.blend_masks(self._mask_hw(inversion.height, inversion.width)) if has_blend else None
+        images: Any
+        if output_type == "latent":
+            images = final
+        else:
+            decoded = den.decode(final).cpu()
+            if output_type == "pt":
+                images = decoded
+            elif output_type == "np":
+                images = decoded.permute(0, 2, 3, 1).numpy()
+            else:
+                from attnctrl.images import to_pil
+
+                images = [to_pil(im) for im in decoded]
+        result = Prompt2PromptOutput(images=images, attention=session.attention, blend_masks=masks)
         return result if return_dict else (result.images, result.attention)
 
     def _refuse_options(self, kwargs: dict) -> None:

@@ -107,6 +107,7 @@ def joint_control(
     structure: ImageQK | None = None,
     map_blocks: Sequence[int] | None = None,
     max_sequence_length: int | None = None,
+    clock: Any = None,
 ) -> Iterator[JointSession]:
     """Install Prompt-to-Prompt on ``pipe.transformer`` (SD3/SD3.5 or Flux) for a block of code.
 
@@ -121,6 +122,9 @@ def joint_control(
         map_blocks: joint-layer indices whose T2I attention makes the word maps (default: the
             anchor's five blocks for SD3-medium/SD3.5-large/Flux.1 depths, else every joint layer).
         max_sequence_length: the pipeline call's (default the pipeline's: SD3 256, Flux 512).
+        clock: the object whose ``timesteps`` name the steps for the step clock (default
+            ``pipe.scheduler``); a loop of its own (sampling from a flow inversion with a second-order
+            solver) passes one step point per step.
     """
     transformer = pipe.transformer
     adapter = adapter_for(transformer)
@@ -155,14 +159,14 @@ def joint_control(
         structure=structure, images_per_prompt=images_per_prompt,
         record=record, materialise=materialise, backend=backend,
     )
-    controller.scheduler = pipe.scheduler
+    controller.scheduler = pipe.scheduler if clock is None else clock
     joint = set(layers)
 
     def pre_forward(module: Any, args: tuple, kwargs: dict) -> None:
         timestep, _ = bind_timestep(module, args, kwargs)
         if adapter.timestep_factor != 1.0:
             timestep = timestep * adapter.timestep_factor  # Flux gets t / 1000; the schedule is in t
-        controller.scheduler = pipe.scheduler
+        controller.scheduler = pipe.scheduler if clock is None else clock
         grid = adapter.token_grid_of_call(module, args, kwargs)
         controller.observe_denoiser_call(
             timestep, grid, int(_encoder_states(args, kwargs).shape[1]), one_call_per_step=family == "flux"
