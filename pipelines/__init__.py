@@ -2,8 +2,10 @@
 
 from .consistency import ConsistentSubjectsPipeline, ConsistentSubjectsXLPipeline, Subject
 from .control import EditSession, control
+from .flow_edit import flow_edit
 from .inversion import invert, reconstruct
 from .mmdit import Prompt2PromptFluxPipeline, Prompt2PromptSD3Pipeline
+from .output import FlowEditOutput
 from .p2p import Prompt2PromptOutput, Prompt2PromptPipeline, Prompt2PromptXLPipeline, load_pipeline
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "load_pipeline",
     "invert",
     "reconstruct",
+    "flow_edit",
+    "FlowEditOutput",
 ]

@@ -12,7 +12,7 @@ from diffusers.utils import BaseOutput
 
 from attnctrl.store import AttentionStore
 
-__all__ = ["Prompt2PromptOutput", "pipeline_lock"]
+__all__ = ["Prompt2PromptOutput", "FlowEditOutput", "pipeline_lock"]
 
 
 @dataclass
@@ -25,6 +25,24 @@ class Prompt2PromptOutput(BaseOutput):
     attention: AttentionStore | None = None
     nsfw_content_detected: list[bool] | None = None
     blend_masks: torch.Tensor | None = None
+
+
+@dataclass
+class FlowEditOutput(BaseOutput):
+    """What :func:`attnctrl.pipelines.flow_edit` returns: the edited ``images`` (one per input image),
+    ``transformer_evaluations`` (latent rows run through the transformer), the wall ``seconds``, and
+    the settings used (the family defaults filled in) with the (width, height) ``size`` edited at."""
+
+    images: Any
+    transformer_evaluations: int = 0
+    seconds: float = 0.0
+    num_inference_steps: int = 0
+    n_max: int = 0
+    n_min: int = 0
+    n_avg: int = 1
+    source_guidance_scale: float = 0.0
+    target_guidance_scale: float = 0.0
+    size: tuple[int, int] | None = None
 
 
 _LOCKS_GUARD = threading.Lock()

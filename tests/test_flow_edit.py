@@ -1,0 +1,181 @@
+"""FlowEdit (attnctrl.pipelines.flow_edit) on tiny random SD3 / Flux pipelines and on the embedded
+flow-matching shapes model: the zero-delta identity, a measured colour edit, determinism,
+transformer evaluation counts, argument errors, half precision, the CLI and batch jobs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mmdit_models import T5_LENGTH, build_flux, build_sd3, build_t5_tokenizer
+
+from attnctrl.errors import InvalidOptionError, InvalidWeightError, PromptMismatchError, UnsupportedModelError
+from attnctrl.pipelines import FlowEditOutput, flow_edit
+
+
+@pytest.fixture(scope="module")
+def t5_tokenizer():
+    return build_t5_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["sd3", "flux"])
+def tiny(request, tokenizer, t5_tokenizer):
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    if request.param == "sd3":
+        return build_sd3(tokenizer, t5_tokenizer, cls=StableDiffusion3Pipeline, layers=1)
+    return build_flux(tokenizer, t5_tokenizer, cls=FluxPipeline, double=1, single=1)
+
+
+@pytest.fixture(scope="module")
+def shapes_flow():
+    from diffusers import DiffusionPipeline
+
+    from attnctrl.models import SHAPES_FLOW
+
+    pipe = DiffusionPipeline.from_pretrained(SHAPES_FLOW)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _image(seed: int = 0, size: int = 32) -> np.ndarray:
+    return np.random.default_rng(seed).random((size, size, 3)).astype(np.float32)
+
+
+def _round_trip(pipe, image) -> np.ndarray:
+    """The image through the pipeline's VAE (posterior mode), as flow_edit encodes and decodes it."""
+    from attnctrl.images import load_image
+
+    pixels = load_image(image, height=image.shape[0], width=image.shape[1])[None] * 2 - 1 if isinstance(image, np.ndarray) else None
+    if pixels is None:
+        pixels = load_image(image)[None] * 2 - 1
+    with torch.no_grad():
+        decoded = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mode()).sample
+    return pipe.image_processor.postprocess(decoded, output_type="np")[0]
+
+
+def _psnr(a, b, where=None) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff = (a - b) ** 2 if where is None else ((a - b) ** 2)[where]
+    return float(10 * np.log10(1.0 / max(diff.mean(), 1e-12)))
+
+
+KW = dict(num_inference_steps=6, n_max=4, height=32, width=32, max_sequence_length=T5_LENGTH, progress=False, output_type="np")
+
+
+def test_identical_prompts_and_guidance_give_the_vae_round_trip(tiny):
+    image = _image()
+    out = flow_edit(tiny, image, "a red cat", "a red cat", source_guidance_scale=3.0, target_guidance_scale=3.0, **KW)
+    assert isinstance(out, FlowEditOutput)
+    np.testing.assert_allclose(out.images[0], _round_trip(tiny, image), atol=1e-4)
+
+
+def test_evaluation_counts_and_settings(tiny):
+    sd3 = tiny.transformer.config.get("guidance_embeds") is None
+    per_row = 4 if sd3 else 2  # SD3: source/target x uncond/cond; Flux: source, target
+    images = [_image(0), _image(1)]
+    out = flow_edit(tiny, images, "a red cat", ["a blue cat", "a green cat"], n_avg=2, **KW)
+    assert len(out.images) == 2 and out.images[0].shape == (32, 32, 3)
+    assert out.transformer_evaluations == per_row * 2 * 2 * 4
+    out = flow_edit(tiny, images[0], "a red cat", "a blue cat", n_min=1, **KW)
+    assert out.transformer_evaluations == per_row * 3 + per_row // 2 * 1
+    assert (out.num_inference_steps, out.n_max, out.n_min, out.size) == (6, 4, 1, (32, 32))
+    assert out.seconds >= 0
+
+
+def test_defaults_are_the_papers(tiny):
+    from attnctrl.pipelines.flow_edit import flow_edit_defaults
+
+    expected = (50, 33, 3.5, 13.5) if tiny.transformer.config.get("guidance_embeds") is None else (28, 24, 1.5, 5.5)
+    d = flow_edit_defaults(tiny)
+    assert (d["num_inference_steps"], d["n_max"], d["source_guidance_scale"], d["target_guidance_scale"]) == expected
+
+
+def test_deterministic_per_seed(tiny):
+    image = _image()
+    a = flow_edit(tiny, image, "a red cat", "a blue dog", seed=3, **KW).images[0]
+    b = flow_edit(tiny, image, "a red cat", "a blue dog", seed=3, **KW).images[0]
+    c = flow_edit(tiny, image, "a red cat", "a blue dog", seed=4, **KW).images[0]
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(n_max=7), InvalidOptionError),
+        (dict(n_max=0), InvalidOptionError),
+        (dict(n_min=4), InvalidOptionError),
+        (dict(n_min=-1), InvalidOptionError),
+        (dict(n_avg=0), InvalidOptionError),
+        (dict(num_inference_steps=0), InvalidOptionError),
+        (dict(source_guidance_scale=float("nan")), InvalidWeightError),
+        (dict(target_guidance_scale=float("inf")), InvalidWeightError),
+        (dict(output_type="jpeg"), InvalidOptionError),
+    ],
+)
+def test_argument_errors(tiny, kwargs, error):
+    options = dict(KW, **kwargs)
+    with pytest.raises(error):
+        flow_edit(tiny, _image(), "a red cat", "a blue cat", **options)
+
+
+def test_prompt_errors(tiny):
+    with pytest.raises(PromptMismatchError, match="empty"):
+        flow_edit(tiny, _image(), "a red cat", "  ", **KW)
+    with pytest.raises(PromptMismatchError, match="per image"):
+        flow_edit(tiny, [_image(0), _image(1)], "a red cat", ["a", "b", "c"], **KW)
+
+
+def test_unet_pipeline_is_refused(sd_pipe):
+    with pytest.raises(UnsupportedModelError, match="SD3"):
+        flow_edit(sd_pipe, _image(), "a red cat", "a blue cat", progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_cpu(tokenizer, t5_tokenizer, dtype):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = build_sd3(tokenizer, t5_tokenizer, cls=StableDiffusion3Pipeline, layers=1).to(dtype=dtype)
+    out = flow_edit(pipe, _image(), "a red cat", "a blue cat", **dict(KW, output_type="latent"))
+    assert out.images.dtype == torch.float32 and torch.isfinite(out.images).all()
+    full = build_sd3(tokenizer, t5_tokenizer, cls=StableDiffusion3Pipeline, layers=1)
+    ref = flow_edit(full, _image(), "a red cat", "a blue cat", **dict(KW, output_type="latent")).images
+    assert (out.images - ref).abs().max() < 0.25 * ref.abs().max()
+
+
+def test_prompt2prompt_subclass_works(tokenizer, t5_tokenizer):
+    pipe = build_sd3(tokenizer, t5_tokenizer, layers=1)  # Prompt2PromptSD3Pipeline
+    out = flow_edit(pipe, _image(), "a red cat", "a blue cat", **KW)
+    assert out.images[0].shape == (32, 32, 3)
+
+
+def test_shapes_flow_identity_and_colour_edit(shapes_flow):
+    from attnctrl.models.shapes import analyze, object_extent
+
+    pipe = shapes_flow
+    source = pipe(["a red circle on the left"], num_inference_steps=20, guidance_scale=4.0,
+                  generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    src_u8 = (source * 255).round().astype(np.uint8)
+    found = analyze(src_u8)
+    assert found and found[0].colour == "red"
+    # identical prompts at equal guidance: the velocities cancel, the image is the VAE round trip
+    same = flow_edit(pipe, source, "a red circle on the left", "a red circle on the left", num_inference_steps=20, n_max=14,
+                     source_guidance_scale=3.5, target_guidance_scale=3.5, progress=False, output_type="np").images[0]
+    trip = _round_trip(pipe, source)
+    assert np.abs(same - trip).max() < 1e-4
+    # a colour edit: the object turns blue, the background stays close
+    out = flow_edit(pipe, source, "a red circle on the left", "a blue circle on the left", num_inference_steps=20, n_max=14,
+                    source_guidance_scale=1.5, target_guidance_scale=6.0, progress=False, output_type="np")
+    edited = out.images[0]
+    edited_found = analyze((edited * 255).round().astype(np.uint8))
+    assert edited_found and edited_found[0].colour == "blue"
+    region = object_extent(src_u8, found[0]) | object_extent((edited * 255).round().astype(np.uint8), edited_found[0])
+    region = torch.nn.functional.max_pool2d(torch.from_numpy(region)[None, None].float(), 5, 1, 2)[0, 0].numpy() > 0
+    background = _psnr(edited, trip, ~region)
+    inside = _psnr(edited, trip, region)
+    assert background > inside + 8, (background, inside)
+    assert background > 26, background
