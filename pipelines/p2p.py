@@ -171,6 +171,12 @@ def check_inversion(pipe: Any, inversion: Inversion, denoiser: Any = None) -> No
     """Refuse an inversion made with another model (compared by weight fingerprint)."""
     if not isinstance(inversion, Inversion):
         raise InvalidTypeError(f"inversion must be an attnctrl.Inversion (from attnctrl.pipelines.invert or Inversion.load), got {type(inversion).__name__}")
+    if inversion.is_flow:
+        raise InvalidOptionError(
+            f"this is a rectified-flow inversion (method={inversion.method!r}) of an SD3/Flux model; edit it with "
+            "Prompt2PromptSD3Pipeline / Prompt2PromptFluxPipeline, or invert the image again with a UNet method "
+            "(ddim, null-text, negative-prompt, direct, dpl, edit-friendly)"
+        )
     den = denoiser or Denoiser(pipe, height=inversion.height, width=inversion.width)
     identity = den.identity()
     inversion.check_model(identity["name"], identity["fingerprint"])

@@ -143,6 +143,15 @@ def _check_real_image_options(args: argparse.Namespace, real: bool) -> None:
         )
 
 
+def _default_method(pipe: Any, method: str | None) -> str:
+    """--method, or the default inversion of the pipeline's family (UNets: null-text; SD3/Flux: fireflow)."""
+    from ..pipelines.mmdit_control import is_mmdit_pipeline
+
+    if method is not None:
+        return method
+    return "fireflow" if is_mmdit_pipeline(pipe) else "null-text"
+
+
 def cmd_invert(args: argparse.Namespace) -> int:
     from ..pipelines import invert
 
@@ -165,7 +174,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
     check_images(images)
     pipe, model, _ = load_from_args(args)
     inversion = invert(
-        pipe, images, prompts[0] if len(prompts) == 1 else prompts, method=args.method,
+        pipe, images, prompts[0] if len(prompts) == 1 else prompts, method=_default_method(pipe, args.method),
         num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
         inner_steps=args.inner_steps, schedule=args.schedule, words=args.words or None, progress=True,
     )
@@ -223,12 +232,16 @@ def cmd_edit(args: argparse.Namespace) -> int:
         from ..pipelines import invert
         from ..plan import compile_edit
 
-        compile_edit(edit, pipe.tokenizer, prompts)  # a bad edit fails now, not after the inversion
+        from ..pipelines.mmdit_control import is_mmdit_pipeline
+
+        flow = is_mmdit_pipeline(pipe)
+        if not flow:
+            compile_edit(edit, pipe.tokenizer, prompts)  # a bad edit fails now, not after the inversion
         t0 = time.perf_counter()
         inversion = invert(
-            pipe, args.image, args.prompt, method=args.method or "null-text",
+            pipe, args.image, args.prompt, method=_default_method(pipe, args.method),
             num_inference_steps=DEFAULT_STEPS if args.steps is None else args.steps,
-            guidance_scale=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
+            guidance_scale=(None if flow else DEFAULT_GUIDANCE) if args.guidance is None else args.guidance,
             height=None if size is None else size[1], width=None if size is None else size[0],
             progress=True,
         )
@@ -282,7 +295,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "guidance": inversion.guidance_scale if inversion is not None else (DEFAULT_GUIDANCE if args.guidance is None else args.guidance),
         "size": [width, height],
         # editing from an inversion samples with DDIM on the inversion's schedule (the pipeline's is restored after)
-        "scheduler": "DDIMScheduler" if inversion is not None else type(pipe.scheduler).__name__,
+        "scheduler": (f"flow {inversion.method}" if inversion.is_flow else "DDIMScheduler") if inversion is not None else type(pipe.scheduler).__name__,
         "device": str(pipe.device),
         "dtype": str((getattr(pipe, "unet", None) or pipe.transformer).dtype).replace("torch.", ""),
         "threads": torch_threads(),
@@ -678,7 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="edit this real image: invert it first (with --method), the first prompt describing it")
     real.add_argument("--inversion", metavar="FILE",
                       help="edit a real image from an inversion file written by 'attnctrl invert' (or --save-inversion)")
-    e.add_argument("--method", choices=METHODS, default=None, help="with --image: the inversion method (default null-text)")
+    e.add_argument("--method", choices=METHODS, default=None,
+                   help="with --image: the inversion method (default null-text; SD3/Flux: fireflow, or rf-euler, rf-solver, rf-inversion)")
     e.add_argument("--save-inversion", metavar="FILE", help="with --image: also write the inversion to FILE.safetensors")
     e.add_argument("--index", type=int, default=None, metavar="I",
                    help="with --inversion: the image to edit when the file holds several (0-based)")
@@ -721,10 +735,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--prompt", required=True, action="append", metavar="TEXT",
                    help="the caption of the image(s): once for all, or repeated once per image")
     i.add_argument("--model", default=None, help="diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
-    i.add_argument("--method", choices=METHODS, default="null-text", help="inversion method (default null-text)")
+    i.add_argument("--method", choices=METHODS, default=None,
+                   help="inversion method (default null-text; SD3/Flux: fireflow, or rf-euler, rf-solver, rf-inversion)")
     i.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps; the edit uses the same (default {DEFAULT_STEPS})")
-    i.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                   help=f"classifier-free guidance scale the edit will use (default {DEFAULT_GUIDANCE})")
+    i.add_argument("--guidance", type=float, default=None,
+                   help=f"classifier-free guidance scale the edit will use (default {DEFAULT_GUIDANCE}; SD3/Flux: 1 for the "
+                        "flow solvers, 3.5 for rf-inversion)")
     i.add_argument("--height", type=int, default=None, help="with --width: centre-crop and resize to this size (default: see attnctrl.images)")
     i.add_argument("--width", type=int, default=None, help="with --height: centre-crop and resize to this size")
     i.add_argument("--words", nargs="+", metavar="W", help="--method dpl: the nouns to learn (default: found in the prompt)")

@@ -122,10 +122,10 @@ def load_from_args(args: argparse.Namespace) -> tuple[Any, str, float]:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model = args.model
-    if model is None:
-        from ..models import SHAPES
+    if model is None or model in ("shapes", "shapes-flow"):
+        from ..models import SHAPES, SHAPES_FLOW
 
-        model = SHAPES
+        model = SHAPES_FLOW if model == "shapes-flow" else SHAPES  # the embedded models by name
     threads_for(model, device)
     started = time.perf_counter()
     pipe = load_model(model, device, dtype)
