@@ -179,3 +179,57 @@ def test_shapes_flow_identity_and_colour_edit(shapes_flow):
     inside = _psnr(edited, trip, region)
     assert background > inside + 8, (background, inside)
     assert background > 26, background
+
+
+@pytest.fixture(scope="module")
+def red_circle(tmp_path_factory, shapes_flow):
+    path = tmp_path_factory.mktemp("fe") / "red.png"
+    shapes_flow(["a red circle on the left"], num_inference_steps=20, guidance_scale=4.0,
+                generator=torch.Generator().manual_seed(0)).images[0].save(path)
+    return path
+
+
+def test_cli_flow_edit(red_circle, tmp_path, capsys):
+    from PIL import Image
+
+    from attnctrl.cli import main
+    from attnctrl.models.shapes import analyze
+
+    out = tmp_path / "out"
+    code = main(["flow-edit", "--image", str(red_circle), "--prompt", "a red circle on the left", "--to",
+                 "a blue circle on the left", "--steps", "20", "--n-max", "14", "--source-guidance", "1.5",
+                 "--target-guidance", "6", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    record = json.loads((out / "run.json").read_text())
+    assert record["command"] == "flow-edit" and record["n_max"] == 14 and record["edits"][0]["transformer_evaluations"] == 14 * 4
+    assert analyze(Image.open(out / "edit_1.png"))[0].colour == "blue"
+    assert (out / "source.png").is_file() and (out / "grid.png").is_file()
+    # errors: n_max past the steps (exit 2, one line), a UNet model refused with the command to use
+    assert main(["flow-edit", "--image", str(red_circle), "--prompt", "a", "--to", "b", "--steps", "5", "--n-max", "9",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "n_max" in capsys.readouterr().err
+    from attnctrl.models import SHAPES
+
+    assert main(["flow-edit", "--model", SHAPES, "--image", str(red_circle), "--prompt", "a", "--to", "b",
+                 "--out", str(tmp_path / "unet")]) == 2
+    assert "attnctrl edit --image" in capsys.readouterr().err
+
+
+def test_batch_flow_edit(red_circle, tmp_path):
+    from attnctrl.cli.batch import BatchFileError, load_jobs, run_batch
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "fe", "kind": "flow-edit", "image": str(red_circle), "prompt": "a red circle on the left",
+                                "to": ["a blue circle on the left"], "steps": 10, "n_max": 7, "source_guidance": 1.5,
+                                "target_guidance": 6}) + "\n")
+    assert run_batch(str(jobs), str(tmp_path / "out"), progress=False) == 0
+    assert (tmp_path / "out" / "fe" / "edit_1.png").is_file()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "x", "kind": "flow-edit", "image": str(red_circle), "prompt": "a", "to": "b",
+                               "steps": 4, "n_max": 6}) + "\n")
+    with pytest.raises(BatchFileError, match="n_max"):
+        load_jobs(str(bad))
+    bad.write_text(json.dumps({"id": "x", "kind": "flow-edit", "image": str(red_circle), "prompt": "a", "to": "b",
+                               "guidance": 3}) + "\n")
+    with pytest.raises(BatchFileError, match="guidance"):
+        load_jobs(str(bad))

@@ -25,7 +25,12 @@ One job per line (blank lines and lines starting with ``#`` are ignored). Every 
   ``scheduler``, ``efficient``;
 - ``invert-and-edit``: ``image`` (relative to the jobs file's folder), ``method`` (default
   ``null-text``) and the edit fields except ``seed`` and ``scheduler``;
-- ``consistent``: ``subjects`` (``[{"name", "prompt", "word"}, ...]``), ``scenes`` (prompts), ``seed``.
+- ``consistent``: ``subjects`` (``[{"name", "prompt", "word"}, ...]``), ``scenes`` (prompts), ``seed``;
+- ``flow-edit`` (FlowEdit on an SD3/SD3.5 or Flux.1 model; default model: the embedded flow shapes
+  model): ``image``, ``prompt`` (its caption), ``to`` (a target prompt or a list: ``edit_N.png`` each),
+  ``steps``, ``n_max``, ``n_min``, ``n_avg``, ``source_guidance``, ``target_guidance`` (unset: the
+  model family's FlowEdit defaults), ``seed``, ``size``; ``guidance`` is not a field. Example:
+  ``{"id": "fe", "kind": "flow-edit", "image": "photo.png", "prompt": "a red circle", "to": "a blue circle"}``.
 
 The whole file is checked before anything runs; a bad line ends with
 ``error: JOBS.jsonl line N: "FIELD": ...`` and exit code 2. Each finished job leaves ``DIR/ID/job.json``
@@ -73,7 +78,7 @@ from .run import load_model, mask_image, safe_name, set_scheduler, threads_for
 
 __all__ = ["Job", "BatchFileError", "load_jobs", "run_batch", "KINDS"]
 
-KINDS = ("generate", "edit", "invert-and-edit", "consistent")
+KINDS = ("generate", "edit", "invert-and-edit", "consistent", "flow-edit")
 _COMMON = {"id", "kind", "model", "steps", "guidance", "size"}
 _EDIT = {"prompt", "to", "mode", "weights", "blend", "cross", "self"}
 FIELDS: dict[str, set[str]] = {
@@ -81,6 +86,8 @@ FIELDS: dict[str, set[str]] = {
     "edit": _COMMON | _EDIT | {"seed", "scheduler", "efficient"},
     "invert-and-edit": _COMMON | _EDIT | {"image", "method"},
     "consistent": _COMMON | {"subjects", "scenes", "seed"},
+    "flow-edit": (_COMMON - {"guidance"}) | {"image", "prompt", "to", "n_max", "n_min", "n_avg", "source_guidance",
+                                              "target_guidance", "seed"},
 }
 _ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 #: Ids that would collide with the files the batch writes beside the job folders.
@@ -270,6 +277,45 @@ def _prompt(L: _Line, key: str, v: Any) -> str:
         raise L.error(key, str(err)) from None
 
 
+def _shapes_unet() -> str:
+    from ..models import SHAPES
+
+    return SHAPES
+
+
+def _image_path(L: _Line, raw: dict[str, Any], base_dir: str, extra: dict[str, Any]) -> str:
+    image = _string(L, "image", raw.get("image"))
+    path = image if os.path.isabs(image) else os.path.join(base_dir, image)
+    if not os.path.isfile(path):
+        raise L.error("image", f"no such file: {path}")
+    with open(path, "rb") as f:
+        extra["image_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    return os.path.abspath(path)
+
+
+def _flow_edit_params(L: _Line, raw: dict[str, Any], p: dict[str, Any], base_dir: str, extra: dict[str, Any]) -> None:
+    """A flow-edit job: FlowEdit (attnctrl.pipelines.flow_edit); unset numbers are the model family's defaults."""
+    p["image"] = _image_path(L, raw, base_dir, extra)
+    p["prompt"] = _prompt(L, "prompt", raw.get("prompt"))
+    to = raw.get("to")
+    targets = [to] if isinstance(to, str) else to
+    if not isinstance(targets, list) or not targets:
+        raise L.error("to", "expected the target prompt (a string) or a list of them")
+    p["to"] = [_prompt(L, "to", t) for t in targets]
+    p["size"] = _size(L, raw.get("size"))
+    p["seed"] = _int(L, "seed", raw.get("seed", DEFAULT_SEED), 0)
+    p["n_min"] = _int(L, "n_min", raw.get("n_min", 0), 0)
+    p["n_avg"] = _int(L, "n_avg", raw.get("n_avg", 1), 1)
+    for key in ("steps", "n_max"):
+        p[key] = None if raw.get(key) is None else _int(L, key, raw[key], 1)
+    if p["steps"] is not None and p["n_max"] is not None and p["n_max"] > p["steps"]:
+        raise L.error("n_max", f"n_max {p['n_max']} is more than steps {p['steps']}; lower n_max or raise steps")
+    if p["n_max"] is not None and p["n_min"] >= p["n_max"]:
+        raise L.error("n_min", f"n_min {p['n_min']} must be below n_max {p['n_max']}")
+    for key in ("source_guidance", "target_guidance"):
+        p[key] = None if raw.get(key) is None else _finite(L, key, raw[key])
+
+
 def _validate(L: _Line, raw: Any, default_model: str, base_dir: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
     if not isinstance(raw, dict):
         raise L.error(None, f"expected a JSON object ({{\"id\": ..., \"kind\": ...}}), got {type(raw).__name__}")
@@ -285,12 +331,20 @@ def _validate(L: _Line, raw: Any, default_model: str, base_dir: str) -> tuple[st
     if unknown:
         raise L.error(unknown[0], f"not a field of a {kind} job (its fields: {', '.join(sorted(FIELDS[kind]))})")
     model = raw.get("model", default_model)
+    if kind == "flow-edit" and "model" not in raw and default_model == _shapes_unet():
+        from ..models import SHAPES_FLOW
+
+        model = SHAPES_FLOW  # FlowEdit needs a flow model: the embedded one unless the job or --model names another
     model = _string(L, "model", model)
     p: dict[str, Any] = {"model": model}
+    if kind == "flow-edit":
+        extra: dict[str, Any] = {}
+        _flow_edit_params(L, raw, p, base_dir, extra)
+        return job_id, kind, p, extra
     p["steps"] = _int(L, "steps", raw.get("steps", DEFAULT_STEPS), 1)
     p["guidance"] = _finite(L, "guidance", raw.get("guidance", DEFAULT_GUIDANCE))
     p["size"] = _size(L, raw.get("size"))
-    extra: dict[str, Any] = {}
+    extra = {}
     if "seed" in FIELDS[kind]:
         p["seed"] = _int(L, "seed", raw.get("seed", DEFAULT_SEED), 0)
     if "scheduler" in FIELDS[kind] and raw.get("scheduler") is not None:
@@ -482,6 +536,17 @@ def _run_job(job: Job, models: _Models, folder: str) -> list[str]:
         out = pipe(prompts, edit=edit, inversion=inversion)
         files.append(("source.png", out.images[0]))
         files += [(f"edit_{k}.png", im) for k, im in enumerate(out.images[1:], start=1)]
+    elif job.kind == "flow-edit":
+        from ..pipelines import flow_edit
+
+        pipe = models.get(p["model"])
+        size = p["size"]
+        for k, target in enumerate(p["to"], start=1):
+            out = flow_edit(pipe, p["image"], p["prompt"], target, num_inference_steps=p["steps"], n_max=p["n_max"],
+                            n_min=p["n_min"], n_avg=p["n_avg"], source_guidance_scale=p["source_guidance"],
+                            target_guidance_scale=p["target_guidance"], seed=p["seed"], progress=False,
+                            height=None if size is None else size[1], width=None if size is None else size[0])
+            files.append((f"edit_{k}.png", out.images[0]))
     else:
         from ..consistency import IRDiffusion
         from ..pipelines.consistency import Subject

@@ -48,6 +48,7 @@ from .options import (
     resolve_dtype,
 )
 from . import run
+from .flow_edit import EXAMPLES as FLOW_EDIT_EXAMPLES
 from .run import (
     blank_image,
     check_images,
@@ -624,6 +625,7 @@ EXAMPLES = {
     "demo": ["attnctrl demo --out attnctrl-demo"],
     "app": ["attnctrl app", "attnctrl app --model stable-diffusion-v1-5/stable-diffusion-v1-5 --port 8080 --concurrency 2"],
     "backends": ["attnctrl backends"],
+    "flow-edit": FLOW_EDIT_EXAMPLES,
 }
 
 
@@ -837,6 +839,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-models", type=int, default=2, help="loaded models kept in memory (default 2)")
     a.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"default sampling steps in the forms (default {DEFAULT_STEPS})")
     a.set_defaults(func=cmd_app)
+
+    from .flow_edit import add_parser as add_flow_edit_parser
+
+    add_flow_edit_parser(sub)
 
     b = sub.add_parser("backends", help="list the attention kernel backends and whether each can run here")
     b.set_defaults(func=cmd_backends)
