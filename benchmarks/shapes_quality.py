@@ -29,7 +29,8 @@ call per source holds all 5 edited prompts. It reports Replace's mean object IoU
 the worst 5 (shape, pair) cells and every pair's mean and lowest cell, and the background PSNR of
 Replace + LocalBlend (on the first ``--blend-seeds`` seeds), into ``<model>_broad.{md,json}``. With
 several ``--edit-settings`` it first compares them on ``--tuning-seeds`` (disjoint from the reporting
-seeds), then reports the library defaults and the best setting. About 9 minutes per model on one thread:
+seeds), then reports the library defaults and the best setting. On one thread of a busy 2-core machine
+it took 12 minutes for the UNet and 16 for the flow model:
 ``python benchmarks/shapes_quality.py --model shapes --broad --threads 1`` (``--model shapes-flow``).
 """
 
