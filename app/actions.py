@@ -237,6 +237,45 @@ def run_invert(model: LoadedModel, path: str | None, prompt: str, *, method: str
         )
 
 
+def run_flow_edit(model: LoadedModel, path: str | None, caption: str, target: str, *, steps: int | None,
+                  n_max: int | None, source_guidance: float | None, target_guidance: float | None, seed: int) -> tuple[list[Any], str]:
+    """FlowEdit of the uploaded image (SD3/SD3.5 and Flux models only): ([source as read, edit], summary)."""
+    from attnctrl.images import load_image, to_pil
+    from attnctrl.pipelines import flow_edit
+    from attnctrl.pipelines.inversion import image_geometry
+    from attnctrl.pipelines.mmdit_control import is_mmdit_pipeline
+
+    if not is_mmdit_pipeline(model.pipe):
+        raise OptionError(
+            f"FlowEdit needs a rectified-flow model (SD3/SD3.5 or Flux.1, e.g. the embedded flow shapes model "
+            f"{_flow_shapes()!r}); {model.display_name} is a UNet model: use Invert and Edit above instead"
+        )
+    if not path:
+        raise OptionError("Image: upload the image to edit first")
+    caption, target = (caption or "").strip(), (target or "").strip()
+    if not caption:
+        raise OptionError("Caption: give the prompt that describes the image")
+    if not target:
+        raise OptionError("Target prompt: describe what the image should become")
+    native, multiple = image_geometry(model.pipe)
+    with model.lock:
+        pixels = _load_checked(lambda p, **kw: load_image(p, native=native, multiple=multiple), path)
+        out = flow_edit(model.pipe, pixels, caption, target, num_inference_steps=steps, n_max=n_max,
+                        source_guidance_scale=source_guidance, target_guidance_scale=target_guidance, seed=seed, progress=True)
+    summary = (
+        f"FlowEdit of {out.size[0]}x{out.size[1]} on {model.display_name}: {out.num_inference_steps} steps, edited over the "
+        f"last {out.n_max}, guidance {out.source_guidance_scale:g} (source) / {out.target_guidance_scale:g} (target), "
+        f"{out.transformer_evaluations} transformer evaluations, {out.seconds:.1f} s."
+    )
+    return [to_pil(pixels), out.images[0]], summary
+
+
+def _flow_shapes() -> str:
+    from attnctrl.models import SHAPES_FLOW
+
+    return SHAPES_FLOW
+
+
 def inversion_summary(inversion: Any, model: LoadedModel) -> str:
     stats = inversion.stats
     return (

@@ -245,6 +245,21 @@ def build_app(
         return _gallery(result.images, result.captions()), result.summary, result
 
     @guard
+    def flow_edit_real(model_text, path, caption, target, steps_, n_max, source_g, target_g, seed,
+                       progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        steps_ = None if not steps_ else check_int(steps_, "FlowEdit steps", 1, MAX_STEPS)
+        n_max = None if not n_max else check_int(n_max, "n_max", 1, MAX_STEPS)
+        source_g = None if source_g in (None, "") else check_number(source_g, "Source guidance", 0.0, MAX_GUIDANCE)
+        target_g = None if target_g in (None, "") else check_number(target_g, "Target guidance", 0.0, MAX_GUIDANCE)
+        seed = check_int(seed or 0, "Seed", 0, MAX_SEED)
+        progress(0, desc="Loading the model")
+        loaded = cache.get(model_text)
+        progress(0, desc="FlowEdit")
+        images, summary = actions.run_flow_edit(loaded, path, caption, target, steps=steps_, n_max=n_max,
+                                                source_guidance=source_g, target_guidance=target_g, seed=seed)
+        return _gallery(images, ["source (as read)", f"FlowEdit: {target.strip()}"]), summary
+
+    @guard
     def consistent(model_text, subjects_text, scenes_text, isolate, reference, reposition, dropout, mutual_cross,
                    seed, steps_, guidance, size, progress: gr.Progress = gr.Progress(track_tqdm=True)):
         subjects = parse_subjects(subjects_text)
@@ -338,6 +353,19 @@ def build_app(
                     invert_info = gr.Markdown(elem_id="real-invert-info")
                     r = _edit_controls("real", source=False)
                     real_button = gr.Button("Edit", variant="primary", elem_id="real-run")
+                    with gr.Accordion("FlowEdit (SD3/SD3.5 and Flux models: no inversion)", open=False, elem_id="real-flowedit"):
+                        gr.Markdown("Edits the uploaded image from its caption to the target prompt directly (Kulikov et al.). "
+                                    "Needs a flow model, e.g. the embedded flow shapes model; empty numbers = the paper's "
+                                    "defaults (SD3: 50 steps, n_max 33, guidance 3.5 / 13.5; Flux: 28, 24, 1.5 / 5.5).")
+                        fe_target = gr.Textbox(label="Target prompt", elem_id="real-fe-target", placeholder="a blue circle on the left")
+                        with gr.Row():
+                            fe_steps = gr.Number(value=None, precision=0, label="Steps", elem_id="real-fe-steps")
+                            fe_nmax = gr.Number(value=None, precision=0, label="n_max (edit strength)", elem_id="real-fe-nmax")
+                            fe_seed = gr.Number(value=0, precision=0, label="Seed", elem_id="real-fe-seed")
+                        with gr.Row():
+                            fe_src_g = gr.Number(value=None, label="Source guidance", elem_id="real-fe-src-g")
+                            fe_tgt_g = gr.Number(value=None, label="Target guidance", elem_id="real-fe-tgt-g")
+                        fe_button = gr.Button("FlowEdit", variant="primary", elem_id="real-fe-run")
                 with gr.Column(scale=3):
                     preview_image = gr.Image(label="Uploaded image (as attnctrl reads it: RGB, centre-cropped)", type="pil", interactive=False,
                                              elem_id="real-preview")
@@ -415,6 +443,8 @@ def build_app(
         invert_button.click(invert, [model_box, upload, caption, method, inv_steps, inv_guidance],
                             [inversion_state, invert_info], **heavy)
         real_button.click(edit_real, [model_box, inversion_state, *_edit_inputs(r)], [real_gallery, real_info, last], **heavy)
+        fe_button.click(flow_edit_real, [model_box, upload, caption, fe_target, fe_steps, fe_nmax, fe_src_g, fe_tgt_g, fe_seed],
+                        [real_gallery, real_info], **heavy)
         cs_button.click(
             consistent,
             [model_box, subjects_box, scenes_box, isolate, reference, reposition, dropout, mutual_cross,

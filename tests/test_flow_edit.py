@@ -233,3 +233,32 @@ def test_batch_flow_edit(red_circle, tmp_path):
                                "guidance": 3}) + "\n")
     with pytest.raises(BatchFileError, match="guidance"):
         load_jobs(str(bad))
+
+
+def test_app_real_image_flow_edit(red_circle, shapes_flow, sd_pipe):
+    pytest.importorskip("gradio")
+    from attnctrl.app import actions
+    from attnctrl.app.models import LoadedModel
+    from attnctrl.app.options import OptionError
+    from attnctrl.models.shapes import analyze
+
+    flow = LoadedModel(model="shapes-flow", device="cpu", dtype=torch.float32, pipe=shapes_flow)
+    images, summary = actions.run_flow_edit(flow, str(red_circle), "a red circle on the left", "a blue circle on the left",
+                                            steps=20, n_max=14, source_guidance=1.5, target_guidance=6.0, seed=0)
+    assert len(images) == 2 and analyze(images[1])[0].colour == "blue"
+    assert "56 transformer evaluations" in summary
+    unet = LoadedModel(model="tiny", device="cpu", dtype=torch.float32, pipe=sd_pipe)
+    with pytest.raises(OptionError, match="UNet model"):
+        actions.run_flow_edit(unet, str(red_circle), "a", "b", steps=None, n_max=None, source_guidance=None,
+                              target_guidance=None, seed=0)
+    with pytest.raises(OptionError, match="Target prompt"):
+        actions.run_flow_edit(flow, str(red_circle), "a red circle", " ", steps=None, n_max=None, source_guidance=None,
+                              target_guidance=None, seed=0)
+
+
+def test_app_builds_with_the_flow_edit_section():
+    pytest.importorskip("gradio")
+    from attnctrl.app.ui import build_app
+
+    demo = build_app()
+    assert "real-fe-run" in json.dumps(demo.config, default=str)
