@@ -262,3 +262,18 @@ def test_app_builds_with_the_flow_edit_section():
 
     demo = build_app()
     assert "real-fe-run" in json.dumps(demo.config, default=str)
+
+
+def test_cli_help_examples_parse(capsys):
+    import shlex
+
+    from attnctrl.cli import commands
+
+    parser = commands.build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["flow-edit", "--help"])
+    shown = capsys.readouterr().out
+    assert "examples:\n  attnctrl flow-edit" in shown and "n_max 33" in shown
+    for line in commands.EXAMPLES["flow-edit"]:
+        assert line in shown
+        assert parser.parse_args(shlex.split(line)[1:]).command == "flow-edit"
