@@ -277,3 +277,29 @@ def test_cli_help_examples_parse(capsys):
     for line in commands.EXAMPLES["flow-edit"]:
         assert line in shown
         assert parser.parse_args(shlex.split(line)[1:]).command == "flow-edit"
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_schedule_is_the_pipelines_own(tokenizer, t5_tokenizer, family):
+    """The sigmas FlowEdit walks are those the stock pipeline samples with (SD3's shift; Flux's
+    resolution-dependent mu under dynamic shifting), and the pipeline's scheduler is left alone."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
+
+    from attnctrl.pipelines.flow_edit import _sigmas
+
+    if family == "sd3":
+        pipe = build_sd3(tokenizer, t5_tokenizer, cls=StableDiffusion3Pipeline, layers=1)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        seq_len = 64
+    else:
+        pipe = build_flux(tokenizer, t5_tokenizer, cls=FluxPipeline, double=1, single=1)
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+        seq_len = 64
+    pipe("a red cat", num_inference_steps=7, height=32, width=32, max_sequence_length=T5_LENGTH, output_type="latent",
+         generator=torch.Generator().manual_seed(0))
+    stock = pipe.scheduler.sigmas.clone()
+    _, sigmas = _sigmas(pipe, family, 7, seq_len, "cpu")
+    torch.testing.assert_close(sigmas, stock.float(), atol=1e-6, rtol=0)
+    flow_edit(pipe, _image(), "a red cat", "a blue cat", num_inference_steps=5, n_max=3, height=32, width=32,
+              max_sequence_length=T5_LENGTH, progress=False)
+    torch.testing.assert_close(pipe.scheduler.sigmas, stock)
