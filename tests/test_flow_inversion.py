@@ -190,3 +190,26 @@ def test_cli_invert_and_edit(image, tmp_path):
         code = cli.main(["invert", str(image_path), "--model", "shapes-flow", "--method", "null-text", "--prompt", PROMPT,
                          "--steps", "2", "-o", str(tmp_path / "bad.safetensors")])
     assert code != 0 and "rf-solver" in err.getvalue()
+
+
+def test_batch_invert_and_edit(image, tmp_path):
+    import json
+
+    from attnctrl import cli
+    from attnctrl.models import SHAPES_FLOW
+
+    image.save(tmp_path / "in.png")
+    jobs = [
+        {"id": "flow", "kind": "invert-and-edit", "model": SHAPES_FLOW, "image": "in.png", "method": "fireflow",
+         "prompt": PROMPT, "to": EDITED, "steps": 4},
+        {"id": "default", "kind": "invert-and-edit", "model": SHAPES_FLOW, "image": "in.png", "prompt": PROMPT, "to": EDITED, "steps": 4},
+        {"id": "bad", "kind": "invert-and-edit", "model": SHAPES_FLOW, "image": "in.png", "method": "null-text",
+         "prompt": PROMPT, "to": EDITED, "steps": 4},
+    ]
+    (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(j) for j in jobs) + "\n", encoding="utf-8")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        cli.main(["batch", str(tmp_path / "jobs.jsonl"), "--out", str(tmp_path / "out"), "--no-progress"])
+    assert (tmp_path / "out" / "flow" / "edit_1.png").exists() and (tmp_path / "out" / "default" / "edit_1.png").exists()
+    assert not (tmp_path / "out" / "bad" / "edit_1.png").exists()
+    text = "".join(p.read_text() for p in (tmp_path / "out").rglob("*.json*"))
+    assert "rf-solver" in text  # the refusal names the flow methods

@@ -24,7 +24,7 @@ One job per line (blank lines and lines starting with ``#`` are ignored). Every 
   (a fraction, a ``[start, end]`` pair, or ``{"default": ..., "WORD": ...}``), ``self``, ``seed``,
   ``scheduler``, ``efficient``;
 - ``invert-and-edit``: ``image`` (relative to the jobs file's folder), ``method`` (default
-  ``null-text``) and the edit fields except ``seed`` and ``scheduler``;
+  ``null-text``; SD3/Flux models: ``fireflow``, or ``rf-euler``, ``rf-solver``, ``rf-inversion``) and the edit fields except ``seed`` and ``scheduler``;
 - ``consistent``: ``subjects`` (``[{"name", "prompt", "word"}, ...]``), ``scenes`` (prompts), ``seed``;
 - ``flow-edit`` (FlowEdit on an SD3/SD3.5 or Flux.1 model; default model: the embedded flow shapes
   model): ``image``, ``prompt`` (its caption), ``to`` (a target prompt or a list: ``edit_N.png`` each),
@@ -371,9 +371,11 @@ def _validate(L: _Line, raw: Any, default_model: str, base_dir: str) -> tuple[st
         path = image if os.path.isabs(image) else os.path.join(base_dir, image)
         if not os.path.isfile(path):
             raise L.error("image", f"no such file: {path}")
-        method = raw.get("method", "null-text")
-        if method not in METHODS:
+        method = raw.get("method")  # None: null-text on UNets, fireflow on SD3/Flux (decided with the model)
+        if method is not None and method not in METHODS:
             raise L.error("method", f"expected one of {', '.join(METHODS)}, got {json.dumps(method)}")
+        if raw.get("guidance") is None:
+            p["guidance"] = None  # the method's default (UNets 7.5; SD3/Flux: 1, rf-inversion 3.5)
         p.update(image=os.path.abspath(path), method=method)
         with open(path, "rb") as f:
             extra["image_sha256"] = hashlib.sha256(f.read()).hexdigest()
@@ -528,10 +530,16 @@ def _run_job(job: Job, models: _Models, folder: str) -> list[str]:
         pipe = models.get(p["model"])
         prompts = [p["prompt"]] + p["to"]
         edit = _build(p)
-        compile_edit(edit, pipe.tokenizer, prompts)  # a bad edit fails before the inversion
+        from ..pipelines.mmdit_control import is_mmdit_pipeline
+
+        flow = is_mmdit_pipeline(pipe)
+        if not flow:
+            compile_edit(edit, pipe.tokenizer, prompts)  # a bad edit fails before the inversion
         size = p["size"]
-        inversion = invert(pipe, p["image"], p["prompt"], method=p["method"], num_inference_steps=p["steps"],
-                           guidance_scale=p["guidance"], height=None if size is None else size[1],
+        method = p["method"] or ("fireflow" if flow else "null-text")
+        guidance = p["guidance"] if p["guidance"] is not None or flow else DEFAULT_GUIDANCE
+        inversion = invert(pipe, p["image"], p["prompt"], method=method, num_inference_steps=p["steps"],
+                           guidance_scale=guidance, height=None if size is None else size[1],
                            width=None if size is None else size[0])
         out = pipe(prompts, edit=edit, inversion=inversion)
         files.append(("source.png", out.images[0]))
