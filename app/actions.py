@@ -281,7 +281,9 @@ def inversion_summary(inversion: Any, model: LoadedModel) -> str:
     return (
         f"{inversion.method} inversion of {inversion.width}x{inversion.height} on {model.display_name}: "
         f"{inversion.num_inference_steps} steps, guidance {inversion.guidance_scale:g}, "
-        f"{stats.get('unet_evaluations', '?')} UNet evaluations, {float(stats.get('seconds', 0.0)):.1f} s. "
+        + (f"{stats.get('transformer_evaluations', '?')} transformer evaluations, " if inversion.is_flow
+           else f"{stats.get('unet_evaluations', '?')} UNet evaluations, ")
+        + f"{float(stats.get('seconds', 0.0)):.1f} s. "
         f"Caption: {inversion.prompts[0]!r}. Now give edited prompts and press Edit (as often as you like)."
     )
 

@@ -346,9 +346,11 @@ def build_app(
                     caption = gr.Textbox(label="Caption (the source prompt)", elem_id="real-caption",
                                          placeholder="a red circle on the left")
                     with gr.Row():
-                        method = gr.Dropdown(list(METHODS), value="null-text", label="Inversion method", elem_id="real-method")
+                        method = gr.Dropdown(list(METHODS), value="null-text", label="Inversion method", elem_id="real-method",
+                                             info="UNets: null-text, ddim, ...; SD3/Flux: fireflow, rf-solver, rf-euler, rf-inversion")
                         inv_steps = gr.Slider(1, 100, value=steps, step=1, label="Steps", elem_id="real-steps")
-                        inv_guidance = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance", elem_id="real-guidance")
+                        inv_guidance = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance", elem_id="real-guidance",
+                                                  info="SD3/Flux: 1 for the flow solvers, 3.5 for rf-inversion")
                     invert_button = gr.Button("Invert", variant="primary", elem_id="real-invert")
                     invert_info = gr.Markdown(elem_id="real-invert-info")
                     r = _edit_controls("real", source=False)

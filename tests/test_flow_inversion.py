@@ -213,3 +213,20 @@ def test_batch_invert_and_edit(image, tmp_path):
     assert not (tmp_path / "out" / "bad" / "edit_1.png").exists()
     text = "".join(p.read_text() for p in (tmp_path / "out").rglob("*.json*"))
     assert "rf-solver" in text  # the refusal names the flow methods
+
+
+def test_app_real_image_tab_actions(flow_pipe, image, tmp_path):
+    from attnctrl.app import actions, options
+    from attnctrl.app.models import LoadedModel
+    from attnctrl.errors import AttnctrlError
+
+    path = tmp_path / "in.png"
+    image.save(path)
+    model = LoadedModel(model="shapes-flow", device="cpu", dtype=torch.float32, pipe=flow_pipe)
+    inv = actions.run_invert(model, str(path), PROMPT, method="rf-solver", steps=4, guidance=1.0)
+    assert inv.method == "rf-solver" and "8 transformer evaluations" in actions.inversion_summary(inv, model)
+    form = options.edit_form(PROMPT, EDITED, "replace", "", "", 0.8, "", 0.4)
+    result = actions.run_edit_inversion(model, inv, form)
+    assert len(result.images) == 2
+    with pytest.raises(AttnctrlError, match="fireflow"):
+        actions.run_invert(model, str(path), PROMPT, method="null-text", steps=4, guidance=7.5)
