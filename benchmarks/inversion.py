@@ -50,7 +50,7 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / (a.float() - b.float()).pow(2).mean().clamp_min(1e-12)))
 
 
-def colour_swap(pipe, inv, prompt: str) -> dict | None:
+def colour_swap(pipe, inv, prompt: str, **call) -> dict | None:
     """Edit the single-object prompt's colour word to another colour from ``inv``; None when the
     prompt has no single colour + shape to swap."""
     import numpy as np
@@ -66,7 +66,7 @@ def colour_swap(pipe, inv, prompt: str) -> dict | None:
     names = list(COLOURS)
     target = names[(names.index(colours[0]) + 3) % len(names)]
     edited_prompt = prompt.replace(colours[0], target, 1)
-    out = pipe([prompt, edited_prompt], edit=attnctrl.Replace(blend=attnctrl.LocalBlend([shapes[0]])), inversion=inv)
+    out = pipe([prompt, edited_prompt], edit=attnctrl.Replace(blend=attnctrl.LocalBlend([shapes[0]])), inversion=inv, **call)
     source, edited = analyze(out.images[0]), analyze(out.images[1])
     a = np.asarray(out.images[0], dtype=np.float32) / 255
     b = np.asarray(out.images[1], dtype=np.float32) / 255
@@ -269,6 +269,8 @@ def flow_main(args: argparse.Namespace) -> int:
             quality.append(psnr(reconstruct(pipe, inv)[0], ref))
             if args.edits:
                 swaps.setdefault(name, []).append(colour_swap(pipe, inv, prompt))
+                if options["method"] != "rf-inversion":
+                    swaps.setdefault(f"{name} + pin_source", []).append(colour_swap(pipe, inv, prompt, pin_source=True))
         results[name] = dict(evaluations=statistics.mean(evals), seconds=statistics.mean(seconds), psnr=statistics.mean(quality),
                              psnr_worst=min(quality), psnr_each=quality, guidance=inv.guidance_scale)
         print(f"{name}: {results[name]}", file=sys.stderr, flush=True)

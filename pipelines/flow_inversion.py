@@ -425,12 +425,15 @@ def flow_sample(
     *,
     step_end: Callable[[int, float, torch.Tensor], torch.Tensor] | None = None,
     interrupted: Callable[[], bool] | None = None,
+    pin_source: bool = False,
 ) -> torch.Tensor:
     """Sample ``len(prompts) * images_per_prompt`` rows (row ``p * n + i`` = prompt ``p``, image
     ``i``) from the inversion's noise with its method's solver; returns (rows, C, h, w) latents.
 
     ``step_end(i, timestep, latents)`` gets the pipeline-layout latents (Flux: packed) after step
-    ``i`` and returns them, maybe changed (LocalBlend)."""
+    ``i`` and returns them, maybe changed (LocalBlend). ``pin_source``: put the source rows back on
+    the inverted trajectory after every step (as Direct Inversion does on UNets): the source row
+    then ends exactly on the encoded image, whatever the solver's error."""
     n = int(images_per_prompt)
     text = den.encode([p for p in prompts for _ in range(n)], inversion.guidance_scale)
     sigmas = inversion.sigmas.double()
@@ -468,6 +471,8 @@ def flow_sample(
             break
         state["step"] = i
         x = solver.step(x, float(sigmas[i]), float(sigmas[i + 1]))
+        if pin_source:
+            x[:n] = inversion.latents[i + 1].to(x.device, x.dtype)
         if step_end is not None:
             x = den.unpack(step_end(i, float(sigmas[i]) * 1000, den.pack(x)).float())
     return x

@@ -56,6 +56,7 @@ class _JointPrompt2PromptCall:
         edit: Edit | None = None,
         *,
         inversion: Inversion | None = None,
+        pin_source: bool = False,
         structure: ImageQK | None = None,
         map_blocks: Sequence[int] | None = None,
         attention_store: bool = True,
@@ -82,9 +83,11 @@ class _JointPrompt2PromptCall:
             if kwargs.get(embeds) is not None:
                 raise PromptMismatchError(f"{embeds}= cannot be combined with Prompt-to-Prompt: the edit is defined on the prompts' words")
         self._refuse_options(kwargs)
+        if pin_source and inversion is None:
+            raise InvalidOptionError("pin_source applies to editing from an inversion (inversion=)")
         if inversion is not None:
             return self._edit_inversion(
-                prompts, edit, inversion, structure=structure, map_blocks=map_blocks, attention_store=attention_store,
+                prompts, edit, inversion, pin_source=bool(pin_source), structure=structure, map_blocks=map_blocks, attention_store=attention_store,
                 materialise=materialise, backend=backend, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
                 latents=latents, max_sequence_length=max_sequence_length, callback_on_step_end=callback_on_step_end,
                 callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, return_dict=return_dict,
@@ -112,7 +115,7 @@ class _JointPrompt2PromptCall:
         return result if return_dict else (result.images, result.attention)
 
     def _edit_inversion(
-        self, prompts: list[str], edit: Edit | None, inversion: Inversion, *, structure: Any, map_blocks: Any,
+        self, prompts: list[str], edit: Edit | None, inversion: Inversion, *, pin_source: bool, structure: Any, map_blocks: Any,
         attention_store: bool, materialise: bool, backend: str | None, height: int | None, width: int | None,
         num_images_per_prompt: int | None, latents: Any, max_sequence_length: int | None, callback_on_step_end: Any,
         callback_on_step_end_tensor_inputs: list[str], return_dict: bool, generator: Any, kwargs: dict,
@@ -164,7 +167,8 @@ class _JointPrompt2PromptCall:
             def step_end(i: int, t: float, lat: torch.Tensor) -> torch.Tensor:
                 return callback(self, i, torch.tensor(t), {"latents": lat}).get("latents", lat)
 
-            final = flow_sample(den, inversion, prompts, m, step_end=step_end, interrupted=lambda: bool(getattr(self, "_interrupt", False)))
+            final = flow_sample(den, inversion, prompts, m, step_end=step_end, interrupted=lambda: bool(getattr(self, "_interrupt", False)),
+                                pin_source=pin_source)
             controller = session.controller
             has_blend = controller.plan is not None and controller.plan.blend is not None
             masks = controller.blend_masks(self._mask_hw(inversion.height, inversion.width)) if has_blend else None
@@ -229,6 +233,13 @@ class Prompt2PromptSD3Pipeline(_JointPrompt2PromptCall, StableDiffusion3Pipeline
         attention_store: record word maps (``out.attention.word_maps(i, word)``).
         materialise: the explicit reference attention instead of the fused kernels.
         backend: kernel backend name (None = best available).
+        inversion: an SD3 flow inversion (:func:`attnctrl.pipelines.invert` with ``"rf-solver"``,
+            ``"fireflow"``, ``"rf-euler"`` or ``"rf-inversion"``): every row starts from its noise and
+            is sampled with its solver; the source row is the reconstruction. Steps, guidance and
+            size come from the inversion.
+        pin_source: with ``inversion``: put the source row back on the inverted trajectory after
+            every step (Direct Inversion's correction), so it is the encoded image exactly and the
+            edited rows read its attention from the true trajectory.
 
     Word positions come from the CLIP tokenizer (77 tokens) and, when ``text_encoder_3`` is loaded,
     the T5 tokenizer (``max_sequence_length`` tokens after them). Every row starts from the same noise.

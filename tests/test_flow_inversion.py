@@ -161,14 +161,16 @@ def test_flux_inversion_and_edit(flux, image):
 def test_half_precision(flow_pipe, image, dtype):
     from attnctrl.pipelines import invert, reconstruct
 
-    half = type(flow_pipe).from_pipe(flow_pipe, dtype=flow_pipe.dtype)
-    half = half.to(dtype=dtype)
-    try:
-        inv = invert(half, image, PROMPT, method="fireflow", num_inference_steps=4, progress=False)
-        assert inv.latents.dtype == torch.float32 and bool(torch.isfinite(inv.latents).all())
-        assert bool(torch.isfinite(reconstruct(half, inv)).all())
-    finally:
-        half.to(dtype=torch.float32)
+    from attnctrl.models import SHAPES_FLOW
+    from attnctrl.pipelines import load_pipeline
+
+    half = load_pipeline(SHAPES_FLOW, dtype=dtype)  # its own copy: casting shared modules would round flow_pipe's weights
+    half.set_progress_bar_config(disable=True)
+    inv = invert(half, image, PROMPT, method="fireflow", num_inference_steps=4, progress=False)
+    assert inv.latents.dtype == torch.float32 and bool(torch.isfinite(inv.latents).all())
+    assert half.transformer.dtype == dtype and bool(torch.isfinite(reconstruct(half, inv)).all())
+    out = half([PROMPT, EDITED], edit=Replace(), inversion=inv, output_type="pt")
+    assert bool(torch.isfinite(out.images).all())
 
 
 def test_cli_invert_and_edit(image, tmp_path):
@@ -230,3 +232,11 @@ def test_app_real_image_tab_actions(flow_pipe, image, tmp_path):
     assert len(result.images) == 2
     with pytest.raises(AttnctrlError, match="fireflow"):
         actions.run_invert(model, str(path), PROMPT, method="null-text", steps=4, guidance=7.5)
+
+
+def test_pin_source_puts_the_source_row_on_the_trajectory(flow_pipe, inversions, vae_round_trip):
+    inv = inversions["rf-euler"]
+    out = flow_pipe([PROMPT, EDITED], edit=Replace(), inversion=inv, pin_source=True, output_type="pt")
+    assert psnr(out.images[0:1], vae_round_trip) > 60  # Euler alone reconstructs at ~25 dB (10 steps)
+    with pytest.raises(InvalidOptionError, match="pin_source"):
+        flow_pipe([PROMPT, EDITED], edit=Replace(), pin_source=True, num_inference_steps=2)
