@@ -143,6 +143,7 @@ class EditController(BlendSteps, Clocked):
             attend=None if is_cross else attend,
             inject_kv=inject_kv,
             kv_masks=kv_masks,
+            inject_keys=inject_kv and self.plan.kv.share == "kv",
         )
         if probs is not None:
             self._record(hw, probs)

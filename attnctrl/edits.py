@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping, Sequence, Union
 
-from .errors import InvalidScheduleError, InvalidTypeError, InvalidWeightError
+from .errors import InvalidOptionError, InvalidScheduleError, InvalidTypeError, InvalidWeightError
 
 #: Largest magnitude of a Reweight factor. The factor scales a word's value rows: far beyond the
 #: useful range (about -5 to 10) it overflows float16 (65504) and turns the image into NaN.
@@ -231,6 +231,9 @@ FLUX_VITAL_LAYERS: tuple[tuple[str, int], ...] = (
 )
 #: Stable Flow's step window: every step.
 STABLE_FLOW_STEPS: tuple[float, float] = (0.0, 1.0)
+#: RF-Solver-Edit's feature sharing: the source's values in every single-stream block of Flux for
+#: the first steps (its examples inject 2..8 of 30 steps; 0.2 = 6 of 30).
+FEATURE_SHARING_STEPS: tuple[float, float] = (0.0, 0.2)
 
 
 @dataclass(frozen=True)
@@ -251,9 +254,10 @@ class KVInjection:
             (``(0.08, 1.0)``), or every step with ``layers="vital"`` (Stable Flow).
         layers: which layers, in call order: a fraction in [0, 1] (from that share of the layers
             on; default 10/16, MasaCtrl's layer 10 of SD 1.5's 16), an int (from that layer index
-            on), a tuple of layer indices, or ``"vital"``: Stable Flow's vital layers of Flux.1
+            on), a tuple of layer indices, ``"vital"``: Stable Flow's vital layers of Flux.1
             (double-stream blocks 0, 1, 17, 18 and single-stream blocks 9, 34, 35, 37, 6; Flux.1's
-            depth only, refused elsewhere).
+            depth only, refused elsewhere), or ``"single"``: every single-stream block of a Flux
+            (RF-Solver-Edit's feature sharing, :meth:`feature_sharing`).
         base: a word edit (:class:`Replace`, :class:`Refine`, :class:`Reweight`) applied as well: its
             cross-attention edit, self-attention window and LocalBlend keep their meaning; in a layer
             and step where K/V injection is active it takes precedence over the base's
@@ -265,6 +269,9 @@ class KVInjection:
             the subject read only the source's subject keys, the others only its background
             keys, so subject and background do not bleed into each other (UNets only).
         mask_threshold: MasaCtrl's 0.1.
+        share: ``"kv"`` (keys and values, MasaCtrl and Stable Flow) or ``"v"``: values only
+            (RF-Solver-Edit's feature sharing): the edited rows keep their own keys, so where each
+            query looks follows the edited prompt, and read the source's content there.
     """
 
     steps: Window | None = None
@@ -272,15 +279,27 @@ class KVInjection:
     base: "Replace | Refine | Reweight | None" = None
     mask_words: tuple[str, str] | None = None
     mask_threshold: float = 0.1
+    share: str = "kv"
+
+    @classmethod
+    def feature_sharing(cls, steps: Window = FEATURE_SHARING_STEPS, base: "Replace | Refine | Reweight | None" = None) -> "KVInjection":
+        """RF-Solver-Edit's feature sharing on Flux: the source's values (not keys) in every
+        single-stream block for the first ``steps`` (default 20% of the steps)."""
+        return cls(steps=steps, layers="single", base=base, share="v")
 
     def __post_init__(self) -> None:
         layers = self.layers
         if self.steps is None:
             object.__setattr__(self, "steps", STABLE_FLOW_STEPS if layers == "vital" else MASACTRL_STEPS)
         object.__setattr__(self, "steps", normalize_window(self.steps, "KVInjection.steps"))
+        if self.share not in ("kv", "v"):
+            raise InvalidOptionError(f"KVInjection.share must be 'kv' (keys and values) or 'v' (values only), got {self.share!r}")
         if isinstance(layers, str):
-            if layers != "vital":
-                raise InvalidScheduleError(f"KVInjection.layers as a name must be 'vital' (Stable Flow's Flux.1 layers), got {layers!r}")
+            if layers not in ("vital", "single"):
+                raise InvalidScheduleError(
+                    f"KVInjection.layers as a name must be 'vital' (Stable Flow's Flux.1 layers) or 'single' (Flux's "
+                    f"single-stream blocks), got {layers!r}"
+                )
         elif isinstance(layers, bool):
             raise InvalidScheduleError(f"KVInjection.layers must be a fraction, a start index or a tuple of indices, got {layers!r}")
         elif isinstance(layers, float):
@@ -319,8 +338,8 @@ class KVInjection:
     def layer_selected(self, index: int, num_layers: int) -> bool:
         """Whether layer ``index`` (of ``num_layers``, call order) injects (``"vital"`` is resolved
         by the model's adapter, not here)."""
-        if self.layers == "vital":
-            raise InvalidScheduleError("KVInjection(layers='vital') names Flux.1 blocks; it is resolved by the model, not by index")
+        if isinstance(self.layers, str):
+            raise InvalidScheduleError(f"KVInjection(layers={self.layers!r}) names Flux blocks; it is resolved by the model, not by index")
         if isinstance(self.layers, tuple):
             return index in self.layers
         start = round(self.layers * num_layers) if isinstance(self.layers, float) else self.layers

@@ -302,6 +302,7 @@ def joint_edited_attention(
     cross: CrossStep | None = None,
     replace_qk: bool = False,
     inject_kv: bool = False,
+    inject_keys: bool = True,
     want_probs: bool = False,
     materialise: bool = False,
     backend: str | None = None,
@@ -317,7 +318,7 @@ def joint_edited_attention(
         replace_qk: edited rows take the source row's image queries and keys (:class:`ImageQK`).
         inject_kv: edited rows take the source row's image keys and values (:class:`attnctrl.KVInjection`,
             Stable Flow), in both halves of a guided batch; it takes precedence over ``replace_qk``.
-            Text keys and values stay each row's.
+            Text keys and values stay each row's. ``inject_keys=False``: values only (feature sharing).
         want_probs: also return the head-averaged T2I probabilities of the conditional rows,
             (cond rows, image tokens, text tokens) float32 (what the word maps record).
         materialise: the explicit reference (builds the full probability matrix).
@@ -338,9 +339,10 @@ def joint_edited_attention(
         # Both halves of a guided batch inject (MasaCtrl; the unconditional edited rows read the
         # unconditional source), so guidance does not pull the edit back to its own appearance.
         kv_rows = layout.kv_sources(q.shape[0], q.device)
-        k = k.clone()
+        if inject_keys:
+            k = k.clone()
+            k[:, :, image] = k[:, :, image].index_select(0, kv_rows)
         v = v.clone()
-        k[:, :, image] = k[:, :, image].index_select(0, kv_rows)
         v[:, :, image] = v[:, :, image].index_select(0, kv_rows)
     elif replace_qk and has_rows:
         q = q.clone()
@@ -486,6 +488,14 @@ def kv_layers(kv: KVInjection, joint_layers: Sequence[str]) -> frozenset[str]:
                 "layers=(0, 1, 2) (call order: double-stream blocks first), or a fraction of the layers"
             )
         return frozenset(names)
+    if kv.layers == "single":
+        single = [name for name in layers if name.startswith("single_transformer_blocks.")]
+        if not single:
+            raise InvalidOptionError(
+                "KVInjection(layers='single') is every single-stream block of a Flux; this transformer has none "
+                "(SD3): give joint-layer indices or a fraction of the layers"
+            )
+        return frozenset(single)
     if isinstance(kv.layers, tuple):
         bad = [i for i in kv.layers if i >= len(layers)]
         if bad:
@@ -606,7 +616,7 @@ class JointEditController(BlendSteps, Clocked):
         )
         out, probs = joint_edited_attention(
             q, k, v, layout=layout, text=text, image=image, cross=cross, replace_qk=replace_qk,
-            inject_kv=inject_kv, want_probs=record, materialise=self.materialise, backend=self.backend, attend=attend,
+            inject_kv=inject_kv, inject_keys=inject_kv and self.plan.kv.share == "kv", want_probs=record, materialise=self.materialise, backend=self.backend, attend=attend,
         )
         if probs is not None:
             self._record(probs)

@@ -148,6 +148,7 @@ def edited_attention(
     attend: SelfAttend | None = None,
     inject_kv: bool = False,
     kv_masks: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    inject_keys: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention with the Prompt-to-Prompt edit of this call.
 
@@ -173,13 +174,16 @@ def edited_attention(
             background keys (B, 1, 1, M), subject queries (B, 1, N, 1))``; queries on the subject
             attend to the subject keys only, the others to the background keys (rows that are not
             edited pass all-True key masks, so they are unchanged).
+        inject_keys: with ``inject_kv``, also the keys (False: values only, feature sharing).
 
     Returns:
         ``(out, probs)`` with ``out`` of shape (batch, heads, N, Dv).
     """
     if inject_kv and layout.num_edited > 0:
         sources_of = layout.kv_sources(q.shape[0], q.device)
-        k, v = k.index_select(0, sources_of), v.index_select(0, sources_of)
+        if inject_keys:
+            k = k.index_select(0, sources_of)
+        v = v.index_select(0, sources_of)
         replace_self = False
         if kv_masks is not None:
             if attend is not None:

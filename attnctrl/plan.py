@@ -280,9 +280,9 @@ def compile_edit(edit: Replace | Refine | Reweight | KVInjection, tokenizer: Any
 def _compile_kv_injection(edit: KVInjection, tokenizer: Any, prompts: Sequence[str]) -> EditPlan:
     """A K/V injection on a UNet, with its base word edit's plan when chained, else
     :func:`kv_only_plan`."""
-    if edit.layers == "vital":
+    if isinstance(edit.layers, str):
         raise InvalidOptionError(
-            "KVInjection(layers='vital') names Stable Flow's Flux.1 blocks; on a UNet give the self-attention layers "
+            f"KVInjection(layers={edit.layers!r}) names Flux blocks; on a UNet give the self-attention layers "
             "as a fraction (MasaCtrl: 10/16), a start index or indices"
         )
     if edit.base is not None:

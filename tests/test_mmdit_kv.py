@@ -63,6 +63,13 @@ def test_edited_rows_read_the_source_image_keys_and_values(text_first):
         keys[:, image], values[:, image] = k[source][:, image], v[source][:, image]
         expected = softmax_probs(q[row:row + 1], keys[None], scale=8**-0.5, mask=None) @ values[None]
         assert torch.allclose(out[row:row + 1], expected, atol=1e-12), row
+    # values only (feature sharing): own keys, the source's image values
+    shared, _ = joint_edited_attention(q, k, v, layout=layout, text=text, image=image, inject_kv=True, inject_keys=False)
+    for row, source in ((1, 0), (3, 2)):
+        values = v[row].clone()
+        values[:, image] = v[source][:, image]
+        expected = softmax_probs(q[row:row + 1], k[row:row + 1], scale=8**-0.5, mask=None) @ values[None]
+        assert torch.allclose(shared[row:row + 1], expected, atol=1e-12), row
     # precedence over the image q/k replacement, and the materialised reference agrees
     both, _ = joint_edited_attention(q, k, v, layout=layout, text=text, image=image, inject_kv=True, replace_qk=True)
     assert torch.equal(both, out)
@@ -85,6 +92,13 @@ def test_layer_selection_and_vital_preset():
         kv_layers(KVInjection(layers=(60,)), layers)
     with pytest.raises(attnctrl.errors.InvalidScheduleError, match="'vital'"):
         KVInjection(layers="late")
+    sharing = KVInjection.feature_sharing()
+    assert sharing.share == "v" and sharing.steps == (0.0, 0.2)
+    assert kv_layers(sharing, layers) == set(layers[19:])
+    with pytest.raises(InvalidOptionError, match="single-stream"):
+        kv_layers(sharing, layers[:19])
+    with pytest.raises(InvalidOptionError, match="share"):
+        KVInjection(share="k")
 
 
 def test_structure_window_of_an_injection():
@@ -96,8 +110,9 @@ def test_structure_window_of_an_injection():
 def test_unet_only_and_mmdit_only_options(tokenizer):
     from attnctrl.plan import compile_edit
 
-    with pytest.raises(InvalidOptionError, match="Flux.1"):
-        compile_edit(KVInjection(layers="vital"), tokenizer, ["a cat", "a dog"])
+    for layers in ("vital", "single"):
+        with pytest.raises(InvalidOptionError, match="Flux blocks"):
+            compile_edit(KVInjection(layers=layers), tokenizer, ["a cat", "a dog"])
 
 
 # ---- pipelines -----------------------------------------------------------------------------------------------
@@ -124,6 +139,28 @@ def test_chained_with_a_word_edit_fused_equals_materialised(pipe):
         pipe.to(torch.float32)
     assert (fused - ref).abs().max().item() <= 1e-9
     assert (fused[1] - without[1]).abs().max().item() > 1e-4
+
+
+def test_feature_sharing_on_flux(tokenizer, t5_tokenizer):
+    """Values-only sharing in Flux's single-stream blocks: the source row is untouched, the edited row
+    changes, and with one prompt twice it is the plain generation."""
+    flux = build_flux(tokenizer, t5_tokenizer)
+    plain = run(flux, None, attention_store=False)
+    shared = run(flux, KVInjection.feature_sharing(steps=(0.0, 1.0)))
+    assert torch.allclose(shared[0], plain[0], atol=1e-6)
+    assert not torch.allclose(shared[1], plain[1], atol=1e-4)
+    full = run(flux, KVInjection(steps=(0.0, 1.0), layers="single"))
+    assert not torch.allclose(full[1], shared[1], atol=1e-4)  # keys matter
+
+
+def test_values_only_on_a_unet(sd_pipe):
+    prompts = ["a cat sitting on the grass", "a cat jumping on the grass"]
+    kwargs = dict(num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="latent")
+    both = sd_pipe(prompts, edit=KVInjection(steps=(0.0, 1.0), layers=0.0), **kwargs).images
+    kwargs["generator"] = torch.Generator().manual_seed(0)
+    values = sd_pipe(prompts, edit=KVInjection(steps=(0.0, 1.0), layers=0.0, share="v"), **kwargs).images
+    assert torch.allclose(both[0], values[0], atol=1e-6)
+    assert not torch.allclose(both[1], values[1], atol=1e-4)
 
 
 def test_refusals(pipe):
@@ -168,6 +205,7 @@ def test_cli_kv_on_mmdit(pipe, tmp_path, capsys):
     code = cli.main([
         "edit", "--model", str(path), "--steps", "2", "--size", "32x32", "--out", str(out),
         "--prompt", PROMPTS[0], "--to", PROMPTS[1], "--mode", "kv", "--kv-layers", "0,1", "--kv-steps", "0,1",
+        "--kv-share", "v",
     ])
     assert code == 0, capsys.readouterr().err
     assert (out / "edit.png").exists() or any(out.glob("*.png"))

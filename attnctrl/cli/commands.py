@@ -206,7 +206,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     cross = parse_cross(args.cross)
     self_steps = parse_window(args.self_steps, "--self") if args.self_steps is not None else 0.4
     blend = parse_blend(args.blend, len(prompts))
-    kv = parse_kv(args.kv, args.kv_steps, args.kv_layers, args.kv_mask)
+    kv = parse_kv(args.kv, args.kv_steps, args.kv_layers, args.kv_mask, args.kv_share)
     edit = build_edit(args.mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend, kv=kv)
     policy = parse_efficient(args.efficient)
     if policy is not None and args.materialise:
@@ -673,8 +673,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K/V injection step window (default 0.08,1; every step with --kv-layers vital; implies --kv)")
     e.add_argument("--kv-layers", metavar="FRAC|INDEX|I,J,..|vital", default=None,
                    help="K/V injection layers: a share of the self-attention layers (SD3/Flux: joint-attention layers; "
-                        "0.625 = from 10 of 16), a first index, indices, or vital (Stable Flow's Flux.1 layers) "
+                        "0.625 = from 10 of 16), a first index, indices, vital (Stable Flow's Flux.1 layers) or single "
+                        "(Flux's single-stream blocks) "
                         "(implies --kv)")
+    e.add_argument("--kv-share", choices=("kv", "v"), default=None,
+                   help="what K/V injection takes from the source: kv (keys and values, default) or v (values only: "
+                        "RF-Solver-Edit's feature sharing, e.g. --kv-layers single --kv-steps 0,0.2 on Flux) (implies --kv)")
     e.add_argument("--kv-mask", metavar="WORD|SRC,EDIT", default=None,
                    help="K/V injection's mask-guided variant (MasaCtrl): the subject word (or source,edited words); "
                         "subject queries read the source's subject, the rest its background (implies --kv)")

@@ -316,14 +316,19 @@ def build_edit(
     return KVInjection(**dict(kv), base=edit) if kv is not None else edit
 
 
-def parse_kv(enabled: bool, steps: str | None, layers: str | None, mask: str | None = None) -> dict[str, Any] | None:
+def parse_kv(
+    enabled: bool, steps: str | None, layers: str | None, mask: str | None = None, share: str | None = None
+) -> dict[str, Any] | None:
     """``--kv`` / ``--kv-steps A,B`` / ``--kv-layers FRAC|INDEX|I,J,...`` / ``--kv-mask WORD[,WORD]``
     -> KVInjection keyword arguments (None when K/V injection is off). A layer value with a dot is a
     fraction of the self-attention layers (MM-DiT: joint-attention layers), an integer the first layer
-    index, a comma list explicit indices, ``vital`` Stable Flow's Flux.1 layers; the mask words are the subject in the source and in the edited prompts (one word: both)."""
-    if not enabled and steps is None and layers is None and mask is None:
+    index, a comma list explicit indices, ``vital`` Stable Flow's Flux.1 layers, ``single`` Flux's
+    single-stream blocks; ``share`` ``kv`` or ``v`` (values only); the mask words are the subject in the source and in the edited prompts (one word: both)."""
+    if not enabled and steps is None and layers is None and mask is None and share is None:
         return None
     out: dict[str, Any] = {}
+    if share is not None:
+        out["share"] = share
     if mask is not None:
         words = [w.strip() for w in mask.split(",")]
         if len(words) == 1:
@@ -338,8 +343,8 @@ def parse_kv(enabled: bool, steps: str | None, layers: str | None, mask: str | N
         text = layers.strip()
         parts = [p.strip() for p in text.split(",")]
         try:
-            if text == "vital":
-                out["layers"] = "vital"
+            if text in ("vital", "single"):
+                out["layers"] = text
             elif len(parts) > 1:
                 out["layers"] = tuple(int(p) for p in parts)
             elif "." in text:
@@ -347,7 +352,7 @@ def parse_kv(enabled: bool, steps: str | None, layers: str | None, mask: str | N
             else:
                 out["layers"] = int(text)
         except ValueError:
-            raise OptionError(f"--kv-layers: expected a fraction like 0.625, a start index like 10, indices like 10,11,12 or vital (Flux.1), got {layers!r}") from None
+            raise OptionError(f"--kv-layers: expected a fraction like 0.625, a start index like 10, indices like 10,11,12, vital (Flux.1) or single (Flux), got {layers!r}") from None
     return out
 
 
