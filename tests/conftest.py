@@ -45,6 +45,14 @@ def tokenizer(tokenizer_dir: Path):
     return CLIPTokenizer(str(tokenizer_dir / "vocab.json"), str(tokenizer_dir / "merges.txt"), model_max_length=MAX_LENGTH)
 
 
+@pytest.fixture(scope="session")
+def t5_tokenizer():
+    """The tiny T5 tokenizer of the MM-DiT test pipelines (``mmdit_models``)."""
+    from mmdit_models import build_t5_tokenizer
+
+    return build_t5_tokenizer()
+
+
 def _scheduler():
     from diffusers import DDIMScheduler
 

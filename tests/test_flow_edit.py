@@ -10,15 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from mmdit_models import T5_LENGTH, build_flux, build_sd3, build_t5_tokenizer
+from mmdit_models import T5_LENGTH, build_flux, build_sd3
 
 from attnctrl.errors import InvalidOptionError, InvalidWeightError, PromptMismatchError, UnsupportedModelError
 from attnctrl.pipelines import FlowEditOutput, flow_edit
 
-
-@pytest.fixture(scope="module")
-def t5_tokenizer():
-    return build_t5_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])

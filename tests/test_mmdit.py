@@ -12,16 +12,12 @@ from attnctrl.errors import InvalidOptionError, PromptMismatchError, WordNotFoun
 from attnctrl.mmdit import TextSegment, compile_joint_prompts, gaussian_smooth
 from attnctrl.tokens import tokenize_prompt
 
-from mmdit_models import T5_LENGTH, build_flux, build_sd3, build_t5_tokenizer
+from mmdit_models import T5_LENGTH, build_flux, build_sd3
 
 PROMPTS = ["a photo of a cat on the grass", "a photo of a tiger on the grass"]
 STEPS = 4
 OFF = ImageQK(steps=0.0)
 
-
-@pytest.fixture(scope="module")
-def t5_tokenizer():
-    return build_t5_tokenizer()
 
 
 @pytest.fixture(scope="module")

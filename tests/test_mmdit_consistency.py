@@ -12,17 +12,13 @@ from attnctrl.kernels import reference_attention
 from attnctrl.mmdit_consistency import isolation_routing_labels, joint_image_routing, joint_routed_attention
 from attnctrl.pipelines.consistency import consistent_self_attention, subject_isolation, subject_shared_attention
 
-from mmdit_models import build_flux, build_sd3, build_t5_tokenizer
+from mmdit_models import build_flux, build_sd3
 
 torch.set_num_threads(1)
 
 PROMPTS = ["a photo of a cat on the grass", "a photo of a cat on the beach"]
 STEPS = 3
 
-
-@pytest.fixture(scope="module")
-def t5_tokenizer():
-    return build_t5_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])

@@ -13,15 +13,11 @@ from attnctrl.kernels.reference import softmax_probs
 from attnctrl.mmdit import joint_edited_attention, kv_layers, structure_for
 from attnctrl.p2p import RowLayout
 
-from mmdit_models import T5_LENGTH, build_flux, build_sd3, build_t5_tokenizer
+from mmdit_models import T5_LENGTH, build_flux, build_sd3
 
 PROMPTS = ["a photo of a cat on the grass", "a photo of a cat jumping on the grass"]
 STEPS = 4
 
-
-@pytest.fixture(scope="module")
-def t5_tokenizer():
-    return build_t5_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])

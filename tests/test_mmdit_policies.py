@@ -16,7 +16,7 @@ from attnctrl.policies.window import window_size
 from attnctrl.processors import JointPolicyProcessor, PolicyProcessor
 from attnctrl.processors.joint_policy import joint_policy_attention
 
-from mmdit_models import build_flux, build_sd3, build_t5_tokenizer
+from mmdit_models import build_flux, build_sd3
 from test_mmdit_meta import FLUX_DEV, SD35_MEDIUM
 from test_mmdit_meta import T5 as META_T5
 from test_mmdit_meta import forward as meta_forward
@@ -34,10 +34,6 @@ POLICIES = {
     "grouped-criss-cross": GroupedAttention(group=2, pattern="criss-cross"),
 }
 
-
-@pytest.fixture(scope="module")
-def t5_tokenizer():
-    return build_t5_tokenizer()
 
 
 @pytest.fixture(scope="module")

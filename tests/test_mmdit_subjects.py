@@ -11,17 +11,13 @@ from attnctrl.kernels import reference_attention
 from attnctrl.pipelines.consistency import Subject
 from attnctrl.pipelines.mmdit_subjects import ConsistentSubjectsFluxPipeline, ConsistentSubjectsSD3Pipeline, reference_joint_routing
 
-from mmdit_models import build_flux, build_sd3, build_t5_tokenizer
+from mmdit_models import build_flux, build_sd3
 
 torch.set_num_threads(1)
 
 SUBJECTS = [Subject("cat", "a photo of a cat", "cat"), Subject("dog", "a photo of a dog", "dog")]
 SCENES = ["a cat and a dog on the grass", "a car on the street"]
 
-
-@pytest.fixture(scope="module")
-def t5_tokenizer():
-    return build_t5_tokenizer()
 
 
 @pytest.fixture(scope="module", params=["sd3", "flux"])
