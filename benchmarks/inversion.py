@@ -213,22 +213,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         payload["sd15"] = timing
     if swaps:
-        rows = []
-        for name, cases in swaps.items():
-            done = [c for c in cases if c is not None]
-            ok = sum(c["colour_ok"] for c in done)
-            bg = [c["background_psnr"] for c in done]
-            rows.append([name, f"{ok}/{len(done)}", f"{statistics.mean(bg):.1f}" if bg else "—", f"{min(bg):.1f}" if bg else "—",
-                         "; ".join(f"{c['source']}→{c['target']}{'' if c['colour_ok'] else ' (' + c['found'] + ')'}" for c in done)])
-        table += ("\n\nColour swap from each inversion (Replace + LocalBlend on the shape word, the inversion's steps "
-                  "and guidance; background PSNR between the edited and the reconstructed image outside the LocalBlend mask)\n\n"
-                  + markdown_table(["method", "new colour found", "background PSNR dB (mean)", "(worst)", "swaps"], rows)
-                  + "\n\nTargets: colour changed in >= 80% of swaps, background >= 35 dB.")
+        table += swap_table(swaps, "and guidance")
         payload["swaps"] = swaps
     print(table)
     atomic_write_bytes(os.path.join(args.out, "inversion.md"), (table + "\n").encode("utf-8"))
     write_json_atomic(payload, os.path.join(args.out, "inversion.json"))
     return 0
+
+
+def swap_table(swaps: dict[str, list[dict | None]], settings: str) -> str:
+    """The colour-swap section of a table: per method, swaps that found the new colour and the
+    background PSNR outside the LocalBlend mask (``settings``: what the edit took from the inversion)."""
+    rows = []
+    for name, cases in swaps.items():
+        done = [c for c in cases if c is not None]
+        ok = sum(c["colour_ok"] for c in done)
+        bg = [c["background_psnr"] for c in done]
+        rows.append([name, f"{ok}/{len(done)}", f"{statistics.mean(bg):.1f}" if bg else "—", f"{min(bg):.1f}" if bg else "—",
+                     "; ".join(f"{c['source']}→{c['target']}{'' if c['colour_ok'] else ' (' + c['found'] + ')'}" for c in done)])
+    return (f"\n\nColour swap from each inversion (Replace + LocalBlend on the shape word, the inversion's steps, {settings}; "
+            "background PSNR between the edited and the reconstructed image outside the LocalBlend mask)\n\n"
+            + markdown_table(["method", "new colour found", "background PSNR dB (mean)", "(worst)", "swaps"], rows)
+            + "\n\nTargets: colour changed in >= 80% of swaps, background >= 35 dB.")
 
 
 def flow_main(args: argparse.Namespace) -> int:
@@ -287,17 +293,7 @@ def flow_main(args: argparse.Namespace) -> int:
     )
     payload = {"environment": environment("cpu"), "settings": vars(args), "results": results, "target_met": met}
     if swaps:
-        rows = []
-        for name, cases in swaps.items():
-            done = [c for c in cases if c is not None]
-            ok = sum(c["colour_ok"] for c in done)
-            bg = [c["background_psnr"] for c in done]
-            rows.append([name, f"{ok}/{len(done)}", f"{statistics.mean(bg):.1f}" if bg else "—", f"{min(bg):.1f}" if bg else "—",
-                         "; ".join(f"{c['source']}→{c['target']}{'' if c['colour_ok'] else ' (' + c['found'] + ')'}" for c in done)])
-        table += ("\n\nColour swap from each inversion (Replace + LocalBlend on the shape word, the inversion's steps, guidance "
-                  "and solver; background PSNR between the edited and the reconstructed image outside the LocalBlend mask)\n\n"
-                  + markdown_table(["method", "new colour found", "background PSNR dB (mean)", "(worst)", "swaps"], rows)
-                  + "\n\nTargets: colour changed in >= 80% of swaps, background >= 35 dB.")
+        table += swap_table(swaps, "guidance and solver")
         payload["swaps"] = swaps
     print(table)
     atomic_write_bytes(os.path.join(args.out, "inversion_flow.md"), (table + "\n").encode("utf-8"))
