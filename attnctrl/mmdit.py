@@ -364,12 +364,19 @@ def joint_edited_attention(
     if not active and not want_probs:
         return attend(q, k, v), None
 
-    v_main = v
+    v_main, a = v, None
     if active:
         cross = cross.to(v.device, v.dtype)
         a, d = cross.fused_coefficients()
         v_main = v.clone()
         v_main[rows, :, text] = v[rows, :, text] * d[edits][:, None, :, None]
+    if exact:
+        lse_kernel, _ = kernels.lse_backend(q, k, v_main, backend=backend)
+        if lse_kernel is not None:
+            return _joint_edit_from_lse(
+                lse_kernel, q, k, v, v_main, layout=layout, text=text, image=image,
+                cross_weights=a, cross=cross, want_probs=want_probs, backend=backend,
+            )
     probs = None
     if want_probs:
         cond = layout.cond_rows
@@ -395,6 +402,63 @@ def joint_edited_attention(
         else:  # the source's T2I block under the policy's joint normaliser
             source_term = attend(q[sources], k[sources], v_src)[:, :, image]
         out[rows, :, image] = out[rows, :, image] + source_term
+    return out, probs
+
+
+# Score blocks of at most this many float32 entries (64 MiB) exist at once in the log-sum-exp path.
+_T2I_CHUNK_ELEMENTS = 1 << 24
+
+
+def _t2i_probability_chunks(
+    q_image: torch.Tensor, k_text: torch.Tensor, lse_image: torch.Tensor, scale: float
+) -> Any:
+    """The joint softmax's T2I block, ``exp(q k^T * scale - lse)`` in float32 (float64 inputs stay
+    float64), in query chunks:
+    yields ``(start, stop, probs (B, H, stop - start, L))`` for ``q_image`` (B, H, N, D), ``k_text``
+    (B, H, L, D) and the rows' joint log-sum-exp ``lse_image`` (B, H, N)."""
+    b, h, n, _ = q_image.shape
+    dtype = torch.promote_types(q_image.dtype, torch.float32)
+    k_t = k_text.to(dtype).transpose(-1, -2)
+    rows = max(1, _T2I_CHUNK_ELEMENTS // max(1, b * h * k_text.shape[2]))
+    for start in range(0, n, rows):
+        stop = min(n, start + rows)
+        scores = torch.matmul(q_image[:, :, start:stop].to(dtype), k_t) * scale
+        yield start, stop, torch.exp(scores - lse_image[:, :, start:stop, None].to(dtype))
+
+
+def _joint_edit_from_lse(
+    lse_kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, v_main: torch.Tensor, *,
+    layout: RowLayout, text: slice, image: slice, cross: CrossStep | None, cross_weights: torch.Tensor | None,
+    want_probs: bool, backend: str | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fused edit with one joint attention pass that also returns the row log-sum-exp.
+
+    The extra work of the edit and the word maps is then confined to the T2I block (image queries x
+    text keys, L of the S keys): the source's T2I probabilities are ``exp(q k^T * scale - lse)``
+    with the source rows' own normaliser, so neither a second full-length attention of the source
+    rows nor a full score pass for the maps is needed. Same result as the generic path of
+    :func:`joint_edited_attention` up to float rounding.
+    """
+    scale = q.shape[-1] ** -0.5
+    out, lse = lse_kernel.forward_with_lse(q, k, v_main, scale=scale)
+    probs = None
+    if want_probs:
+        cond = layout.cond_rows
+        q_c, k_c, lse_c = q[cond][:, :, image], k[cond][:, :, text], lse[cond][:, :, image]
+        probs = torch.cat([p.mean(dim=1).float() for _, _, p in _t2i_probability_chunks(q_c, k_c, lse_c, scale)], dim=1)
+    if cross_weights is not None:
+        rows, sources, edits = layout.edited_rows(q.device)
+        # Only the T2I block is edited: the edited rows' text queries read the unscaled values.
+        out[rows, :, text] = kernels.attention(q[rows][:, :, text], k[rows], v[rows], backend=backend)
+        weighted = cross.mapper[edits] * cross_weights[edits][:, None, :]  # (R, L_src, L_edit)
+        v_src = torch.einsum("rwj,rhjd->rhwd", weighted, v[rows][:, :, text])
+        v_src = v_src.to(torch.promote_types(v_src.dtype, torch.float32))  # (R, H, L, D)
+        q_s, k_s, lse_s = q[sources][:, :, image], k[sources][:, :, text], lse[sources][:, :, image]
+        edited = out[rows]
+        for start, stop, p in _t2i_probability_chunks(q_s, k_s, lse_s, scale):
+            window = slice(image.start + start, image.start + stop)
+            edited[:, :, window] = (edited[:, :, window].to(p.dtype) + torch.matmul(p, v_src)).to(out.dtype)
+        out[rows] = edited
     return out, probs
 
 

@@ -647,3 +647,37 @@ def test_attention_with_log_sum_exp_is_a_declared_capability():
     assert chosen is not None and chosen.capabilities.returns_lse
     with pytest.raises(NoBackendError, match="reference: does not return the log-sum-exp"):
         attention_with_lse(q, k, v, backend="reference")
+
+
+def test_log_sum_exp_on_meta_for_dry_runs():
+    """``meta`` tensors take the same log-sum-exp path as CPU (its shape function), so a dry run of
+    the MM-DiT edit exercises the path CPU and CUDA run."""
+    from attnctrl.kernels import attention_with_lse
+
+    q, k, v = (torch.empty(2, 3, 37, 40, device="meta", dtype=torch.float16) for _ in range(3))
+    out, lse = attention_with_lse(q, k, v)
+    assert out.shape == (2, 3, 37, 40) and out.device.type == "meta"
+    assert lse.shape == (2, 3, 37) and lse.dtype == torch.float32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_attention_with_log_sum_exp(dtype):
+    """On CUDA fp16/bf16 the SDPA backend returns the row log-sum-exp from PyTorch's flash kernel
+    (natural log, one value per query): it matches float32 math, and two halves of the keys
+    combine into full attention; float32 is refused with a reason (no flash kernel)."""
+    from attnctrl.kernels import attention_with_lse, lse_backend
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 301, 64, generator=g, device="cuda", dtype=dtype) for _ in range(3))
+    out, lse = attention_with_lse(q, k, v)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * 64**-0.5
+    assert lse.shape == (2, 3, 301) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1), atol=2e-2, rtol=2e-3)
+    torch.testing.assert_close(out.float(), scores.softmax(-1) @ v.float(), atol=2e-2, rtol=2e-2)
+    (o1, l1), (o2, l2) = (attention_with_lse(q, k[:, :, part], v[:, :, part]) for part in (slice(0, 150), slice(150, None)))
+    total = torch.logsumexp(torch.stack([l1, l2]), dim=0)
+    combined = o1.float() * torch.exp(l1 - total)[..., None] + o2.float() * torch.exp(l2 - total)[..., None]
+    torch.testing.assert_close(combined, out.float(), atol=2e-2, rtol=2e-2)
+    chosen, reasons = lse_backend(q.float(), k.float(), v.float())
+    assert chosen is None or chosen.name != "sdpa", reasons

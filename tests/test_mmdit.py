@@ -9,7 +9,9 @@ import attnctrl
 from attnctrl import ImageQK, LocalBlend, Refine, Replace, Reweight
 from attnctrl.adapters import FluxAdapter, SD3Adapter, adapter_for
 from attnctrl.errors import InvalidOptionError, PromptMismatchError, WordNotFoundError
-from attnctrl.mmdit import TextSegment, compile_joint_prompts, gaussian_smooth
+from attnctrl import kernels
+from attnctrl.mmdit import TextSegment, compile_joint_prompts, gaussian_smooth, joint_edited_attention
+from attnctrl.p2p import RowLayout
 from attnctrl.tokens import tokenize_prompt
 
 from mmdit_models import T5_LENGTH, build_flux, build_sd3
@@ -339,3 +341,73 @@ def test_cuda_mmdit(pipe, dtype):
         assert torch.isfinite(out.attention.word_maps(1, "tiger")).all()
     finally:
         pipe.to("cpu", torch.float32)
+
+
+# ---- the log-sum-exp path of the fused edit --------------------------------------------------------------
+def _random_cross(kind: str, edits: int, length: int, g: torch.Generator, dtype: torch.dtype):
+    from attnctrl.plan import CrossStep
+
+    """A random but well-formed step: Replace a soft token alignment; Refine a one-hot alignment
+    (``index``) with a random ``keep``; Reweight the identity alignment with an equalizer."""
+    mapper = torch.rand(edits, length, length, generator=g, dtype=dtype)
+    mapper = mapper / mapper.sum(-1, keepdim=True)
+    if kind == "reweight":
+        mapper = torch.eye(length, dtype=dtype).expand(edits, length, length).clone()
+    keep = (torch.rand(edits, length, generator=g) > 0.3).to(dtype) if kind == "refine" else torch.ones(edits, length, dtype=dtype)
+    index = torch.randint(0, length, (edits, length), generator=g) if kind == "refine" else None
+    if index is not None:  # Refine's mapper is its alignment: edited token j reads source token index[j]
+        mapper = torch.nn.functional.one_hot(index, length).transpose(1, 2).to(dtype)
+    equalizer = 0.5 + torch.rand(edits, length, generator=g, dtype=dtype) if kind == "reweight" else None
+    alpha = (torch.rand(edits, length, generator=g) > 0.4).to(dtype)
+    return CrossStep(kind=kind, mapper=mapper, keep=keep, index=index, equalizer=equalizer, alpha=alpha)
+
+
+@pytest.mark.parametrize("text_first", [False, True])
+@pytest.mark.parametrize("kind", ["replace", "refine", "reweight"])
+@pytest.mark.parametrize("guided", [True, False])
+def test_lse_path_equals_generic_path_and_reference(kind, text_first, guided, monkeypatch):
+    """On CPU the fused edit runs one joint pass that returns the log-sum-exp and forms the source's
+    T2I term and the word maps from it; a backend without the log-sum-exp takes the generic path
+    (a second attention of the source rows, a score pass for the maps). Both equal the materialised
+    official formulas, with more edited rows than sources (two edits of one prompt)."""
+    g = torch.Generator().manual_seed(3)
+    prompts = 3
+    batch = prompts * (2 if guided else 1)
+    layout = RowLayout.from_batch(batch, prompts, 1)
+    text_len, image_len = 7, 30
+    dtype = torch.float64
+    q, k, v = (torch.randn(batch, 3, text_len + image_len, 16, generator=g, dtype=dtype) for _ in range(3))
+    text = slice(0, text_len) if text_first else slice(image_len, image_len + text_len)
+    image = slice(text_len, text_len + image_len) if text_first else slice(0, image_len)
+    cross = _random_cross(kind, prompts - 1, text_len, g, dtype)
+    common = dict(layout=layout, text=text, image=image, cross=cross, want_probs=True)
+    assert kernels.lse_backend(q, k, v)[0] is not None, "the CPU SDPA backend returns the log-sum-exp"
+    import attnctrl.mmdit as mmdit
+
+    monkeypatch.setattr(mmdit, "_T2I_CHUNK_ELEMENTS", 3 * text_len * 4)  # several query chunks
+    fast, fast_probs = joint_edited_attention(q, k, v, **common)
+    generic, generic_probs = joint_edited_attention(q, k, v, backend="reference", **common)
+    ref, ref_probs = joint_edited_attention(q, k, v, materialise=True, **common)
+    assert torch.allclose(fast, ref, atol=1e-10) and torch.allclose(generic, ref, atol=1e-10)
+    assert fast_probs.shape == ref_probs.shape == (prompts, image_len, text_len)
+    assert torch.allclose(fast_probs.double(), ref_probs.double(), atol=1e-6)
+    assert torch.allclose(generic_probs.double(), ref_probs.double(), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_lse_path_low_precision_within_naive_error(dtype):
+    """In fp16/bf16 the log-sum-exp path stays within twice the error of the materialised formulas
+    computed in the same dtype's naive way (both against float64)."""
+    g = torch.Generator().manual_seed(4)
+    layout = RowLayout.from_batch(4, 2, 1)
+    text_len, image_len = 9, 64
+    q, k, v = (torch.randn(4, 2, text_len + image_len, 32, generator=g, dtype=torch.float64) for _ in range(3))
+    image, text = slice(0, image_len), slice(image_len, image_len + text_len)
+    cross = _random_cross("replace", 1, text_len, g, torch.float64)
+    exact, _ = joint_edited_attention(q, k, v, layout=layout, text=text, image=image, cross=cross, materialise=True)
+    low = [t.to(dtype) for t in (q, k, v)]
+    fast, probs = joint_edited_attention(*low, layout=layout, text=text, image=image, cross=cross.to("cpu", dtype), want_probs=True)
+    naive, _ = joint_edited_attention(*low, layout=layout, text=text, image=image, cross=cross.to("cpu", dtype), materialise=True)
+    assert fast.dtype == dtype and probs.dtype == torch.float32 and torch.isfinite(fast).all()
+    naive_error = (naive.double() - exact).abs().max().item()
+    assert (fast.double() - exact).abs().max().item() <= 2 * naive_error + 1e-6

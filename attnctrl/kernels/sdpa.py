@@ -39,16 +39,69 @@ from .reference import compute_dtype, masked_scores, softmax_probs
 from .routing import MASK_ROUTING, Routing
 from ..errors import InvalidOptionError
 
-__all__ = ["SdpaBackend", "dead_rows", "cpu_flash_with_lse", "cpu_flash_with_lse_refusal"]
+__all__ = ["SdpaBackend", "dead_rows", "cpu_flash_with_lse", "cpu_flash_with_lse_refusal", "flash_with_lse", "flash_with_lse_refusal"]
 
 
 def _cpu_flash_op():
     return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 
 
+def _cuda_flash_op():
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
+
+
+def cuda_flash_with_lse_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """``None`` if PyTorch's CUDA flash kernel returns the log-sum-exp of these inputs, else why not."""
+    if not all(t.device.type == "cuda" for t in (q, k, v)):
+        return "PyTorch's CUDA flash kernel runs on CUDA tensors only"
+    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k.dtype == v.dtype):
+        return f"PyTorch's CUDA flash kernel needs float16 or bfloat16 q, k and v, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "the log-sum-exp path is forward only (inputs require grad)"
+    if any(t.ndim != 4 or t.stride(-1) != 1 for t in (q, k, v)):
+        return "PyTorch's CUDA flash kernel needs 4-D (B, H, N, D) inputs with a contiguous last dim"
+    d = q.shape[-1]
+    if q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] or not (d == k.shape[-1] == v.shape[-1]):
+        return f"PyTorch's CUDA flash kernel needs matching batch/heads and one head dim, got q{tuple(q.shape)} k{tuple(k.shape)} v{tuple(v.shape)}"
+    if d % 8 or d > 256:
+        return f"PyTorch's CUDA flash kernel needs a head dim that is a multiple of 8 and at most 256, got {d}"
+    if not torch.backends.cuda.flash_sdp_enabled():
+        return "flash attention is disabled (torch.backends.cuda.enable_flash_sdp(False))"
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "PyTorch's CUDA flash kernel needs an Ampere or newer GPU (compute capability 8.0+)"
+    if _cuda_flash_op() is None:
+        return f"this PyTorch ({torch.__version__}) has no CUDA flash attention op"
+    return None
+
+
+def flash_with_lse_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """``None`` if :func:`flash_with_lse` runs these inputs, else why not: PyTorch's CPU flash
+    kernel on CPU (and on ``meta``, for dry runs), its CUDA flash kernel on CUDA in fp16/bf16."""
+    if q.device.type == "cuda":
+        return cuda_flash_with_lse_refusal(q, k, v)
+    return cpu_flash_with_lse_refusal(q, k, v)
+
+
+def flash_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unmasked attention and its row log-sum-exp (natural log, float32) on PyTorch's flash kernels:
+    ``q`` ``(B, H, Nq, D)``, ``k``/``v`` ``(B, H, Nk, D)`` -> ``(out (B, H, Nq, D), lse (B, H, Nq))``.
+
+    Raises:
+        ValueError: the inputs are not supported (:func:`flash_with_lse_refusal` says why).
+    """
+    if q.device.type != "cuda":
+        return cpu_flash_with_lse(q, k, v, scale=scale)
+    reason = cuda_flash_with_lse_refusal(q, k, v)
+    if reason is not None:
+        raise InvalidOptionError(f"flash_with_lse: {reason}")
+    result = _cuda_flash_op()(q, k, v, scale=float(scale))
+    return result[0], result[1][..., : q.shape[2]]
+
+
 def cpu_flash_with_lse_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-    """``None`` if :func:`cpu_flash_with_lse` runs these inputs, else why not."""
-    if not all(t.device.type == "cpu" for t in (q, k, v)):
+    """``None`` if :func:`cpu_flash_with_lse` runs these inputs, else why not (``meta`` tensors
+    run its shape function: dry runs take the same path as CPU)."""
+    if not all(t.device.type in ("cpu", "meta") for t in (q, k, v)):
         return "PyTorch's CPU flash kernel runs on CPU tensors only"
     if q.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
         return f"PyTorch's CPU flash kernel needs one float dtype for q, k and v, got {q.dtype}, {k.dtype}, {v.dtype}"
@@ -118,7 +171,7 @@ class SdpaBackend(Backend):
         supports_autograd=True,
         priority=10,
         deterministic=True,
-        returns_lse=True,  # on CPU, through PyTorch's CPU flash kernel (see lse_refusal)
+        returns_lse=True,  # through PyTorch's flash kernels: CPU (and meta), CUDA fp16/bf16 (see lse_refusal)
     )
 
     def __init__(
@@ -152,12 +205,12 @@ class SdpaBackend(Backend):
         return reason
 
     def lse_refusal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
-        return cpu_flash_with_lse_refusal(q, k, v)
+        return flash_with_lse_refusal(q, k, v)
 
     def forward_with_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return cpu_flash_with_lse(q, k, v, scale=scale)
+        return flash_with_lse(q, k, v, scale=scale)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, mask: torch.Tensor | Routing | None
