@@ -626,6 +626,7 @@ class JointEditController(BlendSteps, Clocked):
         self.grid: tuple[int, int] | None = None
         self.text_tokens: int | None = None
         self._last_timestep: float | None = None
+        self._negative_call = False
         self._blended_step = -1
         if self.store is not None:
             self.store.reset()
@@ -637,18 +638,21 @@ class JointEditController(BlendSteps, Clocked):
         """Called before every transformer forward with its timestep (in the scheduler's units), its
         image-token grid and the length of its text sequence.
 
-        ``one_call_per_step``: the model takes one call per timestep (Flux.1, guidance-distilled); a
-        second call at the same timestep is true CFG's negative-prompt call, which would be edited as
-        if it held the prompts, so it is refused.
+        ``one_call_per_step``: the model takes one call per timestep for the prompts (Flux.1,
+        guidance-distilled); a second call at the same timestep is true CFG's negative-prompt call
+        (``true_cfg_scale > 1``), which is treated as the unconditional half of a guided batch: no
+        word edit, no maps, no image q/k replacement; K/V injection applies (as in both halves of SD3's
+        batch). A third call at one timestep is refused.
         """
         previous = self.clock.step
         value = float(timestep.detach().flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-        if one_call_per_step and self._last_timestep == value:
+        negative = one_call_per_step and self._last_timestep == value
+        if negative and self._negative_call:
             raise InvalidOptionError(
-                "the transformer was called twice at one timestep: true CFG (true_cfg_scale > 1 with a negative "
-                "prompt) makes a negative-prompt call that the edit cannot tell from the prompts' call; use the "
-                "distilled guidance_scale with Prompt-to-Prompt on Flux"
+                "the transformer was called three times at one timestep; Prompt-to-Prompt on Flux knows the prompts' "
+                "call and true CFG's negative-prompt call (true_cfg_scale > 1), nothing else"
             )
+        self._negative_call = negative
         self._last_timestep = value
         if self.clock.tick(timestep):
             self._forget_generation()
@@ -704,15 +708,16 @@ class JointEditController(BlendSteps, Clocked):
         image = slice(length, tokens) if text_first else slice(0, image_tokens)
         cross, replace_qk, inject_kv = None, False, False
         plan = self.plan
+        negative = self._negative_call  # true CFG's negative-prompt call: the unconditional half
         if plan is not None and self.step >= 0:
-            cross = self._cross_step(device, dtype)
+            cross = None if negative else self._cross_step(device, dtype)
             if name in self.kv_layers:
                 start, end = step_window(plan.kv.steps, self.num_steps, inclusive_end_step=False)
                 inject_kv = start <= self.step < end
-            if self.structure is not None and name in self.qk_layers and not inject_kv:
+            if self.structure is not None and name in self.qk_layers and not inject_kv and not negative:
                 start, end = step_window(self.structure.steps, self.num_steps, inclusive_end_step=False)
                 replace_qk = start <= self.step < end
-        record = self.store is not None and name in self.map_layers
+        record = self.store is not None and name in self.map_layers and not negative
         return layout, text, image, cross, replace_qk, inject_kv, record
 
     @host_side

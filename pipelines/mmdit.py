@@ -261,18 +261,12 @@ class Prompt2PromptFluxPipeline(_JointPrompt2PromptCall, FluxPipeline):
 
     ``latents``, when given, are the pipeline's packed tokens (batch, h/2 * w/2, 4C), and
     ``blend_masks`` are on the token grid (rows, 1, h/2, w/2), one value per packed token. Flux.1 is
-    guidance-distilled (no CFG batch); ``true_cfg_scale > 1`` is refused (its negative-prompt call
-    would be edited as if it were the prompts).
+    guidance-distilled (no CFG batch). True CFG (``true_cfg_scale > 1`` with ``negative_prompt``)
+    works: its second, negative-prompt transformer call per step is treated as the unconditional half
+    of a guided batch (no word edit and no maps there; K/V injection applies to it too).
     """
 
     _family_name = "flux"
-
-    def _refuse_options(self, kwargs: dict) -> None:
-        if float(kwargs.get("true_cfg_scale") or 1.0) > 1.0:
-            raise InvalidOptionError(
-                "true_cfg_scale > 1 runs a second, negative-prompt transformer call per step, which the edit cannot tell "
-                "from the prompts' call; use the distilled guidance (guidance_scale) with Prompt-to-Prompt"
-            )
 
     def _noise(self, n: int, height: int, width: int, generator: Any) -> torch.Tensor:
         channels = self.transformer.config.in_channels // 4

@@ -70,6 +70,20 @@ def test_edit_end_to_end(model_dir, tmp_path, capsys):
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
 
 
+def test_edit_negative_prompt(model_dir, tmp_path, capsys):
+    """--negative-prompt reaches every prompt's unconditional row (and changes the images);
+    --true-cfg is Flux's and is refused here."""
+    common = ["--prompt", "a cat on the grass", "--to", "a dog on the grass", "--seed", "2"]
+    assert cli.main(edit_args(model_dir, tmp_path / "plain", *common)) == 0
+    assert cli.main(edit_args(model_dir, tmp_path / "neg", *common, "--negative-prompt", "blurry")) == 0
+    run = json.loads((tmp_path / "neg" / "run.json").read_text())
+    assert run["negative_prompt"] == "blurry" and run["true_cfg"] is None
+    with Image.open(tmp_path / "plain" / "edit_1.png") as a, Image.open(tmp_path / "neg" / "edit_1.png") as b:
+        assert a.tobytes() != b.tobytes()
+    assert cli.main(edit_args(model_dir, tmp_path / "t", *common, "--negative-prompt", "x", "--true-cfg", "2")) == 2
+    assert "applies to Flux" in capsys.readouterr().err
+
+
 def test_edit_refine_several_edits(model_dir, tmp_path):
     out = tmp_path / "refine"
     code = cli.main(edit_args(

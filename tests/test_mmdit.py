@@ -265,13 +265,39 @@ def test_errors(pipe):
             pass
 
 
-def test_flux_true_cfg_is_refused(flux):
-    with pytest.raises(InvalidOptionError, match="true_cfg_scale"):
-        run(flux, edit=Replace(), true_cfg_scale=2.0, negative_prompt="dog")
-    plain = stock(flux)  # on a stock pipeline: the second call at one timestep is refused
-    with attnctrl.control(plain, Replace(), PROMPTS, max_sequence_length=T5_LENGTH):
-        with pytest.raises(InvalidOptionError, match="true CFG"):
-            call(plain, true_cfg_scale=2.0, negative_prompt="a dog")
+def test_flux_true_cfg(flux):
+    """True CFG on Flux (``true_cfg_scale > 1`` + ``negative_prompt``): the negative-prompt call is the
+    unconditional half. The source row equals a stock true-CFG generation of the source prompt, an
+    identity edit is the plain true-CFG generation, our pipeline equals ``control()`` on the stock
+    pipeline, maps are recorded from the prompts' call only, and K/V injection also reads the
+    source's negative-call K/V (the edited row then changes)."""
+    cfg = dict(true_cfg_scale=2.0, negative_prompt="a dog")
+    plain = stock(flux)
+    out = run(flux, edit=Replace(blend=LocalBlend(["cat", "tiger"])), **cfg)
+    alone = call(plain, [PROMPTS[0]], **cfg)
+    assert torch.allclose(out.images[0], alone[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(alone[0], call(plain, [PROMPTS[0]])[0], atol=1e-3)  # the negative call counted
+    same = run(flux, [PROMPTS[0], PROMPTS[0]], edit=Replace(), **cfg).images
+    assert torch.allclose(same[1], alone[0], atol=1e-5, rtol=1e-5)
+    with attnctrl.control(plain, Replace(blend=LocalBlend(["cat", "tiger"])), PROMPTS, max_sequence_length=T5_LENGTH) as session:
+        controlled = call(plain, callback_on_step_end=session.step_end, **cfg)
+    assert torch.allclose(controlled, out.images, atol=1e-5, rtol=1e-5)
+    plain_maps = run(flux, edit=Replace()).attention
+    assert out.attention.num_steps == plain_maps.num_steps == STEPS
+    assert torch.isfinite(out.attention.word_maps(1, "tiger")).all()
+    assert session.attention.word_maps(1, "tiger").shape == out.attention.word_maps(1, "tiger").shape
+    kv = run(flux, edit=attnctrl.KVInjection(layers=1.0, steps=1.0), **cfg).images
+    assert torch.allclose(kv[0], alone[0], atol=1e-5, rtol=1e-5) and not torch.allclose(kv[1], kv[0], atol=1e-4)
+
+
+def test_three_calls_at_one_timestep_are_refused(flux):
+    from attnctrl.mmdit import JointEditController
+
+    controller = JointEditController((), None, text_length=T5_LENGTH, joint_layers=["a"], map_blocks=[], record=False)
+    for _ in range(2):  # the prompts' call and true CFG's negative call
+        controller.observe_denoiser_call(torch.tensor(1000.0), (4, 4), T5_LENGTH, one_call_per_step=True)
+    with pytest.raises(InvalidOptionError, match="three times at one timestep"):
+        controller.observe_denoiser_call(torch.tensor(1000.0), (4, 4), T5_LENGTH, one_call_per_step=True)
 
 
 def test_sd3_without_t5_uses_clip_positions(tokenizer, t5_tokenizer):

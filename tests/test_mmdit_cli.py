@@ -89,3 +89,21 @@ def test_cli_refuses_ddpm_samplers_on_flow_models(model_dir, tmp_path, capsys):
     assert code == 2
     assert "leave --scheduler unset" in capsys.readouterr().err
     assert not (tmp_path / "o" / "source.png").exists()
+
+
+def test_cli_negative_prompt_and_true_cfg(model_dir, tmp_path, capsys):
+    """--negative-prompt goes to every model's unconditional call; on Flux it needs --true-cfg (the
+    guidance-distilled model has no unconditional call otherwise), which only Flux takes."""
+    path, family = model_dir
+    base = ["edit", "--model", path, "--steps", "2", "--size", "32x32", "--prompt", SOURCE, "--to", EDITED, "--seed", "1"]
+    bad = ["--negative-prompt", "a dog"] if family == "flux" else ["--true-cfg", "2", "--negative-prompt", "a dog"]
+    assert cli.main(base + ["--out", str(tmp_path / "bad")] + bad) == 2
+    assert ("needs --true-cfg" if family == "flux" else "applies to Flux") in capsys.readouterr().err
+    good = ["--negative-prompt", "a dog"] + (["--true-cfg", "2.5"] if family == "flux" else [])
+    out = tmp_path / "good"
+    assert cli.main(base + ["--out", str(out)] + good) == 0, capsys.readouterr().err
+    run = json.loads((out / "run.json").read_text())
+    assert run["negative_prompt"] == "a dog" and run["true_cfg"] == (2.5 if family == "flux" else None)
+    if family == "flux":
+        assert cli.main(base + ["--out", str(tmp_path / "one"), "--negative-prompt", "a dog", "--true-cfg", "1"]) == 2
+        assert "above 1" in capsys.readouterr().err

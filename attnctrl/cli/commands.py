@@ -61,6 +61,7 @@ from .run import (
     load_from_args,
     load_inversion,
     mask_image,
+    negative_prompt_options,
     check_out_dir,
     safe_name,
     set_scheduler,
@@ -137,6 +138,9 @@ def _check_real_image_options(args: argparse.Namespace, real: bool) -> None:
     option = "--image" if args.image is not None else "--inversion"
     if args.seed is not None:
         raise OptionError(f"--seed does not apply with {option}: the starting noise comes from the inversion, not from a seed")
+    for flag, value in (("--negative-prompt", args.negative_prompt), ("--true-cfg", args.true_cfg)):
+        if value is not None:
+            raise OptionError(f"{flag} does not apply with {option}: the inversion fixes the guidance of the edit")
     if args.scheduler not in (None, "ddim"):
         raise OptionError(
             f"--scheduler {args.scheduler}: with {option} the edit samples with DDIM on the inversion's noise schedule; "
@@ -220,6 +224,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     elif args.image is not None:
         check_images([args.image])
     pipe, model, t_load = load_from_args(args)
+    guidance_options = negative_prompt_options(pipe, args.negative_prompt, args.true_cfg)
     set_scheduler(pipe, args.scheduler)
     width, height = size or default_size(pipe, inversion)
     check_memory(pipe, width, height, rows=2 * len(prompts))
@@ -260,7 +265,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         out = generate(pipe, prompts, edit, seed=DEFAULT_SEED if args.seed is None else args.seed,
                         steps=DEFAULT_STEPS if args.steps is None else args.steps,
                         guidance=DEFAULT_GUIDANCE if args.guidance is None else args.guidance,
-                        size=size, materialise=args.materialise)
+                        size=size, materialise=args.materialise, extra=guidance_options)
     timings["generate"] = round(time.perf_counter() - t0, 3)
 
     t0 = time.perf_counter()
@@ -294,6 +299,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
         "seed": None if inversion is not None else (DEFAULT_SEED if args.seed is None else args.seed),
         "steps": inversion.num_inference_steps if inversion is not None else (DEFAULT_STEPS if args.steps is None else args.steps),
         "guidance": inversion.guidance_scale if inversion is not None else (DEFAULT_GUIDANCE if args.guidance is None else args.guidance),
+        "negative_prompt": args.negative_prompt,
+        "true_cfg": args.true_cfg,
         "size": [width, height],
         # editing from an inversion samples with DDIM on the inversion's schedule (the pipeline's is restored after)
         "scheduler": (f"flow {inversion.method}" if inversion.is_flow else "DDIMScheduler") if inversion is not None else type(pipe.scheduler).__name__,
@@ -687,6 +694,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"sampling steps (default {DEFAULT_STEPS}; with --inversion: the inversion's)")
     e.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE}; with --inversion: the inversion's)")
+    e.add_argument("--negative-prompt", metavar="TEXT", default=None,
+                   help="negative prompt of every row's unconditional call (SD/SDXL/SD3; Flux with --true-cfg)")
+    e.add_argument("--true-cfg", type=float, metavar="SCALE", default=None,
+                   help="Flux only: true classifier-free guidance with --negative-prompt (a second transformer call per "
+                        "step, SCALE > 1), besides the distilled --guidance")
     e.add_argument("--size", metavar="WxH",
                    help="image size in pixels, multiples of 8 (default: the model's own; with --image: see attnctrl.images; "
                    "with --inversion: the inversion's)")

@@ -132,11 +132,36 @@ def load_from_args(args: argparse.Namespace) -> tuple[Any, str, float]:
     return pipe, model, time.perf_counter() - started
 
 
+def negative_prompt_options(pipe: Any, negative_prompt: str | None, true_cfg: float | None) -> dict[str, Any]:
+    """Pipeline keywords of ``--negative-prompt``/``--true-cfg``, refused where the model would ignore them:
+    Flux.1 is guidance-distilled, so its negative prompt acts only under true CFG (``true_cfg_scale > 1``,
+    a second transformer call per step), which no other family has."""
+    from ..adapters import FluxAdapter, adapter_for
+    from ..pipelines.mmdit_control import is_mmdit_pipeline
+
+    flux = is_mmdit_pipeline(pipe) and isinstance(adapter_for(pipe.transformer), FluxAdapter)
+    if true_cfg is not None:
+        if not flux:
+            raise OptionError("--true-cfg applies to Flux (guidance-distilled); other models take --guidance with --negative-prompt")
+        if not math.isfinite(true_cfg) or true_cfg <= 1.0:
+            raise OptionError(f"--true-cfg {true_cfg!r}: true CFG needs a scale above 1 (1 = off)")
+        if negative_prompt is None:
+            raise OptionError("--true-cfg needs --negative-prompt (the second call's prompt; an empty text ' ' is allowed)")
+        return {"true_cfg_scale": float(true_cfg), "negative_prompt": negative_prompt}
+    if negative_prompt is None:
+        return {}
+    if flux:
+        raise OptionError("--negative-prompt on Flux needs --true-cfg SCALE > 1: Flux.1 is guidance-distilled and has no unconditional call")
+    return {"negative_prompt": negative_prompt}
+
+
 def generate(pipe: Any, prompts: Sequence[str], edit: Any, *, seed: int, steps: int, guidance: float,
-             size: tuple[int, int] | None, materialise: bool) -> Any:
+             size: tuple[int, int] | None, materialise: bool, extra: dict[str, Any] | None = None) -> Any:
     import torch
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(extra or {})
+    if isinstance(kwargs.get("negative_prompt"), str):  # one per prompt: the SD pipelines check the types match
+        kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(prompts)
     if size is not None:
         kwargs["width"], kwargs["height"] = size
     return pipe(
