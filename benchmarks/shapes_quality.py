@@ -161,15 +161,17 @@ def flow_main(args: argparse.Namespace) -> int:
 def parse_edit_setting(text: str) -> dict:
     """``"cross=0.8,self=0.4,thr=0.3,qk=0.2"`` -> a dict (any key may be left out: the library's
     default then applies). ``cross``/``self``: Replace's cross_steps / self_steps; ``thr``: LocalBlend's
-    threshold; ``qk``: the ImageQK structure window on an MM-DiT (``structure=ImageQK(steps=qk)``)."""
+    threshold; ``qk``: the ImageQK structure window on an MM-DiT (``structure=ImageQK(steps=qk)``);
+    ``kv``: K/V injection over the first ``kv`` of the steps with the Replace as its base, ``kvl`` its
+    layers (a fraction: from that share of the layers on; default all), ``kvv=1`` values only."""
     out: dict = {}
     for part in text.split(","):
         if not part.strip():
             continue
         key, _, value = part.partition("=")
         key = key.strip()
-        if key not in ("cross", "self", "thr", "qk"):
-            raise SystemExit(f"unknown edit setting {key!r} in {text!r}; use cross, self, thr, qk")
+        if key not in ("cross", "self", "thr", "qk", "kv", "kvl", "kvv"):
+            raise SystemExit(f"unknown edit setting {key!r} in {text!r}; use cross, self, thr, qk, kv, kvl, kvv")
         out[key] = float(value)
     return out
 
@@ -191,10 +193,17 @@ def grid_run(pipe, seeds, setting: dict, *, steps: int, guidance: float, blend: 
         replace_kwargs["self_steps"] = setting["self"]
     call_kwargs = {"structure": attnctrl.ImageQK(steps=setting["qk"])} if "qk" in setting else None
 
+    if ("kvl" in setting or "kvv" in setting) and "kv" not in setting:
+        raise SystemExit("kvl/kvv shape K/V injection: give its step window kv= as well")
+
     def factory(local):
         if local is not None and "thr" in setting:
             local = attnctrl.LocalBlend(local.words, threshold=setting["thr"])
-        return attnctrl.Replace(blend=local, **replace_kwargs)
+        edit = attnctrl.Replace(blend=local, **replace_kwargs)
+        if "kv" in setting:
+            edit = attnctrl.KVInjection(steps=(0.0, setting["kv"]), layers=setting.get("kvl", 0.0), base=edit,
+                                        share="v" if setting.get("kvv") else "kv")
+        return edit
 
     return score_swap_grid(pipe, seeds, edit_factory=factory, steps=steps, guidance=guidance, blend=blend,
                            shapes=shapes, colours=colours, call_kwargs=call_kwargs, ideal=ideal)
@@ -332,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuning-seeds", default="100,101", help="--broad: seeds on which --edit-settings are compared")
     parser.add_argument("--edit-settings", default="",
                         help="--broad: ';'-separated candidates such as 'cross=0.8,self=0.4;cross=1.0,self=0.6' "
-                             "(keys cross, self, thr, qk); with several, the best on --tuning-seeds is reported")
+                             "(keys cross, self, thr, qk, kv, kvl, kvv); with several, the best on --tuning-seeds is reported")
     parser.add_argument("--no-blend", action="store_true", help="--broad: skip the Replace + LocalBlend run")
     parser.add_argument("--no-defaults", action="store_true",
                         help="--broad: with --edit-settings, skip the run with the library defaults")
