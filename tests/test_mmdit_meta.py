@@ -119,3 +119,24 @@ def test_meta_vital_layers_on_flux_dev(tokenizer):
         assert len(session.controller.kv_layers) == 9
         out = forward(pipe, len(PROMPTS))
     assert out.device.type == "meta"
+
+
+@pytest.mark.parametrize("name", ["ChromaTransformer2DModel", "Flux2Transformer2DModel", "QwenImageTransformer2DModel"])
+def test_lookalike_transformers_are_refused_by_name(name):
+    """Chroma and Flux.2 have Flux's double + single blocks and Qwen-Image a DiT's blocks and patch
+    size, but each needs its own processor: adapter_for (which control and apply consult) refuses
+    them by name, also behind a torch.compile wrapper."""
+    import diffusers
+
+    from attnctrl.adapters import adapter_for
+    from attnctrl.errors import UnsupportedModelError
+
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        pytest.skip(f"this diffusers has no {name}")
+    with torch.device("meta"):
+        model = cls(num_layers=1) if name == "QwenImageTransformer2DModel" else cls(num_layers=1, num_single_layers=1)
+    with pytest.raises(UnsupportedModelError, match=f"{name} is not supported"):
+        adapter_for(model)
+    with pytest.raises(UnsupportedModelError, match="is not supported"):
+        adapter_for(torch.compile(model))

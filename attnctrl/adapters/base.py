@@ -63,8 +63,22 @@ def register_adapter(adapter: ModelAdapter) -> ModelAdapter:
     return adapter
 
 
+#: Transformers shaped like a supported family (Flux's double + single blocks, a DiT's blocks and patch
+#: size) whose attention needs a processor of its own: refused by class name, not run as the look-alike.
+LOOKALIKE_MODELS: dict[str, str] = {
+    "ChromaTransformer2DModel": "Chroma masks the text padding inside joint attention, which the Flux processor does not take",
+    "Flux2Transformer2DModel": "Flux.2's single-stream blocks fuse attention and MLP in one parallel processor, and its "
+                               "reference images add K/V-cache tokens",
+    "QwenImageTransformer2DModel": "Qwen-Image has its own dual-stream processor (text RoPE on a 2-D grid)",
+}
+
+
 def adapter_for(model: Any) -> ModelAdapter:
     """The adapter of ``model``; :class:`UnsupportedModelError` naming the supported families."""
+    name = type(getattr(model, "_orig_mod", model)).__name__  # (a torch.compile wrapper names its module)
+    if name in LOOKALIKE_MODELS:
+        families = ", ".join(a.family for a in reversed(_ADAPTERS))
+        raise UnsupportedModelError(f"{name} is not supported: {LOOKALIKE_MODELS[name]}; supported: {families}")
     for adapter in _ADAPTERS:
         if adapter.matches(model):
             return adapter
