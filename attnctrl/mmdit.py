@@ -449,11 +449,11 @@ def _joint_edit_from_lse(
     if cross_weights is not None:
         rows, sources, edits = layout.edited_rows(q.device)
         # Only the T2I block is edited: the edited rows' text queries read the unscaled values.
-        out[rows, :, text] = kernels.attention(q[rows][:, :, text], k[rows], v[rows], backend=backend)
+        out[rows, :, text] = kernels.attention(q[:, :, text][rows], k[rows], v[rows], backend=backend)
         weighted = cross.mapper[edits] * cross_weights[edits][:, None, :]  # (R, L_src, L_edit)
-        v_src = torch.einsum("rwj,rhjd->rhwd", weighted, v[rows][:, :, text])
+        v_src = torch.einsum("rwj,rhjd->rhwd", weighted, v[:, :, text][rows])
         v_src = v_src.to(torch.promote_types(v_src.dtype, torch.float32))  # (R, H, L, D)
-        q_s, k_s, lse_s = q[sources][:, :, image], k[sources][:, :, text], lse[sources][:, :, image]
+        q_s, k_s, lse_s = q[:, :, image][sources], k[:, :, text][sources], lse[:, :, image][sources]
         edited = out[rows]
         for start, stop, p in _t2i_probability_chunks(q_s, k_s, lse_s, scale):
             window = slice(image.start + start, image.start + stop)
