@@ -40,6 +40,7 @@ cd "$ROOT"
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 QUICK=${GPU_CHECK_QUICK:-0}  # 1: CPU rehearsal (tiny models; caps doubled for a slow CPU)
+PART=${GPU_CHECK_PART:-main}  # main: the check above; mmdit: the MM-DiT check (SD3/Flux P2P, Flux policies)
 PY=${GPU_CHECK_PYTHON:-python3}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
 if [ "$QUICK" = 1 ]; then TOTAL=${GPU_CHECK_TOTAL_S:-700}; SCALE=2; else TOTAL=${GPU_CHECK_TOTAL_S:-355}; SCALE=1; fi
@@ -187,6 +188,28 @@ else
           --model sd15 sdxl pixart --size 1024 2048 4096 --variants sdpa agent window proxy grouped --repeats 3)
 fi
 
+if [ "$PART" = mmdit ]; then
+    # The MM-DiT check (GPU_CHECK_PART=mmdit, a second device call): its CUDA tests, fused P2P vs the
+    # stock pipeline on SD3.5-medium- and Flux.1-dev-shaped transformers (full depth, random weights),
+    # and the efficient policies on the Flux-shaped transformer at 1024² and 2048².
+    MM_P2P=(--device cuda --dtype fp16 --sizes 1024 2048 --steps 10 5 --repeats 2 1 --variants plain fused --no-profile)
+    MM_FLUX=(--device cuda --dtype bf16 --model flux --sizes 1024 --steps 5 --repeats 2 --variants plain fused --no-profile)
+    MM_ATTN=(--device cuda --dtype bfloat16 --model flux --size 1024 2048 --variants sdpa window proxy grouped --repeats 2)
+    if [ "$QUICK" = 1 ]; then
+        MM_P2P=(--device cpu --dtype fp32 --layers 1 --sizes 64 --steps 1 --repeats 1 --variants plain fused --no-profile)
+        MM_FLUX=(--device cpu --dtype fp32 --model flux --layers 2 --sizes 64 --steps 1 --repeats 1 --variants plain fused --no-profile)
+        MM_ATTN=(--device cpu --dtype float32 --model flux --flux-blocks 1 1 --size 64 --variants sdpa window --repeats 1)
+    fi
+    run_step tests 60 240 0 "$WORK/tests.log" \
+        "$PY" -P -m pytest -q -p no:cacheprovider -rfEs --timeout 120 --junitxml "$WORK/junit.xml" \
+        tests/test_kernels.py tests/test_mmdit.py -k "cuda or lse"
+    run_step p2p 150 100 20 "$WORK/p2p.log" \
+        "$PY" benchmarks/gpu_p2p_profile.py --model sd3 "${MM_P2P[@]}" --budget __BUDGET__ --out "$WORK/p2p"
+    run_step p2p-flux 80 60 20 "$WORK/p2p-flux.log" \
+        "$PY" benchmarks/gpu_p2p_profile.py "${MM_FLUX[@]}" --budget __BUDGET__ --out "$WORK/p2p/flux"
+    run_step attention 90 0 20 "$WORK/attention.log" \
+        "$PY" benchmarks/attention.py "${MM_ATTN[@]}" --part unet --budget __BUDGET__ --timeout __LIMIT__ --out "$WORK/attention"
+else
 # (a) CUDA tests (run with -P: the repository root must not shadow the installed package)
 run_step tests 90 180 0 "$WORK/tests.log" \
     "$PY" -P -m pytest -q -p no:cacheprovider -rfEs --timeout 120 --junitxml "$WORK/junit.xml" \
@@ -200,8 +223,11 @@ run_step p2p 120 60 0 "$WORK/p2p.log" \
 # (d) efficient attention: layer and denoiser-step sweep
 run_step attention 90 15 20 "$WORK/attention.log" \
     "$PY" benchmarks/attention.py "${ATTN[@]}" --part all --budget __BUDGET__ --timeout __LIMIT__ --out "$WORK/attention"
+fi
 # (e) Triton taps (another benchmark's file; optional)
-if [ -f benchmarks/triton_taps.py ]; then
+if [ "$PART" = mmdit ]; then
+    log "taps: not part of the MM-DiT check"
+elif [ -f benchmarks/triton_taps.py ]; then
     # the targets first: fused taps vs sdpa + probabilities, routed vs flex, at N = 16384 (two-pass
     # variant and larger sizes left out: flex and the tuner compile, and the step has 30 s)
     TAPS=(--sizes 16384 --parts taps routed dense --no-two-pass)
@@ -283,8 +309,10 @@ triton_json = {str(p.relative_to(triton_dir)): load(p) for p in sorted(triton_di
 triton_mds = sorted(triton_dir.rglob("*.md")) if triton_dir.is_dir() else []
 tables = {
     "features.md": step_md("features", [work / "features" / "features.md"], "gpu_features.py"),
-    "p2p.md": step_md("p2p", [work / "p2p" / "p2p_profile.md"], "gpu_p2p_profile.py"),
-    "attention.md": step_md("attention", [work / "attention" / "attention.md"], "attention.py"),
+    "p2p.md": step_md("p2p", [work / "p2p" / "p2p_profile.md", work / "p2p" / "flux" / "p2p_profile.md"], "gpu_p2p_profile.py"),
+    # (--part all writes attention.md; the MM-DiT check's --part unet only attention-unet.md)
+    "attention.md": step_md("attention", [work / "attention" / ("attention.md" if (work / "attention" / "attention.md").exists()
+                                                                  else "attention-unet.md")], "attention.py"),
     "triton.md": step_md("taps", triton_mds, "triton_taps.py") if (root / "benchmarks" / "triton_taps.py").exists()
     else "_triton_taps.py: not in this tree, not run._\n",
 }
