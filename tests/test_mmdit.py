@@ -390,16 +390,16 @@ def _random_cross(kind: str, edits: int, length: int, g: torch.Generator, dtype:
 
 @pytest.mark.parametrize("text_first", [False, True])
 @pytest.mark.parametrize("kind", ["replace", "refine", "reweight"])
-@pytest.mark.parametrize("guided", [True, False])
-def test_lse_path_equals_generic_path_and_reference(kind, text_first, guided, monkeypatch):
+@pytest.mark.parametrize("guided,images", [(True, 1), (False, 1), (True, 2)])
+def test_lse_path_equals_generic_path_and_reference(kind, text_first, guided, images, monkeypatch):
     """On CPU the fused edit runs one joint pass that returns the log-sum-exp and forms the source's
     T2I term and the word maps from it; a backend without the log-sum-exp takes the generic path
     (a second attention of the source rows, a score pass for the maps). Both equal the materialised
     official formulas, with more edited rows than sources (two edits of one prompt)."""
     g = torch.Generator().manual_seed(3)
     prompts = 3
-    batch = prompts * (2 if guided else 1)
-    layout = RowLayout.from_batch(batch, prompts, 1)
+    batch = prompts * images * (2 if guided else 1)
+    layout = RowLayout.from_batch(batch, prompts, images)
     text_len, image_len = 7, 30
     dtype = torch.float64
     q, k, v = (torch.randn(batch, 3, text_len + image_len, 16, generator=g, dtype=dtype) for _ in range(3))
@@ -415,7 +415,7 @@ def test_lse_path_equals_generic_path_and_reference(kind, text_first, guided, mo
     generic, generic_probs = joint_edited_attention(q, k, v, backend="reference", **common)
     ref, ref_probs = joint_edited_attention(q, k, v, materialise=True, **common)
     assert torch.allclose(fast, ref, atol=1e-10) and torch.allclose(generic, ref, atol=1e-10)
-    assert fast_probs.shape == ref_probs.shape == (prompts, image_len, text_len)
+    assert fast_probs.shape == ref_probs.shape == (prompts * images, image_len, text_len)
     assert torch.allclose(fast_probs.double(), ref_probs.double(), atol=1e-6)
     assert torch.allclose(generic_probs.double(), ref_probs.double(), atol=1e-6)
 
