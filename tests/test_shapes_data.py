@@ -744,3 +744,52 @@ def test_decoder_batches_splice_two_scenes_with_the_same_cut_in_latents_and_pixe
         from attnctrl.models.shapes.train import finetune_decoder
 
         finetune_decoder("/nonexistent", splice_share=-0.1)
+
+
+def test_colour_oversampling_draws_scenes_with_the_named_colours_more_often(tmp_path, monkeypatch):
+    """``colour_weights`` (CLI ``--oversample COLOUR=WEIGHT``) weights each pool scene by the largest
+    weight of its objects' colours; it is validated, recorded in state.json and kept on resume."""
+    import json
+
+    import attnctrl.models.shapes.train as train_module
+    from attnctrl.models.shapes import Scene, SceneObject
+    from attnctrl.models.shapes.train import _parse_oversample, scene_sampling_probs, train
+
+    def obj(colour: str, position: str) -> SceneObject:
+        return SceneObject(colour=colour, shape="circle", position=position)
+
+    scenes = [
+        Scene("white", (obj("purple", "in the top left corner"),)),
+        Scene("gray", (obj("red", "in the top left corner"),)),
+        Scene("white", (obj("red", "in the top left corner"), obj("purple", "in the top right corner"))),
+        Scene("black", (obj("blue", "in the top left corner"), obj("green", "in the top right corner"))),
+    ]
+    assert np.allclose(scene_sampling_probs(scenes, {"purple": 3.0}), np.array([3, 1, 3, 1]) / 8)
+    assert np.allclose(scene_sampling_probs(scenes, {"purple": 3.0, "red": 0.5}), np.array([3, 0.5, 3, 1]) / 7.5)
+    assert _parse_oversample(None) is None
+    assert _parse_oversample(["purple=3", "red=0.5"]) == {"purple": 3.0, "red": 0.5}
+    for bad in ("purple", "purple=x", "purple=inf"):
+        with pytest.raises(ValueError, match="COLOUR=WEIGHT"):
+            _parse_oversample([bad])
+
+    work, out = str(tmp_path / "work"), str(tmp_path / "out")
+    common = dict(work_dir=work, pool_size=16, minutes=30, vae_minutes=0.02, batch_size=4, vae_batch_size=2, threads=1, log_every=1000)
+    with pytest.raises(ValueError, match="unknown colour 'gray'"):
+        train(out, max_steps=1, colour_weights={"gray": 2.0}, **common)
+    with pytest.raises(ValueError, match="must be a finite number > 0"):
+        train(out, max_steps=1, colour_weights={"purple": 0.0}, **common)
+    seen = []
+    probs = train_module.scene_sampling_probs
+    monkeypatch.setattr(train_module, "scene_sampling_probs", lambda sc, w: seen.append(dict(w)) or probs(sc, w))
+    train(out, max_steps=2, colour_weights={"purple": 1000.0}, **common)
+    state_path = os.path.join(work, "ckpt", "state.json")
+    with open(state_path, encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["colour_weights"] == {"purple": 1000.0} and state["colour_weight_changes"] == [[0, {"purple": 1000.0}]]
+    assert seen == [{"purple": 1000.0}]
+    train(out, max_steps=3, resume=True, **common)  # kept on resume
+    assert seen[-1] == {"purple": 1000.0}
+    train(out, max_steps=4, resume=True, colour_weights={}, **common)  # switched off
+    with open(state_path, encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["colour_weights"] == {} and state["colour_weight_changes"][-1] == [3, {}] and len(seen) == 2

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import BACKGROUNDS, SHAPE_KINDS, SIZE_WORDS, caption, item_scene, object_masks, render_array
+from . import BACKGROUNDS, COLOURS, SHAPE_KINDS, SIZE_WORDS, caption, item_scene, object_masks, render_array
 from .tokenizer import MODEL_MAX_LENGTH, build_tokenizer, write_vocab_files
 from ...errors import InvalidOptionError
 
@@ -485,6 +485,7 @@ def train(
     decoder_splice: float = 0.0,
     occupancy_latent: bool | None = None,
     init_from: str | None = None,
+    colour_weights: dict[str, float] | None = None,
     checkpoint_minutes: float = 5.0,
     resume: bool = False,
     device: str | None = None,
@@ -507,6 +508,11 @@ def train(
     scratch: its VAE (decoder included), text encoder, UNet, scaling factor, noise schedule and
     target are taken over, the VAE phase is skipped, and the UNet phase starts at step 0 with a fresh
     optimiser, warm-up, cosine schedule and EMA.
+
+    ``colour_weights`` (``{"purple": 3.0}``) oversamples the pool scenes that hold an object of those
+    colours in the UNet batches: a scene is drawn with probability proportional to the largest weight
+    of its objects' colours (1 for colours not named). Recorded in ``state.json``; a resumed run keeps
+    its checkpoint's unless given (``{}`` switches it off).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from tqdm.auto import tqdm
@@ -658,6 +664,18 @@ def train(
     if int(state["pool_size"]) != pool_size:
         _log(f"using the checkpoint's pool of {state['pool_size']} scenes (not {pool_size})")
         pool_size = int(state["pool_size"])
+    if colour_weights is not None:
+        for name, weight in colour_weights.items():
+            if name not in COLOURS:
+                raise InvalidOptionError(f"colour_weights: unknown colour {name!r}; use one of {list(COLOURS)}")
+            if not (math.isfinite(float(weight)) and float(weight) > 0.0):
+                raise InvalidOptionError(f"colour_weights: the weight of {name!r} must be a finite number > 0, got {weight}")
+        new_weights = {str(k): float(v) for k, v in sorted(colour_weights.items())}
+        if new_weights != state.get("colour_weights", {}):
+            _log(f"colour oversampling {state.get('colour_weights', {})} -> {new_weights} from UNet step {state['unet_step']}")
+            state.setdefault("colour_weight_changes", []).append([int(state["unet_step"]), new_weights])
+            state["colour_weights"] = new_weights
+    colour_weights = dict(state.get("colour_weights", {}))
     if resume and max_steps is not None and state["phase"] in ("unet", "export", "done") and max_steps > state["unet_step"]:
         # extend (or shorten) a finished/planned run: train on to max_steps
         state["planned_steps"] = max_steps
@@ -894,6 +912,7 @@ def train(
                     token_share[b, pos] = 1.0 / len(kept)
         return targets.to(dev), supervised.to(dev), token_share.to(dev)
 
+    pool_probs = scene_sampling_probs(scenes, colour_weights) if colour_weights else None
     if state["phase"] == "unet":
         unet.train()
         text_encoder.train(train_text_encoder)
@@ -927,7 +946,7 @@ def train(
                 t_measure = time.time()
                 state["measure_from"] = step
             rng = np.random.default_rng([seed, 2, step])
-            idx = rng.integers(0, pool_size, batch_size)
+            idx = rng.integers(0, pool_size, batch_size) if pool_probs is None else rng.choice(pool_size, batch_size, p=pool_probs)
             texts = ["" if rng.random() < cond_drop else caption(scenes[int(i)], rng) for i in idx]
             ids = tokenizer(texts, padding="max_length", max_length=MODEL_MAX_LENGTH, truncation=True, return_tensors="pt").input_ids.to(dev)
             x0 = latents[torch.from_numpy(idx).to(dev)]
@@ -1001,6 +1020,13 @@ def train(
     save_ckpt({})
     _log(f"wrote {out_dir} ({_dir_mb(out_dir):.1f} MB); total {elapsed() / 60:.1f} min")
     return out_dir
+
+
+def scene_sampling_probs(scenes: list[Any], colour_weights: dict[str, float]) -> np.ndarray:
+    """Probability of drawing each pool scene for a UNet batch: proportional to the largest of
+    ``colour_weights`` over the scene's objects' colours (1 for a colour not named)."""
+    w = np.array([max(float(colour_weights.get(o.colour, 1.0)) for o in sc.objects) for sc in scenes], dtype=np.float64)
+    return w / w.sum()
 
 
 def _forcing_start_step(state: dict[str, Any]) -> int | None:
@@ -1385,11 +1411,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="start a new run from an exported shapes folder ('shapes': the shipped weights) and fine-tune "
                         "it: the VAE phase is skipped and the UNet phase starts at step 0 with a fresh optimiser and "
                         "schedule (use a new --work dir)")
+    p.add_argument("--oversample", action="append", default=None, metavar="COLOUR=WEIGHT",
+                   help="draw pool scenes with an object of COLOUR WEIGHT times as often in the UNet batches "
+                        "(repeatable, e.g. --oversample purple=3; default none; a resumed run keeps its checkpoint's)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--export-checkpoint", action="store_true", help="only export --work's checkpoint to --out")
     p.add_argument("--finetune-decoder", type=float, default=None, metavar="MINUTES",
                    help="only fine-tune the VAE decoder on --work's pre-encoded latents for MINUTES (resumable)")
     a = p.parse_args(argv)
+    try:
+        colour_weights = _parse_oversample(a.oversample)
+    except InvalidOptionError as exc:
+        p.error(str(exc))
     if a.finetune_decoder is not None:
         finetune_decoder(a.work, seed=a.seed, minutes=a.finetune_decoder, splice_share=a.decoder_splice, threads=a.threads, device=a.device)
         return 0
@@ -1424,8 +1457,24 @@ def main(argv: list[str] | None = None) -> int:
         decoder_splice=a.decoder_splice,
         occupancy_latent=None if a.occupancy_latent is None else a.occupancy_latent == "on",
         init_from=_model_path(a.init_from),
+        colour_weights=colour_weights,
     )
     return 0
+
+
+def _parse_oversample(items: list[str] | None) -> dict[str, float] | None:
+    if items is None:
+        return None
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value) if sep else float("nan")
+        except ValueError:
+            out[name.strip()] = float("nan")
+        if not sep or not math.isfinite(out[name.strip()]):
+            raise InvalidOptionError(f"--oversample takes COLOUR=WEIGHT (e.g. purple=3), got {item!r}")
+    return out
 
 
 def _model_path(name: str | None) -> str | None:
