@@ -14,12 +14,15 @@ Prints markdown tables and writes them to ``benchmarks/results/inversion.{md,jso
 3. ``--model shapes-flow``: the rectified-flow inversions (rf-euler, rf-solver, fireflow,
    rf-inversion) on the embedded SD3-shaped flow model instead: transformer evaluations per image,
    time, and reconstruction PSNR against the VAE round trip of the input (the best any inversion can
-   do); ``--edits`` adds the colour swap of table 1's edits. Written to ``inversion_flow.{md,json}``.
-   Targets: rf-solver and fireflow >= 35 dB with <= 2x the evaluations of rf-euler; swap >= 80%
-   changed with background >= 35 dB.
+   do); ``--edits`` adds colour swaps (Replace + LocalBlend) from each method's inversions of a
+   separate set of single-object sources (``FLOW_SWAP_SOURCES``: every colour and shape, ``--swap-seeds``
+   seeds from ``--swap-seed-base``, each swapped to three other colours), with the rate, background
+   PSNR and the failed pairs. Written to ``inversion_flow.{md,json}``. Targets: rf-solver and fireflow
+   >= 35 dB on every image with <= 2x the evaluations of rf-euler; swap >= 80% changed with
+   background >= 35 dB. Tune edit settings (``--cross-steps``) on other seeds than the reported ones.
 
 Run: ``python benchmarks/inversion.py [--images 4] [--steps 50] [--sd15] [--dpl]``;
-``python benchmarks/inversion.py --model shapes-flow --steps 20 --edits``.
+``python benchmarks/inversion.py --model shapes-flow --steps 20 --images 6 --edits --threads 1``.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / (a.float() - b.float()).pow(2).mean().clamp_min(1e-12)))
 
 
-def colour_swap(pipe, inv, prompt: str, **call) -> dict | None:
-    """Edit the single-object prompt's colour word to another colour from ``inv``; None when the
-    prompt has no single colour + shape to swap."""
+def colour_swap(pipe, inv, prompt: str, target: str | None = None, edit_options: dict | None = None, **call) -> dict | None:
+    """Edit the single-object prompt's colour word to ``target`` (default: the colour three places on
+    in ``COLOURS``) from ``inv``; None when the prompt has no single colour + shape to swap.
+    ``edit_options``: extra arguments of the :class:`attnctrl.Replace` edit (e.g. ``cross_steps``)."""
     import numpy as np
 
     import attnctrl
@@ -64,9 +68,11 @@ def colour_swap(pipe, inv, prompt: str, **call) -> dict | None:
     if len(colours) != 1 or len(shapes) != 1:
         return None
     names = list(COLOURS)
-    target = names[(names.index(colours[0]) + 3) % len(names)]
+    if target is None:
+        target = names[(names.index(colours[0]) + 3) % len(names)]
     edited_prompt = prompt.replace(colours[0], target, 1)
-    out = pipe([prompt, edited_prompt], edit=attnctrl.Replace(blend=attnctrl.LocalBlend([shapes[0]])), inversion=inv, **call)
+    edit = attnctrl.Replace(blend=attnctrl.LocalBlend([shapes[0]]), **(edit_options or {}))
+    out = pipe([prompt, edited_prompt], edit=edit, inversion=inv, **call)
     source, edited = analyze(out.images[0]), analyze(out.images[1])
     a = np.asarray(out.images[0], dtype=np.float32) / 255
     b = np.asarray(out.images[1], dtype=np.float32) / 255
@@ -122,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="shapes: the UNet methods; shapes-flow: the rectified-flow methods on the SD3-shaped flow model")
     parser.add_argument("--flow-guidance", type=float, nargs="+", default=None, metavar="W",
                         help="shapes-flow: guidance scales of the ODE solvers (default: each method's own)")
+    parser.add_argument("--swap-seeds", type=int, default=3, help="shapes-flow --edits: seeds of the swap sources")
+    parser.add_argument("--swap-seed-base", type=int, default=1000,
+                        help="shapes-flow --edits: first seed of the swap sources (tune on other seeds than the reported ones)")
+    parser.add_argument("--cross-steps", type=float, default=None,
+                        help="shapes-flow --edits: cross_steps of the swap's Replace (default: Replace's own)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -237,6 +248,65 @@ def swap_table(swaps: dict[str, list[dict | None]], settings: str) -> str:
             + "\n\nTargets: colour changed in >= 80% of swaps, background >= 35 dB.")
 
 
+#: Single-object sources of the flow colour-swap evaluation: every colour and every shape, several
+#: positions; each is swapped to three other colours (``SWAP_OFFSETS`` places on in ``COLOURS``).
+FLOW_SWAP_SOURCES = [
+    ("red", "circle", "on the left"),
+    ("green", "square", "on the right"),
+    ("blue", "triangle", "in the centre"),
+    ("yellow", "star", "at the top"),
+    ("orange", "circle", "in the bottom right corner"),
+    ("purple", "square", "at the bottom"),
+]
+SWAP_OFFSETS = (1, 3, 5)
+
+
+def flow_swap_sources(pipe, seeds: int, seed_base: int) -> tuple[list[dict], list[dict]]:
+    """Generate the swap sources (20 steps, guidance 4) for ``seeds`` seeds from ``seed_base``; a source
+    whose largest object is not the asked colour is skipped (returned second)."""
+    from attnctrl.models.shapes import COLOURS, analyze, with_article
+
+    names = list(COLOURS)
+    sources, skipped = [], []
+    for k in range(seeds):
+        for j, (colour, shape, position) in enumerate(FLOW_SWAP_SOURCES):
+            seed = seed_base + 100 * k + j
+            prompt = f"{with_article(colour + ' ' + shape)} {position}"
+            image = pipe([prompt], num_inference_steps=20, guidance_scale=4.0, height=64, width=64,
+                         generator=torch.Generator().manual_seed(seed)).images[0]
+            found = analyze(image)
+            if not found or found[0].colour != colour:
+                skipped.append({"prompt": prompt, "seed": seed, "found": found[0].colour if found else "nothing"})
+                continue
+            targets = [names[(names.index(colour) + o) % len(names)] for o in SWAP_OFFSETS]
+            sources.append({"prompt": prompt, "seed": seed, "image": image, "targets": targets})
+    return sources, skipped
+
+
+def flow_swap_table(swaps: dict[str, list[dict]], sources: list[dict], skipped: list[dict], args: argparse.Namespace,
+                    edit_options: dict) -> str:
+    """The flow colour-swap section: per method, the rate of swaps that found the new colour, the
+    background PSNR (mean, worst) and the failed swaps grouped by colour pair."""
+    from collections import Counter
+
+    rows = []
+    for name, cases in swaps.items():
+        ok = sum(c["colour_ok"] for c in cases)
+        bg = [c["background_psnr"] for c in cases]
+        failed = Counter(f"{c['source']}→{c['target']} ({c['found']})" for c in cases if not c["colour_ok"])
+        worst = min(cases, key=lambda c: c["background_psnr"])
+        rows.append([name, f"{ok}/{len(cases)}", f"{100 * ok / len(cases):.0f}%", f"{statistics.mean(bg):.1f}",
+                     f"{min(bg):.1f} ({worst['source']}→{worst['target']}, seed {worst['seed']})",
+                     "; ".join(f"{k}{' ×' + str(v) if v > 1 else ''}" for k, v in failed.most_common()) or "—"])
+    edit = "Replace(" + ", ".join(f"{k}={v}" for k, v in edit_options.items()) + ("" if not edit_options else ", ") + "blend=LocalBlend([shape]))"
+    return (f"\n\nColour swap from each inversion: {len(sources)} single-object sources ({len(FLOW_SWAP_SOURCES)} prompts covering every "
+            f"colour and shape x {args.swap_seeds} seeds from {args.swap_seed_base}; {len(skipped)} skipped, their largest object not the asked colour), "
+            f"each swapped to 3 other colours = {3 * len(sources)} swaps per method; {edit}, the inversion's steps, guidance and solver; "
+            "background PSNR between the edited and the reconstructed image outside the LocalBlend mask\n\n"
+            + markdown_table(["method", "new colour found", "rate", "background PSNR dB (mean)", "(worst)", "failed swaps (colour found)"], rows)
+            + "\n\nTargets: colour changed in >= 80% of swaps, background >= 35 dB.")
+
+
 def flow_main(args: argparse.Namespace) -> int:
     """Table 3 (module doc): the rectified-flow inversions on the embedded flow model."""
     import numpy as np
@@ -265,6 +335,8 @@ def flow_main(args: argparse.Namespace) -> int:
     if args.only:
         methods = [(n, o) for n, o in methods if n.startswith("rf-euler") or any(t in n for t in args.only)]
     results, swaps = {}, {}
+    edit_options = {"cross_steps": args.cross_steps} if args.cross_steps is not None else {}
+    swap_sources, skipped = (flow_swap_sources(pipe, args.swap_seeds, args.swap_seed_base) if args.edits else ([], []))
     for name, options in methods:
         evals, seconds, quality = [], [], []
         for prompt, image, ref in zip(prompts, images, refs):
@@ -273,10 +345,14 @@ def flow_main(args: argparse.Namespace) -> int:
             seconds.append(time.perf_counter() - start)
             evals.append(inv.stats["transformer_evaluations"])
             quality.append(psnr(reconstruct(pipe, inv)[0], ref))
-            if args.edits:
-                swaps.setdefault(name, []).append(colour_swap(pipe, inv, prompt))
-                if options["method"] != "rf-inversion":
-                    swaps.setdefault(f"{name} + pin_source", []).append(colour_swap(pipe, inv, prompt, pin_source=True))
+        if args.edits:
+            for source in swap_sources:
+                inv = invert(pipe, source["image"], source["prompt"], num_inference_steps=args.steps, progress=False, **options)
+                variants = [(name, {})] + ([(f"{name} + pin_source", {"pin_source": True})] if options["method"] != "rf-inversion" else [])
+                for row, call in variants:
+                    for target in source["targets"]:
+                        case = colour_swap(pipe, inv, source["prompt"], target, edit_options, **call)
+                        swaps.setdefault(row, []).append(dict(case, prompt=source["prompt"], seed=source["seed"]))
         results[name] = dict(evaluations=statistics.mean(evals), seconds=statistics.mean(seconds), psnr=statistics.mean(quality),
                              psnr_worst=min(quality), psnr_each=quality, guidance=inv.guidance_scale)
         print(f"{name}: {results[name]}", file=sys.stderr, flush=True)
@@ -293,8 +369,9 @@ def flow_main(args: argparse.Namespace) -> int:
     )
     payload = {"environment": environment("cpu"), "settings": vars(args), "results": results, "target_met": met}
     if swaps:
-        table += swap_table(swaps, "guidance and solver")
+        table += flow_swap_table(swaps, swap_sources, skipped, args, edit_options)
         payload["swaps"] = swaps
+        payload["swap_sources_skipped"] = skipped
     print(table)
     atomic_write_bytes(os.path.join(args.out, "inversion_flow.md"), (table + "\n").encode("utf-8"))
     write_json_atomic(payload, os.path.join(args.out, "inversion_flow.json"))
