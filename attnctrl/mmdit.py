@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -411,7 +411,7 @@ _T2I_CHUNK_ELEMENTS = 1 << 24
 
 def _t2i_probability_chunks(
     q_image: torch.Tensor, k_text: torch.Tensor, lse_image: torch.Tensor, scale: float
-) -> Any:
+) -> Iterator[tuple[int, int, torch.Tensor]]:
     """The joint softmax's T2I block, ``exp(q k^T * scale - lse)`` in float32 (float64 inputs stay
     float64), in query chunks:
     yields ``(start, stop, probs (B, H, stop - start, L))`` for ``q_image`` (B, H, N, D), ``k_text``

@@ -61,6 +61,7 @@ from .run import (
     load_from_args,
     load_inversion,
     mask_image,
+    check_true_cfg,
     negative_prompt_options,
     check_out_dir,
     safe_name,
@@ -207,6 +208,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     check_guidance(args.guidance)
     real = args.image is not None or args.inversion is not None
     _check_real_image_options(args, real)
+    check_true_cfg(args.negative_prompt, args.true_cfg)
     cross = parse_cross(args.cross)
     self_steps = parse_window(args.self_steps, "--self") if args.self_steps is not None else 0.4
     blend = parse_blend(args.blend, len(prompts))

@@ -132,6 +132,16 @@ def load_from_args(args: argparse.Namespace) -> tuple[Any, str, float]:
     return pipe, model, time.perf_counter() - started
 
 
+def check_true_cfg(negative_prompt: str | None, true_cfg: float | None) -> None:
+    """What can be checked of ``--true-cfg`` before a model is loaded."""
+    if true_cfg is None:
+        return
+    if not math.isfinite(true_cfg) or true_cfg <= 1.0:
+        raise OptionError(f"--true-cfg {true_cfg!r}: true CFG needs a scale above 1 (1 = off)")
+    if negative_prompt is None:
+        raise OptionError("--true-cfg needs --negative-prompt (the second call's prompt; an empty text ' ' is allowed)")
+
+
 def negative_prompt_options(pipe: Any, negative_prompt: str | None, true_cfg: float | None) -> dict[str, Any]:
     """Pipeline keywords of ``--negative-prompt``/``--true-cfg``, refused where the model would ignore them:
     Flux.1 is guidance-distilled, so its negative prompt acts only under true CFG (``true_cfg_scale > 1``,
@@ -139,14 +149,11 @@ def negative_prompt_options(pipe: Any, negative_prompt: str | None, true_cfg: fl
     from ..adapters import FluxAdapter, adapter_for
     from ..pipelines.mmdit_control import is_mmdit_pipeline
 
+    check_true_cfg(negative_prompt, true_cfg)
     flux = is_mmdit_pipeline(pipe) and isinstance(adapter_for(pipe.transformer), FluxAdapter)
     if true_cfg is not None:
         if not flux:
             raise OptionError("--true-cfg applies to Flux (guidance-distilled); other models take --guidance with --negative-prompt")
-        if not math.isfinite(true_cfg) or true_cfg <= 1.0:
-            raise OptionError(f"--true-cfg {true_cfg!r}: true CFG needs a scale above 1 (1 = off)")
-        if negative_prompt is None:
-            raise OptionError("--true-cfg needs --negative-prompt (the second call's prompt; an empty text ' ' is allowed)")
         return {"true_cfg_scale": float(true_cfg), "negative_prompt": negative_prompt}
     if negative_prompt is None:
         return {}
