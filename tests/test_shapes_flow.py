@@ -194,3 +194,44 @@ def test_cli_train_shapes_flow_forwards_to_the_flow_parser(capsys):
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert "--grounding-weight" in out and "--time-sampling" in out
+
+
+def test_fine_tune_starts_from_an_exported_folder_and_keeps_its_encoders(tmp_path):
+    """``init_from`` starts at the folder's weights (step 0 = the export's EMA), keeps its text encoders and
+    latent normalisation, and refuses to restart a run that already exists or a folder that is not a flow model."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextModelWithProjection
+
+    from attnctrl.models.shapes.train_flow import FlowModelConfig, FlowTrainConfig, main, train_flow
+
+    config = FlowTrainConfig(pool_size=16, batch_size=2, warmup=1)
+    model = FlowModelConfig(num_layers=1, num_attention_heads=2, attention_head_dim=8, text_layer_width=16)
+    base, exported = str(tmp_path / "base"), str(tmp_path / "exported")
+    train_flow(exported, work_dir=base, config=config, model=model, max_steps=2, shapes_dir=SHAPES, log_every=1000,
+               threads=None, device="cpu")
+    tuned = str(tmp_path / "tuned")
+    train_flow(None, work_dir=tuned, config=config, max_steps=1, stop_at_step=0, shapes_dir=SHAPES, log_every=1000,
+               threads=None, device="cpu", init_from=exported)
+    start = SD3Transformer2DModel.from_pretrained(exported, subfolder="transformer").state_dict()
+    saved = load_file(os.path.join(tuned, "ckpt", "transformer.safetensors"))
+    assert saved.keys() == start.keys() and all(torch.equal(saved[k], start[k]) for k in start)
+    with open(os.path.join(tuned, "ckpt", "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    with open(os.path.join(exported, "vae", "config.json"), encoding="utf-8") as f:
+        vae = json.load(f)
+    assert state["model"] == {**model.__dict__} and state["shift_factor"] == vae["shift_factor"]
+    out = str(tmp_path / "tuned-out")
+    train_flow(out, work_dir=tuned, resume=True, max_steps=1, shapes_dir=SHAPES, log_every=1000, threads=None, device="cpu",
+               init_from=exported)
+    for name in ("text_encoder", "text_encoder_2"):
+        a = CLIPTextModelWithProjection.from_pretrained(exported, subfolder=name).state_dict()
+        b = CLIPTextModelWithProjection.from_pretrained(out, subfolder=name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="only starts a new run"):
+        train_flow(None, work_dir=base, resume=True, max_steps=2, shapes_dir=SHAPES, threads=None, device="cpu", init_from=out)
+    with pytest.raises(ValueError, match="not an exported flow shapes folder|not a flow shapes folder"):
+        train_flow(None, work_dir=str(tmp_path / "bad"), config=config, max_steps=1, shapes_dir=SHAPES, threads=None,
+                   device="cpu", init_from=SHAPES)
+    with pytest.raises(ValueError, match="drop --num-layers"):
+        main(["--work", str(tmp_path / "x"), "--init-from", exported, "--num-layers", "2"])

@@ -408,6 +408,7 @@ def train_flow(
     log_every: int = 50,
     threads: int | None = 1,
     device: str | None = None,
+    init_from: str | None = None,
 ) -> str:
     """Train the flow-matching shapes transformer in ``work_dir`` and export it to ``out_dir``.
 
@@ -416,6 +417,10 @@ def train_flow(
     checkpoints and returns at that step without exporting (a planned interruption; resume with the
     same ``max_steps``). ``shapes_dir``: the shapes folder whose VAE, text encoder and tokenizer are
     reused (default: the shipped one). ``config``/``model`` of a resumed run are the checkpoint's.
+    ``init_from`` (a new run only): an exported flow shapes folder to fine-tune. Its transformer's
+    weights (and EMA) are the start, with a fresh optimiser and schedule; its text encoders and its
+    VAE's ``shift_factor``/``scaling_factor`` are kept, so the export is the same pipeline with new
+    transformer weights; ``model`` is read from its transformer config.
     Returns ``out_dir`` (or ``work_dir`` when stopped early or ``out_dir`` is None).
     """
     from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -447,6 +452,14 @@ def train_flow(
         config.validate()
         state = dict(phase="encode", step=0, elapsed=0.0, planned_steps=max_steps, config=asdict(config),
                      model=asdict(model), shapes_dir=os.path.abspath(shapes_dir))
+        if init_from is not None:
+            state.update(_start_from_flow_model(init_from))
+            model = FlowModelConfig(**state["model"])
+    if init_from is not None and state.get("init_from") != os.path.abspath(init_from):
+        raise InvalidOptionError(
+            f"init_from={init_from!r} only starts a new run, and {work_dir!r} already holds one "
+            f"(started from {state.get('init_from') or 'scratch'}); resume it without init_from or use a new --work dir"
+        )
     elapsed0 = float(state["elapsed"])
 
     def elapsed() -> float:
@@ -454,7 +467,7 @@ def train_flow(
 
     seed, pool_size, batch_size = config.seed, config.pool_size, config.batch_size
     tokenizer = CLIPTokenizer.from_pretrained(shapes_dir, subfolder="tokenizer")
-    text_encoders = [e.to(dev) for e in text_encoders_from_shapes(shapes_dir, seed, model)]
+    text_encoders = [e.to(dev) for e in _run_text_encoders(state, config, model)]
     t0 = time.time()
     scenes = [item_scene(i, seed)[0] for i in range(pool_size)]
     _log(f"sampled {pool_size} scenes in {time.time() - t0:.1f}s")
@@ -465,8 +478,9 @@ def train_flow(
         vae = AutoencoderKL.from_pretrained(shapes_dir, subfolder="vae").to(dev).eval()
         t0 = time.time()
         lat = _encode_pool(vae, scenes, dev)
-        state["shift_factor"] = float(lat.mean())
-        state["scaling_factor"] = float(1.0 / lat.std())
+        if state.get("init_from") is None:  # a fine-tune keeps the normalisation its transformer learnt
+            state["shift_factor"] = float(lat.mean())
+            state["scaling_factor"] = float(1.0 / lat.std())
         _save_tensors(lat_path, {"latents": lat})
         _log(f"encoded {pool_size} scenes in {time.time() - t0:.0f}s: shift_factor {state['shift_factor']:.4f} "
              f"scaling_factor {state['scaling_factor']:.4f}")
@@ -488,6 +502,11 @@ def train_flow(
         ema_sd = _load_tensors(os.path.join(ckpt, "ema.safetensors"))
         ema = [ema_sd[str(i)].to(dev) for i in range(len(params))]
         _restore_optimizer(opt, _load_tensors(os.path.join(ckpt, "optimizer.safetensors")))
+    elif state.get("init_from") is not None:
+        start = SD3Transformer2DModel.from_pretrained(state["init_from"], subfolder="transformer")
+        transformer.load_state_dict(start.state_dict())
+        ema = [p.detach().clone() for p in params]
+        del start
 
     def save_checkpoint() -> None:
         state["elapsed"] = elapsed()
@@ -611,6 +630,44 @@ def train_flow(
     return out_dir
 
 
+def _start_from_flow_model(model_dir: str) -> dict[str, Any]:
+    """State entries of a run that fine-tunes the exported flow shapes folder ``model_dir``."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    model_dir = os.path.abspath(model_dir)
+    try:
+        transformer_cfg = SD3Transformer2DModel.load_config(model_dir, subfolder="transformer")
+        vae_cfg = AutoencoderKL.load_config(model_dir, subfolder="vae")
+        text_cfg = CLIPTextModelWithProjection.config_class.from_pretrained(model_dir, subfolder="text_encoder")
+    except (OSError, ValueError) as e:
+        raise InvalidOptionError(f"init_from={model_dir!r} is not an exported flow shapes folder ({e})") from e
+    model = FlowModelConfig(
+        num_layers=int(transformer_cfg["num_layers"]), num_attention_heads=int(transformer_cfg["num_attention_heads"]),
+        attention_head_dim=int(transformer_cfg["attention_head_dim"]), patch_size=int(transformer_cfg["patch_size"]),
+        text_layer_width=int(text_cfg.intermediate_size),
+    )
+    expected = transformer_config(model)
+    differs = sorted(k for k, v in expected.items() if transformer_cfg.get(k) != v)
+    if differs or vae_cfg.get("shift_factor") is None:
+        raise InvalidOptionError(
+            f"init_from={model_dir!r} is not a flow shapes folder written by train-shapes --flow "
+            f"(differs in {differs or ['vae shift_factor']}); fine-tune only such folders"
+        )
+    return dict(init_from=model_dir, model=asdict(model), shift_factor=float(vae_cfg["shift_factor"]),
+                scaling_factor=float(vae_cfg["scaling_factor"]))
+
+
+def _run_text_encoders(state: dict[str, Any], config: FlowTrainConfig, model: FlowModelConfig):
+    """The run's two frozen CLIP encoders: a fine-tune's are its start folder's, exactly."""
+    if state.get("init_from") is None:
+        return text_encoders_from_shapes(state["shapes_dir"], config.seed, model)
+    from transformers import CLIPTextModelWithProjection
+
+    return tuple(CLIPTextModelWithProjection.from_pretrained(state["init_from"], subfolder=name).requires_grad_(False).eval()
+                 for name in ("text_encoder", "text_encoder_2"))
+
+
 def export_flow_checkpoint(work_dir: str, out_dir: str, *, use_ema: bool = True, shift: float | None = None) -> str:
     """Write the stock SD3 folder for ``work_dir``'s latest checkpoint to ``out_dir`` (atomically).
 
@@ -638,7 +695,7 @@ def export_flow_checkpoint(work_dir: str, out_dir: str, *, use_ema: bool = True,
                 p.copy_(ema[str(i)])
     vae = AutoencoderKL.from_pretrained(shapes_dir, subfolder="vae")
     vae.register_to_config(shift_factor=float(state["shift_factor"]), scaling_factor=float(state["scaling_factor"]))
-    text_encoder, text_encoder_2 = text_encoders_from_shapes(shapes_dir, config.seed, model)
+    text_encoder, text_encoder_2 = _run_text_encoders(state, config, model)
     tokenizer = CLIPTokenizer.from_pretrained(shapes_dir, subfolder="tokenizer")
     pipe = StableDiffusion3Pipeline(
         transformer=transformer.eval(),
@@ -692,6 +749,9 @@ def main(argv: list[str] | None = None) -> int:
     for f in fields(FlowModelConfig):
         p.add_argument("--" + f.name.replace("_", "-"), type=int, default=None,
                        help=f"transformer shape (new runs; default {getattr(model_defaults, f.name)})")
+    p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
+                   help="start a new run from an exported flow shapes folder ('shapes-flow': the shipped weights) and "
+                        "fine-tune its transformer with a fresh optimiser and schedule (use a new --work dir)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--export-checkpoint", action="store_true", help="only export --work's checkpoint to --out")
     p.add_argument("--shift", type=float, default=None, help="scheduler shift written by --export-checkpoint (default 1.0)")
@@ -699,12 +759,24 @@ def main(argv: list[str] | None = None) -> int:
     if a.export_checkpoint:
         export_flow_checkpoint(a.work, a.out, shift=a.shift)
         return 0
+    shape_options = [f.name for f in fields(FlowModelConfig) if getattr(a, f.name) is not None]
+    if a.init_from is not None and shape_options:
+        raise InvalidOptionError(f"--init-from fine-tunes its folder's transformer as it is; drop {', '.join('--' + n.replace('_', '-') for n in shape_options)}")
     config = FlowTrainConfig(**{f.name: getattr(a, f.name) for f in fields(FlowTrainConfig) if getattr(a, f.name) is not None})
     model = FlowModelConfig(**{f.name: getattr(a, f.name) for f in fields(FlowModelConfig) if getattr(a, f.name) is not None})
     train_flow(a.out, work_dir=a.work, config=config, model=model, minutes=a.minutes, max_steps=a.max_steps,
                shapes_dir=a.shapes_model, resume=a.resume, checkpoint_minutes=a.checkpoint_minutes,
-               log_every=a.log_every, threads=a.threads, device=a.device)
+               log_every=a.log_every, threads=a.threads, device=a.device, init_from=_flow_model_path(a.init_from))
     return 0
+
+
+
+def _flow_model_path(name: str | None) -> str | None:
+    if name == "shapes-flow":
+        from .. import SHAPES_FLOW
+
+        return SHAPES_FLOW
+    return name
 
 
 if __name__ == "__main__":
