@@ -14,8 +14,10 @@ init) and shared by every variant, so a whole size sweep fits in a short device 
               few-key probabilities, i.e. the path before the few-keys change.
 
 Timing: median of ``--repeats`` calls of ``--steps`` steps after a 2-step warm-up, synchronised.
-Memory: ``torch.cuda.max_memory_allocated`` over the timed calls (total, weights included) and its
-growth over the memory after the build. Profile (first size only): ``torch.profiler`` over a 2-step
+Memory: the peak over the timed calls (total, weights included) and its growth over the memory after
+the build: CUDA ``torch.cuda.max_memory_allocated``; CPU the process's peak resident set size
+(``VmHWM``, reset before each variant's timed calls; memory the allocator kept from an earlier
+variant counts for the later one, so a later variant never reads below it). Profile (first size only): ``torch.profiler`` over a 2-step
 call of each variant: CUDA kernel launches, synchronisations and device-to-host copies per step,
 and the top operators by host time.
 
@@ -39,6 +41,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import Memory  # noqa: E402
 from p2p import BLEND_WORDS, GUIDANCE, PROMPTS, SEED, build_pipeline  # noqa: E402
 
 VARIANTS = ("plain", "fused", "kernel")
@@ -47,10 +50,6 @@ VARIANTS = ("plain", "fused", "kernel")
 def _sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def _peak(device: str) -> int:
-    return torch.cuda.max_memory_allocated() if device == "cuda" else 0
 
 
 def _call(pipes: dict[str, Any], variant: str, size: int, steps: int, device: str, dtype: torch.dtype) -> None:
@@ -123,7 +122,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipes = {"plain": plain, "p2p": cls(**plain.components), "family": args.model}
     pipes["p2p"].set_progress_bar_config(disable=True)
     _sync(device)
-    base = torch.cuda.memory_allocated() if device == "cuda" else 0
+    memory = Memory(device)
+    base = memory.current()
     depth = "" if args.model == "sd15" or args.layers is None else f", depth cut to {args.layers}"
     results: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": args.dtype,
                                "model": {"sd15": "SD 1.5-shaped UNet", "sd3": "SD3.5-medium-shaped MM-DiT",
@@ -142,8 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 _call(pipes, variant, size, 2, device, dtype)  # warm-up (kernel choice, tuning, caches)
                 _sync(device)
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
+                memory.reset_peak()
                 times = []
                 for _ in range(repeats):
                     t = time.perf_counter()
@@ -151,8 +150,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     _sync(device)
                     times.append(time.perf_counter() - t)
                 row["variants"][variant] = {"status": "ok", "seconds": round(statistics.median(times), 4),
-                                            "peak_gb": round(_peak(device) / 1e9, 3),
-                                            "peak_delta_gb": round((_peak(device) - base) / 1e9, 3)}
+                                            "peak_gb": round(memory.peak() / 1e9, 3),
+                                            "peak_delta_gb": round((memory.peak() - base) / 1e9, 3)}
             except torch.cuda.OutOfMemoryError as err:
                 row["variants"][variant] = {"status": f"OOM: {str(err)[:120]}"}
                 torch.cuda.empty_cache()
