@@ -1478,10 +1478,11 @@ def _parse_oversample(items: list[str] | None) -> dict[str, float] | None:
 
 
 def _model_path(name: str | None) -> str | None:
-    if name == "shapes":
-        from .. import SHAPES
+    """A folder path, or an embedded model's name ("shapes", "shapes-flow") resolved to its folder."""
+    if name in ("shapes", "shapes-flow"):
+        from .. import SHAPES, SHAPES_FLOW
 
-        return SHAPES
+        return SHAPES if name == "shapes" else SHAPES_FLOW
     return name
 
 
