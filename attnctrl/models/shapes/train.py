@@ -1456,7 +1456,7 @@ def main(argv: list[str] | None = None) -> int:
         decoder_minutes=a.decoder_minutes,
         decoder_splice=a.decoder_splice,
         occupancy_latent=None if a.occupancy_latent is None else a.occupancy_latent == "on",
-        init_from=_model_path(a.init_from),
+        init_from=resolve_model_folder(a.init_from),
         colour_weights=colour_weights,
     )
     return 0
@@ -1477,7 +1477,7 @@ def _parse_oversample(items: list[str] | None) -> dict[str, float] | None:
     return out
 
 
-def _model_path(name: str | None) -> str | None:
+def resolve_model_folder(name: str | None) -> str | None:
     """A folder path, or an embedded model's name ("shapes", "shapes-flow") resolved to its folder."""
     if name in ("shapes", "shapes-flow"):
         from .. import SHAPES, SHAPES_FLOW

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from . import caption, item_scene, object_masks, render_array
 from .tokenizer import MODEL_MAX_LENGTH, write_vocab_files
-from .train import _model_path, grounding_loss, object_token_positions
+from .train import resolve_model_folder, grounding_loss, object_token_positions
 from ...errors import InvalidOptionError
 from ...io import atomic_write_bytes, write_json_atomic
 
@@ -766,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     model = FlowModelConfig(**{f.name: getattr(a, f.name) for f in fields(FlowModelConfig) if getattr(a, f.name) is not None})
     train_flow(a.out, work_dir=a.work, config=config, model=model, minutes=a.minutes, max_steps=a.max_steps,
                shapes_dir=a.shapes_model, resume=a.resume, checkpoint_minutes=a.checkpoint_minutes,
-               log_every=a.log_every, threads=a.threads, device=a.device, init_from=_model_path(a.init_from))
+               log_every=a.log_every, threads=a.threads, device=a.device, init_from=resolve_model_folder(a.init_from))
     return 0
 
 
