@@ -238,8 +238,12 @@ def run_invert(model: LoadedModel, path: str | None, prompt: str, *, method: str
 
 
 def run_flow_edit(model: LoadedModel, path: str | None, caption: str, target: str, *, steps: int | None,
-                  n_max: int | None, source_guidance: float | None, target_guidance: float | None, seed: int) -> tuple[list[Any], str]:
-    """FlowEdit of the uploaded image (SD3/SD3.5 and Flux models only): ([source as read, edit], summary)."""
+                  n_max: int | None, source_guidance: float | None, target_guidance: float | None, seed: int,
+                  blend: Sequence[Sequence[str]] | None = None, blend_threshold: float = 0.3) -> tuple[list[Any], str]:
+    """FlowEdit of the uploaded image (SD3/SD3.5 and Flux models only): ([source as read, edit], summary);
+    with ``blend`` (one list of words for the caption, one for the target) also the LocalBlend mask."""
+    from attnctrl import LocalBlend
+    from attnctrl.cli.run import mask_image
     from attnctrl.images import load_image, to_pil
     from attnctrl.pipelines import flow_edit
     from attnctrl.pipelines.inversion import image_geometry
@@ -261,13 +265,20 @@ def run_flow_edit(model: LoadedModel, path: str | None, caption: str, target: st
     with model.lock:
         pixels = _load_checked(lambda p, **kw: load_image(p, native=native, multiple=multiple), path)
         out = flow_edit(model.pipe, pixels, caption, target, num_inference_steps=steps, n_max=n_max,
-                        source_guidance_scale=source_guidance, target_guidance_scale=target_guidance, seed=seed, progress=True)
+                        source_guidance_scale=source_guidance, target_guidance_scale=target_guidance, seed=seed,
+                        blend=LocalBlend(blend, threshold=blend_threshold) if blend else None, progress=True)
+    images = [to_pil(pixels), out.images[0]]
+    blended = ""
+    if out.blend_masks is not None:
+        mask = out.blend_masks[0, 0] > 0.5
+        images.append(mask_image(mask, out.images[0].size).convert("RGB"))
+        blended = f" LocalBlend on {', '.join(blend[0])} / {', '.join(blend[1])}: {float(mask.float().mean()):.0%} of the image may change."
     summary = (
         f"FlowEdit of {out.size[0]}x{out.size[1]} on {model.display_name}: {out.num_inference_steps} steps, edited over the "
         f"last {out.n_max}, guidance {out.source_guidance_scale:g} (source) / {out.target_guidance_scale:g} (target), "
-        f"{out.transformer_evaluations} transformer evaluations, {out.seconds:.1f} s."
+        f"{out.transformer_evaluations} transformer evaluations, {out.seconds:.1f} s.{blended}"
     )
-    return [to_pil(pixels), out.images[0]], summary
+    return images, summary
 
 
 def _flow_shapes() -> str:

@@ -30,6 +30,7 @@ from .options import (
     check_int,
     check_number,
     edit_form,
+    parse_blend,
     parse_lines,
     parse_policies,
     parse_size,
@@ -245,19 +246,23 @@ def build_app(
         return _gallery(result.images, result.captions()), result.summary, result
 
     @guard
-    def flow_edit_real(model_text, path, caption, target, steps_, n_max, source_g, target_g, seed,
-                       progress: gr.Progress = gr.Progress(track_tqdm=True)):
+    def flow_edit_real(model_text, path, caption, target, steps_, n_max, source_g, target_g, seed, blend,
+                       blend_threshold, progress: gr.Progress = gr.Progress(track_tqdm=True)):
         steps_ = None if not steps_ else check_int(steps_, "FlowEdit steps", 1, MAX_STEPS)
         n_max = None if not n_max else check_int(n_max, "n_max", 1, MAX_STEPS)
         source_g = None if source_g in (None, "") else check_number(source_g, "Source guidance", 0.0, MAX_GUIDANCE)
         target_g = None if target_g in (None, "") else check_number(target_g, "Target guidance", 0.0, MAX_GUIDANCE)
         seed = check_int(seed or 0, "Seed", 0, MAX_SEED)
+        blend_words = parse_blend(blend, 2)
+        blend_threshold = check_number(0.3 if blend_threshold in (None, "") else blend_threshold, "Blend threshold", 0.0, 1.0)
         progress(0, desc="Loading the model")
         loaded = cache.get(model_text)
         progress(0, desc="FlowEdit")
         images, summary = actions.run_flow_edit(loaded, path, caption, target, steps=steps_, n_max=n_max,
-                                                source_guidance=source_g, target_guidance=target_g, seed=seed)
-        return _gallery(images, ["source (as read)", f"FlowEdit: {target.strip()}"]), summary
+                                                source_guidance=source_g, target_guidance=target_g, seed=seed, blend=blend_words,
+                                                blend_threshold=blend_threshold)
+        captions = ["source (as read)", f"FlowEdit: {(target or '').strip()}", "LocalBlend mask (white: may change)"]
+        return _gallery(images, captions[: len(images)]), summary
 
     @guard
     def consistent(model_text, subjects_text, scenes_text, isolate, reference, reposition, dropout, mutual_cross,
@@ -367,6 +372,11 @@ def build_app(
                         with gr.Row():
                             fe_src_g = gr.Number(value=None, label="Source guidance", elem_id="real-fe-src-g")
                             fe_tgt_g = gr.Number(value=None, label="Target guidance", elem_id="real-fe-tgt-g")
+                        with gr.Row():
+                            fe_blend = gr.Textbox(label="Blend words (LocalBlend: only their region changes)", lines=1,
+                                                  placeholder="circle   or   cat, tiger", elem_id="real-fe-blend")
+                            fe_blend_threshold = gr.Number(value=0.3, label="Blend threshold (raise if the mask covers too much)",
+                                                           minimum=0.0, maximum=1.0, elem_id="real-fe-blend-threshold")
                         fe_button = gr.Button("FlowEdit", variant="primary", elem_id="real-fe-run")
                 with gr.Column(scale=3):
                     preview_image = gr.Image(label="Uploaded image (as attnctrl reads it: RGB, centre-cropped)", type="pil", interactive=False,
@@ -445,7 +455,8 @@ def build_app(
         invert_button.click(invert, [model_box, upload, caption, method, inv_steps, inv_guidance],
                             [inversion_state, invert_info], **heavy)
         real_button.click(edit_real, [model_box, inversion_state, *_edit_inputs(r)], [real_gallery, real_info, last], **heavy)
-        fe_button.click(flow_edit_real, [model_box, upload, caption, fe_target, fe_steps, fe_nmax, fe_src_g, fe_tgt_g, fe_seed],
+        fe_button.click(flow_edit_real, [model_box, upload, caption, fe_target, fe_steps, fe_nmax, fe_src_g, fe_tgt_g, fe_seed, fe_blend,
+                                                         fe_blend_threshold],
                         [real_gallery, real_info], **heavy)
         cs_button.click(
             consistent,

@@ -24,16 +24,18 @@ guidance 3.5, target 13.5; Flux ``T = 28``, ``n_max = 24``, 1.5 / 5.5; ``n_min =
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from attnctrl.adapters import adapter_for
 from attnctrl.adapters.mmdit import SD3Adapter
-from attnctrl.errors import InvalidOptionError, InvalidWeightError, PromptMismatchError, UnsupportedModelError
+from attnctrl.edits import LocalBlend
+from attnctrl.errors import InvalidOptionError, InvalidTypeError, InvalidWeightError, PromptMismatchError, UnsupportedModelError
 from attnctrl.images import ImageInput, load_image
 
 from .inversion import image_geometry
@@ -108,6 +110,43 @@ def _progress(pipe: Any, total: int, enabled: bool) -> Any:
     return tqdm(total=total, **config)
 
 
+def _check_blend(blend: Any, family: str, sources: list[str], targets: list[str], n_min: int, n_avg: int) -> None:
+    if not isinstance(blend, LocalBlend):
+        raise InvalidTypeError(f"blend must be an attnctrl.LocalBlend, got {type(blend).__name__}")
+    if len(set(sources)) > 1 or len(set(targets)) > 1:
+        raise PromptMismatchError(
+            "FlowEdit with blend= needs one source and one target prompt for all images (the blend words are "
+            "looked up in them); edit images with different prompts in separate calls"
+        )
+    if n_min:
+        raise InvalidOptionError(
+            f"blend= keeps the image's latent outside the edited region, but the last n_min={n_min} steps sample "
+            "noisy latents from the target prompt alone; use n_min=0 with blend"
+        )
+    if family == "flux" and n_avg > 1:
+        raise InvalidOptionError(
+            f"blend= on Flux records one transformer call per step, and n_avg={n_avg} makes {n_avg}; use n_avg=1 with blend"
+        )
+
+
+@contextlib.contextmanager
+def _blend_session(pipe: Any, blend: LocalBlend, source: str, target: str, images: int, timesteps: torch.Tensor,
+                   max_sequence_length: int | None) -> Iterator[Any]:
+    """attnctrl's joint-attention processors on ``pipe`` recording the word maps LocalBlend needs,
+    with no word edit (an identity Refine: no cross window, no image q/k replacement)."""
+    from attnctrl.edits import Refine
+
+    from .mmdit_control import joint_control
+
+    class _Clock:  # the step clock counts the schedule's T steps; FlowEdit runs the last n_max of them
+        pass
+
+    _Clock.timesteps = timesteps
+    edit = Refine(cross_steps=0.0, self_steps=0.0, blend=blend)  # self_steps 0: no image q/k window on an MM-DiT
+    with joint_control(pipe, edit, [source, target], images_per_prompt=images, record=False, max_sequence_length=max_sequence_length, clock=_Clock) as session:
+        yield session
+
+
 def _calculate_shift(seq_len: int, config: Any, max_shift: float) -> float:
     """Flux/SD3's resolution-dependent shift ``mu`` (a line through (base_seq_len, base_shift) and
     (max_seq_len, max_shift)), from the scheduler config."""
@@ -141,10 +180,11 @@ class _Velocity:
                     do_classifier_free_guidance=True, max_sequence_length=length,
                 )
                 B = self.batch
-                # rows: source uncond, source cond, target uncond, target cond
-                self.embeds = torch.cat([uncond[:B], cond[:B], uncond[B:], cond[B:]]).to(self.dtype)
-                self.pooled = torch.cat([uncond_pooled[:B], pooled[:B], uncond_pooled[B:], pooled[B:]]).to(self.dtype)
-                self.target_rows = slice(2 * B, 4 * B)
+                # rows as Prompt-to-Prompt lays out a guided batch (what LocalBlend's controller reads):
+                # source uncond, target uncond, source cond, target cond
+                self.embeds = torch.cat([uncond, cond]).to(self.dtype)
+                self.pooled = torch.cat([uncond_pooled, pooled]).to(self.dtype)
+                self.target_rows = torch.cat([torch.arange(B, 2 * B), torch.arange(3 * B, 4 * B)]).to(self.device)
             else:
                 embeds, pooled, text_ids = pipe.encode_prompt(
                     prompt=sources + targets, prompt_2=None, device=self.device, num_images_per_prompt=1,
@@ -174,7 +214,7 @@ class _Velocity:
         return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
 
     # -- the transformer ---------------------------------------------------------------------
-    def _run(self, x: torch.Tensor, timestep: torch.Tensor, rows: slice | None) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, timestep: torch.Tensor, rows: slice | torch.Tensor | None) -> torch.Tensor:
         embeds = self.embeds if rows is None else self.embeds[rows]
         pooled = self.pooled if rows is None else self.pooled[rows]
         t = timestep.to(self.device).expand(x.shape[0])
@@ -193,8 +233,8 @@ class _Velocity:
     def source_and_target(self, x_src: torch.Tensor, x_tar: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Guided velocities (float32) of the source rows at ``x_src`` and the target rows at ``x_tar``, one batch."""
         if self.family == "sd3":
-            v = self._run(torch.cat([x_src, x_src, x_tar, x_tar]), timestep, None)
-            su, sc, tu, tc = v.chunk(4)
+            v = self._run(torch.cat([x_src, x_tar, x_src, x_tar]), timestep, None)
+            su, tu, sc, tc = v.chunk(4)
             return su + self.gs * (sc - su), tu + self.gt * (tc - tu)
         v = self._run(torch.cat([x_src, x_tar]), timestep, None)
         return v[: self.batch], v[self.batch :]
@@ -241,6 +281,7 @@ def flow_edit(
     width: int | None = None,
     max_sequence_length: int | None = None,
     seed: int = 0,
+    blend: LocalBlend | None = None,
     progress: bool = True,
     output_type: str = "pil",
 ) -> FlowEditOutput:
@@ -264,12 +305,20 @@ def flow_edit(
             distilled guidance values (default 1.5 / 5.5; ignored by models without a guidance embedding).
         max_sequence_length: T5 tokens (default: the pipeline's, SD3 256, Flux 512).
         seed: seed of the noises (drawn on the CPU: the same edit on every device).
+        blend: an :class:`attnctrl.LocalBlend` with the words of the source and the target prompt
+            (``LocalBlend(["circle", "square"])``): after every step, the edit outside the words'
+            attention region is put back to the image's latent, so the background stays the image's
+            whatever the velocities do there. The region is the union of the source words' image-to-text
+            attention (at the source points) and the target words' (at the target points), averaged
+            over the steps so far, as Prompt-to-Prompt's LocalBlend on MM-DiTs (:mod:`attnctrl.mmdit`).
+            Needs one prompt pair for all images, ``n_min=0`` and (Flux) ``n_avg=1``.
         progress: show a progress bar over the steps (also obeys ``pipe.set_progress_bar_config``).
         output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the edited latents, unpacked).
 
     Returns:
         A :class:`~attnctrl.pipelines.output.FlowEditOutput`: the edited ``images``, the transformer
-        evaluations (latent rows through the transformer) and the seconds it took.
+        evaluations (latent rows through the transformer), the seconds it took and, with ``blend``,
+        the final blend masks, (images, 1, h, w) at the latent grid (1 = the edit may change it).
     """
     family = _family(pipe)
     defaults = FLOW_EDIT_DEFAULTS[family]
@@ -293,6 +342,8 @@ def flow_edit(
         raise InvalidOptionError("no image to edit; give a path, a PIL image, an array or a tensor")
     sources = _prompts(source_prompt, len(images), "source_prompt")
     targets = _prompts(target_prompt, len(images), "target_prompt")
+    if blend is not None:
+        _check_blend(blend, family, sources, targets, low, avg)
     native, multiple = image_geometry(pipe)
     pixels = torch.stack([load_image(im, height=height, width=width, native=native, multiple=multiple) for im in images])
     if len({tuple(p.shape[-2:]) for p in pixels}) != 1:
@@ -322,7 +373,11 @@ def flow_edit(
         edit = src0.clone()
         sampled = None
         first = steps - top
-        with _progress(pipe, top, progress) as bar:
+        with contextlib.ExitStack() as stack:
+            session = None
+            if blend is not None:
+                session = stack.enter_context(_blend_session(pipe, blend, sources[0], targets[0], B, timesteps, max_sequence_length))
+            bar = stack.enter_context(_progress(pipe, top, progress))
             for i in range(first, steps):
                 s, s_next = sigmas[i], sigmas[i + 1]
                 t = timesteps[i]
@@ -334,12 +389,16 @@ def flow_edit(
                         v_src, v_tar = field.source_and_target(x_src, x_tar, t)
                         delta += (v_tar - v_src) / avg
                     edit = edit + (s_next - s) * delta
+                    if session is not None:  # the image's latent back outside the words' region
+                        both = session.step_end(pipe, i, t, {"latents": torch.cat([src0, edit])})["latents"]
+                        edit = both[B:]
                 else:
                     if sampled is None:  # the noised edit, then ordinary sampling with the target prompt
                         x_src = (1 - s) * src0 + s * field.pack(noise())
                         sampled = edit + (x_src - src0)
                     sampled = sampled + (s_next - s) * field.target(sampled, t)
                 bar.update()
+            masks = session.controller.blend_masks((h, w))[B:].cpu() if session is not None else None
         result = field.unpack(edit if sampled is None else sampled)
         if output_type == "latent":
             out_images: Any = result
@@ -357,4 +416,5 @@ def flow_edit(
         source_guidance_scale=gs,
         target_guidance_scale=gt,
         size=(W, H),
+        blend_masks=masks,
     )

@@ -31,7 +31,8 @@ class Prompt2PromptOutput(BaseOutput):
 class FlowEditOutput(BaseOutput):
     """What :func:`attnctrl.pipelines.flow_edit` returns: the edited ``images`` (one per input image),
     ``transformer_evaluations`` (latent rows run through the transformer), the wall ``seconds``, and
-    the settings used (the family defaults filled in) with the (width, height) ``size`` edited at."""
+    the settings used (the family defaults filled in) with the (width, height) ``size`` edited at, and
+    with ``blend`` the final LocalBlend ``blend_masks`` (images, 1, h, w) float at the latent grid."""
 
     images: Any
     transformer_evaluations: int = 0
@@ -43,6 +44,7 @@ class FlowEditOutput(BaseOutput):
     source_guidance_scale: float = 0.0
     target_guidance_scale: float = 0.0
     size: tuple[int, int] | None = None
+    blend_masks: Any = None
 
 
 _LOCKS_GUARD = threading.Lock()

@@ -257,7 +257,8 @@ def test_app_builds_with_the_flow_edit_section():
     from attnctrl.app.ui import build_app
 
     demo = build_app()
-    assert "real-fe-run" in json.dumps(demo.config, default=str)
+    config = json.dumps(demo.config, default=str)
+    assert "real-fe-run" in config and "real-fe-blend" in config and "real-fe-blend-threshold" in config
 
 
 def test_cli_help_examples_parse(capsys):
@@ -299,3 +300,122 @@ def test_schedule_is_the_pipelines_own(tokenizer, t5_tokenizer, family):
     flow_edit(pipe, _image(), "a red cat", "a blue cat", num_inference_steps=5, n_max=3, height=32, width=32,
               max_sequence_length=T5_LENGTH, progress=False)
     torch.testing.assert_close(pipe.scheduler.sigmas, stock)
+
+
+# -- LocalBlend ------------------------------------------------------------------------------------
+
+def _processor_types(pipe) -> list[str]:
+    return [type(p).__name__ for p in pipe.transformer.attn_processors.values()]
+
+
+def test_blend_keeps_the_image_latent_outside_the_mask(tiny):
+    """Outside the LocalBlend mask the edited latent is the image's latent exactly (a blend that
+    passes nothing gives that latent: the identity edit's); inside it moves; the stock processors
+    are back afterwards."""
+    from attnctrl import LocalBlend
+
+    stock = _processor_types(tiny)
+    image = _image(2)
+    options = dict(KW, output_type="latent")
+    # threshold 1: nothing passes the normalised maps' strict threshold, the latent is the image's
+    none = flow_edit(tiny, image, "a red cat", "a blue cat", blend=LocalBlend(["cat", "cat"], threshold=1.0), **options)
+    assert none.blend_masks.max() == 0
+    same = flow_edit(tiny, image, "a red cat", "a red cat", source_guidance_scale=3.0, target_guidance_scale=3.0, **options).images
+    torch.testing.assert_close(none.images, same, atol=1e-5, rtol=0)
+    source = none.images
+    out = flow_edit(tiny, image, "a red cat", "a blue cat", blend=LocalBlend(["cat", "cat"], threshold=0.95), **options)
+    assert _processor_types(tiny) == stock
+    masks = out.blend_masks
+    assert masks.shape == (1, 1, *out.images.shape[-2:]) and set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert masks.min() == 0 and masks.max() == 1  # the tiny model's maps are not flat
+    keep = (masks == 0).expand_as(out.images)
+    torch.testing.assert_close(out.images[keep], source[keep], atol=0, rtol=0)
+    assert (out.images[~keep] - source[~keep]).abs().max() > 1e-3
+    plain = flow_edit(tiny, image, "a red cat", "a blue cat", **options)
+    assert plain.blend_masks is None
+    assert (plain.images[keep] - source[keep]).abs().max() > 1e-3  # without the blend the outside moves too
+
+
+def test_blend_refusals(tiny):
+    from attnctrl import LocalBlend
+    from attnctrl.errors import InvalidTypeError
+
+    stock = _processor_types(tiny)
+    blend = LocalBlend(["cat", "dog"])
+    with pytest.raises(InvalidTypeError, match="LocalBlend"):
+        flow_edit(tiny, _image(), "a red cat", "a blue dog", blend=["cat", "dog"], **KW)
+    with pytest.raises(PromptMismatchError, match="one source and one target"):
+        flow_edit(tiny, [_image(0), _image(1)], "a red cat", ["a blue dog", "a green dog"], blend=blend, **KW)
+    with pytest.raises(InvalidOptionError, match="n_min=0"):
+        flow_edit(tiny, _image(), "a red cat", "a blue dog", blend=blend, n_min=1, **KW)
+    from attnctrl.errors import WordNotFoundError
+
+    with pytest.raises(WordNotFoundError, match="tiger"):  # a blend word missing from the prompts, named
+        flow_edit(tiny, _image(), "a red cat", "a blue dog", blend=LocalBlend(["cat", "tiger"]), **KW)
+    if tiny.transformer.config.get("guidance_embeds") is not None:
+        with pytest.raises(InvalidOptionError, match="n_avg=1"):
+            flow_edit(tiny, _image(), "a red cat", "a blue dog", blend=blend, n_avg=2, **KW)
+    else:  # SD3: averaged noise draws are ordinary guided calls at one timestep
+        out = flow_edit(tiny, _image(), "a red cat", "a blue dog", blend=blend, n_avg=2, **KW)
+        assert out.blend_masks.shape[0] == 1
+    assert _processor_types(tiny) == stock
+
+
+def test_blend_two_images_one_prompt_pair(tiny):
+    from attnctrl import LocalBlend
+
+    out = flow_edit(tiny, [_image(0), _image(1)], "a red cat", "a blue cat", blend=LocalBlend(["cat", "cat"], threshold=0.95),
+                    **dict(KW, output_type="latent"))
+    assert out.images.shape[0] == 2 and out.blend_masks.shape[0] == 2
+    assert not torch.equal(out.blend_masks[0], out.blend_masks[1])  # each image's own region
+
+
+def test_cli_batch_and_app_flow_edit_with_blend(red_circle, shapes_flow, tmp_path, capsys):
+    """--blend / "blend" / the app's blend box reach flow_edit: the mask is written and recorded,
+    and outside it the edit is the image's latent (so the background is the VAE round trip's)."""
+    from PIL import Image
+
+    from attnctrl.cli import main
+    from attnctrl.cli.batch import BatchFileError, load_jobs, run_batch
+
+    out = tmp_path / "cli"
+    argv = ["flow-edit", "--image", str(red_circle), "--prompt", "a red circle on the left", "--to", "a blue circle on the left",
+            "--steps", "10", "--n-max", "7", "--source-guidance", "1.5", "--target-guidance", "6", "--blend", "red,blue",
+            "--blend", "circle", "--blend-threshold", "0.7", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    record = json.loads((out / "run.json").read_text())
+    assert record["blend"] == [["red", "circle"], ["blue", "circle"]] and record["blend_threshold"] == 0.7
+    area = record["edits"][0]["blend_area"]
+    mask = np.asarray(Image.open(out / "mask_1.png")) > 127
+    assert 0 < area < 1 and abs(mask.mean() - area) < 0.02
+    bad = ["flow-edit", "--image", str(red_circle), "--prompt", "a red circle", "--to", "a blue circle", "--out", str(tmp_path / "x")]
+    assert main(bad + ["--blend", "red,blue,green"]) == 2 and "one per prompt" in capsys.readouterr().err
+    assert main(bad + ["--blend", "circle", "--n-min", "1", "--n-max", "5", "--steps", "8"]) == 2
+    assert "--n-min 0" in capsys.readouterr().err
+    assert main(bad + ["--blend", "square"]) == 2 and "square" in capsys.readouterr().err
+    assert main(bad + ["--blend-threshold", "0.5"]) == 2 and "needs --blend" in capsys.readouterr().err
+    assert main(bad + ["--blend", "circle", "--blend-threshold", "2"]) == 2 and "[0, 1]" in capsys.readouterr().err
+
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"id": "fe", "kind": "flow-edit", "image": str(red_circle), "prompt": "a red circle on the left",
+                                "to": "a blue circle on the left", "steps": 10, "n_max": 7, "source_guidance": 1.5,
+                                "target_guidance": 6, "blend": ["circle"], "blend_threshold": 0.7}) + "\n")
+    assert run_batch(str(jobs), str(tmp_path / "out"), progress=False) == 0
+    batch_mask = np.asarray(Image.open(tmp_path / "out" / "fe" / "mask_1.png")) > 127
+    assert 0 < batch_mask.mean() < 1
+    for fields, message in (({"blend": ["square"]}, "square"), ({"blend": "circle"}, "list of words"),
+                            ({"blend_threshold": 0.5}, "needs"), ({"blend": ["circle"], "blend_threshold": -1}, r"\[0, 1\]")):
+        jobs.write_text(json.dumps({"id": "x", "kind": "flow-edit", "image": str(red_circle), "prompt": "a red circle",
+                                    "to": "a blue circle", **fields}) + "\n")
+        with pytest.raises(BatchFileError, match=message):
+            load_jobs(str(jobs))
+
+    pytest.importorskip("gradio")
+    from attnctrl.app import actions
+    from attnctrl.app.models import LoadedModel
+
+    flow = LoadedModel(model="shapes-flow", device="cpu", dtype=torch.float32, pipe=shapes_flow)
+    images, summary = actions.run_flow_edit(flow, str(red_circle), "a red circle on the left", "a blue circle on the left",
+                                            steps=10, n_max=7, source_guidance=1.5, target_guidance=6.0, seed=0,
+                                            blend=[["circle"], ["circle"]], blend_threshold=0.7)
+    assert len(images) == 3 and "LocalBlend on circle / circle" in summary

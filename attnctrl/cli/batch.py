@@ -29,7 +29,8 @@ One job per line (blank lines and lines starting with ``#`` are ignored). Every 
 - ``flow-edit`` (FlowEdit on an SD3/SD3.5 or Flux.1 model; default model: the embedded flow shapes
   model): ``image``, ``prompt`` (its caption), ``to`` (a target prompt or a list: ``edit_N.png`` each),
   ``steps``, ``n_max``, ``n_min``, ``n_avg``, ``source_guidance``, ``target_guidance`` (unset: the
-  model family's FlowEdit defaults), ``seed``, ``size``; ``guidance`` is not a field. Example:
+  model family's FlowEdit defaults), ``seed``, ``size``, ``blend`` (LocalBlend words as for ``edit``,
+  for the source and each target; writes ``mask_N.png``), ``blend_threshold`` (default 0.3); ``guidance`` is not a field. Example:
   ``{"id": "fe", "kind": "flow-edit", "image": "photo.png", "prompt": "a red circle", "to": "a blue circle"}``.
 
 The whole file is checked before anything runs; a bad line ends with
@@ -87,7 +88,7 @@ FIELDS: dict[str, set[str]] = {
     "invert-and-edit": _COMMON | _EDIT | {"image", "method"},
     "consistent": _COMMON | {"subjects", "scenes", "seed"},
     "flow-edit": (_COMMON - {"guidance"}) | {"image", "prompt", "to", "n_max", "n_min", "n_avg", "source_guidance",
-                                              "target_guidance", "seed"},
+                                              "target_guidance", "seed", "blend", "blend_threshold"},
 }
 _ID = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")
 #: Ids that would collide with the files the batch writes beside the job folders.
@@ -189,6 +190,30 @@ def _check_words(L: _Line, key: str, word: str, prompts: Sequence[str], which: s
                        f"its words: {', '.join(words)}")
 
 
+def _blend(L: _Line, blend_raw: Any, prompts: Sequence[str]) -> list[list[str]] | None:
+    """A job's ``blend``: words as ``--blend`` (``"cat"``, ``"cat,tiger"``) or one list per prompt ->
+    one list of words per prompt, each checked against its prompt; None when absent."""
+    if blend_raw is None:
+        return None
+    if not isinstance(blend_raw, list) or not blend_raw:
+        raise L.error("blend", f"expected a list of words, got {json.dumps(blend_raw)}")
+    if all(isinstance(b, list) for b in blend_raw):
+        if len(blend_raw) != len(prompts) or not all(all(isinstance(w, str) for w in b) for b in blend_raw):
+            raise L.error("blend", f"one list of words per prompt ({len(prompts)}, source first) expected")
+        blend = [list(b) for b in blend_raw]
+    elif all(isinstance(b, str) for b in blend_raw):
+        try:
+            blend = parse_blend(blend_raw, len(prompts))
+        except OptionError as err:
+            raise L.error("blend", str(err).replace("--blend ", "")) from None
+    else:
+        raise L.error("blend", "expected a list of words (\"cat\" or \"cat,tiger\") or one list of words per prompt")
+    for words, p in zip(blend, prompts):  # type: ignore[arg-type]
+        for w in words:
+            _check_words(L, "blend", w, [p], "its prompt")
+    return blend
+
+
 def _edit_params(L: _Line, raw: dict[str, Any], out: dict[str, Any]) -> None:
     prompt = _prompt(L, "prompt", raw.get("prompt"))
     to = raw.get("to", [])
@@ -223,25 +248,7 @@ def _edit_params(L: _Line, raw: dict[str, Any], out: dict[str, Any]) -> None:
         else:
             weights[word] = _finite(L, "weights", factor)
         _check_words(L, "weights", word, to, "the edited prompts")
-    blend_raw = raw.get("blend")
-    blend = None
-    if blend_raw is not None:
-        if not isinstance(blend_raw, list) or not blend_raw:
-            raise L.error("blend", f"expected a list of words, got {json.dumps(blend_raw)}")
-        if all(isinstance(b, list) for b in blend_raw):
-            if len(blend_raw) != len(prompts) or not all(all(isinstance(w, str) for w in b) for b in blend_raw):
-                raise L.error("blend", f"one list of words per prompt ({len(prompts)}, source first) expected")
-            blend = [list(b) for b in blend_raw]
-        elif all(isinstance(b, str) for b in blend_raw):
-            try:
-                blend = parse_blend(blend_raw, len(prompts))
-            except OptionError as err:
-                raise L.error("blend", str(err).replace("--blend ", "")) from None
-        else:
-            raise L.error("blend", "expected a list of words (\"cat\" or \"cat,tiger\") or one list of words per prompt")
-        for words, p in zip(blend, prompts):  # type: ignore[arg-type]
-            for w in words:
-                _check_words(L, "blend", w, [p], "its prompt")
+    blend = _blend(L, raw.get("blend"), prompts)
     cross_raw = raw.get("cross", 0.8)
     if isinstance(cross_raw, dict):
         cross: Any = {"default": 0.8}
@@ -314,6 +321,17 @@ def _flow_edit_params(L: _Line, raw: dict[str, Any], p: dict[str, Any], base_dir
         raise L.error("n_min", f"n_min {p['n_min']} must be below n_max {p['n_max']}")
     for key in ("source_guidance", "target_guidance"):
         p[key] = None if raw.get(key) is None else _finite(L, key, raw[key])
+    blends = [_blend(L, raw.get("blend"), [p["prompt"], target]) for target in p["to"]]
+    if blends[0] is not None:  # (absent: no key, so the hashes of earlier finished jobs still match)
+        p["blend"] = blends[0]  # the same words for every target: "cat,tiger" names the source's and each target's word
+    if blends[0] is not None and p["n_min"]:
+        raise L.error("n_min", "blend keeps the image outside the words' region, which n_min > 0 (plain target sampling) would undo; use 0")
+    if raw.get("blend_threshold") is not None:
+        if blends[0] is None:
+            raise L.error("blend_threshold", "needs \"blend\" (the words whose region may change)")
+        p["blend_threshold"] = _finite(L, "blend_threshold", raw["blend_threshold"])
+        if not 0.0 <= p["blend_threshold"] <= 1.0:
+            raise L.error("blend_threshold", f"must be in [0, 1], got {p['blend_threshold']}")
 
 
 def _validate(L: _Line, raw: Any, default_model: str, base_dir: str) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
@@ -545,6 +563,7 @@ def _run_job(job: Job, models: _Models, folder: str) -> list[str]:
         files.append(("source.png", out.images[0]))
         files += [(f"edit_{k}.png", im) for k, im in enumerate(out.images[1:], start=1)]
     elif job.kind == "flow-edit":
+        from .. import LocalBlend
         from ..pipelines import flow_edit
 
         pipe = models.get(p["model"])
@@ -553,8 +572,11 @@ def _run_job(job: Job, models: _Models, folder: str) -> list[str]:
             out = flow_edit(pipe, p["image"], p["prompt"], target, num_inference_steps=p["steps"], n_max=p["n_max"],
                             n_min=p["n_min"], n_avg=p["n_avg"], source_guidance_scale=p["source_guidance"],
                             target_guidance_scale=p["target_guidance"], seed=p["seed"], progress=False,
+                            blend=LocalBlend(p["blend"], threshold=p.get("blend_threshold", 0.3)) if "blend" in p else None,
                             height=None if size is None else size[1], width=None if size is None else size[0])
             files.append((f"edit_{k}.png", out.images[0]))
+            if out.blend_masks is not None:
+                files.append((f"mask_{k}.png", mask_image(out.blend_masks[0, 0] > 0.5, out.images[0].size)))
     else:
         from ..consistency import IRDiffusion
         from ..pipelines.consistency import Subject

@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from .options import DEVICES, DTYPES, OptionError, check_guidance, check_positive_int, check_prompt, parse_size
+from .options import DEVICES, DTYPES, OptionError, check_guidance, check_positive_int, check_prompt, parse_blend, parse_size
 
 __all__ = ["add_parser", "cmd_flow_edit", "EXAMPLES"]
 
@@ -23,6 +23,8 @@ EXAMPLES = [
     'attnctrl flow-edit --model stabilityai/stable-diffusion-3.5-medium --image cat.png --prompt "a cat" --to "a tiger" '
     "--out out/tiger",
     'attnctrl flow-edit --model black-forest-labs/FLUX.1-dev --image cat.png --prompt "a cat" --to "a fox" --n-max 20 --out out/fox',
+    'attnctrl flow-edit --image photo.png --prompt "a red circle on the left" --to "a blue circle on the left" --blend circle '
+    "--out out/flow_blend",
 ]
 
 
@@ -34,7 +36,8 @@ def cmd_flow_edit(args: argparse.Namespace) -> int:
     from ..pipelines.flow_edit import flow_edit_defaults
     from ..pipelines.inversion import image_geometry
     from ..pipelines.mmdit_control import is_mmdit_pipeline
-    from .run import check_images, check_memory, check_out_dir, load_from_args, torch_threads, versions
+    from .. import LocalBlend
+    from .run import check_images, check_memory, check_out_dir, load_from_args, mask_image, torch_threads, versions
 
     t_start = time.perf_counter()
     source = check_prompt(args.prompt)
@@ -49,6 +52,15 @@ def cmd_flow_edit(args: argparse.Namespace) -> int:
     check_guidance(args.source_guidance, "--source-guidance")
     check_guidance(args.target_guidance, "--target-guidance")
     check_images([args.image])
+    blend = parse_blend(args.blend, 2)
+    if args.blend_threshold is not None and blend is None:
+        raise OptionError("--blend-threshold needs --blend WORD (the words whose region may change)")
+    threshold = 0.3 if args.blend_threshold is None else args.blend_threshold
+    if not 0.0 <= threshold <= 1.0:
+        raise OptionError(f"--blend-threshold must be in [0, 1], got {threshold}")
+    if blend is not None and args.n_min:
+        raise OptionError(f"--blend keeps the image outside the words' region, which --n-min {args.n_min} (plain target sampling) "
+                          "would undo; use --n-min 0 with --blend")
     if args.model is None:
         from ..models import SHAPES_FLOW
 
@@ -72,11 +84,16 @@ def cmd_flow_edit(args: argparse.Namespace) -> int:
         out = flow_edit(
             pipe, pixels, source, target, num_inference_steps=args.steps, n_max=args.n_max, n_min=args.n_min,
             n_avg=args.n_avg, source_guidance_scale=args.source_guidance, target_guidance_scale=args.target_guidance,
-            seed=args.seed, progress=True,
+            seed=args.seed, blend=None if blend is None else LocalBlend(blend, threshold=threshold), progress=True,
         )
         files[f"edit_{k}"] = save_png_atomic(out.images[0], os.path.join(args.out, f"edit_{k}.png"))
         images.append(out.images[0])
-        runs.append({"prompt": target, "transformer_evaluations": out.transformer_evaluations, "seconds": out.seconds})
+        run = {"prompt": target, "transformer_evaluations": out.transformer_evaluations, "seconds": out.seconds}
+        if out.blend_masks is not None:
+            mask = out.blend_masks[0, 0] > 0.5
+            files[f"mask_{k}"] = save_png_atomic(mask_image(mask, out.images[0].size), os.path.join(args.out, f"mask_{k}.png"))
+            run["blend_area"] = round(float(mask.float().mean()), 4)
+        runs.append(run)
         settings = out
     labels = [f"source: {source}"] + [f"edit {k}: {p}" for k, p in enumerate(targets, start=1)]
     files["grid"] = os.path.join(args.out, "grid.png")
@@ -89,6 +106,8 @@ def cmd_flow_edit(args: argparse.Namespace) -> int:
         "image": args.image,
         "source_prompt": source,
         "target_prompts": targets,
+        "blend": blend,
+        "blend_threshold": threshold if blend is not None else None,
         "num_inference_steps": settings.num_inference_steps,
         "n_max": settings.n_max,
         "n_min": settings.n_min,
@@ -120,7 +139,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="edit a real image with FlowEdit (SD3/SD3.5, Flux.1; inversion-free)",
         description="Edit a real image with FlowEdit (Kulikov et al.): no inversion, the image moves along the difference "
         "of the target and source prompts' velocities over the last --n-max of --steps steps. Writes DIR/source.png (the "
-        "input as resized), DIR/edit_N.png, DIR/grid.png and DIR/run.json. Defaults are the paper's per model: SD3 50 steps, "
+        "input as resized), DIR/edit_N.png, DIR/grid.png and DIR/run.json (with --blend also DIR/mask_N.png). Defaults are the paper's per model: SD3 50 steps, "
         "n_max 33, guidance 3.5/13.5; Flux 28 steps, n_max 24, guidance 1.5/5.5.",
     )
     f.add_argument("--image", required=True, metavar="IMAGE", help="the image to edit (PNG, JPEG, WebP, ...)")
@@ -134,6 +153,12 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
     f.add_argument("--n-avg", type=int, default=1, help="noise draws averaged per step (default 1)")
     f.add_argument("--source-guidance", type=float, default=None, help="source guidance (default: SD3 3.5, Flux 1.5)")
     f.add_argument("--target-guidance", type=float, default=None, help="target guidance (default: SD3 13.5, Flux 5.5)")
+    f.add_argument("--blend", action="append", metavar="WORD",
+                   help="LocalBlend: only the region of WORD may change, the rest stays the image's latent (repeat for several; "
+                        "cat,tiger = the source's word, the target's); writes DIR/mask_N.png")
+    f.add_argument("--blend-threshold", type=float, default=None, metavar="X",
+                   help="LocalBlend's threshold on the normalised word map (default 0.3, the paper's); raise it (0.5-0.7) "
+                        "when the mask covers too much, as on small token grids")
     f.add_argument("--size", metavar="WxH", help="resize the image to this size (default: the model's native area, aspect kept)")
     f.add_argument("--seed", type=int, default=0, help="seed of the noises (default 0)")
     f.add_argument("--device", choices=DEVICES, default="auto")
