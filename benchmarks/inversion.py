@@ -19,7 +19,8 @@ Prints markdown tables and writes them to ``benchmarks/results/inversion.{md,jso
    seeds from ``--swap-seed-base``, each swapped to three other colours), with the rate, background
    PSNR and the failed pairs. Written to ``inversion_flow.{md,json}``. Targets: rf-solver and fireflow
    >= 35 dB on every image with <= 2x the evaluations of rf-euler; swap >= 80% changed with
-   background >= 35 dB. Tune edit settings (``--cross-steps``) on other seeds than the reported ones.
+   background >= 35 dB. Tune edit settings (``--cross-steps``, ``--reweight-new``) on other seeds than the
+   reported ones.
 
 Run: ``python benchmarks/inversion.py [--images 4] [--steps 50] [--sd15] [--dpl]``;
 ``python benchmarks/inversion.py --model shapes-flow --steps 20 --images 6 --edits --threads 1``.
@@ -53,10 +54,12 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / (a.float() - b.float()).pow(2).mean().clamp_min(1e-12)))
 
 
-def colour_swap(pipe, inv, prompt: str, target: str | None = None, edit_options: dict | None = None, **call) -> dict | None:
+def colour_swap(pipe, inv, prompt: str, target: str | None = None, edit_options: dict | None = None,
+                reweight_new: float | None = None, **call) -> dict | None:
     """Edit the single-object prompt's colour word to ``target`` (default: the colour three places on
     in ``COLOURS``) from ``inv``; None when the prompt has no single colour + shape to swap.
-    ``edit_options``: extra arguments of the :class:`attnctrl.Replace` edit (e.g. ``cross_steps``)."""
+    ``edit_options``: extra arguments of the :class:`attnctrl.Replace` edit (e.g. ``cross_steps``);
+    ``reweight_new``: also scale the new colour word's attention by this factor (Reweight over the Replace)."""
     import numpy as np
 
     import attnctrl
@@ -72,6 +75,8 @@ def colour_swap(pipe, inv, prompt: str, target: str | None = None, edit_options:
         target = names[(names.index(colours[0]) + 3) % len(names)]
     edited_prompt = prompt.replace(colours[0], target, 1)
     edit = attnctrl.Replace(blend=attnctrl.LocalBlend([shapes[0]]), **(edit_options or {}))
+    if reweight_new is not None:
+        edit = attnctrl.Reweight({target: reweight_new}, base=edit)
     out = pipe([prompt, edited_prompt], edit=edit, inversion=inv, **call)
     source, edited = analyze(out.images[0]), analyze(out.images[1])
     a = np.asarray(out.images[0], dtype=np.float32) / 255
@@ -133,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="shapes-flow --edits: first seed of the swap sources (tune on other seeds than the reported ones)")
     parser.add_argument("--cross-steps", type=float, default=None,
                         help="shapes-flow --edits: cross_steps of the swap's Replace (default: Replace's own)")
+    parser.add_argument("--reweight-new", type=float, default=None, metavar="X",
+                        help="shapes-flow --edits: also run every swap as Replace + Reweight of the new colour word by X "
+                             "(extra rows '... + reweight xX')")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     if args.threads:
@@ -299,6 +307,8 @@ def flow_swap_table(swaps: dict[str, list[dict]], sources: list[dict], skipped: 
                      f"{min(bg):.1f} ({worst['source']}→{worst['target']}, seed {worst['seed']})",
                      "; ".join(f"{k}{' ×' + str(v) if v > 1 else ''}" for k, v in failed.most_common()) or "—"])
     edit = "Replace(" + ", ".join(f"{k}={v}" for k, v in edit_options.items()) + ("" if not edit_options else ", ") + "blend=LocalBlend([shape]))"
+    if args.reweight_new is not None:
+        edit += f" (rows '+ reweight new ×{args.reweight_new:g}': Reweight({{new colour: {args.reweight_new:g}}}, base=that Replace))"
     return (f"\n\nColour swap from each inversion: {len(sources)} single-object sources ({len(FLOW_SWAP_SOURCES)} prompts covering every "
             f"colour and shape x {args.swap_seeds} seeds from {args.swap_seed_base}; {len(skipped)} skipped, their largest object not the asked colour), "
             f"each swapped to 3 other colours = {3 * len(sources)} swaps per method; {edit}, the inversion's steps, guidance and solver; "
@@ -349,9 +359,11 @@ def flow_main(args: argparse.Namespace) -> int:
             for source in swap_sources:
                 inv = invert(pipe, source["image"], source["prompt"], num_inference_steps=args.steps, progress=False, **options)
                 variants = [(name, {})] + ([(f"{name} + pin_source", {"pin_source": True})] if options["method"] != "rf-inversion" else [])
-                for row, call in variants:
+                weights = [None] + ([args.reweight_new] if args.reweight_new is not None else [])
+                variants = [(row if w is None else f"{row} + reweight new ×{w:g}", call, w) for w in weights for row, call in variants]
+                for row, call, weight in variants:
                     for target in source["targets"]:
-                        case = colour_swap(pipe, inv, source["prompt"], target, edit_options, **call)
+                        case = colour_swap(pipe, inv, source["prompt"], target, edit_options, weight, **call)
                         swaps.setdefault(row, []).append(dict(case, prompt=source["prompt"], seed=source["seed"]))
         results[name] = dict(evaluations=statistics.mean(evals), seconds=statistics.mean(seconds), psnr=statistics.mean(quality),
                              psnr_worst=min(quality), psnr_each=quality, guidance=inv.guidance_scale)
