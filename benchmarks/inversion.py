@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="shapes-flow --edits: cross_steps of the swap's Replace (default: Replace's own)")
     parser.add_argument("--reweight-new", type=float, default=None, metavar="X",
                         help="shapes-flow --edits: also run every swap as Replace + Reweight of the new colour word by X "
-                             "(extra rows '... + reweight xX')")
+                             "(extra rows '... + reweight new ×X')")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     if args.threads:

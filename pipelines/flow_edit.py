@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import types
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -138,12 +139,9 @@ def _blend_session(pipe: Any, blend: LocalBlend, source: str, target: str, image
 
     from .mmdit_control import joint_control
 
-    class _Clock:  # the step clock counts the schedule's T steps; FlowEdit runs the last n_max of them
-        pass
-
-    _Clock.timesteps = timesteps
+    clock = types.SimpleNamespace(timesteps=timesteps)  # the schedule's T steps; FlowEdit runs the last n_max of them
     edit = Refine(cross_steps=0.0, self_steps=0.0, blend=blend)  # self_steps 0: no image q/k window on an MM-DiT
-    with joint_control(pipe, edit, [source, target], images_per_prompt=images, record=False, max_sequence_length=max_sequence_length, clock=_Clock) as session:
+    with joint_control(pipe, edit, [source, target], images_per_prompt=images, record=False, max_sequence_length=max_sequence_length, clock=clock) as session:
         yield session
 
 
