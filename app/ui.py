@@ -352,7 +352,7 @@ def build_app(
                                          placeholder="a red circle on the left")
                     with gr.Row():
                         method = gr.Dropdown(list(METHODS), value="null-text", label="Inversion method", elem_id="real-method",
-                                             info="UNets: null-text, ddim, ...; SD3/Flux: fireflow, rf-solver, rf-euler, rf-inversion")
+                                             info="UNets: null-text, ddim, ...; SD3/Flux: fireflow, rf-solver, rf-bdia (exact), rf-euler, rf-inversion")
                         inv_steps = gr.Slider(1, 100, value=steps, step=1, label="Steps", elem_id="real-steps")
                         inv_guidance = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance", elem_id="real-guidance",
                                                   info="SD3/Flux: 1 for the flow solvers, 3.5 for rf-inversion")

@@ -28,7 +28,7 @@ __all__ = ["Inversion", "METHODS", "UNET_METHODS", "FLOW_METHODS", "model_finger
 UNET_METHODS = ("ddim", "null-text", "negative-prompt", "direct", "dpl", "edit-friendly")
 """Inversions of DDIM-family UNets (Stable Diffusion 1.x/2.x, SDXL)."""
 
-FLOW_METHODS = ("rf-euler", "rf-solver", "fireflow", "rf-inversion")
+FLOW_METHODS = ("rf-euler", "rf-solver", "fireflow", "rf-bdia", "rf-inversion")
 """Rectified-flow inversions of MM-DiTs (SD3/SD3.5, Flux.1), see :mod:`attnctrl.pipelines.flow_inversion`."""
 
 METHODS = UNET_METHODS + FLOW_METHODS

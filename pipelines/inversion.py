@@ -35,8 +35,9 @@ The optimisation runs in float32 whatever the pipeline's dtype: only the UNet ru
 
 SD3/SD3.5 and Flux.1 pipelines take the rectified-flow methods instead: ``"rf-euler"`` (plain Euler
 flow inversion, the baseline), ``"rf-solver"`` (RF-Solver, second order, 2 transformer calls per
-step), ``"fireflow"`` (FireFlow, second order at ~1 call per step) and ``"rf-inversion"``
-(RF-Inversion's controlled ODEs); see :mod:`attnctrl.pipelines.flow_inversion`.
+step), ``"fireflow"`` (FireFlow, second order at ~1 call per step), ``"rf-bdia"`` (BDIA's exact
+inversion: reconstructs to float precision at 1 call per step) and ``"rf-inversion"`` (RF-Inversion's
+controlled ODEs); see :mod:`attnctrl.pipelines.flow_inversion`.
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ def invert(
             (centre crop), or by default to the model's native area with the aspect ratio kept.
         prompt: the caption of each image (one string for all of them, or one per image).
         method: UNets: ``"ddim"``, ``"null-text"``, ``"negative-prompt"``, ``"direct"``, ``"dpl"`` or
-            ``"edit-friendly"``; SD3/Flux: ``"rf-euler"``, ``"rf-solver"``, ``"fireflow"`` or
-            ``"rf-inversion"`` (module doc).
+            ``"edit-friendly"``; SD3/Flux: ``"rf-euler"``, ``"rf-solver"``, ``"fireflow"``,
+            ``"rf-bdia"`` or ``"rf-inversion"`` (module doc).
         num_inference_steps, guidance_scale: the steps and guidance the edit will use (guidance
             default: 7.5 on UNets; 1.0 for the flow ODE solvers, 3.5 for RF-Inversion).
         inner_steps: null-text Adam iterations per step at most (official: 10).
@@ -136,7 +137,8 @@ def invert(
             seed of its target noise sample.
         gamma, eta, start, stop, eta_decay: rf-inversion only: controller strength of the forward
             ODE (0.5), of the reverse one (0.9), the fraction of the steps where eta acts
-            ([0, 0.25)), and its decay power (0: none).
+            ([0, 0.25)), and its decay power (0: none). ``gamma`` is also rf-bdia's BDIA weight
+            (default 0, the leapfrog rule; in [0, 1), kept small: see the module doc).
         max_sequence_length: SD3/Flux only: T5 tokens (the pipelines' default: SD3 256, Flux 512).
         progress: show progress bars (also obeys ``pipe.set_progress_bar_config``).
 

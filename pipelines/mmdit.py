@@ -234,7 +234,7 @@ class Prompt2PromptSD3Pipeline(_JointPrompt2PromptCall, StableDiffusion3Pipeline
         materialise: the explicit reference attention instead of the fused kernels.
         backend: kernel backend name (None = best available).
         inversion: an SD3 flow inversion (:func:`attnctrl.pipelines.invert` with ``"rf-solver"``,
-            ``"fireflow"``, ``"rf-euler"`` or ``"rf-inversion"``): every row starts from its noise and
+            ``"fireflow"``, ``"rf-bdia"``, ``"rf-euler"`` or ``"rf-inversion"``): every row starts from its noise and
             is sampled with its solver; the source row is the reconstruction. Steps, guidance and
             size come from the inversion.
         pin_source: with ``inversion``: put the source row back on the inverted trajectory after

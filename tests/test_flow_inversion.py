@@ -1,4 +1,4 @@
-"""Rectified-flow inversion (rf-euler, rf-solver, fireflow, rf-inversion) on SD3/Flux: reconstruction
+"""Rectified-flow inversion (rf-euler, rf-solver, fireflow, rf-bdia, rf-inversion) on SD3/Flux: reconstruction
 accuracy on the embedded flow shapes model, evaluation counts, the file format, editing from an
 inversion, refusals, half precision and the CLI."""
 
@@ -13,7 +13,7 @@ import torch
 
 import attnctrl
 from attnctrl import LocalBlend, Replace
-from attnctrl.errors import InvalidOptionError, InversionMismatchError, PromptMismatchError
+from attnctrl.errors import InvalidOptionError, InvalidWeightError, InversionMismatchError, PromptMismatchError
 from attnctrl.inversion import FLOW_METHODS, Inversion
 
 from mmdit_models import build_flux, build_t5_tokenizer
@@ -72,11 +72,39 @@ def test_second_order_reconstructs_much_better_than_euler(flow_pipe, inversions,
     assert quality["rf-solver"] > 45 and quality["fireflow"] > 45, quality
     assert quality["rf-solver"] > quality["rf-euler"] + 15 and quality["fireflow"] > quality["rf-euler"] + 15, quality
     assert quality["rf-inversion"] > 25, quality  # eta pulls the first quarter of the steps towards the image
+    assert quality["rf-bdia"] > 80, quality  # exact by construction: float rounding only
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.1])
+def test_bdia_reconstructs_exactly_where_the_one_step_solvers_do_not(flow_pipe, gamma):
+    """The benchmark's worst image for RF-Solver/FireFlow (README: 24.6 / 27.2 dB at 20 steps): the
+    model's flow amplifies any step error there; BDIA's inversion has none to amplify."""
+    from attnctrl.pipelines import invert, reconstruct
+    from attnctrl.pipelines.flow_inversion import FlowDenoiser
+
+    prompt = "a small blue square in the top right corner on a white background"
+    hard = flow_pipe([prompt], num_inference_steps=20, guidance_scale=4.0, height=64, width=64,
+                     generator=torch.Generator().manual_seed(1)).images[0]
+    den = FlowDenoiser(flow_pipe, height=64, width=64)
+    pixels = torch.from_numpy(np.array(hard)).permute(2, 0, 1).float()[None] / 255
+    encoded = den.encode_images(pixels)
+    bdia = invert(flow_pipe, hard, prompt, method="rf-bdia", gamma=gamma, num_inference_steps=20, progress=False)
+    assert bdia.options["gamma"] == gamma and bdia.stats["transformer_evaluations"] == 20
+    from attnctrl.pipelines.flow_inversion import flow_sample
+
+    latent = flow_sample(den, bdia, [prompt], 1)
+    assert float((latent - encoded).abs().max()) < 1e-3
+    assert psnr(reconstruct(flow_pipe, bdia), den.decode(encoded)) > 80
+    if gamma == 0.0:
+        with pytest.raises(InvalidWeightError, match="diverged"):
+            invert(flow_pipe, hard, prompt, method="rf-bdia", gamma=0.5, num_inference_steps=20, progress=False)
+        solver = invert(flow_pipe, hard, prompt, method="rf-solver", num_inference_steps=20, progress=False)
+        assert psnr(reconstruct(flow_pipe, solver), den.decode(encoded)) < 40  # measured 24.6 dB
 
 
 def test_evaluation_counts(inversions):
     counts = {m: inv.stats["transformer_evaluations"] for m, inv in inversions.items()}
-    assert counts == {"rf-euler": STEPS, "rf-solver": 2 * STEPS, "fireflow": STEPS + 1, "rf-inversion": STEPS}
+    assert counts == {"rf-euler": STEPS, "rf-solver": 2 * STEPS, "fireflow": STEPS + 1, "rf-bdia": STEPS, "rf-inversion": STEPS}
 
 
 def test_trajectory_and_settings(inversions):
@@ -121,7 +149,7 @@ def _fields(inv: Inversion) -> dict:
 def test_edit_from_inversion(flow_pipe, inversions):
     from attnctrl.pipelines import reconstruct
 
-    for method in ("rf-solver", "fireflow", "rf-inversion"):
+    for method in ("rf-solver", "fireflow", "rf-bdia", "rf-inversion"):
         inv = inversions[method]
         rec = reconstruct(flow_pipe, inv)
         out = flow_pipe([PROMPT, EDITED], edit=Replace(blend=LocalBlend(["circle", "circle"])), inversion=inv, output_type="pt")
@@ -139,6 +167,9 @@ def test_bad_methods(flow_pipe, sd_pipe, image):
         invert(sd_pipe, image, PROMPT, method="fireflow", num_inference_steps=2, progress=False)
     with pytest.raises(InvalidOptionError, match="gamma"):
         invert(flow_pipe, image, PROMPT, method="rf-solver", num_inference_steps=2, gamma=0.3, progress=False)
+    for gamma in (1.0, -0.1):
+        with pytest.raises(InvalidWeightError, match=r"\[0, 1\) for rf-bdia"):
+            invert(flow_pipe, image, PROMPT, method="rf-bdia", num_inference_steps=2, gamma=gamma, progress=False)
 
 
 def test_flux_inversion_and_edit(flux, image):
@@ -155,6 +186,10 @@ def test_flux_inversion_and_edit(flux, image):
     assert psnr(reconstruct(flux, solver), target) > psnr(reconstruct(flux, euler), target)
     out = flux(["a photo of a cat", "a photo of a dog"], edit=Replace(), inversion=solver, output_type="pt")
     assert psnr(out.images[0:1], reconstruct(flux, solver)) > 60
+    bdia = invert(flux, small, "a photo of a cat", method="rf-bdia", num_inference_steps=6, height=32, width=32, progress=False)
+    assert psnr(reconstruct(flux, bdia), target) > 80
+    out = flux(["a photo of a cat", "a photo of a dog"], edit=Replace(), inversion=bdia, output_type="pt")
+    assert psnr(out.images[0:1], target) > 80 and float((out.images[1] - out.images[0]).abs().mean()) > 1e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -183,6 +218,12 @@ def test_cli_invert_and_edit(image, tmp_path):
         code = cli.main(["invert", str(image_path), "--model", "shapes-flow", "--method", "rf-solver", "--prompt", PROMPT,
                          "--steps", "4", "-o", str(path)])
     assert code == 0 and Inversion.load(path).method == "rf-solver"
+    exact = tmp_path / "exact.safetensors"
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["invert", str(image_path), "--model", "shapes-flow", "--method", "rf-bdia", "--prompt", PROMPT,
+                         "--steps", "4", "-o", str(exact)])
+    back = Inversion.load(exact)
+    assert code == 0 and back.method == "rf-bdia" and back.options["gamma"] == 0.0
     with contextlib.redirect_stdout(io.StringIO()):
         code = cli.main(["edit", "--model", "shapes-flow", "--inversion", str(path), "--prompt", PROMPT, "--to", EDITED,
                          "--out", str(tmp_path / "out")])

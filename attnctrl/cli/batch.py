@@ -24,7 +24,7 @@ One job per line (blank lines and lines starting with ``#`` are ignored). Every 
   (a fraction, a ``[start, end]`` pair, or ``{"default": ..., "WORD": ...}``), ``self``, ``seed``,
   ``scheduler``, ``efficient``;
 - ``invert-and-edit``: ``image`` (relative to the jobs file's folder), ``method`` (default
-  ``null-text``; SD3/Flux models: ``fireflow``, or ``rf-euler``, ``rf-solver``, ``rf-inversion``) and the edit fields except ``seed`` and ``scheduler``;
+  ``null-text``; SD3/Flux models: ``fireflow``, or ``rf-euler``, ``rf-solver``, ``rf-bdia``, ``rf-inversion``) and the edit fields except ``seed`` and ``scheduler``;
 - ``consistent``: ``subjects`` (``[{"name", "prompt", "word"}, ...]``), ``scenes`` (prompts), ``seed``;
 - ``flow-edit`` (FlowEdit on an SD3/SD3.5 or Flux.1 model; default model: the embedded flow shapes
   model): ``image``, ``prompt`` (its caption), ``to`` (a target prompt or a list: ``edit_N.png`` each),

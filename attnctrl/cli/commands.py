@@ -712,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
     real.add_argument("--inversion", metavar="FILE",
                       help="edit a real image from an inversion file written by 'attnctrl invert' (or --save-inversion)")
     e.add_argument("--method", choices=METHODS, default=None,
-                   help="with --image: the inversion method (default null-text; SD3/Flux: fireflow, or rf-euler, rf-solver, rf-inversion)")
+                   help="with --image: the inversion method (default null-text; SD3/Flux: fireflow, or rf-euler, rf-solver, rf-bdia, rf-inversion)")
     e.add_argument("--save-inversion", metavar="FILE", help="with --image: also write the inversion to FILE.safetensors")
     e.add_argument("--index", type=int, default=None, metavar="I",
                    help="with --inversion: the image to edit when the file holds several (0-based)")
@@ -756,7 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the caption of the image(s): once for all, or repeated once per image")
     i.add_argument("--model", default=None, help="diffusers folder or hub id (SD 1.x/2.x, SDXL); default: the embedded shapes model")
     i.add_argument("--method", choices=METHODS, default=None,
-                   help="inversion method (default null-text; SD3/Flux: fireflow, or rf-euler, rf-solver, rf-inversion)")
+                   help="inversion method (default null-text; SD3/Flux: fireflow, or rf-euler, rf-solver, rf-bdia, rf-inversion)")
     i.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps; the edit uses the same (default {DEFAULT_STEPS})")
     i.add_argument("--guidance", type=float, default=None,
                    help=f"classifier-free guidance scale the edit will use (default {DEFAULT_GUIDANCE}; SD3/Flux: 1 for the "
