@@ -121,9 +121,15 @@ def build_edit(
     self_steps: Any = 0.4,
     weights: Mapping[str, Any] | None = None,
     blend: Sequence[Sequence[str]] | None = None,
+    source_context: bool | None = None,
 ) -> Any:
     """The attnctrl edit of the form (the rule of ``attnctrl edit``, see :func:`attnctrl.cli.options.build_edit`)."""
-    return grammar.build_edit(mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend, label="Mode")
+    return grammar.build_edit(mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend, label="Mode",
+                              source_context=source_context)
+
+
+#: The edit form's "Shared words' text encoding" choices -> ``source_context``.
+CONTEXT_CHOICES: dict[str, bool | None] = {"default": None, "source": True, "own": False}
 
 
 @dataclass(frozen=True)
@@ -146,6 +152,7 @@ def edit_form(
     cross: Any,
     cross_words: str,
     self_end: Any,
+    context: str = "default",
 ) -> EditForm:
     """The Edit / Real image tabs' shared controls -> prompts and edit (as ``attnctrl edit`` builds them)."""
     source = (source or "").strip()
@@ -166,7 +173,14 @@ def edit_form(
     cross_steps: Any = {"default": cross_default, **per_word} if per_word else cross_default
     self_steps = _plain_number(self_end, "Self-attention steps")
     blend_words = parse_blend(blend, len(prompts))
-    edit = build_edit(mode, cross=cross_steps, self_steps=self_steps, weights=parsed_weights, blend=blend_words)
+    if context not in CONTEXT_CHOICES:
+        raise OptionError(f"Shared words' text encoding: {context!r} is not one of {', '.join(CONTEXT_CHOICES)}")
+    source_context = CONTEXT_CHOICES[context]
+    if source_context is not None and mode not in ("replace", "refine"):
+        raise OptionError(f"Shared words' text encoding: {context!r} applies to Replace and Refine; set it to "
+                          f"'default' for {mode}")
+    edit = build_edit(mode, cross=cross_steps, self_steps=self_steps, weights=parsed_weights, blend=blend_words,
+                      source_context=source_context)
     return EditForm(prompts=prompts, edit=edit, mode=mode, weights=parsed_weights, blend=blend_words)
 
 

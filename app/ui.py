@@ -23,6 +23,7 @@ from attnctrl.pipelines.speed import POLICIES
 from . import actions
 from .models import SHAPES_NAME, ModelCache, check_model
 from .options import (
+    CONTEXT_CHOICES,
     MAX_SCENES,
     MAX_STEPS,
     MODES,
@@ -137,6 +138,12 @@ def _edit_controls(prefix: str, *, source: bool) -> dict[str, Any]:
             label="Per-word cross windows (one word=fraction per line)", lines=1, placeholder="tiger=0.4",
             elem_id=f"{prefix}-cross-words",
         )
+        c["context"] = gr.Radio(
+            list(CONTEXT_CHOICES), value="default", label="Shared words' text encoding", elem_id=f"{prefix}-context",
+            info="source: the edited prompts read the source's encoding of the words they share with it, so only "
+            "the swapped words differ (default for Replace on SD/SDXL); own: each prompt encoded on its own "
+            "(official Prompt-to-Prompt, Refine's default; SD3/Flux)",
+        )
     return c
 
 
@@ -152,7 +159,7 @@ def _sampling_controls(prefix: str, steps: int = 50) -> dict[str, Any]:
 
 
 def _edit_inputs(c: dict[str, Any]) -> list[Any]:
-    return [c["edited"], c["mode"], c["weights"], c["blend"], c["cross"], c["cross_words"], c["self"]]
+    return [c["edited"], c["mode"], c["weights"], c["blend"], c["cross"], c["cross_words"], c["self"], c["context"]]
 
 
 INTRO = """# attnctrl
@@ -194,9 +201,9 @@ def build_app(
         return cache.get(model_text).describe()
 
     @guard
-    def edit(model_text, source, edited, mode, weights, blend, cross, cross_words, self_end, seed, steps_, guidance, size,
-             progress: gr.Progress = gr.Progress(track_tqdm=True)):
-        form = edit_form(source, edited, mode, weights, blend, cross, cross_words, self_end)
+    def edit(model_text, source, edited, mode, weights, blend, cross, cross_words, self_end, context, seed, steps_, guidance,
+             size, progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        form = edit_form(source, edited, mode, weights, blend, cross, cross_words, self_end, context)
         seed, steps_, guidance, size = _sampling(seed, steps_, guidance, size)
         progress(0, desc="Loading the model")
         loaded = cache.get(model_text)
@@ -234,11 +241,11 @@ def build_app(
         return inversion, actions.inversion_summary(inversion, loaded)
 
     @guard
-    def edit_real(model_text, inversion, edited, mode, weights, blend, cross, cross_words, self_end,
+    def edit_real(model_text, inversion, edited, mode, weights, blend, cross, cross_words, self_end, context,
                   progress: gr.Progress = gr.Progress(track_tqdm=True)):
         if inversion is None:
             raise OptionError("Invert an image first: upload it, give its caption and press Invert")
-        form = edit_form(inversion.prompts[0], edited, mode, weights, blend, cross, cross_words, self_end)
+        form = edit_form(inversion.prompts[0], edited, mode, weights, blend, cross, cross_words, self_end, context)
         progress(0, desc="Loading the model")
         loaded = cache.get(model_text)
         progress(0, desc="Editing")

@@ -14,7 +14,7 @@ import torch
 from .clock import Clocked, StepClock
 from .errors import LocalBlendNotAppliedError
 from .tracing import host_side
-from .p2p import RowLayout, edited_attention
+from .p2p import RowLayout, edited_attention, with_source_context
 from .plan import EditPlan, default_self_max_tokens
 from .store import AttentionStore, blend_mask, resolution_of
 from .tokens import PromptTokens
@@ -75,6 +75,7 @@ class EditController(BlendSteps, Clocked):
         self.clock = StepClock()
         self._cross_steps: dict[tuple[int, int, torch.device, torch.dtype], Any] = {}
         self._kv_mask_cache: dict[Any, Any] = {}
+        self._contexts: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset()
 
     # ---- per-generation state -------------------------------------------------------------
@@ -128,6 +129,8 @@ class EditController(BlendSteps, Clocked):
         a self-attention layer in call order (K/V injection selects layers by it).
         """
         layout, cross, replace_self, hw = self._call_plan(q.shape[0], q.shape[-2], is_cross, q.device, v.dtype)
+        if is_cross and self.plan is not None and self.plan.context is not None:
+            k, v = with_source_context(k, v, layout, *self._context(k.device, k.dtype))
         inject_kv = not is_cross and self._kv_active(layer)
         kv_masks = self._kv_masks(layout, q.shape[0], q.shape[-2], q.device) if inject_kv else None
         out, probs = edited_attention(
@@ -230,6 +233,17 @@ class EditController(BlendSteps, Clocked):
     @host_side
     def _record(self, hw: tuple[int, int], probs: torch.Tensor) -> None:
         self.store.record(hw, probs)
+
+    @host_side
+    def _context(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plan's ``source_context`` alignment on the call's device (keep in its dtype), moved once."""
+        key = (device, dtype)
+        cached = self._contexts.get(key)
+        if cached is None:
+            index, keep = self.plan.context
+            cached = (index.to(device), keep.to(device=device, dtype=dtype))
+            self._contexts[key] = cached
+        return cached
 
     def _cross_step(self, device: torch.device, dtype: torch.dtype) -> Any:
         """This step's cross-attention edit on the call's device, built once per step and device."""

@@ -129,6 +129,7 @@ class _EditBase:
     self_steps: Window = 0.4
     blend: LocalBlend | None = None
     self_max_tokens: int | None = None
+    source_context: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cross_steps", normalize_cross_steps(self.cross_steps))
@@ -136,6 +137,13 @@ class _EditBase:
         if self.blend is not None and not isinstance(self.blend, LocalBlend):
             raise InvalidTypeError(f"blend must be an attnctrl.LocalBlend, got {type(self.blend).__name__}")
         _check_max_tokens(self.self_max_tokens)
+        if self.source_context is not None and not isinstance(self.source_context, bool):
+            raise InvalidTypeError(f"source_context must be True, False or None, got {self.source_context!r}")
+
+    def uses_source_context(self, family_default: bool) -> bool:
+        """Whether the edited prompts read the source's text encoding at their shared tokens;
+        ``family_default``: the model family's default (None resolves to it)."""
+        return family_default if self.source_context is None else self.source_context
 
 
 @dataclass(frozen=True)
@@ -151,13 +159,26 @@ class Replace(_EditBase):
         blend: an optional :class:`LocalBlend`.
         self_max_tokens: self-attention is replaced only on layers with at most this many queries;
             ``None`` uses ``max(latent tokens / 16, 256)`` (the official 16x16 gate at 512x512).
+        source_context: on UNets (SD 1.x/2.x, SDXL), every token an edited prompt shares with the
+            source (the unchanged words, start, end and padding tokens) uses the source's text
+            encoding for its cross-attention keys and values; only the swapped words differ. A
+            causal text encoder (CLIP) writes each word into every later token, so without it
+            "purple" also changes what "triangle" and the padding tokens carry, and the edited
+            object's shape drifts from the source's. ``None`` (default): on for UNets; SD3/Flux
+            (whose text streams pass through the transformer) do not support it and refuse ``True``.
+            ``False``: official Prompt-to-Prompt (each prompt encoded on its own).
     """
 
 
 @dataclass(frozen=True)
 class Refine(_EditBase):
     """Refinement: tokens the edited prompt shares with the source take the source's attention;
-    added words keep their own."""
+    added words keep their own.
+
+    ``source_context=True`` (default off for Refine: None means False) also gives the tokens equal
+    to the source's (global token alignment) the source's text encoding, as :class:`Replace`'s
+    option does; the added words keep their own.
+    """
 
 
 @dataclass(frozen=True)

@@ -189,6 +189,12 @@ def _check_mmdit_edit(edit: Any) -> None:
         raise InvalidOptionError(
             "LocalBlend.resolution picks a UNet level; an MM-DiT has one token grid, so leave it None"
         )
+    if getattr(schedule, "source_context", None):  # a Reweight without base has no text alignment
+        raise InvalidOptionError(
+            "source_context=True gives a UNet's cross-attention the source's text encoding at shared tokens; on an "
+            "MM-DiT the text tokens are transformed with the image in every block, so it does not apply: leave it "
+            "None (or False)"
+        )
 
 
 def compile_joint_edit(

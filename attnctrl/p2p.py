@@ -25,7 +25,7 @@ from .kernels.reference import softmax_probs
 from .plan import CrossStep
 from .errors import InvalidOptionError
 
-__all__ = ["RowLayout", "SelfAttend", "edited_attention"]
+__all__ = ["RowLayout", "SelfAttend", "edited_attention", "with_source_context"]
 
 #: A layer's own self-attention, ``(q, k, v, row_map) -> out``: (B, H, N, D) tensors, ``row_map`` a
 #: (B,) int64 tensor saying which batch row's layer input each row's queries and keys come from.
@@ -120,6 +120,37 @@ def _kv_sources(layout: RowLayout, batch: int, device: torch.device) -> torch.Te
             for i in range(n):
                 index[offset + p * n + i] = offset + i
     return torch.tensor(index, dtype=torch.long, device=device)
+
+
+def with_source_context(
+    k: torch.Tensor, v: torch.Tensor, layout: RowLayout, index: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention keys and values where each edited conditional row reads its source row's
+    at the tokens it shares with the source (``source_context`` of :class:`attnctrl.Replace`).
+
+    ``k``, ``v``: (batch, heads, L, D) projections of the text encoding (token-wise linear, so this
+    equals encoding the edited prompt with the source's embeddings at those tokens). ``index``:
+    (E, L) int64, the source token of each edited token; ``keep``: (E, L), 1 where it is shared;
+    both on the call's device, ``keep`` in its dtype. Returns new tensors; the inputs are untouched.
+    """
+    if layout.num_edited == 0:
+        return k, v
+    if k.shape[-2] != index.shape[-1]:
+        from .errors import AttentionShapeError
+
+        raise AttentionShapeError(
+            f"source_context aligns {index.shape[-1]} text tokens but this cross-attention has {k.shape[-2]} keys "
+            "(extra tokens, e.g. an IP-Adapter's, or another tokenizer length); pass source_context=False to the edit"
+        )
+    rows, sources, edits = layout.edited_rows(k.device)
+    gather = index.index_select(0, edits)[:, None, :, None]  # (R, 1, L, 1)
+    shared = keep.index_select(0, edits)[:, None, :, None].bool()
+
+    def mixed(t: torch.Tensor) -> torch.Tensor:
+        source = torch.gather(t.index_select(0, sources), 2, gather.expand(-1, t.shape[1], -1, t.shape[-1]))
+        return t.index_copy(0, rows, torch.where(shared, source, t.index_select(0, rows)))
+
+    return mixed(k), mixed(v)
 
 
 #: Key counts up to which a call's probabilities are computed explicitly (the text tokens of

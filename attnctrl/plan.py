@@ -14,7 +14,7 @@ import torch
 
 from .edits import KVInjection, LocalBlend, Refine, Replace, Reweight
 from .errors import InvalidOptionError, InvalidTypeError, InvalidWeightError, PromptMismatchError, TruncatedWordError, WordNotFoundError
-from .tokens import PromptTokens, refinement_alignment, replacement_mapper, tokenize_prompt
+from .tokens import PromptTokens, refinement_alignment, replacement_alignment, replacement_mapper, tokenize_prompt
 
 __all__ = ["EditPlan", "BlendPlan", "CrossStep", "compile_edit", "compile_prompts", "step_window"]
 
@@ -127,6 +127,9 @@ class EditPlan:
     kv: KVInjection | None = None
     #: (B, L) token selector of each prompt's mask word (K/V injection's mask-guided variant), or None
     kv_select: torch.Tensor | None = None
+    #: ``(index, keep)``, (E, L) int64 and float: edited prompt ``e``'s token ``j`` uses the source's
+    #: text encoding at token ``index[e, j]`` where ``keep[e, j]`` is 1 (``source_context``), or None
+    context: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def num_prompts(self) -> int:
@@ -263,6 +266,13 @@ def compile_edit(edit: Replace | Refine | Reweight | KVInjection, tokenizer: Any
             cross[e, positions, 0], cross[e, positions, 1] = window
 
     blend = _compile_blend(schedule.blend, tokens) if schedule.blend is not None else None
+    context = None
+    if base is not None and base.uses_source_context(family_default=kind == "replace"):
+        if kind == "replace":
+            pairs = [replacement_alignment(source, t) for t in edited]
+        else:
+            pairs = [refinement_alignment(source, t) for t in edited]
+        context = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
     return EditPlan(
         kind=kind,
         prompts=tokens,
@@ -274,6 +284,7 @@ def compile_edit(edit: Replace | Refine | Reweight | KVInjection, tokenizer: Any
         self_window=schedule.self_steps,
         self_max_tokens=schedule.self_max_tokens,
         blend=blend,
+        context=context,
     )
 
 

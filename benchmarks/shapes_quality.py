@@ -163,15 +163,16 @@ def parse_edit_setting(text: str) -> dict:
     default then applies). ``cross``/``self``: Replace's cross_steps / self_steps; ``thr``: LocalBlend's
     threshold; ``qk``: the ImageQK structure window on an MM-DiT (``structure=ImageQK(steps=qk)``);
     ``kv``: K/V injection over the first ``kv`` of the steps with the Replace as its base, ``kvl`` its
-    layers (a fraction: from that share of the layers on; default all), ``kvv=1`` values only."""
+    layers (a fraction: from that share of the layers on; default all), ``kvv=1`` values only;
+    ``ctx``: Replace's ``source_context`` (1 on, 0 off: each prompt encoded on its own)."""
     out: dict = {}
     for part in text.split(","):
         if not part.strip():
             continue
         key, _, value = part.partition("=")
         key = key.strip()
-        if key not in ("cross", "self", "thr", "qk", "kv", "kvl", "kvv"):
-            raise SystemExit(f"unknown edit setting {key!r} in {text!r}; use cross, self, thr, qk, kv, kvl, kvv")
+        if key not in ("cross", "self", "thr", "qk", "kv", "kvl", "kvv", "ctx"):
+            raise SystemExit(f"unknown edit setting {key!r} in {text!r}; use cross, self, thr, qk, kv, kvl, kvv, ctx")
         out[key] = float(value)
     return out
 
@@ -191,6 +192,8 @@ def grid_run(pipe, seeds, setting: dict, *, steps: int, guidance: float, blend: 
         replace_kwargs["cross_steps"] = setting["cross"]
     if "self" in setting:
         replace_kwargs["self_steps"] = setting["self"]
+    if "ctx" in setting:
+        replace_kwargs["source_context"] = bool(setting["ctx"])
     call_kwargs = {"structure": attnctrl.ImageQK(steps=setting["qk"])} if "qk" in setting else None
 
     if ("kvl" in setting or "kvv" in setting) and "kv" not in setting:
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuning-seeds", default="100,101", help="--broad: seeds on which --edit-settings are compared")
     parser.add_argument("--edit-settings", default="",
                         help="--broad: ';'-separated candidates such as 'cross=0.8,self=0.4;cross=1.0,self=0.6' "
-                             "(keys cross, self, thr, qk, kv, kvl, kvv); with several, the best on --tuning-seeds is reported")
+                             "(keys cross, self, thr, qk, kv, kvl, kvv, ctx); with several, the best on --tuning-seeds is reported")
     parser.add_argument("--no-blend", action="store_true", help="--broad: skip the Replace + LocalBlend run")
     parser.add_argument("--no-defaults", action="store_true",
                         help="--broad: with --edit-settings, skip the run with the library defaults")

@@ -56,6 +56,7 @@ def check_png(path):
         ({"id": "a", "kind": "consistent", "subjects": [{"name": "c", "prompt": "a red circle", "word": "square"}],
           "scenes": ["a red circle"]}, 2, "subjects", ['word "square"']),
         ({"id": "gen", "kind": "generate", "prompt": PROMPT}, 2, "id", ["already the id of line 1"]),
+        ({"id": "a", "kind": "edit", "prompt": PROMPT, "to": EDITED, "source_context": "yes"}, 2, "source_context", ["true, false"]),
     ],
 )
 def test_invalid_file_names_line_and_field(tmp_path, capsys, job, line, field, words):
@@ -209,3 +210,17 @@ def test_killed_batch_resumes_with_every_output_complete_and_made_once(tmp_path)
         assert r["status"] == ("skipped" if r["id"] in done_before else "ok"), r
         check_png(out / r["outputs"][0])
         assert sorted(os.listdir(out / r["id"])) == ["image.png", "job.json"]  # no temporary files left
+
+
+def test_source_context_is_hashed_for_replace_and_reaches_the_edit(tmp_path):
+    from attnctrl.cli.batch import _build
+
+    base = {"kind": "edit", "prompt": PROMPT, "to": EDITED}
+    jobs = load_jobs(write_jobs(tmp_path / "jobs.jsonl", {"id": "a", **base}, {"id": "b", **base, "source_context": False},
+                                {"id": "c", **base, "mode": "refine"}, {"id": "d", **base, "mode": "refine", "source_context": True}))
+    a, b, c, d = jobs
+    # replace always carries the key (its default output changed: older finished jobs rerun); refine only when given
+    assert a.params["source_context"] is None and b.params["source_context"] is False and a.hash != b.hash
+    assert "source_context" not in c.params and d.params["source_context"] is True
+    assert _build(b.params).source_context is False and _build(d.params).source_context is True
+    assert _build(a.params).source_context is None

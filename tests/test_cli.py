@@ -96,6 +96,10 @@ def test_edit_refine_several_edits(model_dir, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["edit"]["type"] == "Refine" and len(run["prompts"]) == 3
     assert run["attention_words"] == [["grass"], ["big"], ["red", "beach"]]
+    # --source-context / --no-source-context reach the edit (Refine: off unless asked)
+    code = cli.main(edit_args(model_dir, tmp_path / "ctx", "--mode", "refine", "--source-context",
+                              "--prompt", "a cat on the grass", "--to", "a big cat on the grass"))
+    assert code == 0 and json.loads((tmp_path / "ctx" / "run.json").read_text())["edit"]["source_context"] is True
 
 
 BAD = [
@@ -109,6 +113,7 @@ BAD = [
     (["--prompt", SOURCE, "--to", EDITED, "--cross", "1.5"], "past 1"),
     (["--prompt", SOURCE, "--to", EDITED, "--cross", "lion=0.3"], "lion"),
     (["--prompt", SOURCE, "--to", EDITED, "--blend", "cat,tiger,dog"], "3 comma-separated"),
+    (["--prompt", SOURCE, "--weight", "cat=2", "--mode", "reweight", "--no-source-context"], "replace and refine"),
 ]
 
 

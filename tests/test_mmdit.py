@@ -256,6 +256,10 @@ def test_errors(pipe):
         run(pipe, edit=Replace(self_max_tokens=256))
     with pytest.raises(PromptMismatchError, match="same number of words"):
         run(pipe, ["a cat", "a big tiger"], edit=Replace())
+    with pytest.raises(InvalidOptionError, match="source_context=True"):
+        run(pipe, edit=Replace(source_context=True))
+    with pytest.raises(InvalidOptionError, match="source_context=True"):
+        run(pipe, edit=attnctrl.Reweight({"tiger": 2.0}, base=Replace(source_context=True)))
     with pytest.raises(attnctrl.errors.InvalidScheduleError):
         ImageQK(blocks=[-1])
     with pytest.raises(InvalidOptionError, match="MM-DiT"):

@@ -35,7 +35,7 @@ def probe(ctl, step, *, tokens, keys, is_cross, seed=0):
 
 @pytest.mark.parametrize("materialise", [False, True])
 def test_cross_replace_inside_and_outside_window(tokenizer, materialise):
-    ctl, plan = controller(tokenizer, Replace(cross_steps=0.5), materialise=materialise)
+    ctl, plan = controller(tokenizer, Replace(cross_steps=0.5, source_context=False), materialise=materialise)
     inside, outside = 2, 8  # window (0, 0.5): steps [0, int(0.5 * 11)) = [0, 5)
     out, plain = probe(ctl, inside, tokens=64, keys=16, is_cross=True)
     mapped = plain[2] @ plan.mapper[0].double()
@@ -46,7 +46,7 @@ def test_cross_replace_inside_and_outside_window(tokenizer, materialise):
 
 
 def test_cross_per_word_window(tokenizer):
-    ctl, plan = controller(tokenizer, Replace(cross_steps={"default": 1.0, "tiger": 0.3}))
+    ctl, plan = controller(tokenizer, Replace(cross_steps={"default": 1.0, "tiger": 0.3}, source_context=False))
     tiger = plan.prompts[1].positions_of("tiger")
     out, plain = probe(ctl, 6, tokens=64, keys=16, is_cross=True)  # tiger's window ended at step 3
     mapped = plain[2] @ plan.mapper[0].double()
@@ -88,7 +88,7 @@ def test_self_gate_is_configurable(tokenizer):
 
 
 def test_no_cfg_layout(tokenizer):
-    ctl, plan = controller(tokenizer, Replace(cross_steps=1.0))
+    ctl, plan = controller(tokenizer, Replace(cross_steps=1.0, source_context=False))
     g = torch.Generator().manual_seed(0)
     q, k = torch.randn(2, 2, 64, 8, generator=g, dtype=torch.float64), torch.randn(2, 2, 16, 8, generator=g, dtype=torch.float64)
     v = torch.eye(16, dtype=torch.float64).expand(2, 2, 16, 16)
@@ -171,3 +171,41 @@ def test_forced_backend_is_used_for_text_keys(tokenizer, monkeypatch):
     seen.clear()
     _edit_call(tokenizer, Replace())
     assert seen == []
+
+
+def test_source_context_reads_the_source_text_encoding_at_shared_tokens(tokenizer):
+    """Replace's default on UNets: an edited row's cross-attention keys and values are the source
+    row's at every token it shares with the source; the swapped word keeps its own."""
+    from attnctrl.p2p import RowLayout, with_source_context
+
+    src, edt = "a cat, on grass", "a hippopotamus, on grass"
+    plan = compile_edit(Replace(), tokenizer, [src, "a dog, on grass", edt])
+    assert plan.context is not None and compile_edit(Replace(source_context=False), tokenizer, [src, edt]).context is None
+    assert compile_edit(Refine(), tokenizer, [src, edt]).context is None  # off by default for Refine
+    index, keep = plan.context
+    tiger = plan.prompts[2].positions_of("hippopotamus")
+    assert len(tiger) > 1  # a longer swap: the tokens after it shift
+    assert keep[1, tiger].sum() == 0 and keep[1].sum() == keep.shape[1] - len(tiger)
+    comma = plan.prompts[2].words[1].trail[0]
+    assert int(index[1, comma]) == plan.prompts[0].words[1].trail[0]  # tokens after a longer swap stay aligned
+    length = keep.shape[1]
+    g = torch.Generator().manual_seed(0)
+    layout = RowLayout.from_batch(6, 3)  # CFG: uncond x3, cond x3
+    k = torch.randn(6, 2, length, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(6, 2, length, 8, generator=g, dtype=torch.float64)
+    k2, v2 = with_source_context(k, v, layout, index, keep.double())
+    for new, old in ((k2, k), (v2, v)):
+        assert torch.equal(new[:4], old[:4])  # unconditional rows and the source row untouched
+        for row, e in ((4, 0), (5, 1)):
+            shared = keep[e].bool()
+            assert torch.equal(new[row][:, shared], old[3][:, index[e][shared]])
+            assert torch.equal(new[row][:, ~shared], old[row][:, ~shared])
+    # through the controller: the same keys and values reach the attention
+    ctl = EditController(plan.prompts, plan, record=False)
+    ctl.latent_hw = (16, 16)
+    ctl.clock.tick(None, step=STEPS - 1, num_steps=STEPS)  # past the cross window: plain attention
+    q = torch.randn(6, 2, 64, 8, generator=g, dtype=torch.float64)
+    out = ctl.attention(q, k, v, is_cross=True)
+    assert torch.allclose(out, reference_attention(q, k2, v2)[0], atol=1e-12)
+    with pytest.raises(Exception, match="source_context aligns"):
+        with_source_context(k[..., :5, :], v[..., :5, :], layout, index, keep.double())

@@ -21,7 +21,8 @@ One job per line (blank lines and lines starting with ``#`` are ignored). Every 
 - ``edit``: ``prompt``, ``to`` (a prompt or a list; optional with ``weights``), ``mode``
   (``replace``/``refine``), ``weights`` (``{"WORD": X}`` or ``{"WORD": [X1, X2]}``), ``blend`` (a list
   of words as ``--blend``: ``"cat"`` or ``"cat,tiger"``, or one list of words per prompt), ``cross``
-  (a fraction, a ``[start, end]`` pair, or ``{"default": ..., "WORD": ...}``), ``self``, ``seed``,
+  (a fraction, a ``[start, end]`` pair, or ``{"default": ..., "WORD": ...}``), ``self``,
+  ``source_context`` (true/false as ``--source-context``; unset: the default), ``seed``,
   ``scheduler``, ``efficient``;
 - ``invert-and-edit``: ``image`` (relative to the jobs file's folder), ``method`` (default
   ``null-text``; SD3/Flux models: ``fireflow``, or ``rf-euler``, ``rf-solver``, ``rf-bdia``, ``rf-inversion``) and the edit fields except ``seed`` and ``scheduler``;
@@ -81,7 +82,7 @@ __all__ = ["Job", "BatchFileError", "load_jobs", "run_batch", "KINDS"]
 
 KINDS = ("generate", "edit", "invert-and-edit", "consistent", "flow-edit")
 _COMMON = {"id", "kind", "model", "steps", "guidance", "size"}
-_EDIT = {"prompt", "to", "mode", "weights", "blend", "cross", "self"}
+_EDIT = {"prompt", "to", "mode", "weights", "blend", "cross", "self", "source_context"}
 FIELDS: dict[str, set[str]] = {
     "generate": _COMMON | {"prompt", "seed", "scheduler", "efficient"},
     "edit": _COMMON | _EDIT | {"seed", "scheduler", "efficient"},
@@ -259,12 +260,19 @@ def _edit_params(L: _Line, raw: dict[str, Any], out: dict[str, Any]) -> None:
     else:
         cross = _window(L, "cross", cross_raw)
     self_steps = _window(L, "self", raw.get("self", 0.4))
+    source_context = raw.get("source_context")
+    if source_context is not None and not isinstance(source_context, bool):
+        raise L.error("source_context", f"expected true, false or null, got {json.dumps(source_context)}")
     try:  # the library's own checks (weight range, window order, ...) before any job runs
         build_edit(mode, cross=_windows_as_tuples(cross), self_steps=_windows_as_tuples(self_steps),
-                   weights=_windows_as_tuples(weights), blend=blend, label="mode")
+                   weights=_windows_as_tuples(weights), blend=blend, label="mode", source_context=source_context)
     except AttnctrlError as err:
         raise L.error(None, str(err)) from None
     out.update(prompt=prompt, to=list(to), mode=mode, weights=weights, blend=blend, cross=cross, self=self_steps)
+    # Replace's output changed when source_context became its default: the key is always hashed for
+    # replace, so jobs finished by an older version run again; elsewhere only when given
+    if mode == "replace" or source_context is not None:
+        out["source_context"] = source_context
 
 
 def _windows_as_tuples(value: Any) -> Any:
@@ -502,7 +510,8 @@ def _build(p: dict[str, Any]) -> Any:
         cross = {k: tuple(v) if isinstance(v, list) else v for k, v in cross.items()}
     self_steps = tuple(p["self"]) if isinstance(p["self"], list) else p["self"]
     weights = {k: tuple(v) if isinstance(v, list) else v for k, v in p["weights"].items()}
-    return build_edit(p["mode"], cross=cross, self_steps=self_steps, weights=weights, blend=p["blend"])
+    return build_edit(p["mode"], cross=cross, self_steps=self_steps, weights=weights, blend=p["blend"],
+                      source_context=p.get("source_context"))
 
 
 def _size_kwargs(p: dict[str, Any]) -> dict[str, Any]:

@@ -213,7 +213,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     self_steps = parse_window(args.self_steps, "--self") if args.self_steps is not None else 0.4
     blend = parse_blend(args.blend, len(prompts))
     kv = parse_kv(args.kv, args.kv_steps, args.kv_layers, args.kv_mask, args.kv_share)
-    edit = build_edit(args.mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend, kv=kv)
+    edit = build_edit(args.mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend, kv=kv,
+                      source_context=args.source_context)
     policy = parse_efficient(args.efficient)
     if policy is not None and args.materialise:
         raise OptionError("--materialise runs explicit attention maps and cannot be combined with --efficient")
@@ -674,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cross", action="append", metavar="FRAC|A,B|WORD=FRAC",
                    help="cross-attention window as a fraction of the steps (default 0.8); WORD=FRAC sets one word's window")
     e.add_argument("--self", dest="self_steps", metavar="FRAC|A,B", help="self-attention window (default 0.4)")
+    e.add_argument("--source-context", action=argparse.BooleanOptionalAction, default=None,
+                   help="replace/refine: edited prompts use the source's text encoding at the tokens they share "
+                        "with it (default: on for replace on UNets, off for refine; SD3/Flux: off, refused)")
     e.add_argument("--kv", action="store_true",
                    help="K/V injection (MasaCtrl; Stable Flow on SD3/Flux): edited rows read the source's (image) "
                         "keys/values in the late layers from step 4/50 on (non-rigid edits); --mode kv uses it alone, "

@@ -291,11 +291,13 @@ def build_edit(
     blend: Sequence[Sequence[str]] | None = None,
     kv: Mapping[str, Any] | None = None,
     label: str = "--mode",
+    source_context: bool | None = None,
 ) -> Any:
     """The attnctrl edit of the options: Replace/Refine (with LocalBlend), chained into Reweight when
     weights are given; or a plain Reweight (``mode="reweight"``, which needs weights); wrapped in a
     KVInjection when ``kv`` (its ``steps``/``layers`` keyword arguments) is given; ``mode="kv"`` is
-    K/V injection alone (no word edit: the prompts need no word alignment)."""
+    K/V injection alone (no word edit: the prompts need no word alignment). ``source_context``: the
+    Replace/Refine option (None: the model family's default)."""
     from .. import KVInjection, LocalBlend, Refine, Replace, Reweight
 
     if mode not in MODES:
@@ -306,12 +308,15 @@ def build_edit(
             raise OptionError(f"{label} kv: K/V injection alone has no word edit; {' and '.join(extra)} need --mode replace or refine")
         return KVInjection(**dict(kv or {}))
     local = LocalBlend(blend) if blend else None
+    if source_context is not None and mode not in ("replace", "refine"):
+        raise OptionError(f"{label} {mode}: the source context option applies to replace and refine edits")
     if mode == "reweight":
         if not weights:
             raise OptionError(f"{label} reweight: give at least one weight, e.g. red=2.0")
         edit: Any = Reweight(dict(weights), cross_steps=cross, self_steps=self_steps, blend=local)
     else:
-        base = (Replace if mode == "replace" else Refine)(cross_steps=cross, self_steps=self_steps, blend=local)
+        base = (Replace if mode == "replace" else Refine)(cross_steps=cross, self_steps=self_steps, blend=local,
+                                                          source_context=source_context)
         edit = Reweight(dict(weights), base=base) if weights else base
     return KVInjection(**dict(kv), base=edit) if kv is not None else edit
 
