@@ -202,7 +202,7 @@ if [ "$PART" = mmdit ]; then
     fi
     run_step tests 60 240 0 "$WORK/tests.log" \
         "$PY" -P -m pytest -q -p no:cacheprovider -rfEs --timeout 120 --junitxml "$WORK/junit.xml" \
-        tests/test_kernels.py tests/test_mmdit.py -k "cuda or lse"
+        tests/test_kernels.py tests/test_mmdit.py tests/test_flow_inversion.py -k "cuda or lse"
     run_step p2p 150 100 20 "$WORK/p2p.log" \
         "$PY" benchmarks/gpu_p2p_profile.py --model sd3 "${MM_P2P[@]}" --budget __BUDGET__ --out "$WORK/p2p"
     run_step p2p-flux 80 60 20 "$WORK/p2p-flux.log" \

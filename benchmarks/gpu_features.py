@@ -90,7 +90,7 @@ STORY = ["a cat on the grass", "a cat on the beach"]
 # Every word the prompts use is one token (all are in tests/conftest.py's WHOLE_WORDS too).
 WORDS = sorted({w for p in PROMPTS + REFINE + STORY + ["a red cat", "a blue dog", "a cat and a dog"] for w in p.split()})
 TEXT_MAX_LENGTH = 77
-METHODS = ("ddim", "null-text", "negative-prompt", "direct", "dpl")
+METHODS = ("ddim", "null-text", "negative-prompt", "direct", "dpl", "edit-friendly")
 BACKENDS = ("sdpa", "flex", "triton", "xformers")
 SHAPES_SOURCE = "a red circle on the left"
 SHAPES_EDITED = "a blue circle on the left"
