@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         + f"\n\nTarget (fast null-text: <= 0.5x the official evaluations, PSNR within 0.5 dB): {'met' if met else '**not met**'}"
     )
-    payload = {"environment": environment("cpu"), "settings": vars(args), "results": results, "target_met": met, **payload_extra}
+    payload = {"environment": environment("cpu"), "settings": vars(args), "results": results, "target_met": met}
     if args.sd15:
         timing = sd15_timing(args.threads)
         it_official = base["inner_iterations"] or 0.0
