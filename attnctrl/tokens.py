@@ -203,12 +203,7 @@ def replacement_mapper(source: PromptTokens, target: PromptTokens) -> torch.Tens
     over the target word's tokens (so the word's total attention is kept); every token after a
     swap stays aligned (start, end and padding tokens included).
     """
-    if len(source.words) != len(target.words):
-        raise PromptMismatchError(
-            "Replace needs prompts with the same number of words: "
-            f"{source.prompt!r} has {len(source.words)}, {target.prompt!r} has {len(target.words)}. "
-            "Use attnctrl.Refine for prompts that add or remove words."
-        )
+    _check_same_word_count(source, target)
     m = torch.zeros(source.length, target.length)
     m[0, 0] = 1.0
     for sw, tw in zip(source.words, target.words):
@@ -237,29 +232,33 @@ def replacement_alignment(source: PromptTokens, target: PromptTokens) -> tuple[t
     """The target tokens a word swap leaves unchanged, and their source positions.
 
     Returns ``(index, keep)``, both of length L_tgt, as :func:`refinement_alignment`: ``keep[j]`` is
-    1.0 for the start token, every token of a word equal in both prompts (its punctuation included)
-    and the end and padding tokens, each at source position ``index[j]``; 0.0 for the tokens of a
-    swapped word (``index[j]`` then 0).
+    1.0 for the start token, the tokens of every word (and punctuation) spelled with the same
+    tokens in both prompts, and the end and padding tokens, each at source position ``index[j]``;
+    0.0 for the tokens of a swapped word (``index[j]`` then 0).
     """
+    _check_same_word_count(source, target)
+    index = torch.zeros(target.length, dtype=torch.long)
+    keep = torch.zeros(target.length)
+    keep[0] = 1.0
+    for sw, tw in zip(source.words, target.words):
+        for s, t in zip(sw.parts(), tw.parts()):
+            pairs = [(a, b) for a, b in zip(s, t) if a < source.length and b < target.length]
+            if len(s) == len(t) and all(source.ids[a] == target.ids[b] for a, b in pairs):
+                for a, b in pairs:
+                    index[b], keep[b] = a, 1.0
+    src_tail, tgt_tail = source.end, target.end
+    for k in range(min(source.length - src_tail, target.length - tgt_tail)):
+        index[tgt_tail + k], keep[tgt_tail + k] = src_tail + k, 1.0
+    return index, keep
+
+
+def _check_same_word_count(source: PromptTokens, target: PromptTokens) -> None:
     if len(source.words) != len(target.words):
         raise PromptMismatchError(
             "Replace needs prompts with the same number of words: "
             f"{source.prompt!r} has {len(source.words)}, {target.prompt!r} has {len(target.words)}. "
             "Use attnctrl.Refine for prompts that add or remove words."
         )
-    index = torch.zeros(target.length, dtype=torch.long)
-    keep = torch.zeros(target.length)
-    keep[0] = 1.0
-    for sw, tw in zip(source.words, target.words):
-        for same_word, (s, t) in zip((False, sw.key == tw.key, False), zip(sw.parts(), tw.parts())):
-            if len(s) == len(t) and (same_word or [source.ids[a] for a in s if a < len(source.ids)] == [target.ids[b] for b in t if b < len(target.ids)]):
-                for a, b in zip(s, t):
-                    if a < source.length and b < target.length:
-                        index[b], keep[b] = a, 1.0
-    src_tail, tgt_tail = source.end, target.end
-    for k in range(min(source.length - src_tail, target.length - tgt_tail)):
-        index[tgt_tail + k], keep[tgt_tail + k] = src_tail + k, 1.0
-    return index, keep
 
 
 def refinement_alignment(source: PromptTokens, target: PromptTokens) -> tuple[torch.Tensor, torch.Tensor]:
