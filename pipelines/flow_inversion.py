@@ -509,7 +509,8 @@ def flow_sample(
             return den.velocity(z, sigma, text, w)
 
     bdia = method == "rf-bdia"
-    solver = _Solver(method, field, residual_weight=1.0 - float(inversion.options.get("gamma", 0.5)) if bdia else 0.0)
+    gamma = float(inversion.options.get("gamma", FLOW_DEFAULTS["rf-bdia"]["gamma"])) if bdia else 0.0
+    solver = _Solver(method, field, residual_weight=1.0 - gamma if bdia else 0.0)
     for i in range(steps):
         if interrupted is not None and interrupted():
             break
