@@ -225,6 +225,16 @@ def test_cli_invert_and_edit(image, tmp_path):
     back = Inversion.load(exact)
     assert code == 0 and back.method == "rf-bdia" and back.options["gamma"] == 0.0
     with contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["invert", str(image_path), "--model", "shapes-flow", "--method", "rf-inversion", "--prompt", PROMPT,
+                         "--steps", "4", "--eta", "0.7", "--stop", "0.5", "-o", str(exact)])
+    back = Inversion.load(exact)
+    assert code == 0 and back.options["eta"] == 0.7 and back.options["stop"] == 0.5 and back.options["gamma"] == 0.5
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = cli.main(["invert", str(image_path), "--model", "shapes-flow", "--method", "rf-solver", "--prompt", PROMPT,
+                         "--steps", "2", "--eta", "0.7", "-o", str(tmp_path / "bad.safetensors")])
+    assert code != 0 and "eta" in err.getvalue()
+    with contextlib.redirect_stdout(io.StringIO()):
         code = cli.main(["edit", "--model", "shapes-flow", "--inversion", str(path), "--prompt", PROMPT, "--to", EDITED,
                          "--out", str(tmp_path / "out")])
     assert code == 0 and (tmp_path / "out" / "edit_1.png").exists()

@@ -183,6 +183,7 @@ def cmd_invert(args: argparse.Namespace) -> int:
         pipe, images, prompts[0] if len(prompts) == 1 else prompts, method=_default_method(pipe, args.method),
         num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.height, width=args.width,
         inner_steps=args.inner_steps, schedule=args.schedule, words=args.words or None, progress=True,
+        gamma=args.gamma, eta=args.eta, start=args.start, stop=args.stop, eta_decay=args.eta_decay,
     )
     path = inversion.save(args.output)
     print(f"{path}: {inversion_summary(inversion)}")
@@ -771,6 +772,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--schedule", choices=("fast", "official"), default="fast",
                    help="null-text/dpl schedule: fast (default: same reconstruction, under half the UNet calls) or official (the original constants)")
     i.add_argument("--inner-steps", type=int, default=10, help="null-text/dpl: optimiser iterations per step at most (default 10)")
+    i.add_argument("--gamma", type=float, default=None,
+                   help="rf-inversion: forward controller strength (default 0.5); rf-bdia: BDIA's weight in [0, 1) (default 0)")
+    i.add_argument("--eta", type=float, default=None, help="rf-inversion: reverse controller strength (default 0.9)")
+    i.add_argument("--start", type=float, default=None, help="rf-inversion: first fraction of the steps where eta acts (default 0)")
+    i.add_argument("--stop", type=float, default=None, help="rf-inversion: fraction of the steps where eta stops (default 0.25)")
+    i.add_argument("--eta-decay", type=float, default=None, help="rf-inversion: eta's decay power (default 0: none)")
     i.add_argument("--device", choices=DEVICES, default="auto")
     i.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
     i.add_argument("-o", "--output", required=True, metavar="FILE.safetensors", help="the inversion file to write")
