@@ -395,7 +395,8 @@ def flow_invert(
         def field(z: torch.Tensor, sigma: float) -> torch.Tensor:
             return den.velocity(z, sigma, text, w)
 
-    solver = _Solver(method, field, residual_weight=1.0 / (1.0 - settings["gamma"]) if method == "rf-bdia" else 0.0)
+    amplification = 1.0 / (1.0 - settings["gamma"]) if method == "rf-bdia" else 0.0
+    solver = _Solver(method, field, residual_weight=amplification)
     for k in range(steps - 1, -1, -1):  # from sigma_S = 0 up to sigma_0
         x = solver.step(x, float(sigmas[k + 1]), float(sigmas[k]))
         trajectory.append(x.cpu())
@@ -407,7 +408,7 @@ def flow_invert(
         if not math.isfinite(spread) or spread > _BDIA_MAX_NOISE_STD:
             raise InvalidWeightError(
                 f"rf-bdia's inversion diverged: gamma={settings['gamma']:g} over {steps} steps amplifies each step's residual "
-                f"{1.0 / (1.0 - settings['gamma']):.3g}x per step, and the inverted noise has std {spread:.3g} (noise has about 1); "
+                f"{amplification:.3g}x per step, and the inverted noise has std {spread:.3g} (noise has about 1); "
                 f"use a smaller gamma (0, the default, does not amplify)"
             )
     stats = {
@@ -509,8 +510,8 @@ def flow_sample(
             return den.velocity(z, sigma, text, w)
 
     bdia = method == "rf-bdia"
-    gamma = float(inversion.options.get("gamma", FLOW_DEFAULTS["rf-bdia"]["gamma"])) if bdia else 0.0
-    solver = _Solver(method, field, residual_weight=1.0 - gamma if bdia else 0.0)
+    residual = 1.0 - float(inversion.options.get("gamma", FLOW_DEFAULTS["rf-bdia"]["gamma"])) if bdia else 0.0
+    solver = _Solver(method, field, residual_weight=residual)
     for i in range(steps):
         if interrupted is not None and interrupted():
             break
