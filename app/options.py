@@ -175,12 +175,8 @@ def edit_form(
     blend_words = parse_blend(blend, len(prompts))
     if context not in CONTEXT_CHOICES:
         raise OptionError(f"Shared words' text encoding: {context!r} is not one of {', '.join(CONTEXT_CHOICES)}")
-    source_context = CONTEXT_CHOICES[context]
-    if source_context is not None and mode not in ("replace", "refine"):
-        raise OptionError(f"Shared words' text encoding: {context!r} applies to Replace and Refine; set it to "
-                          f"'default' for {mode}")
     edit = build_edit(mode, cross=cross_steps, self_steps=self_steps, weights=parsed_weights, blend=blend_words,
-                      source_context=source_context)
+                      source_context=CONTEXT_CHOICES[context])
     return EditForm(prompts=prompts, edit=edit, mode=mode, weights=parsed_weights, blend=blend_words)
 
 

@@ -75,7 +75,7 @@ class EditController(BlendSteps, Clocked):
         self.clock = StepClock()
         self._cross_steps: dict[tuple[int, int, torch.device, torch.dtype], Any] = {}
         self._kv_mask_cache: dict[Any, Any] = {}
-        self._contexts: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._contexts: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset()
 
     # ---- per-generation state -------------------------------------------------------------
@@ -130,7 +130,7 @@ class EditController(BlendSteps, Clocked):
         """
         layout, cross, replace_self, hw = self._call_plan(q.shape[0], q.shape[-2], is_cross, q.device, v.dtype)
         if is_cross and self.plan is not None and self.plan.context is not None:
-            k, v = with_source_context(k, v, layout, *self._context(k.device, k.dtype))
+            k, v = with_source_context(k, v, layout, *self._context(k.device))
         inject_kv = not is_cross and self._kv_active(layer)
         kv_masks = self._kv_masks(layout, q.shape[0], q.shape[-2], q.device) if inject_kv else None
         out, probs = edited_attention(
@@ -235,14 +235,13 @@ class EditController(BlendSteps, Clocked):
         self.store.record(hw, probs)
 
     @host_side
-    def _context(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The plan's ``source_context`` alignment on the call's device (keep in its dtype), moved once."""
-        key = (device, dtype)
-        cached = self._contexts.get(key)
+    def _context(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plan's ``source_context`` alignment on the call's device (``keep`` as bool), moved once."""
+        cached = self._contexts.get(device)
         if cached is None:
             index, keep = self.plan.context
-            cached = (index.to(device), keep.to(device=device, dtype=dtype))
-            self._contexts[key] = cached
+            cached = (index.to(device), keep.to(device).bool())
+            self._contexts[device] = cached
         return cached
 
     def _cross_step(self, device: torch.device, dtype: torch.dtype) -> Any:

@@ -140,10 +140,10 @@ class _EditBase:
         if self.source_context is not None and not isinstance(self.source_context, bool):
             raise InvalidTypeError(f"source_context must be True, False or None, got {self.source_context!r}")
 
-    def uses_source_context(self, family_default: bool) -> bool:
-        """Whether the edited prompts read the source's text encoding at their shared tokens;
-        ``family_default``: the model family's default (None resolves to it)."""
-        return family_default if self.source_context is None else self.source_context
+    def uses_source_context(self, default: bool) -> bool:
+        """Whether the edited prompts read the source's text encoding at their shared tokens on a
+        UNet; ``default``: this edit kind's default (what None resolves to)."""
+        return default if self.source_context is None else self.source_context
 
 
 @dataclass(frozen=True)

@@ -130,8 +130,8 @@ def with_source_context(
 
     ``k``, ``v``: (batch, heads, L, D) projections of the text encoding (token-wise linear, so this
     equals encoding the edited prompt with the source's embeddings at those tokens). ``index``:
-    (E, L) int64, the source token of each edited token; ``keep``: (E, L), 1 where it is shared;
-    both on the call's device, ``keep`` in its dtype. Returns new tensors; the inputs are untouched.
+    (E, L) int64, the source token of each edited token; ``keep``: (E, L) bool, True where it is
+    shared; both on the call's device. Returns new tensors; the inputs are untouched.
     """
     if layout.num_edited == 0:
         return k, v
@@ -144,7 +144,7 @@ def with_source_context(
         )
     rows, sources, edits = layout.edited_rows(k.device)
     gather = index.index_select(0, edits)[:, None, :, None]  # (R, 1, L, 1)
-    shared = keep.index_select(0, edits)[:, None, :, None].bool()
+    shared = keep.index_select(0, edits)[:, None, :, None]
 
     def mixed(t: torch.Tensor) -> torch.Tensor:
         source = torch.gather(t.index_select(0, sources), 2, gather.expand(-1, t.shape[1], -1, t.shape[-1]))

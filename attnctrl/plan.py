@@ -267,7 +267,7 @@ def compile_edit(edit: Replace | Refine | Reweight | KVInjection, tokenizer: Any
 
     blend = _compile_blend(schedule.blend, tokens) if schedule.blend is not None else None
     context = None
-    if base is not None and base.uses_source_context(family_default=kind == "replace"):
+    if base is not None and base.uses_source_context(default=kind == "replace"):
         if kind == "replace":
             pairs = [replacement_alignment(source, t) for t in edited]
         else:

@@ -127,7 +127,7 @@ def test_edit_form_builds_the_cli_edits():
     assert options.edit_form(SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "own").edit.source_context is False
     assert options.edit_form(SOURCE, "a big cat on the grass", "refine", "", "", 0.8, "", 0.4, "source").edit.source_context is True
     assert options.edit_form(SOURCE, EDITED, "replace", "grass=2", "", 0.8, "", 0.4, "own").edit.base.source_context is False
-    with pytest.raises(OptionError, match="applies to Replace and Refine"):
+    with pytest.raises(OptionError, match="applies to replace and refine"):
         options.edit_form(SOURCE, "", "reweight", "cat=2", "", 0.8, "", 0.4, "source")
     with pytest.raises(OptionError, match="not one of"):
         options.edit_form(SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "mine")

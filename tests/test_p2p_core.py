@@ -193,7 +193,7 @@ def test_source_context_reads_the_source_text_encoding_at_shared_tokens(tokenize
     layout = RowLayout.from_batch(6, 3)  # CFG: uncond x3, cond x3
     k = torch.randn(6, 2, length, 8, generator=g, dtype=torch.float64)
     v = torch.randn(6, 2, length, 8, generator=g, dtype=torch.float64)
-    k2, v2 = with_source_context(k, v, layout, index, keep.double())
+    k2, v2 = with_source_context(k, v, layout, index, keep.bool())
     for new, old in ((k2, k), (v2, v)):
         assert torch.equal(new[:4], old[:4])  # unconditional rows and the source row untouched
         for row, e in ((4, 0), (5, 1)):
@@ -208,4 +208,4 @@ def test_source_context_reads_the_source_text_encoding_at_shared_tokens(tokenize
     out = ctl.attention(q, k, v, is_cross=True)
     assert torch.allclose(out, reference_attention(q, k2, v2)[0], atol=1e-12)
     with pytest.raises(Exception, match="source_context aligns"):
-        with_source_context(k[..., :5, :], v[..., :5, :], layout, index, keep.double())
+        with_source_context(k[..., :5, :], v[..., :5, :], layout, index, keep.bool())
