@@ -162,6 +162,71 @@ def test_training_step_is_finite_and_resume_is_exact(tmp_path):
         train_flow(None, work_dir=straight, **kwargs)
 
 
+def test_attention_forcing_sets_the_word_attention_of_the_forced_rows_only():
+    """Forced rows: the image queries' attention on the words keeps the model's total mass but is shared
+    as ``forced_attention`` says; image-to-image and null attention and every other row stay the model's own,
+    and the sink still records the model's own maps."""
+    from diffusers import SD3Transformer2DModel
+
+    from attnctrl.models.shapes.train import _Forcing, forced_attention
+    from attnctrl.models.shapes.train_flow import FlowModelConfig, JointAttentionWithNullTokens, transformer_config
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(**transformer_config(FlowModelConfig(num_layers=2, num_attention_heads=2, attention_head_dim=8)))
+    attn = transformer.transformer_blocks[0].attn
+    g = torch.Generator().manual_seed(1)
+    n_image, words = 64, 32
+    image, context = torch.randn(2, n_image, 16, generator=g), torch.randn(2, words + 1, 16, generator=g)
+    sink: list[torch.Tensor] = []
+    forcing = _Forcing()
+    processor = JointAttentionWithNullTokens(256, words, sink, forcing)
+    with torch.no_grad():
+        free_image, free_context = processor(attn, image, context)
+        targets = torch.zeros(2, words, 16, 16)
+        targets[:, 2:4, 2:10, 4:12] = 1.0  # an object named by tokens 2 and 3
+        supervised = torch.zeros(2, words, dtype=torch.bool)
+        supervised[:, 2:4] = True
+        share = supervised * 0.5
+        forcing.rows, forcing.targets, forcing.supervised, forcing.token_share = torch.tensor([False, True]), targets, supervised, share
+        forced_image, forced_context = processor(attn, image, context)
+        # the model's own probabilities, recomputed
+        split = lambda y: y.view(2, y.shape[1], attn.heads, -1).transpose(1, 2)
+        q = torch.cat([attn.norm_q(split(attn.to_q(image))), attn.norm_added_q(split(attn.add_q_proj(context)))], 2)
+        k = torch.cat([attn.norm_k(split(attn.to_k(image))), attn.norm_added_k(split(attn.add_k_proj(context)))], 2)
+        v = torch.cat([split(attn.to_v(image)), split(attn.add_v_proj(context))], 2)
+        bias = torch.zeros(k.shape[2])
+        bias[-1] = math.log(256)
+        probs = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5 + bias, -1)
+    assert torch.equal(sink[0], sink[1])  # the model's own maps both times
+    assert torch.equal(free_image[0], forced_image[0]) and torch.equal(free_context, forced_context)
+    t2i = probs[1:, :, :n_image, n_image:n_image + words]
+    mass = t2i.sum(-1, keepdim=True)
+    expected_t2i = mass * forced_attention(t2i / mass, targets[1:], supervised[1:], share[1:])
+    rows = torch.cat([probs[1:, :, :n_image, :n_image], expected_t2i, probs[1:, :, :n_image, n_image + words:]], -1)
+    expected = attn.to_out[0]((rows @ v[1:]).transpose(1, 2).reshape(1, n_image, -1))
+    torch.testing.assert_close(forced_image[1:], expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(forced_image[1], free_image[1])
+    # inside the object the forced words share each cell's word mass between tokens 2 and 3
+    inside = expected_t2i[0, :, 1 * 8 + 3]  # cell (1, 3) of the 8x8 grid is inside the object
+    torch.testing.assert_close(inside[:, 2], inside[:, 3])
+    torch.testing.assert_close(inside[:, 2] + inside[:, 3], mass[0, :, 1 * 8 + 3, 0])
+
+
+def test_training_with_attention_forcing_runs_and_records_it(tmp_path):
+    from attnctrl.models.shapes.train_flow import FlowModelConfig, FlowTrainConfig, train_flow
+
+    with pytest.raises(ValueError, match="attention_forcing must be in"):
+        FlowTrainConfig(attention_forcing=1.5).validate()
+    config = FlowTrainConfig(pool_size=16, batch_size=4, warmup=1, attention_forcing=1.0, cond_drop=0.0)
+    model = FlowModelConfig(num_layers=1, num_attention_heads=2, attention_head_dim=8, text_layer_width=16)
+    work = str(tmp_path / "forced")
+    train_flow(None, work_dir=work, config=config, model=model, max_steps=2, shapes_dir=SHAPES, log_every=1000,
+               threads=None, device="cpu")
+    with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
+        state = json.load(f)
+    assert state["config"]["attention_forcing"] == 1.0 and state["step"] == 2 and math.isfinite(state["last_loss"])
+
+
 def test_training_reduces_the_loss_on_a_fixed_batch():
     """A few optimiser steps on one batch lower the flow-matching loss (the target is learnable)."""
     from diffusers import SD3Transformer2DModel

@@ -32,7 +32,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -299,6 +299,32 @@ def grounding_loss(probs: list[torch.Tensor], targets: torch.Tensor, supervised:
     if not terms:
         raise InvalidOptionError("no cross-attention layer has a square grid of at least 4x4 that divides the target grid")
     return torch.stack(terms).mean()
+
+
+def object_token_targets(
+    tokenizer: Any, scenes: Sequence[Any], idx: np.ndarray, texts: Sequence[str], grid: int,
+    scene_masks: dict[int, torch.Tensor], word_lengths: dict[str, int], device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grounding loss's and attention forcing's targets for a batch of pool scenes ``scenes[idx]``
+    captioned ``texts`` (an empty caption has none): per token, the coverage of the object it names
+    ``(B, L, grid, grid)``; whether it names one ``(B, L)`` bool; and 1 / the number of that object's
+    words ``(B, L)``. ``scene_masks`` and ``word_lengths`` are caches the caller keeps across steps."""
+    targets = torch.zeros(len(texts), MODEL_MAX_LENGTH, grid, grid)
+    supervised = torch.zeros(len(texts), MODEL_MAX_LENGTH, dtype=torch.bool)
+    token_share = torch.zeros(len(texts), MODEL_MAX_LENGTH)
+    for b, (i, text) in enumerate(zip(idx, texts)):
+        if not text:
+            continue
+        scene = scenes[int(i)]
+        if int(i) not in scene_masks:
+            scene_masks[int(i)] = torch.from_numpy(object_masks(scene, grid))
+        for k, positions in enumerate(object_token_positions(tokenizer, scene, text, word_lengths)):
+            kept = [pos for pos in positions if pos < MODEL_MAX_LENGTH]
+            for pos in kept:
+                targets[b, pos] = scene_masks[int(i)][k]
+                supervised[b, pos] = True
+                token_share[b, pos] = 1.0 / len(kept)
+    return targets.to(device), supervised.to(device), token_share.to(device)
 
 
 def forced_attention(probs: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor, token_share: torch.Tensor) -> torch.Tensor:
@@ -893,24 +919,7 @@ def train(
     word_lengths: dict[str, int] = {}
 
     def grounding_targets(idx_np: np.ndarray, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per token: its object's coverage ``(B, L, S, S)``, whether it names one ``(B, L)``, and
-        1 / the number of that object's words ``(B, L)``."""
-        targets = torch.zeros(len(texts), MODEL_MAX_LENGTH, grid, grid)
-        supervised = torch.zeros(len(texts), MODEL_MAX_LENGTH, dtype=torch.bool)
-        token_share = torch.zeros(len(texts), MODEL_MAX_LENGTH)
-        for b, (i, text) in enumerate(zip(idx_np, texts)):
-            if not text:
-                continue
-            sc = scenes[int(i)]
-            if int(i) not in scene_masks:
-                scene_masks[int(i)] = torch.from_numpy(object_masks(sc, grid))
-            for k, positions in enumerate(object_token_positions(tokenizer, sc, text, word_lengths)):
-                kept = [pos for pos in positions if pos < MODEL_MAX_LENGTH]
-                for pos in kept:
-                    targets[b, pos] = scene_masks[int(i)][k]
-                    supervised[b, pos] = True
-                    token_share[b, pos] = 1.0 / len(kept)
-        return targets.to(dev), supervised.to(dev), token_share.to(dev)
+        return object_token_targets(tokenizer, scenes, idx_np, texts, grid, scene_masks, word_lengths, dev)
 
     pool_probs = scene_sampling_probs(scenes, colour_weights) if colour_weights else None
     if state["phase"] == "unet":

@@ -51,9 +51,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import caption, item_scene, object_masks, render_array
+from . import caption, item_scene, render_array
 from .tokenizer import MODEL_MAX_LENGTH, write_vocab_files
-from .train import resolve_model_folder, grounding_loss, object_token_positions
+from .train import _Forcing, forced_attention, grounding_loss, object_token_targets, resolve_model_folder
 from ...errors import InvalidOptionError
 from ...io import atomic_write_bytes, write_json_atomic
 
@@ -105,6 +105,10 @@ class FlowTrainConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     grounding_weight: float = 0.1
+    attention_forcing: float = 0.0
+    """Share of the captioned samples whose image-to-word attention is forced onto the objects
+    (:class:`JointAttentionWithNullTokens`), so that the model draws an object where its words are
+    attended: the map Prompt-to-Prompt's Replace hands from the source to the edit."""
     null_text_tokens: int = NULL_TEXT_TOKENS
 
     def validate(self) -> None:
@@ -120,6 +124,8 @@ class FlowTrainConfig:
             raise InvalidOptionError(f"cond_drop must be in [0, 1), got {self.cond_drop}")
         if not (math.isfinite(self.grounding_weight) and self.grounding_weight >= 0):
             raise InvalidOptionError(f"grounding_weight must be a finite number >= 0, got {self.grounding_weight}")
+        if not 0.0 <= self.attention_forcing <= 1.0:
+            raise InvalidOptionError(f"attention_forcing must be in [0, 1], got {self.attention_forcing}")
 
 
 def transformer_config(model: FlowModelConfig = FlowModelConfig()) -> dict[str, Any]:
@@ -267,14 +273,22 @@ class JointAttentionWithNullTokens:
 
     With ``null_tokens`` copies of one key the softmax is the same as with one key whose logit is
     ``ln null_tokens`` higher, and the copies' outputs are identical, so the image outputs equal the
-    stock processor's on the full sequence exactly."""
+    stock processor's on the full sequence exactly.
 
-    def __init__(self, null_tokens: int, word_tokens: int, sink: list[torch.Tensor] | None = None) -> None:
+    ``forcing`` (attention forcing): for the batch rows it names, the image queries' attention on the
+    words keeps its total mass but is shared among the words as
+    :func:`attnctrl.models.shapes.train.forced_attention` says (each object's words where the object
+    is); image-to-image and image-to-null attention stay the model's own. The sink keeps the model's
+    own maps."""
+
+    def __init__(self, null_tokens: int, word_tokens: int, sink: list[torch.Tensor] | None = None,
+                 forcing: _Forcing | None = None) -> None:
         if null_tokens < 1 or word_tokens < 1:
             raise InvalidOptionError(f"null_tokens and word_tokens must be >= 1, got {null_tokens}, {word_tokens}")
         self.log_null = math.log(null_tokens)
         self.word_tokens = word_tokens
         self.sink = sink
+        self.forcing = forcing
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, **_: Any) -> Any:
@@ -299,9 +313,18 @@ class JointAttentionWithNullTokens:
         bias = torch.zeros(k.shape[2], dtype=logits.dtype, device=logits.device)
         bias[-1] = self.log_null
         probs = torch.softmax(logits + bias, dim=-1)  # (B, heads, N, N)
+        words = slice(n_image, n_image + self.word_tokens)
         if self.sink is not None:
-            words = probs[:, :, :n_image, n_image : n_image + self.word_tokens].mean(1)
-            self.sink.append(words / words.sum(-1, keepdim=True).clamp_min(1e-8))
+            mean_words = probs[:, :, :n_image, words].mean(1)
+            self.sink.append(mean_words / mean_words.sum(-1, keepdim=True).clamp_min(1e-8))
+        f = self.forcing
+        if f is not None and f.rows is not None:
+            t2i = probs[:, :, :n_image, words]
+            mass = t2i.sum(-1, keepdim=True)
+            forced = mass * forced_attention(t2i / mass.clamp_min(1e-8), f.targets, f.supervised, f.token_share)
+            image_rows = torch.cat([probs[:, :, :n_image, :n_image], forced, probs[:, :, :n_image, words.stop:]], dim=-1)
+            image_rows = torch.where(f.rows[:, None, None, None], image_rows, probs[:, :, :n_image])
+            probs = torch.cat([image_rows, probs[:, :, n_image:]], dim=2)
         out = (probs @ v).transpose(1, 2).reshape(batch, n_image + n_context, -1)
         image, context = out[:, :n_image], out[:, n_image:]
         if not attn.context_pre_only:
@@ -310,9 +333,10 @@ class JointAttentionWithNullTokens:
         return image, context
 
 
-def _install_training_attention(transformer: Any, null_tokens: int, sink: list[torch.Tensor] | None) -> None:
+def _install_training_attention(transformer: Any, null_tokens: int, sink: list[torch.Tensor] | None,
+                                forcing: _Forcing | None = None) -> None:
     for block in transformer.transformer_blocks:
-        block.attn.set_processor(JointAttentionWithNullTokens(null_tokens, MODEL_MAX_LENGTH, sink))
+        block.attn.set_processor(JointAttentionWithNullTokens(null_tokens, MODEL_MAX_LENGTH, sink, forcing))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -520,27 +544,12 @@ def train_flow(
         _replace_dir(tmp, ckpt)
 
     sink: list[torch.Tensor] = []
-    _install_training_attention(transformer, config.null_text_tokens, sink if config.grounding_weight > 0 else None)
+    forcing = _Forcing()
+    wants_maps = config.grounding_weight > 0 or config.attention_forcing > 0
+    _install_training_attention(transformer, config.null_text_tokens, sink if wants_maps else None, forcing)
     grid = int(latents.shape[-1])
     scene_masks: dict[int, torch.Tensor] = {}
     word_lengths: dict[str, int] = {}
-
-    def grounding_targets(idx: np.ndarray, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per token: the coverage of the object it names ``(B, L, S, S)``, and whether it names one ``(B, L)``."""
-        targets = torch.zeros(len(texts), MODEL_MAX_LENGTH, grid, grid)
-        supervised = torch.zeros(len(texts), MODEL_MAX_LENGTH, dtype=torch.bool)
-        for b, (i, text) in enumerate(zip(idx, texts)):
-            if not text:
-                continue
-            scene = scenes[int(i)]
-            if int(i) not in scene_masks:
-                scene_masks[int(i)] = torch.from_numpy(object_masks(scene, grid))
-            for k, positions in enumerate(object_token_positions(tokenizer, scene, text, word_lengths)):
-                for pos in positions:
-                    if pos < MODEL_MAX_LENGTH:
-                        targets[b, pos] = scene_masks[int(i)][k]
-                        supervised[b, pos] = True
-        return targets.to(dev), supervised.to(dev)
 
     budget = minutes * 60.0
     reserve = 60.0  # seconds kept for the export
@@ -588,12 +597,18 @@ def train_flow(
             for group in opt.param_groups:
                 group["lr"] = lr
             sink.clear()
+            token_maps = object_token_targets(tokenizer, scenes, idx, texts, grid, scene_masks, word_lengths, dev) if wants_maps else None
+            if config.attention_forcing > 0:
+                rows = torch.from_numpy(rng.random(batch_size) < config.attention_forcing) & token_maps[1].any(1).cpu()
+                if bool(rows.any()):
+                    forcing.rows, forcing.targets, forcing.supervised, forcing.token_share = rows.to(dev), *token_maps
             pred = transformer(noisy, context, pooled, t * 1000.0).sample
+            forcing.rows = None
             flow_loss = (pred - target).pow(2).mean()
             loss = flow_loss
             g_loss = None
             if config.grounding_weight > 0:
-                g_loss = grounding_loss(sink, *grounding_targets(idx, texts))
+                g_loss = grounding_loss(sink, *token_maps[:2])
                 loss = loss + config.grounding_weight * g_loss
             sink.clear()
             opt.zero_grad(set_to_none=True)
