@@ -77,8 +77,9 @@ def test_second_order_reconstructs_much_better_than_euler(flow_pipe, inversions,
 
 @pytest.mark.parametrize("gamma", [0.0, 0.1])
 def test_bdia_reconstructs_exactly_where_the_one_step_solvers_do_not(flow_pipe, gamma):
-    """The benchmark's worst image for RF-Solver/FireFlow (README: 24.6 / 27.2 dB at 20 steps): the
-    model's flow amplifies any step error there; BDIA's inversion has none to amplify."""
+    """The benchmark image whose flow amplifies step errors most (on the weights before the attention-
+    forcing fine-tune RF-Solver got 24.6 dB there; now 62.9): BDIA's inversion has no error to amplify,
+    so it reconstructs exactly, and better than RF-Solver's second-order steps."""
     from attnctrl.pipelines import invert, reconstruct
     from attnctrl.pipelines.flow_inversion import FlowDenoiser
 
@@ -99,7 +100,7 @@ def test_bdia_reconstructs_exactly_where_the_one_step_solvers_do_not(flow_pipe, 
         with pytest.raises(InvalidWeightError, match="diverged"):
             invert(flow_pipe, hard, prompt, method="rf-bdia", gamma=0.5, num_inference_steps=20, progress=False)
         solver = invert(flow_pipe, hard, prompt, method="rf-solver", num_inference_steps=20, progress=False)
-        assert psnr(reconstruct(flow_pipe, solver), den.decode(encoded)) < 40  # measured 24.6 dB
+        assert psnr(reconstruct(flow_pipe, solver), den.decode(encoded)) < 80  # measured 62.9 dB: not exact
 
 
 def test_evaluation_counts(inversions):
