@@ -16,7 +16,7 @@ Run: ``python benchmarks/shapes_quality.py [--seeds 4] [--steps 30] [--guidance 
 (about 5 minutes on a 2-core CPU with the defaults).
 
 ``--model shapes-flow`` scores the flow-matching model (``attnctrl.models.SHAPES_FLOW``, a stock
-``StableDiffusion3Pipeline``): table 1 only (Prompt-to-Prompt on MM-DiT is not scored here yet), into
+``StableDiffusion3Pipeline``): table 1 only (Prompt-to-Prompt on it is scored by ``--broad``), into
 ``shapes_flow_quality.{md,json}``. ``--sweep`` first picks the sampler settings (every combination of
 the comma-separated ``--steps``, ``--guidance`` and ``--shift``) on a tuning set of OTHER prompts
 (training-distribution combinations, seeds 100+), then scores the held-out set with the best one, and
@@ -146,7 +146,7 @@ def flow_main(args: argparse.Namespace) -> int:
         "",
         *[f"- {f}" for f in gen.failures],
         "",
-        f"Prompt-to-Prompt edits on MM-DiT are not scored here yet. ({elapsed:.0f} s)",
+        f"Prompt-to-Prompt edits on this model: run --broad. ({elapsed:.0f} s)",
     ]
     table = "\n".join(lines)
     print(table)
