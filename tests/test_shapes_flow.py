@@ -168,7 +168,7 @@ def test_attention_forcing_sets_the_word_attention_of_the_forced_rows_only():
     and the sink still records the model's own maps."""
     from diffusers import SD3Transformer2DModel
 
-    from attnctrl.models.shapes.train import _Forcing, forced_attention
+    from attnctrl.models.shapes.train import AttentionForcing, forced_attention
     from attnctrl.models.shapes.train_flow import FlowModelConfig, JointAttentionWithNullTokens, transformer_config
 
     torch.manual_seed(0)
@@ -178,7 +178,7 @@ def test_attention_forcing_sets_the_word_attention_of_the_forced_rows_only():
     n_image, words = 64, 32
     image, context = torch.randn(2, n_image, 16, generator=g), torch.randn(2, words + 1, 16, generator=g)
     sink: list[torch.Tensor] = []
-    forcing = _Forcing()
+    forcing = AttentionForcing()
     processor = JointAttentionWithNullTokens(256, words, sink, forcing)
     with torch.no_grad():
         free_image, free_context = processor(attn, image, context)

@@ -355,7 +355,7 @@ def forced_attention(probs: torch.Tensor, targets: torch.Tensor, supervised: tor
 
 
 @dataclass
-class _Forcing:
+class AttentionForcing:
     """What :class:`_RecordingCrossAttention` forces in the current training step (nothing when
     ``rows`` is None): :func:`forced_attention`'s inputs and the batch rows it applies to."""
 
@@ -371,7 +371,7 @@ class _RecordingCrossAttention:
     rows ``forcing`` names, whose probabilities are replaced by :func:`forced_attention`'s (the sink
     keeps the model's own)."""
 
-    def __init__(self, sink: list[torch.Tensor], forcing: _Forcing | None = None) -> None:
+    def __init__(self, sink: list[torch.Tensor], forcing: AttentionForcing | None = None) -> None:
         self.sink = sink
         self.forcing = forcing
 
@@ -397,7 +397,7 @@ class _RecordingCrossAttention:
         return out / attn.rescale_output_factor
 
 
-def _record_cross_attention(unet: Any, forcing: _Forcing | None = None) -> list[torch.Tensor]:
+def _record_cross_attention(unet: Any, forcing: AttentionForcing | None = None) -> list[torch.Tensor]:
     """Put :class:`_RecordingCrossAttention` on every cross-attention of ``unet``; returns the sink."""
     sink: list[torch.Tensor] = []
     for name, module in unet.named_modules():
@@ -912,7 +912,7 @@ def train(
             groups,
         )
 
-    forcing = _Forcing()
+    forcing = AttentionForcing()
     attention_sink = _record_cross_attention(unet, forcing) if grounding_weight > 0 or attention_forcing > 0 else None
     grid = int(latents.shape[-1])
     scene_masks: dict[int, torch.Tensor] = {}

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from . import caption, item_scene, render_array
 from .tokenizer import MODEL_MAX_LENGTH, write_vocab_files
-from .train import _Forcing, forced_attention, grounding_loss, object_token_targets, resolve_model_folder
+from .train import AttentionForcing, forced_attention, grounding_loss, object_token_targets, resolve_model_folder
 from ...errors import InvalidOptionError
 from ...io import atomic_write_bytes, write_json_atomic
 
@@ -282,7 +282,7 @@ class JointAttentionWithNullTokens:
     own maps."""
 
     def __init__(self, null_tokens: int, word_tokens: int, sink: list[torch.Tensor] | None = None,
-                 forcing: _Forcing | None = None) -> None:
+                 forcing: AttentionForcing | None = None) -> None:
         if null_tokens < 1 or word_tokens < 1:
             raise InvalidOptionError(f"null_tokens and word_tokens must be >= 1, got {null_tokens}, {word_tokens}")
         self.log_null = math.log(null_tokens)
@@ -334,7 +334,7 @@ class JointAttentionWithNullTokens:
 
 
 def _install_training_attention(transformer: Any, null_tokens: int, sink: list[torch.Tensor] | None,
-                                forcing: _Forcing | None = None) -> None:
+                                forcing: AttentionForcing | None = None) -> None:
     for block in transformer.transformer_blocks:
         block.attn.set_processor(JointAttentionWithNullTokens(null_tokens, MODEL_MAX_LENGTH, sink, forcing))
 
@@ -544,7 +544,7 @@ def train_flow(
         _replace_dir(tmp, ckpt)
 
     sink: list[torch.Tensor] = []
-    forcing = _Forcing()
+    forcing = AttentionForcing()
     wants_maps = config.grounding_weight > 0 or config.attention_forcing > 0
     _install_training_attention(transformer, config.null_text_tokens, sink if wants_maps else None, forcing)
     grid = int(latents.shape[-1])
