@@ -356,8 +356,10 @@ def forced_attention(probs: torch.Tensor, targets: torch.Tensor, supervised: tor
 
 @dataclass
 class AttentionForcing:
-    """What :class:`_RecordingCrossAttention` forces in the current training step (nothing when
-    ``rows`` is None): :func:`forced_attention`'s inputs and the batch rows it applies to."""
+    """What the training attention processors force in the current step (nothing when ``rows`` is
+    None): :func:`forced_attention`'s inputs and the batch rows it applies to. The UNet's
+    :class:`_RecordingCrossAttention` and the flow model's
+    :class:`~attnctrl.models.shapes.train_flow.JointAttentionWithNullTokens` read it."""
 
     rows: torch.Tensor | None = None
     targets: torch.Tensor | None = None
