@@ -300,3 +300,42 @@ def test_fine_tune_starts_from_an_exported_folder_and_keeps_its_encoders(tmp_pat
                    device="cpu", init_from=SHAPES)
     with pytest.raises(ValueError, match="drop --num-layers"):
         main(["--work", str(tmp_path / "x"), "--init-from", exported, "--num-layers", "2"])
+
+
+def test_repatched_state_keeps_flat_regions_and_the_old_layout():
+    """Re-patching 2 -> 1 keeps the blocks, embeds a flat latent as the old patch embedding did, and
+    places each new token at the old grid's coordinate of its centre (same patch: nothing changes)."""
+    from diffusers import SD3Transformer2DModel
+    from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid
+
+    from attnctrl.models.shapes.train_flow import FlowModelConfig, repatched_transformer_state, transformer_config
+
+    torch.manual_seed(0)
+    old = SD3Transformer2DModel(**transformer_config(FlowModelConfig(num_layers=1, num_attention_heads=2, attention_head_dim=8)))
+    state = old.state_dict()
+    same = repatched_transformer_state(state, 2, 2)
+    assert same.keys() == state.keys() and all(torch.equal(same[k], state[k]) for k in state)
+
+    fine = repatched_transformer_state(state, 2, 1)
+    new = SD3Transformer2DModel(**transformer_config(FlowModelConfig(num_layers=1, num_attention_heads=2, attention_head_dim=8,
+                                                                     patch_size=1)))
+    new.load_state_dict(fine)  # every shape fits
+    assert all(torch.equal(fine[k], state[k]) for k in state if k.startswith("transformer_blocks."))
+    flat = torch.randn(1, 4, 1, 1).expand(1, 4, 6, 6)
+    coarse_tokens = old.pos_embed.proj(flat)  # (1, dim, 3, 3)
+    fine_tokens = new.pos_embed.proj(flat)  # (1, dim, 6, 6)
+    torch.testing.assert_close(fine_tokens[..., ::2, ::2], coarse_tokens, rtol=1e-5, atol=1e-5)
+    # proj_out: where the old projection drew the same value in all 4 sub-pixels, the new one draws it
+    proj = state["proj_out.weight"].reshape(2, 2, 4, -1)
+    torch.testing.assert_close(fine["proj_out.weight"], proj.mean(dim=(0, 1)))
+    # positions: the two new tokens of an old token sit symmetrically about its coordinate
+    old_pos = state["pos_embed.pos_embed"].reshape(16, 16, -1)
+    new_pos = fine["pos_embed.pos_embed"].reshape(32, 32, -1)
+    half = old_pos.shape[-1] // 2  # the first half encodes the column coordinate
+    # new tokens 2k and 2k+1 sit at old coordinate c_k -/+ 1/8: sin/cos(a - d) + sin/cos(a + d) = 2 cos(d) sin/cos(a)
+    offset = get_1d_sincos_pos_embed_from_grid(half, torch.tensor([0.125]), output_type="pt")[0]
+    cos_d = offset[half // 2:].repeat(2).float()
+    torch.testing.assert_close(new_pos[0, 0::2, :half] + new_pos[0, 1::2, :half], 2 * cos_d * old_pos[0, :, :half],
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="does not divide"):
+        repatched_transformer_state(state, 2, 3)

@@ -433,6 +433,7 @@ def train_flow(
     threads: int | None = 1,
     device: str | None = None,
     init_from: str | None = None,
+    init_patch_size: int | None = None,
 ) -> str:
     """Train the flow-matching shapes transformer in ``work_dir`` and export it to ``out_dir``.
 
@@ -444,7 +445,9 @@ def train_flow(
     ``init_from`` (a new run only): an exported flow shapes folder to fine-tune. Its transformer's
     weights (and EMA) are the start, with a fresh optimiser and schedule; its text encoders and its
     VAE's ``shift_factor``/``scaling_factor`` are kept, so the export is the same pipeline with new
-    transformer weights; ``model`` is read from its transformer config.
+    transformer weights; ``model`` is read from its transformer config. ``init_patch_size`` (with
+    ``init_from``): fine-tune at this finer patch size, starting from
+    :func:`repatched_transformer_state` of the folder's transformer.
     Returns ``out_dir`` (or ``work_dir`` when stopped early or ``out_dir`` is None).
     """
     from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -477,8 +480,10 @@ def train_flow(
         state = dict(phase="encode", step=0, elapsed=0.0, planned_steps=max_steps, config=asdict(config),
                      model=asdict(model), shapes_dir=os.path.abspath(shapes_dir))
         if init_from is not None:
-            state.update(_start_from_flow_model(init_from))
+            state.update(_start_from_flow_model(init_from, init_patch_size))
             model = FlowModelConfig(**state["model"])
+    if init_patch_size is not None and init_from is None:
+        raise InvalidOptionError("init_patch_size re-patches an init_from folder's transformer; give init_from too")
     if init_from is not None and state.get("init_from") != os.path.abspath(init_from):
         raise InvalidOptionError(
             f"init_from={init_from!r} only starts a new run, and {work_dir!r} already holds one "
@@ -528,7 +533,10 @@ def train_flow(
         _restore_optimizer(opt, _load_tensors(os.path.join(ckpt, "optimizer.safetensors")))
     elif state.get("init_from") is not None:
         start = SD3Transformer2DModel.from_pretrained(state["init_from"], subfolder="transformer")
-        transformer.load_state_dict(start.state_dict())
+        start_state = start.state_dict()
+        if int(start.config.patch_size) != model.patch_size:
+            start_state = repatched_transformer_state(start_state, int(start.config.patch_size), model.patch_size)
+        transformer.load_state_dict(start_state)
         ema = [p.detach().clone() for p in params]
         del start
 
@@ -645,8 +653,47 @@ def train_flow(
     return out_dir
 
 
-def _start_from_flow_model(model_dir: str) -> dict[str, Any]:
-    """State entries of a run that fine-tunes the exported flow shapes folder ``model_dir``."""
+def repatched_transformer_state(state: dict[str, torch.Tensor], old_patch: int, new_patch: int) -> dict[str, torch.Tensor]:
+    """``state`` (an ``SD3Transformer2DModel`` state dict of patch size ``old_patch``) for patch size
+    ``new_patch``, which must divide it: a warm start for a finer token grid.
+
+    Only the patch embedding, its positions and the output projection change shape; the blocks are
+    kept. A new token's embedding kernel is the sum of the old kernel over the sub-blocks it tiles (so
+    a flat region embeds as before), the output projection is the old one averaged over them, and each
+    new token's sincos position is the old grid's continuous coordinate of its centre, so the blocks
+    see the layout they were trained on."""
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed_from_grid
+
+    if new_patch < 1 or old_patch % new_patch:
+        raise InvalidOptionError(f"patch size {new_patch} does not divide the start's patch size {old_patch}; "
+                                 "a re-patched warm start only makes the token grid finer")
+    ratio = old_patch // new_patch
+    out = dict(state)
+    kernel = state["pos_embed.proj.weight"]  # (dim, channels, P, P)
+    dim, channels = kernel.shape[:2]
+    out["pos_embed.proj.weight"] = kernel.reshape(dim, channels, ratio, new_patch, ratio, new_patch).sum(dim=(2, 4))
+    proj = state["proj_out.weight"]  # (P*P*C, dim), rows ordered (row in patch, column in patch, channel)
+    proj_bias = state["proj_out.bias"]
+    out_channels = proj.shape[0] // (old_patch * old_patch)
+
+    def shrink(t: torch.Tensor) -> torch.Tensor:
+        t = t.reshape(ratio, new_patch, ratio, new_patch, out_channels, *t.shape[1:])
+        return t.mean(dim=(0, 2)).reshape(new_patch * new_patch * out_channels, *t.shape[5:])
+
+    out["proj_out.weight"], out["proj_out.bias"] = shrink(proj), shrink(proj_bias)
+    old_side = int(round(math.sqrt(state["pos_embed.pos_embed"].shape[1])))
+    side = old_side * ratio
+    # old grid: max-grid token k sits at coordinate k * base / side_old = k / 2 (base = sample_size / P)
+    centre = (new_patch * torch.arange(side, dtype=torch.float64) + (new_patch - old_patch) / 2) / old_patch
+    coords = (centre / 2.0).float()
+    grid = torch.stack(torch.meshgrid(coords, coords, indexing="xy"), dim=0).reshape(2, 1, side, side)
+    out["pos_embed.pos_embed"] = get_2d_sincos_pos_embed_from_grid(dim, grid, output_type="pt").float().unsqueeze(0)
+    return out
+
+
+def _start_from_flow_model(model_dir: str, patch_size: int | None = None) -> dict[str, Any]:
+    """State entries of a run that fine-tunes the exported flow shapes folder ``model_dir``
+    (``patch_size``: re-patch its transformer to that finer token grid first)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import CLIPTextModelWithProjection
 
@@ -669,6 +716,11 @@ def _start_from_flow_model(model_dir: str) -> dict[str, Any]:
             f"init_from={model_dir!r} is not a flow shapes folder written by train-shapes --flow "
             f"(differs in {differs or ['vae shift_factor']}); fine-tune only such folders"
         )
+    if patch_size is not None and patch_size != model.patch_size:
+        if patch_size < 1 or model.patch_size % patch_size:
+            raise InvalidOptionError(f"patch_size={patch_size} must divide the start's patch size {model.patch_size} "
+                                     "(a re-patched fine-tune only makes the token grid finer)")
+        model = FlowModelConfig(**{**asdict(model), "patch_size": int(patch_size)})
     return dict(init_from=model_dir, model=asdict(model), shift_factor=float(vae_cfg["shift_factor"]),
                 scaling_factor=float(vae_cfg["scaling_factor"]))
 
@@ -766,7 +818,8 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"transformer shape (new runs; default {getattr(model_defaults, f.name)})")
     p.add_argument("--init-from", default=None, metavar="MODEL_DIR",
                    help="start a new run from an exported flow shapes folder ('shapes-flow': the shipped weights) and "
-                        "fine-tune its transformer with a fresh optimiser and schedule (use a new --work dir)")
+                        "fine-tune its transformer with a fresh optimiser and schedule (use a new --work dir); with "
+                        "--patch-size P (a divisor of its own) it is re-patched to that finer token grid first")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --work")
     p.add_argument("--export-checkpoint", action="store_true", help="only export --work's checkpoint to --out")
     p.add_argument("--shift", type=float, default=None, help="scheduler shift written by --export-checkpoint (default 1.0)")
@@ -775,13 +828,18 @@ def main(argv: list[str] | None = None) -> int:
         export_flow_checkpoint(a.work, a.out, shift=a.shift)
         return 0
     shape_options = [f.name for f in fields(FlowModelConfig) if getattr(a, f.name) is not None]
-    if a.init_from is not None and shape_options:
-        raise InvalidOptionError(f"--init-from fine-tunes its folder's transformer as it is; drop {', '.join('--' + n.replace('_', '-') for n in shape_options)}")
+    init_patch_size = None
+    if a.init_from is not None:
+        init_patch_size = a.patch_size
+        shape_options = [n for n in shape_options if n != "patch_size"]
+        if shape_options:
+            raise InvalidOptionError(f"--init-from fine-tunes its folder's transformer as it is (only a finer --patch-size "
+                                     f"may be given); drop {', '.join('--' + n.replace('_', '-') for n in shape_options)}")
     config = FlowTrainConfig(**{f.name: getattr(a, f.name) for f in fields(FlowTrainConfig) if getattr(a, f.name) is not None})
     model = FlowModelConfig(**{f.name: getattr(a, f.name) for f in fields(FlowModelConfig) if getattr(a, f.name) is not None})
     train_flow(a.out, work_dir=a.work, config=config, model=model, minutes=a.minutes, max_steps=a.max_steps,
                shapes_dir=a.shapes_model, resume=a.resume, checkpoint_minutes=a.checkpoint_minutes,
-               log_every=a.log_every, threads=a.threads, device=a.device, init_from=resolve_model_folder(a.init_from))
+               log_every=a.log_every, threads=a.threads, device=a.device, init_from=resolve_model_folder(a.init_from), init_patch_size=init_patch_size)
     return 0
 
 
