@@ -300,6 +300,17 @@ def test_fine_tune_starts_from_an_exported_folder_and_keeps_its_encoders(tmp_pat
                    device="cpu", init_from=SHAPES)
     with pytest.raises(ValueError, match="drop --num-layers"):
         main(["--work", str(tmp_path / "x"), "--init-from", exported, "--num-layers", "2"])
+    with pytest.raises(ValueError, match="must divide"):
+        main(["--work", str(tmp_path / "y"), "--init-from", exported, "--patch-size", "3"])
+    with pytest.raises(ValueError, match="give init_from too"):
+        train_flow(None, work_dir=str(tmp_path / "z"), config=config, max_steps=1, shapes_dir=SHAPES, threads=None,
+                   device="cpu", init_patch_size=1)
+    # a finer patch: the run starts from the re-patched weights and exports a patch-1 SD3 folder
+    fine_out = str(tmp_path / "fine-out")
+    main(["--work", str(tmp_path / "fine"), "--out", fine_out, "--init-from", exported, "--patch-size", "1",
+          "--max-steps", "1", "--pool-size", "16", "--batch-size", "2", "--shapes-model", SHAPES, "--threads", "1"])
+    fine = SD3Transformer2DModel.from_pretrained(fine_out, subfolder="transformer")
+    assert fine.config.patch_size == 1 and fine.pos_embed.proj.kernel_size == (1, 1)
 
 
 def test_repatched_state_keeps_flat_regions_and_the_old_layout():

@@ -309,23 +309,25 @@ class JointAttentionWithNullTokens:
         if attn.norm_added_q is not None:
             cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
         q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        logits = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-        bias = torch.zeros(k.shape[2], dtype=logits.dtype, device=logits.device)
-        bias[-1] = self.log_null
-        probs = torch.softmax(logits + bias, dim=-1)  # (B, heads, N, N)
+        # the (B, heads, N, N) tensors dominate a step at fine token grids: scale the queries, not the
+        # logits, and bias only the null key's column
+        logits = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-1, -2)
+        logits[..., -1] += self.log_null
+        probs = torch.softmax(logits, dim=-1)  # (B, heads, N, N)
+        out = probs @ v
         words = slice(n_image, n_image + self.word_tokens)
         if self.sink is not None:
             mean_words = probs[:, :, :n_image, words].mean(1)
             self.sink.append(mean_words / mean_words.sum(-1, keepdim=True).clamp_min(1e-8))
         f = self.forcing
         if f is not None and f.rows is not None:
+            # only the image rows' word columns change: add their change times the words' values
             t2i = probs[:, :, :n_image, words]
             mass = t2i.sum(-1, keepdim=True)
             forced = mass * forced_attention(t2i / mass.clamp_min(1e-8), f.targets, f.supervised, f.token_share)
-            image_rows = torch.cat([probs[:, :, :n_image, :n_image], forced, probs[:, :, :n_image, words.stop:]], dim=-1)
-            image_rows = torch.where(f.rows[:, None, None, None], image_rows, probs[:, :, :n_image])
-            probs = torch.cat([image_rows, probs[:, :, n_image:]], dim=2)
-        out = (probs @ v).transpose(1, 2).reshape(batch, n_image + n_context, -1)
+            change = torch.where(f.rows[:, None, None, None], forced - t2i, torch.zeros_like(t2i))
+            out = torch.cat([out[:, :, :n_image] + change @ v[:, :, words], out[:, :, n_image:]], dim=2)
+        out = out.transpose(1, 2).reshape(batch, n_image + n_context, -1)
         image, context = out[:, :n_image], out[:, n_image:]
         if not attn.context_pre_only:
             context = attn.to_add_out(context)
