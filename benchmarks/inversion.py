@@ -7,6 +7,9 @@ Prints markdown tables and writes them to ``benchmarks/results/inversion.{md,jso
    image, and reconstruction PSNR against the input at guidance 7.5, with ratios against null-text
    inversion on the official schedule run in the same process. Target: null-text with the fast
    schedule needs at most half the evaluations of the official schedule for the same PSNR (+-0.5 dB).
+   ``--edits`` adds colour swaps (Replace + LocalBlend) from each method's inversions of the
+   ``SWAP_SOURCES`` images (below; sampled by the UNet with the inversion's steps and guidance), with
+   the same rate, background PSNR and failed pairs as table 3. Targets: >= 80% changed, background >= 35 dB.
 2. ``--sd15``: one SD 1.5-shaped UNet (random weights, 512x512 -> 64x64 latents) on this machine:
    seconds per forward, per forward+backward to the null embedding, and the per-step time of each
    schedule from the mean inner iterations measured in table 1.
@@ -15,7 +18,7 @@ Prints markdown tables and writes them to ``benchmarks/results/inversion.{md,jso
    rf-inversion) on the embedded SD3-shaped flow model instead: transformer evaluations per image,
    time, and reconstruction PSNR against the VAE round trip of the input (the best any inversion can
    do); ``--edits`` adds colour swaps (Replace + LocalBlend) from each method's inversions of a
-   separate set of single-object sources (``FLOW_SWAP_SOURCES``: every colour and shape, ``--swap-seeds``
+   separate set of single-object sources (``SWAP_SOURCES``: every colour and shape, ``--swap-seeds``
    seeds from ``--swap-seed-base``, each swapped to three other colours), with the rate, background
    PSNR and the failed pairs. Written to ``inversion_flow.{md,json}``. Targets: rf-solver and fireflow
    >= 35 dB on every image with <= 2x the evaluations of rf-euler (the table also says whether
@@ -55,10 +58,9 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1.0 / (a.float() - b.float()).pow(2).mean().clamp_min(1e-12)))
 
 
-def colour_swap(pipe, inv, prompt: str, target: str | None = None, edit_options: dict | None = None,
-                reweight_new: float | None = None, **call) -> dict | None:
-    """Edit the single-object prompt's colour word to ``target`` (default: the colour three places on
-    in ``COLOURS``) from ``inv``; None when the prompt has no single colour + shape to swap.
+def colour_swap(pipe, inv, prompt: str, target: str, edit_options: dict | None = None,
+                reweight_new: float | None = None, **call) -> dict:
+    """Edit the single-object prompt's colour word to ``target`` from ``inv``.
     ``edit_options``: extra arguments of the :class:`attnctrl.Replace` edit (e.g. ``cross_steps``);
     ``reweight_new``: also scale the new colour word's attention by this factor (Reweight over the Replace)."""
     import numpy as np
@@ -70,10 +72,7 @@ def colour_swap(pipe, inv, prompt: str, target: str | None = None, edit_options:
     colours = [w for w in words if w in COLOURS]
     shapes = [w for w in words if w in SHAPE_KINDS]
     if len(colours) != 1 or len(shapes) != 1:
-        return None
-    names = list(COLOURS)
-    if target is None:
-        target = names[(names.index(colours[0]) + 3) % len(names)]
+        raise ValueError(f"colour_swap needs a prompt with one colour and one shape, got {prompt!r}")
     edited_prompt = prompt.replace(colours[0], target, 1)
     edit = attnctrl.Replace(blend=attnctrl.LocalBlend([shapes[0]]), **(edit_options or {}))
     if reweight_new is not None:
@@ -126,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guidance", type=float, default=7.5)
     parser.add_argument("--sd15", action="store_true", help="also time an SD 1.5-shaped UNet")
     parser.add_argument("--dpl", action="store_true", help="also run Dynamic Prompt Learning")
-    parser.add_argument("--edits", action="store_true", help="also swap the colour of each single-object image from every inversion")
+    parser.add_argument("--edits", action="store_true",
+                        help="also swap the colour of the SWAP_SOURCES images (every colour and shape, --swap-seeds seeds) from every "
+                             "inversion (with --only: the matching methods' only)")
     parser.add_argument("--only", nargs="+", default=None, metavar="TEXT",
                         help="only the methods whose name contains one of these (the null-text official schedule is always run: the baseline)")
     parser.add_argument("--threads", type=int, default=None)
@@ -134,13 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="shapes: the UNet methods; shapes-flow: the rectified-flow methods on the SD3-shaped flow model")
     parser.add_argument("--flow-guidance", type=float, nargs="+", default=None, metavar="W",
                         help="shapes-flow: guidance scales of the ODE solvers (default: each method's own)")
-    parser.add_argument("--swap-seeds", type=int, default=3, help="shapes-flow --edits: seeds of the swap sources")
+    parser.add_argument("--swap-seeds", type=int, default=3, help="--edits: seeds of the swap sources")
     parser.add_argument("--swap-seed-base", type=int, default=1000,
-                        help="shapes-flow --edits: first seed of the swap sources (tune on other seeds than the reported ones)")
+                        help="--edits: first seed of the swap sources (tune on other seeds than the reported ones)")
     parser.add_argument("--cross-steps", type=float, default=None,
-                        help="shapes-flow --edits: cross_steps of the swap's Replace (default: Replace's own)")
+                        help="--edits: cross_steps of the swap's Replace (default: Replace's own)")
     parser.add_argument("--reweight-new", type=float, default=None, metavar="X",
-                        help="shapes-flow --edits: also run every swap as Replace + Reweight of the new colour word by X "
+                        help="--edits: also run every swap as Replace + Reweight of the new colour word by X "
                              "(extra rows '... + reweight new ×X')")
     parser.add_argument("--bdia-gamma", type=float, nargs="+", default=None, metavar="G",
                         help="shapes-flow: rf-bdia rows with these gamma values (default: the method's own)")
@@ -178,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     memory = Memory("cpu")
     results = {}
     swaps: dict[str, list[dict]] = {}
+    edit_options = {"cross_steps": args.cross_steps} if args.cross_steps is not None else {}
+    swap_sources_, skipped = (swap_sources(pipe, args.swap_seeds, args.swap_seed_base, num_inference_steps=args.steps,
+                                           guidance_scale=args.guidance) if args.edits else ([], []))
     for name, options in methods:
         evals, backward, seconds, quality, iterations = [], [], [], [], []
         memory.reset_peak()
@@ -190,8 +194,16 @@ def main(argv: list[str] | None = None) -> int:
             if "iterations" in inv.stats:
                 iterations.append(statistics.mean(x[0] for x in inv.stats["iterations"]))
             quality.append(psnr(reconstruct(pipe, inv)[0], ref))
-            if args.edits:
-                swaps.setdefault(name, []).append(colour_swap(pipe, inv, prompt))
+        if args.edits and (not args.only or any(t in name for t in args.only)):
+            for source in swap_sources_:
+                inv = invert(pipe, source["image"], source["prompt"], num_inference_steps=args.steps,
+                             guidance_scale=args.guidance, progress=False, **options)
+                weights = [None] + ([args.reweight_new] if args.reweight_new is not None else [])
+                for weight in weights:
+                    row = name if weight is None else f"{name} + reweight new ×{weight:g}"
+                    for target in source["targets"]:
+                        case = colour_swap(pipe, inv, source["prompt"], target, edit_options, weight)
+                        swaps.setdefault(row, []).append(dict(case, prompt=source["prompt"], seed=source["seed"]))
         results[name] = dict(
             evaluations=statistics.mean(evals), backward=statistics.mean(backward), seconds=statistics.mean(seconds),
             psnr=statistics.mean(quality), psnr_each=quality, inner_iterations=statistics.mean(iterations) if iterations else None,
@@ -234,34 +246,19 @@ def main(argv: list[str] | None = None) -> int:
             ],
         )
         payload["sd15"] = timing
-    if swaps:
-        table += swap_table(swaps, "and guidance")
+    if args.edits:
+        table += broad_swap_table(swaps, swap_sources_, skipped, args, edit_options, "the inversion's steps and guidance")
         payload["swaps"] = swaps
+        payload["swap_sources_skipped"] = skipped
     print(table)
     atomic_write_bytes(os.path.join(args.out, "inversion.md"), (table + "\n").encode("utf-8"))
     write_json_atomic(payload, os.path.join(args.out, "inversion.json"))
     return 0
 
 
-def swap_table(swaps: dict[str, list[dict | None]], settings: str) -> str:
-    """The colour-swap section of a table: per method, swaps that found the new colour and the
-    background PSNR outside the LocalBlend mask (``settings``: what the edit took from the inversion)."""
-    rows = []
-    for name, cases in swaps.items():
-        done = [c for c in cases if c is not None]
-        ok = sum(c["colour_ok"] for c in done)
-        bg = [c["background_psnr"] for c in done]
-        rows.append([name, f"{ok}/{len(done)}", f"{statistics.mean(bg):.1f}" if bg else "—", f"{min(bg):.1f}" if bg else "—",
-                     "; ".join(f"{c['source']}→{c['target']}{'' if c['colour_ok'] else ' (' + c['found'] + ')'}" for c in done)])
-    return (f"\n\nColour swap from each inversion (Replace + LocalBlend on the shape word, the inversion's steps, {settings}; "
-            "background PSNR between the edited and the reconstructed image outside the LocalBlend mask)\n\n"
-            + markdown_table(["method", "new colour found", "background PSNR dB (mean)", "(worst)", "swaps"], rows)
-            + "\n\nTargets: colour changed in >= 80% of swaps, background >= 35 dB.")
-
-
-#: Single-object sources of the flow colour-swap evaluation: every colour and every shape, several
-#: positions; each is swapped to three other colours (``SWAP_OFFSETS`` places on in ``COLOURS``).
-FLOW_SWAP_SOURCES = [
+#: Single-object sources of the colour-swap evaluation (both models): every colour and every shape,
+#: several positions; each is swapped to three other colours (``SWAP_OFFSETS`` places on in ``COLOURS``).
+SWAP_SOURCES = [
     ("red", "circle", "on the left"),
     ("green", "square", "on the right"),
     ("blue", "triangle", "in the centre"),
@@ -272,19 +269,18 @@ FLOW_SWAP_SOURCES = [
 SWAP_OFFSETS = (1, 3, 5)
 
 
-def flow_swap_sources(pipe, seeds: int, seed_base: int) -> tuple[list[dict], list[dict]]:
-    """Generate the swap sources (20 steps, guidance 4) for ``seeds`` seeds from ``seed_base``; a source
-    whose largest object is not the asked colour is skipped (returned second)."""
+def swap_sources(pipe, seeds: int, seed_base: int, **sampling) -> tuple[list[dict], list[dict]]:
+    """Generate the swap sources with the pipeline call arguments ``sampling`` for ``seeds`` seeds from
+    ``seed_base``; a source whose largest object is not the asked colour is skipped (returned second)."""
     from attnctrl.models.shapes import COLOURS, analyze, with_article
 
     names = list(COLOURS)
     sources, skipped = [], []
     for k in range(seeds):
-        for j, (colour, shape, position) in enumerate(FLOW_SWAP_SOURCES):
+        for j, (colour, shape, position) in enumerate(SWAP_SOURCES):
             seed = seed_base + 100 * k + j
             prompt = f"{with_article(colour + ' ' + shape)} {position}"
-            image = pipe([prompt], num_inference_steps=20, guidance_scale=4.0, height=64, width=64,
-                         generator=torch.Generator().manual_seed(seed)).images[0]
+            image = pipe([prompt], generator=torch.Generator().manual_seed(seed), **sampling).images[0]
             found = analyze(image)
             if not found or found[0].colour != colour:
                 skipped.append({"prompt": prompt, "seed": seed, "found": found[0].colour if found else "nothing"})
@@ -294,14 +290,17 @@ def flow_swap_sources(pipe, seeds: int, seed_base: int) -> tuple[list[dict], lis
     return sources, skipped
 
 
-def flow_swap_table(swaps: dict[str, list[dict]], sources: list[dict], skipped: list[dict], args: argparse.Namespace,
-                    edit_options: dict) -> str:
-    """The flow colour-swap section: per method, the rate of swaps that found the new colour, the
-    background PSNR (mean, worst) and the failed swaps grouped by colour pair."""
+def broad_swap_table(swaps: dict[str, list[dict]], sources: list[dict], skipped: list[dict], args: argparse.Namespace,
+                     edit_options: dict, settings: str) -> str:
+    """The colour-swap section: per method, the rate of swaps that found the new colour, the
+    background PSNR (mean, worst) and the failed swaps grouped by colour pair (``settings``: what the
+    edit took from the inversion)."""
     from collections import Counter
 
     rows = []
     for name, cases in swaps.items():
+        if not cases:
+            continue
         ok = sum(c["colour_ok"] for c in cases)
         bg = [c["background_psnr"] for c in cases]
         failed = Counter(f"{c['source']}→{c['target']} ({c['found']})" for c in cases if not c["colour_ok"])
@@ -312,9 +311,9 @@ def flow_swap_table(swaps: dict[str, list[dict]], sources: list[dict], skipped: 
     edit = "Replace(" + ", ".join(f"{k}={v}" for k, v in edit_options.items()) + ("" if not edit_options else ", ") + "blend=LocalBlend([shape]))"
     if args.reweight_new is not None:
         edit += f" (rows '+ reweight new ×{args.reweight_new:g}': Reweight({{new colour: {args.reweight_new:g}}}, base=that Replace))"
-    return (f"\n\nColour swap from each inversion: {len(sources)} single-object sources ({len(FLOW_SWAP_SOURCES)} prompts covering every "
+    return (f"\n\nColour swap from each inversion: {len(sources)} single-object sources ({len(SWAP_SOURCES)} prompts covering every "
             f"colour and shape x {args.swap_seeds} seeds from {args.swap_seed_base}; {len(skipped)} skipped, their largest object not the asked colour), "
-            f"each swapped to 3 other colours = {3 * len(sources)} swaps per method; {edit}, the inversion's steps, guidance and solver; "
+            f"each swapped to 3 other colours = {3 * len(sources)} swaps per method; {edit}, {settings}; "
             "background PSNR between the edited and the reconstructed image outside the LocalBlend mask\n\n"
             + markdown_table(["method", "new colour found", "rate", "background PSNR dB (mean)", "(worst)", "failed swaps (colour found)"], rows)
             + "\n\nTargets: colour changed in >= 80% of swaps, background >= 35 dB.")
@@ -351,7 +350,9 @@ def flow_main(args: argparse.Namespace) -> int:
         methods = [(n, o) for n, o in methods if n.startswith("rf-euler") or any(t in n for t in args.only)]
     results, swaps = {}, {}
     edit_options = {"cross_steps": args.cross_steps} if args.cross_steps is not None else {}
-    swap_sources, skipped = (flow_swap_sources(pipe, args.swap_seeds, args.swap_seed_base) if args.edits else ([], []))
+    # the swap sources are sampled with the model's measured good settings, as the images above
+    swap_sources_, skipped = (swap_sources(pipe, args.swap_seeds, args.swap_seed_base, num_inference_steps=20, guidance_scale=4.0,
+                                           height=64, width=64) if args.edits else ([], []))
     for name, options in methods:
         evals, seconds, quality = [], [], []
         for prompt, image, ref in zip(prompts, images, refs):
@@ -361,7 +362,7 @@ def flow_main(args: argparse.Namespace) -> int:
             evals.append(inv.stats["transformer_evaluations"])
             quality.append(psnr(reconstruct(pipe, inv)[0], ref))
         if args.edits:
-            for source in swap_sources:
+            for source in swap_sources_:
                 inv = invert(pipe, source["image"], source["prompt"], num_inference_steps=args.steps, progress=False, **options)
                 variants = [(name, {})] + ([(f"{name} + pin_source", {"pin_source": True})] if options["method"] != "rf-inversion" else [])
                 weights = [None] + ([args.reweight_new] if args.reweight_new is not None else [])
@@ -393,7 +394,7 @@ def flow_main(args: argparse.Namespace) -> int:
         payload_extra = {}
     payload = {"environment": environment("cpu"), "settings": vars(args), "results": results, "target_met": met, **payload_extra}
     if swaps:
-        table += flow_swap_table(swaps, swap_sources, skipped, args, edit_options)
+        table += broad_swap_table(swaps, swap_sources_, skipped, args, edit_options, "the inversion's steps, guidance and solver")
         payload["swaps"] = swaps
         payload["swap_sources_skipped"] = skipped
     print(table)
