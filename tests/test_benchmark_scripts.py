@@ -28,8 +28,9 @@ def test_inversion_benchmark_unet_tables(inversion_script, tmp_path, capsys):
     assert "target_met" in payload and (tmp_path / "inversion.md").exists()
     # every kept source is swapped to three colours by the asked method only (not by the null-text baseline)
     kept = len(inversion_script.SWAP_SOURCES) - len(payload["swap_sources_skipped"])
-    assert set(payload["swaps"]) <= {"ddim"} and len(payload["swaps"].get("ddim", [])) == 3 * kept
+    assert kept > 0 and set(payload["swaps"]) == {"ddim"} and len(payload["swaps"]["ddim"]) == 3 * kept
     assert "Colour swap from each inversion" in (tmp_path / "inversion.md").read_text()
+    assert "colour and >= 35 dB" in (tmp_path / "inversion.md").read_text()
 
 
 def test_inversion_benchmark_flow_tables(inversion_script, tmp_path, capsys):
