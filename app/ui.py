@@ -18,6 +18,7 @@ import gradio as gr
 
 from attnctrl.consistency import REPOSITION_MODES, IRDiffusion
 from attnctrl.inversion import METHODS
+from attnctrl.pipelines.inversion import default_guidance
 from attnctrl.pipelines.speed import POLICIES
 
 from . import actions
@@ -362,7 +363,7 @@ def build_app(
                                              info="UNets: null-text, ddim, ...; SD3/Flux: fireflow, rf-solver, rf-bdia (exact), rf-euler, rf-inversion")
                         inv_steps = gr.Slider(1, 100, value=steps, step=1, label="Steps", elem_id="real-steps")
                         inv_guidance = gr.Slider(1.0, 20.0, value=7.5, step=0.5, label="Guidance", elem_id="real-guidance",
-                                                  info="SD3/Flux: 1 for the flow solvers, 3.5 for rf-inversion")
+                                                  info="set to the method's default when it changes: 7.5, edit-friendly 3.5; SD3/Flux: 1 for the flow solvers, 3.5 for rf-inversion")
                     invert_button = gr.Button("Invert", variant="primary", elem_id="real-invert")
                     invert_info = gr.Markdown(elem_id="real-invert-info")
                     r = _edit_controls("real", source=False)
@@ -459,6 +460,7 @@ def build_app(
             [speed_gallery, speed_info], **heavy,
         )
         upload.change(preview, [upload], [preview_image])
+        method.change(default_guidance, [method], [inv_guidance])  # each method's own default (edit-friendly 3.5)
         invert_button.click(invert, [model_box, upload, caption, method, inv_steps, inv_guidance],
                             [inversion_state, invert_info], **heavy)
         real_button.click(edit_real, [model_box, inversion_state, *_edit_inputs(r)], [real_gallery, real_info, last], **heavy)

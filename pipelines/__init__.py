@@ -3,7 +3,7 @@
 from .consistency import ConsistentSubjectsPipeline, ConsistentSubjectsXLPipeline, Subject
 from .control import EditSession, control
 from .flow_edit import flow_edit
-from .inversion import invert, reconstruct
+from .inversion import default_guidance, invert, reconstruct
 from .mmdit import Prompt2PromptFluxPipeline, Prompt2PromptSD3Pipeline
 from .output import FlowEditOutput
 from .p2p import Prompt2PromptOutput, Prompt2PromptPipeline, Prompt2PromptXLPipeline, load_pipeline
@@ -22,6 +22,7 @@ __all__ = [
     "load_pipeline",
     "invert",
     "reconstruct",
+    "default_guidance",
     "flow_edit",
     "FlowEditOutput",
 ]

@@ -29,7 +29,8 @@ Methods (``method=``):
     image noised independently to every timestep, and per step the noise map that makes a guided
     stochastic DDIM step (eta = 1) land exactly on the next latent. Editing samples every row with
     those noise maps, so the source row reconstructs the image and edited rows keep its structure.
-    One guided UNet pass per step, no optimisation; ``seed`` fixes the noises.
+    One guided UNet pass per step, no optimisation; ``seed`` fixes the noises. Default guidance 3.5
+    (LEDITS++'s source guidance; :data:`UNET_GUIDANCE` says why).
 
 The optimisation runs in float32 whatever the pipeline's dtype: only the UNet runs in it.
 
@@ -60,7 +61,23 @@ from .flow_inversion import FLOW_DEFAULTS, flow_invert, flow_reconstruct
 from .mmdit_control import is_mmdit_pipeline
 from .p2p import check_inversion
 
-__all__ = ["invert", "null_text_step", "NullTextStep", "image_geometry", "reconstruct", "ddim_trajectory"]
+__all__ = ["invert", "default_guidance", "null_text_step", "NullTextStep", "image_geometry", "reconstruct", "ddim_trajectory"]
+
+#: UNet methods whose default guidance is not 7.5. Edit-friendly DDPM: LEDITS++'s source guidance 3.5.
+#: Its noise maps (std ~3, not 1) carry every step's guided prediction error, so at 7.5 an edited
+#: row's changed guided prediction overshoots (latents ~3x out of range inside the edited object,
+#: which the VAE decoder spreads over the whole image: README, "Edit-friendly DDPM").
+UNET_GUIDANCE = {"edit-friendly": 3.5}
+
+
+def default_guidance(method: str) -> float:
+    """The guidance scale ``invert`` uses for ``method`` when none is given: 7.5 on UNets but 3.5
+    for ``"edit-friendly"``; SD3/Flux: 1.0 for the ODE solvers, 3.5 for ``"rf-inversion"``."""
+    if method not in METHODS:
+        raise InvalidOptionError(f"unknown inversion method {method!r}; use one of {', '.join(METHODS)}")
+    if method in FLOW_METHODS:
+        return float(FLOW_DEFAULTS[method]["guidance_scale"])
+    return float(UNET_GUIDANCE.get(method, 7.5))
 
 
 def image_geometry(pipe: Any) -> tuple[int, int]:
@@ -126,7 +143,8 @@ def invert(
             ``"edit-friendly"``; SD3/Flux: ``"rf-euler"``, ``"rf-solver"``, ``"fireflow"``,
             ``"rf-bdia"`` or ``"rf-inversion"`` (module doc).
         num_inference_steps, guidance_scale: the steps and guidance the edit will use (guidance
-            default: 7.5 on UNets; 1.0 for the flow ODE solvers, 3.5 for RF-Inversion).
+            default: :func:`default_guidance`: 7.5 on UNets, 3.5 for edit-friendly; 1.0 for the flow
+            ODE solvers, 3.5 for RF-Inversion).
         inner_steps: null-text Adam iterations per step at most (official: 10).
         schedule: ``"fast"`` or ``"official"`` null-text schedule (see :func:`attnctrl.pipelines.ddim.null_text_step`).
         words: DPL only: the nouns to learn (default: found from the prompt, see
@@ -163,7 +181,7 @@ def invert(
     if not flow and (any(v is not None for v in flow_options.values()) or max_sequence_length is not None):
         raise InvalidOptionError("gamma, eta, start, stop, eta_decay and max_sequence_length are options of the SD3/Flux methods")
     if guidance_scale is None:
-        guidance_scale = FLOW_DEFAULTS[method]["guidance_scale"] if flow else 7.5
+        guidance_scale = default_guidance(method)
     if schedule not in ("fast", "official"):
         raise InvalidOptionError(f"schedule must be 'fast' or 'official', got {schedule!r}")
     steps = int(num_inference_steps)

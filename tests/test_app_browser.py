@@ -151,6 +151,20 @@ def test_real_image_invert_then_edit(page, tmp_path):
     _screenshot(page, "app_real_image.png")
 
 
+def test_real_image_method_sets_its_default_guidance(page):
+    """Choosing an inversion method puts its default guidance in the slider (edit-friendly 3.5,
+    the flow ODE solvers 1); the user can still move it afterwards."""
+    page.get_by_role("tab", name="Real image").click()
+    guidance = page.locator("#real-guidance input[type=number]")
+    assert float(guidance.input_value()) == 7.5
+    for method, expected in (("edit-friendly", 3.5), ("fireflow", 1.0), ("null-text", 7.5)):
+        page.locator("#real-method input").click()
+        page.get_by_role("option", name=method, exact=True).click()
+        page.wait_for_function(
+            f"Number(document.querySelector('#real-guidance input[type=number]').value) === {expected}", timeout=30_000)
+    assert _errors(page) == []
+
+
 def _toast(page, text: str) -> str:
     toast = page.locator(".toast-body").filter(has_text=text)
     toast.first.wait_for(timeout=RUN_TIMEOUT_MS)

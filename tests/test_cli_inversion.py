@@ -108,6 +108,7 @@ def test_edit_image_inverts_first(method, image_path, tmp_path, capsys):
         assert im.size == (64, 64)
     inv = Inversion.load(saved)
     assert inv.method == method and inv.prompts == (SOURCE,) and inv.num_inference_steps == int(STEPS)
+    assert inv.guidance_scale == (3.5 if method == "edit-friendly" else 7.5)  # the method's default guidance
     run = json.loads((out / "run.json").read_text())
     assert run["inversion"]["image"] == image_path and run["inversion"]["method"] == method
     assert "invert" in run["timings_s"]

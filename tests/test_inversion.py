@@ -561,3 +561,25 @@ def test_noise_map_scheduler_is_finite_at_zero_terminal_snr(shapes_pipe):
     for t in scheduler.timesteps[:3].tolist():
         step = scheduler.step(out, t, sample, variance_noise=torch.zeros_like(sample)).prev_sample
         assert torch.isfinite(step).all(), t
+
+
+def test_edit_friendly_defaults_to_ledits_guidance_and_keeps_edited_latents_in_range(shapes_pipe, shapes_image, inversions):
+    """Edit-friendly inverts at guidance 3.5 unless told otherwise; at 7.5 its large noise maps let an
+    edited row's changed guided prediction overshoot (latents far out of the source's range inside
+    the object, which the VAE decoder spreads over the background)."""
+    from attnctrl.pipelines import default_guidance, invert
+
+    assert default_guidance("edit-friendly") == 3.5 and default_guidance("null-text") == 7.5
+    assert default_guidance("fireflow") == 1.0 and default_guidance("rf-inversion") == 3.5
+    with pytest.raises(attnctrl.errors.InvalidOptionError, match="unknown inversion method"):
+        default_guidance("ddpm")
+    assert inversions["edit-friendly"].guidance_scale == 3.5 and inversions["ddim"].guidance_scale == 7.5
+
+    def overshoot(inv) -> float:
+        out = shapes_pipe([PROMPT, "a purple circle on the left"], edit=attnctrl.Replace(blend=attnctrl.LocalBlend(["circle"])),
+                          inversion=inv, output_type="latent")
+        return float(out.images[1].abs().max() / out.images[0].abs().max())
+
+    strong = invert(shapes_pipe, shapes_image, PROMPT, method="edit-friendly", num_inference_steps=STEPS,
+                    guidance_scale=7.5, progress=False)
+    assert overshoot(inversions["edit-friendly"]) < 1.5 < overshoot(strong)

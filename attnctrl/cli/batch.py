@@ -14,7 +14,7 @@ One job per line (blank lines and lines starting with ``#`` are ignored). Every 
 
 (each job on one line in the file). Fields:
 
-- every kind: ``model`` (overrides ``--model``), ``steps`` (default 50), ``guidance`` (default 7.5),
+- every kind: ``model`` (overrides ``--model``), ``steps`` (default 50), ``guidance`` (default 7.5; ``invert-and-edit``: the method's),
   ``size`` (``"WxH"``, ``"N"`` or ``[W, H]``; multiples of 8);
 - ``generate``: ``prompt``, ``seed`` (default 0), ``scheduler``, ``efficient`` (an efficient-attention
   policy as ``--efficient``: ``"agent"``, ``"window:shift=none"``...);
@@ -401,7 +401,7 @@ def _validate(L: _Line, raw: Any, default_model: str, base_dir: str) -> tuple[st
         if method is not None and method not in METHODS:
             raise L.error("method", f"expected one of {', '.join(METHODS)}, got {json.dumps(method)}")
         if raw.get("guidance") is None:
-            p["guidance"] = None  # the method's default (UNets 7.5; SD3/Flux: 1, rf-inversion 3.5)
+            p["guidance"] = None  # the method's default (pipelines.default_guidance)
         p.update(image=os.path.abspath(path), method=method)
         with open(path, "rb") as f:
             extra["image_sha256"] = hashlib.sha256(f.read()).hexdigest()
@@ -564,9 +564,8 @@ def _run_job(job: Job, models: _Models, folder: str) -> list[str]:
             compile_edit(edit, pipe.tokenizer, prompts)  # a bad edit fails before the inversion
         size = p["size"]
         method = p["method"] or ("fireflow" if flow else "null-text")
-        guidance = p["guidance"] if p["guidance"] is not None or flow else DEFAULT_GUIDANCE
         inversion = invert(pipe, p["image"], p["prompt"], method=method, num_inference_steps=p["steps"],
-                           guidance_scale=guidance, height=None if size is None else size[1],
+                           guidance_scale=p["guidance"], height=None if size is None else size[1],
                            width=None if size is None else size[0])
         out = pipe(prompts, edit=edit, inversion=inversion)
         files.append(("source.png", out.images[0]))

@@ -251,7 +251,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
         inversion = invert(
             pipe, args.image, args.prompt, method=_default_method(pipe, args.method),
             num_inference_steps=DEFAULT_STEPS if args.steps is None else args.steps,
-            guidance_scale=(None if flow else DEFAULT_GUIDANCE) if args.guidance is None else args.guidance,
+            guidance_scale=args.guidance,  # None: the method's default (pipelines.default_guidance)
             height=None if size is None else size[1], width=None if size is None else size[0],
             progress=True,
         )
@@ -700,7 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=None,
                    help=f"sampling steps (default {DEFAULT_STEPS}; with --inversion: the inversion's)")
     e.add_argument("--guidance", type=float, default=None,
-                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE}; with --inversion: the inversion's)")
+                   help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE}; with --image: the method's, edit-friendly 3.5; "
+                        "with --inversion: the inversion's)")
     e.add_argument("--negative-prompt", metavar="TEXT", default=None,
                    help="negative prompt of every row's unconditional call (SD/SDXL/SD3; Flux with --true-cfg)")
     e.add_argument("--true-cfg", type=float, metavar="SCALE", default=None,
@@ -764,8 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inversion method (default null-text; SD3/Flux: fireflow, or rf-euler, rf-solver, rf-bdia, rf-inversion)")
     i.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"DDIM steps; the edit uses the same (default {DEFAULT_STEPS})")
     i.add_argument("--guidance", type=float, default=None,
-                   help=f"classifier-free guidance scale the edit will use (default {DEFAULT_GUIDANCE}; SD3/Flux: 1 for the "
-                        "flow solvers, 3.5 for rf-inversion)")
+                   help=f"classifier-free guidance scale the edit will use (default {DEFAULT_GUIDANCE}; edit-friendly 3.5; SD3/Flux: "
+                        "1 for the flow solvers, 3.5 for rf-inversion)")
     i.add_argument("--height", type=int, default=None, help="with --width: centre-crop and resize to this size (default: see attnctrl.images)")
     i.add_argument("--width", type=int, default=None, help="with --height: centre-crop and resize to this size")
     i.add_argument("--words", nargs="+", metavar="W", help="--method dpl: the nouns to learn (default: found in the prompt)")
