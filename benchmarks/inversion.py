@@ -59,10 +59,11 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def colour_swap(pipe, inv, prompt: str, target: str, edit_options: dict | None = None,
-                reweight_new: float | None = None, **call) -> dict:
+                reweight_new: float | None = None, blend_threshold: float | None = None, **call) -> dict:
     """Edit the single-object prompt's colour word to ``target`` from ``inv``.
     ``edit_options``: extra arguments of the :class:`attnctrl.Replace` edit (e.g. ``cross_steps``);
-    ``reweight_new``: also scale the new colour word's attention by this factor (Reweight over the Replace)."""
+    ``reweight_new``: also scale the new colour word's attention by this factor (Reweight over the Replace);
+    ``blend_threshold``: the LocalBlend threshold (None: LocalBlend's default)."""
     import numpy as np
 
     import attnctrl
@@ -74,7 +75,8 @@ def colour_swap(pipe, inv, prompt: str, target: str, edit_options: dict | None =
     if len(colours) != 1 or len(shapes) != 1:
         raise ValueError(f"colour_swap needs a prompt with one colour and one shape, got {prompt!r}")
     edited_prompt = prompt.replace(colours[0], target, 1)
-    edit = attnctrl.Replace(blend=attnctrl.LocalBlend([shapes[0]]), **(edit_options or {}))
+    blend_options = {} if blend_threshold is None else {"threshold": blend_threshold}
+    edit = attnctrl.Replace(blend=attnctrl.LocalBlend([shapes[0]], **blend_options), **(edit_options or {}))
     if reweight_new is not None:
         edit = attnctrl.Reweight({target: reweight_new}, base=edit)
     out = pipe([prompt, edited_prompt], edit=edit, inversion=inv, **call)
@@ -142,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="--edits: first seed of the swap sources (tune on other seeds than the reported ones)")
     parser.add_argument("--cross-steps", type=float, default=None,
                         help="--edits: cross_steps of the swap's Replace (default: Replace's own)")
+    parser.add_argument("--blend-threshold", type=float, default=None, metavar="T",
+                        help="--edits: the swaps' LocalBlend threshold (default: LocalBlend's own, 0.3)")
     parser.add_argument("--reweight-new", type=float, default=None, metavar="X",
                         help="--edits: also run every swap as Replace + Reweight of the new colour word by X "
                              "(extra rows '... + reweight new ×X')")
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 for weight in weights:
                     row = name if weight is None else f"{name} + reweight new ×{weight:g}"
                     for target in source["targets"]:
-                        case = colour_swap(pipe, inv, source["prompt"], target, edit_options, weight)
+                        case = colour_swap(pipe, inv, source["prompt"], target, edit_options, weight, args.blend_threshold)
                         swaps.setdefault(row, []).append(dict(case, prompt=source["prompt"], seed=source["seed"]))
         results[name] = dict(
             evaluations=statistics.mean(evals), backward=statistics.mean(backward), seconds=statistics.mean(seconds),
@@ -313,7 +317,7 @@ def broad_swap_table(swaps: dict[str, list[dict]], sources: list[dict], skipped:
         rows.append([name, f"{ok}/{len(cases)}", f"{100 * ok / len(cases):.0f}%", f"{100 * both / len(cases):.0f}%", f"{statistics.mean(bg):.1f}",
                      f"{min(bg):.1f} ({worst['source']}→{worst['target']}, seed {worst['seed']})",
                      "; ".join(f"{k}{' ×' + str(v) if v > 1 else ''}" for k, v in failed.most_common()) or "—"])
-    edit = "Replace(" + ", ".join(f"{k}={v}" for k, v in edit_options.items()) + ("" if not edit_options else ", ") + "blend=LocalBlend([shape]))"
+    edit = "Replace(" + ", ".join(f"{k}={v}" for k, v in edit_options.items()) + ("" if not edit_options else ", ") + "blend=LocalBlend([shape]" + ("" if args.blend_threshold is None else f", threshold={args.blend_threshold:g}") + "))"
     if args.reweight_new is not None:
         edit += f" (rows '+ reweight new ×{args.reweight_new:g}': Reweight({{new colour: {args.reweight_new:g}}}, base=that Replace))"
     return (f"\n\nColour swap from each inversion: {len(sources)} single-object sources ({len(SWAP_SOURCES)} prompts covering every "
@@ -374,7 +378,7 @@ def flow_main(args: argparse.Namespace) -> int:
                 variants = [(row if w is None else f"{row} + reweight new ×{w:g}", call, w) for w in weights for row, call in variants]
                 for row, call, weight in variants:
                     for target in source["targets"]:
-                        case = colour_swap(pipe, inv, source["prompt"], target, edit_options, weight, **call)
+                        case = colour_swap(pipe, inv, source["prompt"], target, edit_options, weight, args.blend_threshold, **call)
                         swaps.setdefault(row, []).append(dict(case, prompt=source["prompt"], seed=source["seed"]))
         results[name] = dict(evaluations=statistics.mean(evals), seconds=statistics.mean(seconds), psnr=statistics.mean(quality),
                              psnr_worst=min(quality), psnr_each=quality, guidance=inv.guidance_scale)

@@ -23,7 +23,7 @@ def inversion_script(monkeypatch):
 
 def test_inversion_benchmark_unet_tables(inversion_script, tmp_path, capsys):
     assert inversion_script.main(["--images", "1", "--steps", "2", "--edits", "--only", "ddim", "--swap-seeds", "1",
-                                  "--out", str(tmp_path)]) == 0
+                                  "--blend-threshold", "0.5", "--out", str(tmp_path)]) == 0
     payload = json.loads((tmp_path / "inversion.json").read_text())
     assert "target_met" in payload and (tmp_path / "inversion.md").exists()
     # every kept source is swapped to three colours by the asked method only (not by the null-text baseline)
@@ -31,6 +31,7 @@ def test_inversion_benchmark_unet_tables(inversion_script, tmp_path, capsys):
     assert kept > 0 and set(payload["swaps"]) == {"ddim"} and len(payload["swaps"]["ddim"]) == 3 * kept
     assert "Colour swap from each inversion" in (tmp_path / "inversion.md").read_text()
     assert "colour and >= 35 dB" in (tmp_path / "inversion.md").read_text()
+    assert "LocalBlend([shape], threshold=0.5)" in (tmp_path / "inversion.md").read_text()
 
 
 def test_inversion_benchmark_flow_tables(inversion_script, tmp_path, capsys):
