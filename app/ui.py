@@ -132,7 +132,12 @@ def _edit_controls(prefix: str, *, source: bool) -> dict[str, Any]:
             "(comma-separated, source first); one entry per line.",
         )
         c["cross"] = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Cross-attention steps", elem_id=f"{prefix}-cross",
-                               info="fraction of the steps that follow the source's cross-attention")
+                               info="fraction of the steps that follow the source's cross-attention (Replace: of the "
+                               "swapped words)")
+        c["shared"] = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Shared words' cross-attention steps (Replace)",
+                                elem_id=f"{prefix}-shared",
+                                info="Replace: the words the prompts share keep the source's maps for this fraction of "
+                                "the steps (default 1: all); set it to the cross value for official Prompt-to-Prompt")
         c["self"] = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Self-attention steps", elem_id=f"{prefix}-self",
                               info="fraction of the steps that take the source's self-attention")
         c["cross_words"] = gr.Textbox(
@@ -160,7 +165,7 @@ def _sampling_controls(prefix: str, steps: int = 50) -> dict[str, Any]:
 
 
 def _edit_inputs(c: dict[str, Any]) -> list[Any]:
-    return [c["edited"], c["mode"], c["weights"], c["blend"], c["cross"], c["cross_words"], c["self"], c["context"]]
+    return [c["edited"], c["mode"], c["weights"], c["blend"], c["cross"], c["cross_words"], c["self"], c["context"], c["shared"]]
 
 
 INTRO = """# attnctrl
@@ -202,9 +207,9 @@ def build_app(
         return cache.get(model_text).describe()
 
     @guard
-    def edit(model_text, source, edited, mode, weights, blend, cross, cross_words, self_end, context, seed, steps_, guidance,
-             size, progress: gr.Progress = gr.Progress(track_tqdm=True)):
-        form = edit_form(source, edited, mode, weights, blend, cross, cross_words, self_end, context)
+    def edit(model_text, source, edited, mode, weights, blend, cross, cross_words, self_end, context, shared, seed, steps_,
+             guidance, size, progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        form = edit_form(source, edited, mode, weights, blend, cross, cross_words, self_end, context, shared)
         seed, steps_, guidance, size = _sampling(seed, steps_, guidance, size)
         progress(0, desc="Loading the model")
         loaded = cache.get(model_text)
@@ -242,11 +247,11 @@ def build_app(
         return inversion, actions.inversion_summary(inversion, loaded)
 
     @guard
-    def edit_real(model_text, inversion, edited, mode, weights, blend, cross, cross_words, self_end, context,
+    def edit_real(model_text, inversion, edited, mode, weights, blend, cross, cross_words, self_end, context, shared,
                   progress: gr.Progress = gr.Progress(track_tqdm=True)):
         if inversion is None:
             raise OptionError("Invert an image first: upload it, give its caption and press Invert")
-        form = edit_form(inversion.prompts[0], edited, mode, weights, blend, cross, cross_words, self_end, context)
+        form = edit_form(inversion.prompts[0], edited, mode, weights, blend, cross, cross_words, self_end, context, shared)
         progress(0, desc="Loading the model")
         loaded = cache.get(model_text)
         progress(0, desc="Editing")

@@ -167,7 +167,22 @@ class Replace(_EditBase):
             object's shape drifts from the source's. ``None`` (default): on for UNets; SD3/Flux
             (whose text streams pass through the transformer) do not support it and refuse ``True``.
             ``False``: official Prompt-to-Prompt (each prompt encoded on its own).
+        shared_steps: the cross-attention window of the tokens every edited prompt shares with the
+            source (the start token, the unchanged words, the end and padding tokens); ``cross_steps``
+            is then the window of the swapped words (and of any word it names). Default ``1.0``:
+            the shared words keep the source's maps at every step, the swapped words are released
+            after ``cross_steps`` (0.8) to take their own shape, as in the official per-word
+            examples (``{"default_": 1.0, "lion": 0.4}``). On the shapes UNet's broad colour-swap grid it
+            raised the held-out object IoU from 0.798 to 0.804 (README). ``None``: official
+            Prompt-to-Prompt (``cross_steps`` for every token).
     """
+
+    shared_steps: Window | None = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.shared_steps is not None:
+            object.__setattr__(self, "shared_steps", normalize_window(self.shared_steps, "shared_steps"))
 
 
 @dataclass(frozen=True)

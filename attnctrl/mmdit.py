@@ -235,7 +235,9 @@ def compile_joint_edit(
     equalizer = torch.ones(num_edits, total) if plans[0][1].equalizer is not None else None
     schedule = edit.schedule_source if isinstance(edit, Reweight) else edit
     windows = torch.empty(num_edits, total, 2)
-    windows[..., 0], windows[..., 1] = schedule.cross_steps["default"]  # for segments without words
+    # segments without words (zeros in every prompt) are shared tokens
+    shared = getattr(schedule, "shared_steps", None) if kind == "replace" else None
+    windows[..., 0], windows[..., 1] = shared if shared is not None else schedule.cross_steps["default"]
     for s in segments:
         if s.tokenizer is None:
             span = slice(s.offset, s.offset + s.length)

@@ -259,6 +259,11 @@ def compile_edit(edit: Replace | Refine | Reweight | KVInjection, tokenizer: Any
     windows = schedule.cross_steps
     cross = torch.empty(num_edits, length, 2)
     cross[..., 0], cross[..., 1] = windows["default"]
+    shared = getattr(schedule, "shared_steps", None) if kind == "replace" else None
+    if shared is not None:
+        for e, target in enumerate(edited):
+            unchanged = replacement_alignment(source, target)[1].bool()
+            cross[e, unchanged] = torch.tensor(shared, dtype=cross.dtype)
     for word, window in windows.items():
         if word == "default":
             continue

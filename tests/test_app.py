@@ -124,6 +124,10 @@ def test_edit_form_builds_the_cli_edits():
     with pytest.raises(InvalidScheduleError):
         options.edit_form(SOURCE, EDITED, "replace", "", "", 0.8, "tiger=1.5", 0.4)
     # the shared words' text encoding: default (None), source (True), own (False)
+    assert options.edit_form(SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4).edit.shared_steps == (0.0, 1.0)
+    assert options.edit_form(SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "default", 0.8).edit.shared_steps == (0.0, 0.8)
+    with pytest.raises(OptionError, match="only Replace"):
+        options.edit_form(SOURCE, "a big cat on the grass", "refine", "", "", 0.8, "", 0.4, "default", 0.5)
     assert options.edit_form(SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "own").edit.source_context is False
     assert options.edit_form(SOURCE, "a big cat on the grass", "refine", "", "", 0.8, "", 0.4, "source").edit.source_context is True
     assert options.edit_form(SOURCE, EDITED, "replace", "grass=2", "", 0.8, "", 0.4, "own").edit.base.source_context is False

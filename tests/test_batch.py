@@ -212,6 +212,23 @@ def test_killed_batch_resumes_with_every_output_complete_and_made_once(tmp_path)
         assert sorted(os.listdir(out / r["id"])) == ["image.png", "job.json"]  # no temporary files left
 
 
+def test_shared_window_is_hashed_for_replace_and_reaches_the_edit(tmp_path):
+    from attnctrl.cli.batch import _build
+
+    base = {"kind": "edit", "prompt": PROMPT, "to": EDITED}
+    jobs = load_jobs(write_jobs(tmp_path / "jobs.jsonl", {"id": "a", **base}, {"id": "b", **base, "shared": "off"},
+                                {"id": "c", **base, "shared": [0.1, 0.9]}, {"id": "d", **base, "mode": "refine"}))
+    a, b, c, d = jobs
+    assert a.params["shared"] == 1.0 and b.params["shared"] is None and c.params["shared"] == [0.1, 0.9]
+    assert len({a.hash, b.hash, c.hash}) == 3 and "shared" not in d.params
+    assert _build(a.params).shared_steps == (0.0, 1.0) and _build(b.params).shared_steps is None
+    assert _build(c.params).shared_steps == (0.1, 0.9) and not hasattr(_build(d.params), "shared_steps")
+    for bad, message in (({"mode": "refine", "shared": 0.5}, "replace edits only"), ({"shared": "all"}, "shared")):
+        path = write_jobs(tmp_path / "bad.jsonl", {"id": "x", **base, **bad})
+        with pytest.raises(BatchFileError, match=message):
+            load_jobs(path)
+
+
 def test_source_context_is_hashed_for_replace_and_reaches_the_edit(tmp_path):
     from attnctrl.cli.batch import _build
 

@@ -64,10 +64,22 @@ def test_edit_end_to_end(model_dir, tmp_path, capsys):
     base = run["edit"]["base"]
     assert base["type"] == "Replace" and base["cross_steps"] == {"default": [0.0, 0.8], "tiger": [0.0, 0.4]}
     assert base["self_steps"] == [0.1, 0.5] and base["blend"]["words"] == [["cat"], ["tiger"]]
+    assert base["shared_steps"] == [0.0, 1.0]  # Replace's default: shared words keep the source's maps to the end
     assert run["attention_words"] == [["cat", "grass"], ["tiger", "grass"]]
     assert set(run["versions"]) >= {"attnctrl", "diffusers", "torch"}
     assert set(run["timings_s"]) >= {"load", "generate", "total"}
     assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+
+
+def test_shared_option_reaches_the_replace(model_dir, tmp_path):
+    common = ["--prompt", SOURCE, "--to", EDITED, "--seed", "1", "--cross", "0.3"]
+    assert cli.main(edit_args(model_dir, tmp_path / "off", *common, "--shared", "off")) == 0
+    assert json.loads((tmp_path / "off" / "run.json").read_text())["edit"]["shared_steps"] is None
+    assert cli.main(edit_args(model_dir, tmp_path / "part", *common, "--shared", "0.2,0.9")) == 0
+    assert json.loads((tmp_path / "part" / "run.json").read_text())["edit"]["shared_steps"] == [0.2, 0.9]
+    assert cli.main(edit_args(model_dir, tmp_path / "default", *common)) == 0
+    with Image.open(tmp_path / "off" / "edit_1.png") as a, Image.open(tmp_path / "default" / "edit_1.png") as b:
+        assert a.tobytes() != b.tobytes()  # the shared words' window changes the edited image
 
 
 def test_edit_negative_prompt(model_dir, tmp_path, capsys):
@@ -114,6 +126,9 @@ BAD = [
     (["--prompt", SOURCE, "--to", EDITED, "--cross", "lion=0.3"], "lion"),
     (["--prompt", SOURCE, "--to", EDITED, "--blend", "cat,tiger,dog"], "3 comma-separated"),
     (["--prompt", SOURCE, "--weight", "cat=2", "--mode", "reweight", "--no-source-context"], "replace and refine"),
+    (["--prompt", "a cat on the grass", "--to", "a big cat on the grass", "--mode", "refine", "--shared", "0.5"],
+     "replace edits only"),
+    (["--prompt", SOURCE, "--to", EDITED, "--shared", "1.5"], "past 1"),
 ]
 
 

@@ -35,7 +35,8 @@ def probe(ctl, step, *, tokens, keys, is_cross, seed=0):
 
 @pytest.mark.parametrize("materialise", [False, True])
 def test_cross_replace_inside_and_outside_window(tokenizer, materialise):
-    ctl, plan = controller(tokenizer, Replace(cross_steps=0.5, source_context=False), materialise=materialise)
+    # shared_steps=None: official Prompt-to-Prompt, one window for every token
+    ctl, plan = controller(tokenizer, Replace(cross_steps=0.5, source_context=False, shared_steps=None), materialise=materialise)
     inside, outside = 2, 8  # window (0, 0.5): steps [0, int(0.5 * 11)) = [0, 5)
     out, plain = probe(ctl, inside, tokens=64, keys=16, is_cross=True)
     mapped = plain[2] @ plan.mapper[0].double()
@@ -53,6 +54,53 @@ def test_cross_per_word_window(tokenizer):
     others = [j for j in range(16) if j not in tiger]
     assert torch.allclose(out[3][..., others], mapped[..., others], atol=1e-12)
     assert torch.allclose(out[3][..., tiger], plain[3][..., tiger], atol=1e-12)
+
+
+@pytest.mark.parametrize("materialise", [False, True])
+def test_replace_keeps_the_shared_words_maps_after_the_swapped_words_window(tokenizer, materialise):
+    # default shared_steps=1.0: past cross_steps only the swapped word ("tiger") takes its own attention
+    ctl, plan = controller(tokenizer, Replace(cross_steps=0.5, source_context=False), materialise=materialise)
+    tiger = plan.prompts[1].positions_of("tiger")
+    others = [j for j in range(16) if j not in tiger]
+    for step, tiger_mapped in ((2, True), (8, False)):
+        out, plain = probe(ctl, step, tokens=64, keys=16, is_cross=True)
+        mapped = plain[2] @ plan.mapper[0].double()
+        assert torch.allclose(out[3][..., others], mapped[..., others], atol=1e-12)
+        assert torch.allclose(out[3][..., tiger], (mapped if tiger_mapped else plain[3])[..., tiger], atol=1e-12)
+        assert torch.allclose(out[:3], plain[:3], atol=1e-12)
+
+
+def test_shared_steps_windows_per_token(tokenizer):
+    def windows(edit, prompts=(SRC, EDT)):
+        return compile_edit(edit, tokenizer, list(prompts)).cross_windows[0]
+
+    tiger = compile_edit(Replace(), tokenizer, [SRC, EDT]).prompts[1].positions_of("tiger")
+    w = windows(Replace())
+    assert w[tiger].tolist() == [[0.0, pytest.approx(0.8)]] * len(tiger)
+    shared = [j for j in range(w.shape[0]) if j not in tiger]  # start, unchanged words, end and padding
+    assert (w[shared] == torch.tensor([0.0, 1.0])).all()
+    assert torch.allclose(windows(Replace(shared_steps=None)), torch.tensor([0.0, 0.8]).expand_as(w))
+    assert (windows(Replace(shared_steps=(0.1, 0.9)))[shared] == torch.tensor([0.1, 0.9])).all()
+    # a word named in cross_steps takes its own window, shared or not
+    grass = compile_edit(Replace(), tokenizer, [SRC, EDT]).prompts[1].positions_of("grass")
+    named = windows(Replace(cross_steps={"default": 0.6, "grass": 0.3}))
+    assert torch.allclose(named[grass], torch.tensor([0.0, 0.3]).expand(len(grass), 2))
+    assert torch.allclose(named[tiger], torch.tensor([0.0, 0.6]).expand(len(tiger), 2))
+    # a Reweight follows its base's windows; Refine and a Reweight without base have one window
+    assert torch.equal(windows(Reweight({"tiger": 2.0}, base=Replace())), w)
+    refine = windows(Refine(), ("a cat on the grass", "a big cat on the grass"))
+    assert torch.allclose(refine, torch.tensor([0.0, 0.8]).expand_as(refine))
+    alone = windows(Reweight({"cat": 2.0}), (SRC, SRC))
+    assert torch.allclose(alone, torch.tensor([0.0, 0.8]).expand_as(alone))
+
+
+def test_shared_steps_is_validated():
+    from attnctrl.errors import InvalidScheduleError
+
+    for bad in (1.5, (0.6, 0.2), "all"):
+        with pytest.raises(InvalidScheduleError):
+            Replace(shared_steps=bad)
+    assert Replace(shared_steps=0.9).shared_steps == (0.0, 0.9)
 
 
 def test_refine_and_reweight_maps(tokenizer):
@@ -179,7 +227,7 @@ def test_source_context_reads_the_source_text_encoding_at_shared_tokens(tokenize
     from attnctrl.p2p import RowLayout, with_source_context
 
     src, edt = "a cat, on grass", "a hippopotamus, on grass"
-    plan = compile_edit(Replace(), tokenizer, [src, "a dog, on grass", edt])
+    plan = compile_edit(Replace(shared_steps=None), tokenizer, [src, "a dog, on grass", edt])
     assert plan.context is not None and compile_edit(Replace(source_context=False), tokenizer, [src, edt]).context is None
     assert compile_edit(Refine(), tokenizer, [src, edt]).context is None  # off by default for Refine
     index, keep = plan.context

@@ -22,7 +22,8 @@ One job per line (blank lines and lines starting with ``#`` are ignored). Every 
   (``replace``/``refine``), ``weights`` (``{"WORD": X}`` or ``{"WORD": [X1, X2]}``), ``blend`` (a list
   of words as ``--blend``: ``"cat"`` or ``"cat,tiger"``, or one list of words per prompt), ``cross``
   (a fraction, a ``[start, end]`` pair, or ``{"default": ..., "WORD": ...}``), ``self``,
-  ``source_context`` (true/false as ``--source-context``; unset: the default), ``seed``,
+  ``source_context`` (true/false as ``--source-context``; unset: the default), ``shared`` (replace:
+  the shared words' window as ``--shared``, a fraction, a pair or ``"off"``; unset: 1.0), ``seed``,
   ``scheduler``, ``efficient``;
 - ``invert-and-edit``: ``image`` (relative to the jobs file's folder), ``method`` (default
   ``null-text``; SD3/Flux models: ``fireflow``, or ``rf-euler``, ``rf-solver``, ``rf-bdia``, ``rf-inversion``) and the edit fields except ``seed`` and ``scheduler``;
@@ -82,7 +83,7 @@ __all__ = ["Job", "BatchFileError", "load_jobs", "run_batch", "KINDS"]
 
 KINDS = ("generate", "edit", "invert-and-edit", "consistent", "flow-edit")
 _COMMON = {"id", "kind", "model", "steps", "guidance", "size"}
-_EDIT = {"prompt", "to", "mode", "weights", "blend", "cross", "self", "source_context"}
+_EDIT = {"prompt", "to", "mode", "weights", "blend", "cross", "self", "source_context", "shared"}
 FIELDS: dict[str, set[str]] = {
     "generate": _COMMON | {"prompt", "seed", "scheduler", "efficient"},
     "edit": _COMMON | _EDIT | {"seed", "scheduler", "efficient"},
@@ -263,12 +264,18 @@ def _edit_params(L: _Line, raw: dict[str, Any], out: dict[str, Any]) -> None:
     source_context = raw.get("source_context")
     if source_context is not None and not isinstance(source_context, bool):
         raise L.error("source_context", f"expected true, false or null, got {json.dumps(source_context)}")
+    shared_raw = raw.get("shared")
+    shared: Any = "default" if shared_raw is None else None if shared_raw == "off" else _window(L, "shared", shared_raw)
     try:  # the library's own checks (weight range, window order, ...) before any job runs
         build_edit(mode, cross=_windows_as_tuples(cross), self_steps=_windows_as_tuples(self_steps),
-                   weights=_windows_as_tuples(weights), blend=blend, label="mode", source_context=source_context)
+                   weights=_windows_as_tuples(weights), blend=blend, label="mode", source_context=source_context,
+                   shared_steps=_windows_as_tuples(shared))
     except AttnctrlError as err:
         raise L.error(None, str(err)) from None
     out.update(prompt=prompt, to=list(to), mode=mode, weights=weights, blend=blend, cross=cross, self=self_steps)
+    # Replace's output changed when shared_steps=1.0 became its default: hashed for every replace job
+    if mode == "replace":
+        out["shared"] = 1.0 if shared == "default" else shared
     # Replace's output changed when source_context became its default: the key is always hashed for
     # replace, so jobs finished by an older version run again; elsewhere only when given
     if mode == "replace" or source_context is not None:
@@ -510,8 +517,9 @@ def _build(p: dict[str, Any]) -> Any:
         cross = {k: tuple(v) if isinstance(v, list) else v for k, v in cross.items()}
     self_steps = tuple(p["self"]) if isinstance(p["self"], list) else p["self"]
     weights = {k: tuple(v) if isinstance(v, list) else v for k, v in p["weights"].items()}
+    shared = p.get("shared", "default")
     return build_edit(p["mode"], cross=cross, self_steps=self_steps, weights=weights, blend=p["blend"],
-                      source_context=p.get("source_context"))
+                      source_context=p.get("source_context"), shared_steps=_windows_as_tuples(shared))
 
 
 def _size_kwargs(p: dict[str, Any]) -> dict[str, Any]:

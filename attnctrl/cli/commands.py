@@ -38,6 +38,7 @@ from .options import (
     figure_words,
     parse_blend,
     parse_cross,
+    parse_shared,
     parse_efficient,
     parse_file_size,
     parse_size,
@@ -215,7 +216,7 @@ def cmd_edit(args: argparse.Namespace) -> int:
     blend = parse_blend(args.blend, len(prompts))
     kv = parse_kv(args.kv, args.kv_steps, args.kv_layers, args.kv_mask, args.kv_share)
     edit = build_edit(args.mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend, kv=kv,
-                      source_context=args.source_context)
+                      source_context=args.source_context, shared_steps=parse_shared(args.shared))
     policy = parse_efficient(args.efficient)
     if policy is not None and args.materialise:
         raise OptionError("--materialise runs explicit attention maps and cannot be combined with --efficient")
@@ -676,6 +677,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cross", action="append", metavar="FRAC|A,B|WORD=FRAC",
                    help="cross-attention window as a fraction of the steps (default 0.8); WORD=FRAC sets one word's window")
     e.add_argument("--self", dest="self_steps", metavar="FRAC|A,B", help="self-attention window (default 0.4)")
+    e.add_argument("--shared", metavar="FRAC|A,B|off", default=None,
+                   help="replace: cross-attention window of the words the prompts share (default 1: every step; "
+                        "--cross is then the swapped words' window); off = --cross for every token (official P2P)")
     e.add_argument("--source-context", action=argparse.BooleanOptionalAction, default=None,
                    help="replace/refine: edited prompts use the source's text encoding at the tokens they share "
                         "with it (default: on for replace on UNets, off for refine; SD3/Flux: off, refused)")

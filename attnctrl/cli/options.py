@@ -41,6 +41,7 @@ __all__ = [
     "parse_lines",
     "parse_window",
     "parse_cross",
+    "parse_shared",
     "parse_weights",
     "parse_blend",
     "parse_size",
@@ -138,6 +139,15 @@ def parse_cross(
     out: dict[str, Any] = {"default": default if given_default is None else given_default}
     out.update(words)
     return out
+
+
+def parse_shared(text: str | None, *, label: str = "--shared") -> Any:
+    """``--shared FRAC|A,B|off`` -> Replace's ``shared_steps`` (``"default"`` when not given, None for off)."""
+    if text is None:
+        return "default"
+    if str(text).strip().lower() in ("off", "none"):
+        return None
+    return parse_window(text, label)
 
 
 def parse_weights(entries: Sequence[str] | None, *, label: str = "--weight") -> dict[str, float | tuple[float, ...]]:
@@ -292,12 +302,14 @@ def build_edit(
     kv: Mapping[str, Any] | None = None,
     label: str = "--mode",
     source_context: bool | None = None,
+    shared_steps: Any = "default",
 ) -> Any:
     """The attnctrl edit of the options: Replace/Refine (with LocalBlend), chained into Reweight when
     weights are given; or a plain Reweight (``mode="reweight"``, which needs weights); wrapped in a
     KVInjection when ``kv`` (its ``steps``/``layers`` keyword arguments) is given; ``mode="kv"`` is
     K/V injection alone (no word edit: the prompts need no word alignment). ``source_context``: the
-    Replace/Refine option (None: the model family's default)."""
+    Replace/Refine option (None: the model family's default). ``shared_steps``: Replace's window of the
+    shared words (a window, or None for every token on ``cross``); ``"default"`` leaves Replace's own."""
     from .. import KVInjection, LocalBlend, Refine, Replace, Reweight
 
     if mode not in MODES:
@@ -310,13 +322,18 @@ def build_edit(
     local = LocalBlend(blend) if blend else None
     if source_context is not None and mode not in ("replace", "refine"):
         raise OptionError(f"{label} {mode}: the source context option applies to replace and refine edits")
+    if shared_steps != "default" and mode != "replace":
+        raise OptionError(f"{label} {mode}: the shared words' window applies to replace edits only "
+                          "(refine's aligned words follow the cross window)")
+    shared = {} if shared_steps == "default" else {"shared_steps": shared_steps}
     if mode == "reweight":
         if not weights:
             raise OptionError(f"{label} reweight: give at least one weight, e.g. red=2.0")
         edit: Any = Reweight(dict(weights), cross_steps=cross, self_steps=self_steps, blend=local)
     else:
-        base = (Replace if mode == "replace" else Refine)(cross_steps=cross, self_steps=self_steps, blend=local,
-                                                          source_context=source_context)
+        base = (Replace(cross_steps=cross, self_steps=self_steps, blend=local, source_context=source_context, **shared)
+                if mode == "replace" else
+                Refine(cross_steps=cross, self_steps=self_steps, blend=local, source_context=source_context))
         edit = Reweight(dict(weights), base=base) if weights else base
     return KVInjection(**dict(kv), base=edit) if kv is not None else edit
 
