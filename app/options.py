@@ -154,7 +154,7 @@ def edit_form(
     cross_words: str,
     self_end: Any,
     context: str = "default",
-    shared: Any = 1.0,
+    shared: str = "",
 ) -> EditForm:
     """The Edit / Real image tabs' shared controls -> prompts and edit (as ``attnctrl edit`` builds them)."""
     source = (source or "").strip()
@@ -177,12 +177,9 @@ def edit_form(
     blend_words = parse_blend(blend, len(prompts))
     if context not in CONTEXT_CHOICES:
         raise OptionError(f"Shared words' text encoding: {context!r} is not one of {', '.join(CONTEXT_CHOICES)}")
-    shared_end = _plain_number(shared, "Shared words' cross-attention steps")
-    if mode != "replace" and shared_end != 1.0:
-        raise OptionError(f"Shared words' cross-attention steps: only Replace has a separate window for the shared words; "
-                          f"set it back to 1 for {mode} (its cross window covers every word)")
+    shared_steps = grammar.parse_shared(shared, label="Shared words' cross-attention steps")
     edit = build_edit(mode, cross=cross_steps, self_steps=self_steps, weights=parsed_weights, blend=blend_words,
-                      source_context=CONTEXT_CHOICES[context], shared_steps=shared_end if mode == "replace" else "default")
+                      source_context=CONTEXT_CHOICES[context], shared_steps=shared_steps)
     return EditForm(prompts=prompts, edit=edit, mode=mode, weights=parsed_weights, blend=blend_words)
 
 

@@ -134,10 +134,13 @@ def _edit_controls(prefix: str, *, source: bool) -> dict[str, Any]:
         c["cross"] = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Cross-attention steps", elem_id=f"{prefix}-cross",
                                info="fraction of the steps that follow the source's cross-attention (Replace: of the "
                                "swapped words)")
-        c["shared"] = gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="Shared words' cross-attention steps (Replace)",
-                                elem_id=f"{prefix}-shared",
-                                info="Replace: the words the prompts share keep the source's maps for this fraction of "
-                                "the steps (default 1: all); set it to the cross value for official Prompt-to-Prompt")
+        c["shared"] = gr.Textbox(
+            label="Shared words' cross-attention steps (Replace)", lines=1, placeholder="blank: default   or   0.8   or   off",
+            elem_id=f"{prefix}-shared",
+            info="Replace: the fraction of the steps the words the prompts share keep the source's maps (blank: all "
+            "steps with the source's text encoding on SD/SDXL, else the cross value); off: the cross value "
+            "(official Prompt-to-Prompt)",
+        )
         c["self"] = gr.Slider(0.0, 1.0, value=0.4, step=0.05, label="Self-attention steps", elem_id=f"{prefix}-self",
                               info="fraction of the steps that take the source's self-attention")
         c["cross_words"] = gr.Textbox(

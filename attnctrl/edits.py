@@ -169,20 +169,29 @@ class Replace(_EditBase):
             ``False``: official Prompt-to-Prompt (each prompt encoded on its own).
         shared_steps: the cross-attention window of the tokens every edited prompt shares with the
             source (the start token, the unchanged words, the end and padding tokens); ``cross_steps``
-            is then the window of the swapped words (and of any word it names). Default ``1.0``:
-            the shared words keep the source's maps at every step, the swapped words are released
-            after ``cross_steps`` (0.8) to take their own shape, as in the official per-word
-            examples (``{"default_": 1.0, "lion": 0.4}``). On the shapes UNet's broad colour-swap grid it
-            raised the held-out object IoU from 0.798 to 0.804 (README). ``None``: official
-            Prompt-to-Prompt (``cross_steps`` for every token).
+            is then the window of the swapped words (and of any word it names). ``None`` (default):
+            ``1.0`` where the shared tokens carry the source's text encoding (``source_context`` in
+            effect: Replace's default on UNets), so they keep the source's maps AND values at every
+            step and only the swapped words are released after ``cross_steps``, as in the official
+            per-word examples (``{"default_": 1.0, "lion": 0.4}``); elsewhere (SD3/Flux, or
+            ``source_context=False``) ``cross_steps`` for every token, official Prompt-to-Prompt. On
+            the shapes UNet's broad colour-swap grid the hold raised the held-out object IoU from
+            0.798 to 0.804; on the flow model (no source context) it lowered it (README).
     """
 
-    shared_steps: Window | None = 1.0
+    shared_steps: Window | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.shared_steps is not None:
             object.__setattr__(self, "shared_steps", normalize_window(self.shared_steps, "shared_steps"))
+
+    def shared_window(self, source_context: bool) -> tuple[float, float] | None:
+        """The shared tokens' window (None: ``cross_steps`` applies to them), given whether they
+        read the source's text encoding."""
+        if self.shared_steps is not None:
+            return self.shared_steps
+        return (0.0, 1.0) if source_context else None
 
 
 @dataclass(frozen=True)

@@ -226,7 +226,8 @@ def compile_joint_edit(
     total = _check_segments(segments)
     _check_mmdit_edit(edit)
     tokens = compile_joint_prompts(segments, prompts)
-    plans = [(s, compile_edit(edit, _FixedLength(s.tokenizer, s.length), prompts)) for s in segments if s.tokenizer is not None]
+    plans = [(s, compile_edit(edit, _FixedLength(s.tokenizer, s.length), prompts, source_context=False))
+             for s in segments if s.tokenizer is not None]
     kind = plans[0][1].kind
     num_edits = len(prompts) - 1
     mapper = torch.zeros(num_edits, total, total)
@@ -236,7 +237,8 @@ def compile_joint_edit(
     schedule = edit.schedule_source if isinstance(edit, Reweight) else edit
     windows = torch.empty(num_edits, total, 2)
     # segments without words (zeros in every prompt) are shared tokens
-    shared = getattr(schedule, "shared_steps", None) if kind == "replace" else None
+    base = edit.base if isinstance(edit, Reweight) else edit
+    shared = base.shared_window(False) if kind == "replace" else None
     windows[..., 0], windows[..., 1] = shared if shared is not None else schedule.cross_steps["default"]
     for s in segments:
         if s.tokenizer is None:

@@ -208,8 +208,13 @@ def _edited_positions(word: str, edited: Sequence[PromptTokens], what: str) -> l
     return found
 
 
-def compile_edit(edit: Replace | Refine | Reweight | KVInjection, tokenizer: Any, prompts: Sequence[str]) -> EditPlan:
+def compile_edit(
+    edit: Replace | Refine | Reweight | KVInjection, tokenizer: Any, prompts: Sequence[str], *, source_context: bool = True
+) -> EditPlan:
     """Validate an edit against its prompts and build its tensors.
+
+    ``source_context=False``: the model cannot give the edited prompts the source's text encoding
+    (SD3/Flux: the text streams pass through the transformer), so the edit's option resolves to off.
 
     Raises specific :mod:`attnctrl.errors` exceptions for fewer than two prompts, word-count
     mismatches under Replace, words missing from their prompt and bad weights.
@@ -259,7 +264,8 @@ def compile_edit(edit: Replace | Refine | Reweight | KVInjection, tokenizer: Any
     windows = schedule.cross_steps
     cross = torch.empty(num_edits, length, 2)
     cross[..., 0], cross[..., 1] = windows["default"]
-    shared = getattr(schedule, "shared_steps", None) if kind == "replace" else None
+    uses_context = source_context and base is not None and base.uses_source_context(default=kind == "replace")
+    shared = base.shared_window(uses_context) if kind == "replace" else None
     if shared is not None:
         for e, target in enumerate(edited):
             unchanged = replacement_alignment(source, target)[1].bool()
@@ -272,7 +278,7 @@ def compile_edit(edit: Replace | Refine | Reweight | KVInjection, tokenizer: Any
 
     blend = _compile_blend(schedule.blend, tokens) if schedule.blend is not None else None
     context = None
-    if base is not None and base.uses_source_context(default=kind == "replace"):
+    if uses_context:
         if kind == "replace":
             pairs = [replacement_alignment(source, t) for t in edited]
         else:

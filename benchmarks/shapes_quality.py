@@ -164,21 +164,22 @@ def parse_edit_setting(text: str) -> dict:
     threshold; ``qk``: the ImageQK structure window on an MM-DiT (``structure=ImageQK(steps=qk)``);
     ``kv``: K/V injection over the first ``kv`` of the steps with the Replace as its base, ``kvl`` its
     layers (a fraction: from that share of the layers on; default all), ``kvv=1`` values only;
-    ``ctx``: Replace's ``source_context`` (1 on, 0 off: each prompt encoded on its own)."""
+    ``ctx``: Replace's ``source_context`` (1 on, 0 off: each prompt encoded on its own); ``shared``:
+    Replace's ``shared_steps`` (``off``: official, ``cross`` for every token)."""
     out: dict = {}
     for part in text.split(","):
         if not part.strip():
             continue
         key, _, value = part.partition("=")
         key = key.strip()
-        if key not in ("cross", "self", "thr", "qk", "kv", "kvl", "kvv", "ctx"):
-            raise SystemExit(f"unknown edit setting {key!r} in {text!r}; use cross, self, thr, qk, kv, kvl, kvv, ctx")
-        out[key] = float(value)
+        if key not in ("cross", "self", "thr", "qk", "kv", "kvl", "kvv", "ctx", "shared"):
+            raise SystemExit(f"unknown edit setting {key!r} in {text!r}; use cross, self, thr, qk, kv, kvl, kvv, ctx, shared")
+        out[key] = None if key == "shared" and value.strip() == "off" else float(value)
     return out
 
 
 def describe_setting(setting: dict) -> str:
-    return ", ".join(f"{k}={v:g}" for k, v in setting.items()) or "library defaults"
+    return ", ".join(f"{k}={'off' if v is None else format(v, 'g')}" for k, v in setting.items()) or "library defaults"
 
 
 def grid_run(pipe, seeds, setting: dict, *, steps: int, guidance: float, blend: bool, shapes=None, colours=None,
@@ -194,6 +195,8 @@ def grid_run(pipe, seeds, setting: dict, *, steps: int, guidance: float, blend: 
         replace_kwargs["self_steps"] = setting["self"]
     if "ctx" in setting:
         replace_kwargs["source_context"] = bool(setting["ctx"])
+    if "shared" in setting:
+        replace_kwargs["shared_steps"] = setting["shared"]
     call_kwargs = {"structure": attnctrl.ImageQK(steps=setting["qk"])} if "qk" in setting else None
 
     if ("kvl" in setting or "kvv" in setting) and "kv" not in setting:
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuning-seeds", default="100,101", help="--broad: seeds on which --edit-settings are compared")
     parser.add_argument("--edit-settings", default="",
                         help="--broad: ';'-separated candidates such as 'cross=0.8,self=0.4;cross=1.0,self=0.6' "
-                             "(keys cross, self, thr, qk, kv, kvl, kvv, ctx); with several, the best on --tuning-seeds is reported")
+                             "(keys cross, self, thr, qk, kv, kvl, kvv, ctx, shared); with several, the best on --tuning-seeds is reported")
     parser.add_argument("--no-blend", action="store_true", help="--broad: skip the Replace + LocalBlend run")
     parser.add_argument("--no-defaults", action="store_true",
                         help="--broad: with --edit-settings, skip the run with the library defaults")
@@ -423,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| Replace + LocalBlend | {blend.new_colour:.2f} | {blend.mask_iou:.2f} ({blend.palette_mask_iou:.2f}) | {psnr_cell} |",
         "",
         "targets: Replace new colour >= 0.80 and IoU >= 0.80; LocalBlend background PSNR >= 35 dB. Replace",
-        "defaults to cross_steps=0.8, self_steps=0.4. Masks are",
+        "defaults to cross_steps=0.8 (the swapped word), shared_steps=1.0 (the shared words), self_steps=0.4. Masks are",
         "outlined at half contrast between object and background colour (object_extent); in brackets",
         f"analyze()'s palette-distance masks. ({elapsed:.0f} s)",
     ]

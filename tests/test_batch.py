@@ -219,9 +219,9 @@ def test_shared_window_is_hashed_for_replace_and_reaches_the_edit(tmp_path):
     jobs = load_jobs(write_jobs(tmp_path / "jobs.jsonl", {"id": "a", **base}, {"id": "b", **base, "shared": "off"},
                                 {"id": "c", **base, "shared": [0.1, 0.9]}, {"id": "d", **base, "mode": "refine"}))
     a, b, c, d = jobs
-    assert a.params["shared"] == 1.0 and b.params["shared"] is None and c.params["shared"] == [0.1, 0.9]
+    assert a.params["shared"] == "default" and b.params["shared"] == "off" and c.params["shared"] == [0.1, 0.9]
     assert len({a.hash, b.hash, c.hash}) == 3 and "shared" not in d.params
-    assert _build(a.params).shared_steps == (0.0, 1.0) and _build(b.params).shared_steps is None
+    assert _build(a.params).shared_steps is None and _build(b.params).shared_steps == (0.0, 0.8)  # off: the cross window
     assert _build(c.params).shared_steps == (0.1, 0.9) and not hasattr(_build(d.params), "shared_steps")
     for bad, message in (({"mode": "refine", "shared": 0.5}, "replace edits only"), ({"shared": "all"}, "shared")):
         path = write_jobs(tmp_path / "bad.jsonl", {"id": "x", **base, **bad})

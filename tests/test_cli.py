@@ -64,7 +64,7 @@ def test_edit_end_to_end(model_dir, tmp_path, capsys):
     base = run["edit"]["base"]
     assert base["type"] == "Replace" and base["cross_steps"] == {"default": [0.0, 0.8], "tiger": [0.0, 0.4]}
     assert base["self_steps"] == [0.1, 0.5] and base["blend"]["words"] == [["cat"], ["tiger"]]
-    assert base["shared_steps"] == [0.0, 1.0]  # Replace's default: shared words keep the source's maps to the end
+    assert base["shared_steps"] is None  # Replace's default (to the end with source context, on this UNet)
     assert run["attention_words"] == [["cat", "grass"], ["tiger", "grass"]]
     assert set(run["versions"]) >= {"attnctrl", "diffusers", "torch"}
     assert set(run["timings_s"]) >= {"load", "generate", "total"}
@@ -74,7 +74,7 @@ def test_edit_end_to_end(model_dir, tmp_path, capsys):
 def test_shared_option_reaches_the_replace(model_dir, tmp_path):
     common = ["--prompt", SOURCE, "--to", EDITED, "--seed", "1", "--cross", "0.3"]
     assert cli.main(edit_args(model_dir, tmp_path / "off", *common, "--shared", "off")) == 0
-    assert json.loads((tmp_path / "off" / "run.json").read_text())["edit"]["shared_steps"] is None
+    assert json.loads((tmp_path / "off" / "run.json").read_text())["edit"]["shared_steps"] == [0.0, 0.3]  # = --cross
     assert cli.main(edit_args(model_dir, tmp_path / "part", *common, "--shared", "0.2,0.9")) == 0
     assert json.loads((tmp_path / "part" / "run.json").read_text())["edit"]["shared_steps"] == [0.2, 0.9]
     assert cli.main(edit_args(model_dir, tmp_path / "default", *common)) == 0

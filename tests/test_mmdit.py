@@ -102,16 +102,17 @@ def test_t5_word_positions_have_no_start_token(tokenizer, t5_tokenizer):
     segments = (TextSegment("clip", tokenizer, 0, 16), TextSegment("t5", t5_tokenizer, 16, 12))
     (joint,) = compile_joint_prompts(segments, ["a photo of a tiger"])
     assert joint.length == 28 and joint.positions_of("tiger") == [5, 6, 20, 21]
-    # Replace's windows over the joint sequence: the swapped word's in every encoder, the shared tokens'
-    # (and a segment without a tokenizer) to the end
+    # Replace's windows over the joint sequence: by default one window (no source context on an
+    # MM-DiT); an explicit shared_steps holds the shared tokens (and a segment without a tokenizer)
     prompts = ["a photo of a cat", "a photo of a tiger"]
-    windows = compile_joint_edit(Replace(), (*segments, TextSegment("pooled", None, 28, 4)), prompts).cross_windows[0]
+    with_pooled = (*segments, TextSegment("pooled", None, 28, 4))
+    default = compile_joint_edit(Replace(), with_pooled, prompts)
+    assert torch.allclose(default.cross_windows[0], torch.tensor([0.0, 0.8]).expand(32, 2))
+    windows = compile_joint_edit(Replace(shared_steps=1.0), with_pooled, prompts).cross_windows[0]
     tiger = compile_joint_prompts(segments, prompts)[1].positions_of("tiger")
     shared = [j for j in range(32) if j not in tiger]
     assert torch.allclose(windows[tiger], torch.tensor([0.0, 0.8]).expand(len(tiger), 2))
     assert (windows[shared] == torch.tensor([0.0, 1.0])).all()
-    official = compile_joint_edit(Replace(shared_steps=None), (*segments, TextSegment("pooled", None, 28, 4)), prompts)
-    assert torch.allclose(official.cross_windows[0], torch.tensor([0.0, 0.8]).expand(32, 2))
 
 
 # ---- the processor is the stock math ----------------------------------------------------------------
@@ -148,7 +149,7 @@ def test_identity_edits(pipe, edit):
 
 
 def test_empty_windows_leave_each_prompt_unedited(pipe):
-    out = run(pipe, edit=Replace(cross_steps=0.0, shared_steps=None), structure=OFF, attention_store=False).images
+    out = run(pipe, edit=Replace(cross_steps=0.0), structure=OFF, attention_store=False).images
     assert torch.equal(out, call(stock(pipe)))
 
 
@@ -184,7 +185,7 @@ def test_fused_equals_materialised_fp64(pipe, name):
         kwargs = dict(num_images_per_prompt=images)
         fused = run(pipe, prompts, edit=edit, **kwargs).images
         ref = run(pipe, prompts, edit=edit, materialise=True, **kwargs).images
-        plain = run(pipe, prompts, edit=Replace(cross_steps=0.0, shared_steps=None) if "refine" not in name else Refine(cross_steps=0.0),
+        plain = run(pipe, prompts, edit=Replace(cross_steps=0.0) if "refine" not in name else Refine(cross_steps=0.0),
                     structure=OFF, **kwargs).images
     finally:
         pipe.to(torch.float32)

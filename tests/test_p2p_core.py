@@ -35,8 +35,7 @@ def probe(ctl, step, *, tokens, keys, is_cross, seed=0):
 
 @pytest.mark.parametrize("materialise", [False, True])
 def test_cross_replace_inside_and_outside_window(tokenizer, materialise):
-    # shared_steps=None: official Prompt-to-Prompt, one window for every token
-    ctl, plan = controller(tokenizer, Replace(cross_steps=0.5, source_context=False, shared_steps=None), materialise=materialise)
+    ctl, plan = controller(tokenizer, Replace(cross_steps=0.5, source_context=False), materialise=materialise)
     inside, outside = 2, 8  # window (0, 0.5): steps [0, int(0.5 * 11)) = [0, 5)
     out, plain = probe(ctl, inside, tokens=64, keys=16, is_cross=True)
     mapped = plain[2] @ plan.mapper[0].double()
@@ -58,8 +57,8 @@ def test_cross_per_word_window(tokenizer):
 
 @pytest.mark.parametrize("materialise", [False, True])
 def test_replace_keeps_the_shared_words_maps_after_the_swapped_words_window(tokenizer, materialise):
-    # default shared_steps=1.0: past cross_steps only the swapped word ("tiger") takes its own attention
-    ctl, plan = controller(tokenizer, Replace(cross_steps=0.5, source_context=False), materialise=materialise)
+    # shared_steps=1.0: past cross_steps only the swapped word ("tiger") takes its own attention
+    ctl, plan = controller(tokenizer, Replace(cross_steps=0.5, source_context=False, shared_steps=1.0), materialise=materialise)
     tiger = plan.prompts[1].positions_of("tiger")
     others = [j for j in range(16) if j not in tiger]
     for step, tiger_mapped in ((2, True), (8, False)):
@@ -79,7 +78,12 @@ def test_shared_steps_windows_per_token(tokenizer):
     assert w[tiger].tolist() == [[0.0, pytest.approx(0.8)]] * len(tiger)
     shared = [j for j in range(w.shape[0]) if j not in tiger]  # start, unchanged words, end and padding
     assert (w[shared] == torch.tensor([0.0, 1.0])).all()
-    assert torch.allclose(windows(Replace(shared_steps=None)), torch.tensor([0.0, 0.8]).expand_as(w))
+    # the default holds the shared words only where they read the source's encoding: not with
+    # source_context=False, nor on a model without source context (SD3/Flux)
+    assert torch.allclose(windows(Replace(source_context=False)), torch.tensor([0.0, 0.8]).expand_as(w))
+    no_context = compile_edit(Replace(), tokenizer, [SRC, EDT], source_context=False)
+    assert torch.allclose(no_context.cross_windows[0], torch.tensor([0.0, 0.8]).expand_as(w)) and no_context.context is None
+    assert (windows(Replace(source_context=False, shared_steps=1.0))[shared] == torch.tensor([0.0, 1.0])).all()
     assert (windows(Replace(shared_steps=(0.1, 0.9)))[shared] == torch.tensor([0.1, 0.9])).all()
     # a word named in cross_steps takes its own window, shared or not
     grass = compile_edit(Replace(), tokenizer, [SRC, EDT]).prompts[1].positions_of("grass")
@@ -227,7 +231,7 @@ def test_source_context_reads_the_source_text_encoding_at_shared_tokens(tokenize
     from attnctrl.p2p import RowLayout, with_source_context
 
     src, edt = "a cat, on grass", "a hippopotamus, on grass"
-    plan = compile_edit(Replace(shared_steps=None), tokenizer, [src, "a dog, on grass", edt])
+    plan = compile_edit(Replace(shared_steps=0.8), tokenizer, [src, "a dog, on grass", edt])
     assert plan.context is not None and compile_edit(Replace(source_context=False), tokenizer, [src, edt]).context is None
     assert compile_edit(Refine(), tokenizer, [src, edt]).context is None  # off by default for Refine
     index, keep = plan.context

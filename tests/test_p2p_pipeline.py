@@ -84,10 +84,10 @@ def test_source_row_is_plain_generation_of_source(sd_pipe, stock_pipe):
 
 
 def test_empty_windows_leave_edited_rows_untouched(sd_pipe):
-    edit = Replace(cross_steps=0.0, self_steps=0.0, source_context=False, shared_steps=None)
+    edit = Replace(cross_steps=0.0, self_steps=0.0, source_context=False)
     assert torch.equal(run(sd_pipe, edit=edit).images, run(sd_pipe).images)
     # the default source_context still gives the edited row the source's encoding of shared tokens
-    shared = run(sd_pipe, edit=Replace(cross_steps=0.0, self_steps=0.0, shared_steps=None)).images
+    shared = run(sd_pipe, edit=Replace(cross_steps=0.0, self_steps=0.0, shared_steps=0.0)).images
     plain = run(sd_pipe).images
     assert torch.equal(shared[0], plain[0]) and not torch.allclose(shared[1], plain[1], atol=1e-3)
 
@@ -162,7 +162,7 @@ def test_attention_maps_any_size(sd_pipe):
 
 
 def test_images_per_prompt_share_noise_per_image(sd_pipe):
-    out = run(sd_pipe, edit=Replace(cross_steps=0.0, self_steps=0.0, source_context=False, shared_steps=None), num_images_per_prompt=2).images
+    out = run(sd_pipe, edit=Replace(cross_steps=0.0, self_steps=0.0, source_context=False), num_images_per_prompt=2).images
     assert out.shape[0] == 4
     plain = run(sd_pipe, num_images_per_prompt=2).images
     assert torch.equal(out, plain)

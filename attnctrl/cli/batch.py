@@ -23,7 +23,7 @@ One job per line (blank lines and lines starting with ``#`` are ignored). Every 
   of words as ``--blend``: ``"cat"`` or ``"cat,tiger"``, or one list of words per prompt), ``cross``
   (a fraction, a ``[start, end]`` pair, or ``{"default": ..., "WORD": ...}``), ``self``,
   ``source_context`` (true/false as ``--source-context``; unset: the default), ``shared`` (replace:
-  the shared words' window as ``--shared``, a fraction, a pair or ``"off"``; unset: 1.0), ``seed``,
+  the shared words' window as ``--shared``, a fraction, a pair or ``"off"``; unset: the default), ``seed``,
   ``scheduler``, ``efficient``;
 - ``invert-and-edit``: ``image`` (relative to the jobs file's folder), ``method`` (default
   ``null-text``; SD3/Flux models: ``fireflow``, or ``rf-euler``, ``rf-solver``, ``rf-bdia``, ``rf-inversion``) and the edit fields except ``seed`` and ``scheduler``;
@@ -265,7 +265,7 @@ def _edit_params(L: _Line, raw: dict[str, Any], out: dict[str, Any]) -> None:
     if source_context is not None and not isinstance(source_context, bool):
         raise L.error("source_context", f"expected true, false or null, got {json.dumps(source_context)}")
     shared_raw = raw.get("shared")
-    shared: Any = "default" if shared_raw is None else None if shared_raw == "off" else _window(L, "shared", shared_raw)
+    shared: Any = "default" if shared_raw is None else shared_raw if shared_raw == "off" else _window(L, "shared", shared_raw)
     try:  # the library's own checks (weight range, window order, ...) before any job runs
         build_edit(mode, cross=_windows_as_tuples(cross), self_steps=_windows_as_tuples(self_steps),
                    weights=_windows_as_tuples(weights), blend=blend, label="mode", source_context=source_context,
@@ -273,9 +273,10 @@ def _edit_params(L: _Line, raw: dict[str, Any], out: dict[str, Any]) -> None:
     except AttnctrlError as err:
         raise L.error(None, str(err)) from None
     out.update(prompt=prompt, to=list(to), mode=mode, weights=weights, blend=blend, cross=cross, self=self_steps)
-    # Replace's output changed when shared_steps=1.0 became its default: hashed for every replace job
+    # Replace's output on UNets changed when its shared words' window became the whole run: hashed
+    # for every replace job, so jobs finished by an older version run again
     if mode == "replace":
-        out["shared"] = 1.0 if shared == "default" else shared
+        out["shared"] = shared
     # Replace's output changed when source_context became its default: the key is always hashed for
     # replace, so jobs finished by an older version run again; elsewhere only when given
     if mode == "replace" or source_context is not None:

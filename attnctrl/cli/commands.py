@@ -678,8 +678,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cross-attention window as a fraction of the steps (default 0.8); WORD=FRAC sets one word's window")
     e.add_argument("--self", dest="self_steps", metavar="FRAC|A,B", help="self-attention window (default 0.4)")
     e.add_argument("--shared", metavar="FRAC|A,B|off", default=None,
-                   help="replace: cross-attention window of the words the prompts share (default 1: every step; "
-                        "--cross is then the swapped words' window); off = --cross for every token (official P2P)")
+                   help="replace: cross-attention window of the words the prompts share; --cross is then the swapped "
+                        "words' window (default: every step where the shared words read the source's encoding, i.e. "
+                        "with source context on a UNet; else --cross); off = --cross for every token (official P2P)")
     e.add_argument("--source-context", action=argparse.BooleanOptionalAction, default=None,
                    help="replace/refine: edited prompts use the source's text encoding at the tokens they share "
                         "with it (default: on for replace on UNets, off for refine; SD3/Flux: off, refused)")

@@ -142,11 +142,11 @@ def parse_cross(
 
 
 def parse_shared(text: str | None, *, label: str = "--shared") -> Any:
-    """``--shared FRAC|A,B|off`` -> Replace's ``shared_steps`` (``"default"`` when not given, None for off)."""
-    if text is None:
+    """``--shared FRAC|A,B|off`` -> :func:`build_edit`'s ``shared_steps`` (``"default"`` when not given)."""
+    if text is None or not str(text).strip():
         return "default"
-    if str(text).strip().lower() in ("off", "none"):
-        return None
+    if str(text).strip().lower() == "off":
+        return "off"
     return parse_window(text, label)
 
 
@@ -309,7 +309,8 @@ def build_edit(
     KVInjection when ``kv`` (its ``steps``/``layers`` keyword arguments) is given; ``mode="kv"`` is
     K/V injection alone (no word edit: the prompts need no word alignment). ``source_context``: the
     Replace/Refine option (None: the model family's default). ``shared_steps``: Replace's window of the
-    shared words (a window, or None for every token on ``cross``); ``"default"`` leaves Replace's own."""
+    shared words: a window, ``"off"`` (they follow ``cross``'s default window: official
+    Prompt-to-Prompt), or ``"default"`` (Replace's own: to the end where source context is on)."""
     from .. import KVInjection, LocalBlend, Refine, Replace, Reweight
 
     if mode not in MODES:
@@ -325,7 +326,12 @@ def build_edit(
     if shared_steps != "default" and mode != "replace":
         raise OptionError(f"{label} {mode}: the shared words' window applies to replace edits only "
                           "(refine's aligned words follow the cross window)")
-    shared = {} if shared_steps == "default" else {"shared_steps": shared_steps}
+    if shared_steps == "default":
+        shared = {}
+    elif shared_steps == "off":
+        shared = {"shared_steps": cross["default"] if isinstance(cross, Mapping) else cross}
+    else:
+        shared = {"shared_steps": shared_steps}
     if mode == "reweight":
         if not weights:
             raise OptionError(f"{label} reweight: give at least one weight, e.g. red=2.0")
