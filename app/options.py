@@ -123,10 +123,11 @@ def build_edit(
     blend: Sequence[Sequence[str]] | None = None,
     source_context: bool | None = None,
     shared_steps: Any = "default",
+    blend_threshold: float | None = None,
 ) -> Any:
     """The attnctrl edit of the form (the rule of ``attnctrl edit``, see :func:`attnctrl.cli.options.build_edit`)."""
     return grammar.build_edit(mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend, label="Mode",
-                              source_context=source_context, shared_steps=shared_steps)
+                              source_context=source_context, shared_steps=shared_steps, blend_threshold=blend_threshold)
 
 
 #: The edit form's "Shared words' text encoding" choices -> ``source_context``.
@@ -155,6 +156,7 @@ def edit_form(
     self_end: Any,
     context: str = "default",
     shared: str = "",
+    blend_threshold: Any = None,
 ) -> EditForm:
     """The Edit / Real image tabs' shared controls -> prompts and edit (as ``attnctrl edit`` builds them)."""
     source = (source or "").strip()
@@ -178,8 +180,9 @@ def edit_form(
     if context not in CONTEXT_CHOICES:
         raise OptionError(f"Shared words' text encoding: {context!r} is not one of {', '.join(CONTEXT_CHOICES)}")
     shared_steps = grammar.parse_shared(shared, label="Shared words' cross-attention steps")
+    threshold = None if blend_threshold in (None, "") else check_number(blend_threshold, "Blend threshold", 0.0, 1.0)
     edit = build_edit(mode, cross=cross_steps, self_steps=self_steps, weights=parsed_weights, blend=blend_words,
-                      source_context=CONTEXT_CHOICES[context], shared_steps=shared_steps)
+                      source_context=CONTEXT_CHOICES[context], shared_steps=shared_steps, blend_threshold=threshold)
     return EditForm(prompts=prompts, edit=edit, mode=mode, weights=parsed_weights, blend=blend_words)
 
 

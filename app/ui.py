@@ -131,6 +131,10 @@ def _edit_controls(prefix: str, *, source: bool) -> dict[str, Any]:
             info="Only the region of these words may change. One word for every prompt, or one per prompt "
             "(comma-separated, source first); one entry per line.",
         )
+        c["blend_threshold"] = gr.Number(
+            value=None, label="Blend threshold (blank: 0.3)", elem_id=f"{prefix}-blend-threshold", minimum=0.0, maximum=1.0,
+            info="LocalBlend's threshold on the normalised word map; raise it (e.g. 0.5) when the mask covers too much",
+        )
         c["cross"] = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Cross-attention steps", elem_id=f"{prefix}-cross",
                                info="fraction of the steps that follow the source's cross-attention (Replace: of the "
                                "swapped words)")
@@ -168,7 +172,7 @@ def _sampling_controls(prefix: str, steps: int = 50) -> dict[str, Any]:
 
 
 def _edit_inputs(c: dict[str, Any]) -> list[Any]:
-    return [c["edited"], c["mode"], c["weights"], c["blend"], c["cross"], c["cross_words"], c["self"], c["context"], c["shared"]]
+    return [c["edited"], c["mode"], c["weights"], c["blend"], c["cross"], c["cross_words"], c["self"], c["context"], c["shared"], c["blend_threshold"]]
 
 
 INTRO = """# attnctrl
@@ -210,9 +214,9 @@ def build_app(
         return cache.get(model_text).describe()
 
     @guard
-    def edit(model_text, source, edited, mode, weights, blend, cross, cross_words, self_end, context, shared, seed, steps_,
-             guidance, size, progress: gr.Progress = gr.Progress(track_tqdm=True)):
-        form = edit_form(source, edited, mode, weights, blend, cross, cross_words, self_end, context, shared)
+    def edit(model_text, source, edited, mode, weights, blend, cross, cross_words, self_end, context, shared, blend_threshold,
+             seed, steps_, guidance, size, progress: gr.Progress = gr.Progress(track_tqdm=True)):
+        form = edit_form(source, edited, mode, weights, blend, cross, cross_words, self_end, context, shared, blend_threshold)
         seed, steps_, guidance, size = _sampling(seed, steps_, guidance, size)
         progress(0, desc="Loading the model")
         loaded = cache.get(model_text)
@@ -251,10 +255,11 @@ def build_app(
 
     @guard
     def edit_real(model_text, inversion, edited, mode, weights, blend, cross, cross_words, self_end, context, shared,
-                  progress: gr.Progress = gr.Progress(track_tqdm=True)):
+                  blend_threshold, progress: gr.Progress = gr.Progress(track_tqdm=True)):
         if inversion is None:
             raise OptionError("Invert an image first: upload it, give its caption and press Invert")
-        form = edit_form(inversion.prompts[0], edited, mode, weights, blend, cross, cross_words, self_end, context, shared)
+        form = edit_form(inversion.prompts[0], edited, mode, weights, blend, cross, cross_words, self_end, context, shared,
+                         blend_threshold)
         progress(0, desc="Loading the model")
         loaded = cache.get(model_text)
         progress(0, desc="Editing")

@@ -129,6 +129,13 @@ def test_edit_form_builds_the_cli_edits():
     assert options.edit_form(SOURCE, EDITED, "replace", "", "", 0.6, "", 0.4, "default", "off").edit.shared_steps == (0.0, 0.6)
     with pytest.raises(OptionError, match="replace edits only"):
         options.edit_form(SOURCE, "a big cat on the grass", "refine", "", "", 0.8, "", 0.4, "default", "0.5")
+    with_blend = options.edit_form(SOURCE, EDITED, "replace", "", "cat, tiger", 0.8, "", 0.4, "default", "", 0.6)
+    assert with_blend.edit.blend.threshold == 0.6
+    assert options.edit_form(SOURCE, EDITED, "replace", "", "cat, tiger", 0.8, "", 0.4).edit.blend.threshold == 0.3
+    with pytest.raises(OptionError, match="needs blend words"):
+        options.edit_form(SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "default", "", 0.6)
+    with pytest.raises(OptionError, match="Blend threshold"):
+        options.edit_form(SOURCE, EDITED, "replace", "", "cat, tiger", 0.8, "", 0.4, "default", "", 1.5)
     with pytest.raises(OptionError, match="Shared words"):
         options.edit_form(SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "default", "all")
     assert options.edit_form(SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "own").edit.source_context is False
@@ -446,21 +453,21 @@ def test_build_app_wires_the_tabs(sd_pipe):
     tabs = {c.get("props", {}).get("label") for c in config["components"] if c.get("type") == "tabitem"}
     assert tabs == {"Edit", "Attention maps", "Real image", "Consistent subjects", "Speed"}
     fns = {fn.name: fn.fn for fn in demo.fns.values()}
-    gallery, summary, state = fns["edit"]("shapes", SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "default", "", 0, 2, 7.5, "32x32")
+    gallery, summary, state = fns["edit"]("shapes", SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "default", "", None, 0, 2, 7.5, "32x32")
     assert len(gallery) == 2 and gallery[1][1] == f"edit 1: {EDITED}" and state.prompts == [SOURCE, EDITED]
     with pytest.raises(gr.Error) as info:
-        fns["edit"]("shapes", SOURCE, EDITED, "replace", "dog=2", "", 0.8, "", 0.4, "default", "", 0, 2, 7.5, "32x32")
+        fns["edit"]("shapes", SOURCE, EDITED, "replace", "dog=2", "", 0.8, "", 0.4, "default", "", None, 0, 2, 7.5, "32x32")
     assert "'dog'" in info.value.message
     with pytest.raises(gr.Error, match="Size"):
-        fns["edit"]("shapes", SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "default", "", 0, 2, 7.5, "33x33")
+        fns["edit"]("shapes", SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "default", "", None, 0, 2, 7.5, "33x33")
     with pytest.raises(gr.Error, match="no such folder"):
-        fns["edit"]("/no/such/model", SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "default", "", 0, 2, 7.5, "")
+        fns["edit"]("/no/such/model", SOURCE, EDITED, "replace", "", "", 0.8, "", 0.4, "default", "", None, 0, 2, 7.5, "")
     figure, _ = fns["maps"]("shapes", "Last edit", "", "", 0, 2, 7.5, "", state)
     assert figure.size[0] > 0
     with pytest.raises(gr.Error, match="No edit yet"):
         fns["maps"]("shapes", "Last edit", "", "", 0, 2, 7.5, "", None)
     with pytest.raises(gr.Error, match="Invert an image first"):
-        fns["edit_real"]("shapes", None, EDITED, "replace", "", "", 0.8, "", 0.4, "default", "")
+        fns["edit_real"]("shapes", None, EDITED, "replace", "", "", 0.8, "", 0.4, "default", "", None)
     gallery, info = fns["speed"]("shapes", SOURCE, ["agent", "window"], "window:shift=none", 0, 3, 7.5, "32x32")
     assert [caption.split(":")[0] for _, caption in gallery] == ["stock", "agent", "window"]
     assert "| window |" in info and "s / step" in info

@@ -223,7 +223,12 @@ def test_shared_window_is_hashed_for_replace_and_reaches_the_edit(tmp_path):
     assert len({a.hash, b.hash, c.hash}) == 3 and "shared" not in d.params
     assert _build(a.params).shared_steps is None and _build(b.params).shared_steps == (0.0, 0.8)  # off: the cross window
     assert _build(c.params).shared_steps == (0.1, 0.9) and not hasattr(_build(d.params), "shared_steps")
-    for bad, message in (({"mode": "refine", "shared": 0.5}, "replace edits only"), ({"shared": "all"}, "shared")):
+    (t,) = load_jobs(write_jobs(tmp_path / "t.jsonl", {"id": "t", **base, "blend": ["circle"], "blend_threshold": 0.6}))
+    assert t.params["blend_threshold"] == 0.6 and _build(t.params).blend.threshold == 0.6
+    assert "blend_threshold" not in a.params  # absent: the hash of a job without it is unchanged
+    for bad, message in (({"mode": "refine", "shared": 0.5}, "replace edits only"), ({"shared": "all"}, "shared"),
+                         ({"blend_threshold": 0.5}, "needs blend words"),
+                         ({"blend": ["circle"], "blend_threshold": 2}, r"\[0, 1\]")):
         path = write_jobs(tmp_path / "bad.jsonl", {"id": "x", **base, **bad})
         with pytest.raises(BatchFileError, match=message):
             load_jobs(path)

@@ -82,6 +82,12 @@ def test_shared_option_reaches_the_replace(model_dir, tmp_path):
         assert a.tobytes() != b.tobytes()  # the shared words' window changes the edited image
 
 
+def test_blend_threshold_reaches_the_local_blend(model_dir, tmp_path):
+    common = ["--prompt", SOURCE, "--to", EDITED, "--seed", "1", "--blend", "cat,tiger"]
+    assert cli.main(edit_args(model_dir, tmp_path / "t", *common, "--blend-threshold", "0.6")) == 0
+    assert json.loads((tmp_path / "t" / "run.json").read_text())["edit"]["blend"]["threshold"] == 0.6
+
+
 def test_edit_negative_prompt(model_dir, tmp_path, capsys):
     """--negative-prompt reaches every prompt's unconditional row (and changes the images);
     --true-cfg is Flux's and is refused here."""
@@ -129,6 +135,8 @@ BAD = [
     (["--prompt", "a cat on the grass", "--to", "a big cat on the grass", "--mode", "refine", "--shared", "0.5"],
      "replace edits only"),
     (["--prompt", SOURCE, "--to", EDITED, "--shared", "1.5"], "past 1"),
+    (["--prompt", SOURCE, "--to", EDITED, "--blend-threshold", "0.5"], "needs blend words"),
+    (["--prompt", SOURCE, "--to", EDITED, "--blend", "cat,tiger", "--blend-threshold", "1.5"], "[0, 1]"),
 ]
 
 

@@ -20,7 +20,8 @@ One job per line (blank lines and lines starting with ``#`` are ignored). Every 
   policy as ``--efficient``: ``"agent"``, ``"window:shift=none"``...);
 - ``edit``: ``prompt``, ``to`` (a prompt or a list; optional with ``weights``), ``mode``
   (``replace``/``refine``), ``weights`` (``{"WORD": X}`` or ``{"WORD": [X1, X2]}``), ``blend`` (a list
-  of words as ``--blend``: ``"cat"`` or ``"cat,tiger"``, or one list of words per prompt), ``cross``
+  of words as ``--blend``: ``"cat"`` or ``"cat,tiger"``, or one list of words per prompt),
+  ``blend_threshold`` (as ``--blend-threshold``; unset: 0.3), ``cross``
   (a fraction, a ``[start, end]`` pair, or ``{"default": ..., "WORD": ...}``), ``self``,
   ``source_context`` (true/false as ``--source-context``; unset: the default), ``shared`` (replace:
   the shared words' window as ``--shared``, a fraction, a pair or ``"off"``; unset: the default), ``seed``,
@@ -83,7 +84,7 @@ __all__ = ["Job", "BatchFileError", "load_jobs", "run_batch", "KINDS"]
 
 KINDS = ("generate", "edit", "invert-and-edit", "consistent", "flow-edit")
 _COMMON = {"id", "kind", "model", "steps", "guidance", "size"}
-_EDIT = {"prompt", "to", "mode", "weights", "blend", "cross", "self", "source_context", "shared"}
+_EDIT = {"prompt", "to", "mode", "weights", "blend", "blend_threshold", "cross", "self", "source_context", "shared"}
 FIELDS: dict[str, set[str]] = {
     "generate": _COMMON | {"prompt", "seed", "scheduler", "efficient"},
     "edit": _COMMON | _EDIT | {"seed", "scheduler", "efficient"},
@@ -264,12 +265,15 @@ def _edit_params(L: _Line, raw: dict[str, Any], out: dict[str, Any]) -> None:
     source_context = raw.get("source_context")
     if source_context is not None and not isinstance(source_context, bool):
         raise L.error("source_context", f"expected true, false or null, got {json.dumps(source_context)}")
+    blend_threshold = raw.get("blend_threshold")
+    if blend_threshold is not None:
+        blend_threshold = _finite(L, "blend_threshold", blend_threshold)
     shared_raw = raw.get("shared")
     shared: Any = "default" if shared_raw is None else shared_raw if shared_raw == "off" else _window(L, "shared", shared_raw)
     try:  # the library's own checks (weight range, window order, ...) before any job runs
         build_edit(mode, cross=_windows_as_tuples(cross), self_steps=_windows_as_tuples(self_steps),
                    weights=_windows_as_tuples(weights), blend=blend, label="mode", source_context=source_context,
-                   shared_steps=_windows_as_tuples(shared))
+                   shared_steps=_windows_as_tuples(shared), blend_threshold=blend_threshold)
     except AttnctrlError as err:
         raise L.error(None, str(err)) from None
     out.update(prompt=prompt, to=list(to), mode=mode, weights=weights, blend=blend, cross=cross, self=self_steps)
@@ -277,6 +281,8 @@ def _edit_params(L: _Line, raw: dict[str, Any], out: dict[str, Any]) -> None:
     # for every replace job, so jobs finished by an older version run again
     if mode == "replace":
         out["shared"] = shared
+    if blend_threshold is not None:  # only when given: finished jobs without it keep their hash
+        out["blend_threshold"] = blend_threshold
     # Replace's output changed when source_context became its default: the key is always hashed for
     # replace, so jobs finished by an older version run again; elsewhere only when given
     if mode == "replace" or source_context is not None:
@@ -520,7 +526,8 @@ def _build(p: dict[str, Any]) -> Any:
     weights = {k: tuple(v) if isinstance(v, list) else v for k, v in p["weights"].items()}
     shared = p.get("shared", "default")
     return build_edit(p["mode"], cross=cross, self_steps=self_steps, weights=weights, blend=p["blend"],
-                      source_context=p.get("source_context"), shared_steps=_windows_as_tuples(shared))
+                      source_context=p.get("source_context"), shared_steps=_windows_as_tuples(shared),
+                      blend_threshold=p.get("blend_threshold"))
 
 
 def _size_kwargs(p: dict[str, Any]) -> dict[str, Any]:

@@ -216,7 +216,8 @@ def cmd_edit(args: argparse.Namespace) -> int:
     blend = parse_blend(args.blend, len(prompts))
     kv = parse_kv(args.kv, args.kv_steps, args.kv_layers, args.kv_mask, args.kv_share)
     edit = build_edit(args.mode, cross=cross, self_steps=self_steps, weights=weights, blend=blend, kv=kv,
-                      source_context=args.source_context, shared_steps=parse_shared(args.shared))
+                      source_context=args.source_context, shared_steps=parse_shared(args.shared),
+                      blend_threshold=args.blend_threshold)
     policy = parse_efficient(args.efficient)
     if policy is not None and args.materialise:
         raise OptionError("--materialise runs explicit attention maps and cannot be combined with --efficient")
@@ -674,6 +675,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scale WORD's attention in the edited prompts (negative allowed; X1,X2 = one factor per edited prompt)")
     e.add_argument("--blend", action="append", metavar="WORD",
                    help="LocalBlend: only the region of WORD may change (repeat for several; cat,tiger = one word per prompt)")
+    e.add_argument("--blend-threshold", type=float, default=None, metavar="X",
+                   help="LocalBlend's threshold on the normalised word map (default 0.3, official; raise it when the "
+                        "blend mask covers too much of the image, e.g. 0.5 on SHAPES_FLOW)")
     e.add_argument("--cross", action="append", metavar="FRAC|A,B|WORD=FRAC",
                    help="cross-attention window as a fraction of the steps (default 0.8); WORD=FRAC sets one word's window")
     e.add_argument("--self", dest="self_steps", metavar="FRAC|A,B", help="self-attention window (default 0.4)")

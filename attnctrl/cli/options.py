@@ -303,6 +303,7 @@ def build_edit(
     label: str = "--mode",
     source_context: bool | None = None,
     shared_steps: Any = "default",
+    blend_threshold: float | None = None,
 ) -> Any:
     """The attnctrl edit of the options: Replace/Refine (with LocalBlend), chained into Reweight when
     weights are given; or a plain Reweight (``mode="reweight"``, which needs weights); wrapped in a
@@ -310,7 +311,8 @@ def build_edit(
     K/V injection alone (no word edit: the prompts need no word alignment). ``source_context``: the
     Replace/Refine option (None: the model family's default). ``shared_steps``: Replace's window of the
     shared words: a window, ``"off"`` (they follow ``cross``'s default window: official
-    Prompt-to-Prompt), or ``"default"`` (Replace's own: to the end where source context is on)."""
+    Prompt-to-Prompt), or ``"default"`` (Replace's own: to the end where source context is on).
+    ``blend_threshold``: the LocalBlend threshold (None: LocalBlend's 0.3); needs ``blend``."""
     from .. import KVInjection, LocalBlend, Refine, Replace, Reweight
 
     if mode not in MODES:
@@ -320,7 +322,9 @@ def build_edit(
         if extra:
             raise OptionError(f"{label} kv: K/V injection alone has no word edit; {' and '.join(extra)} need --mode replace or refine")
         return KVInjection(**dict(kv or {}))
-    local = LocalBlend(blend) if blend else None
+    if blend_threshold is not None and not blend:
+        raise OptionError("the blend threshold needs blend words (the words whose region may change)")
+    local = (LocalBlend(blend) if blend_threshold is None else LocalBlend(blend, threshold=blend_threshold)) if blend else None
     if source_context is not None and mode not in ("replace", "refine"):
         raise OptionError(f"{label} {mode}: the source context option applies to replace and refine edits")
     if shared_steps != "default" and mode != "replace":
