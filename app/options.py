@@ -180,7 +180,7 @@ def edit_form(
     if context not in CONTEXT_CHOICES:
         raise OptionError(f"Shared words' text encoding: {context!r} is not one of {', '.join(CONTEXT_CHOICES)}")
     shared_steps = grammar.parse_shared(shared, label="Shared words' cross-attention steps")
-    threshold = None if blend_threshold in (None, "") else check_number(blend_threshold, "Blend threshold", 0.0, 1.0)
+    threshold = None if str(blend_threshold or "").strip() == "" else check_number(blend_threshold, "Blend threshold", 0.0, 1.0)
     edit = build_edit(mode, cross=cross_steps, self_steps=self_steps, weights=parsed_weights, blend=blend_words,
                       source_context=CONTEXT_CHOICES[context], shared_steps=shared_steps, blend_threshold=threshold)
     return EditForm(prompts=prompts, edit=edit, mode=mode, weights=parsed_weights, blend=blend_words)

@@ -131,8 +131,8 @@ def _edit_controls(prefix: str, *, source: bool) -> dict[str, Any]:
             info="Only the region of these words may change. One word for every prompt, or one per prompt "
             "(comma-separated, source first); one entry per line.",
         )
-        c["blend_threshold"] = gr.Number(
-            value=None, label="Blend threshold (blank: 0.3)", elem_id=f"{prefix}-blend-threshold", minimum=0.0, maximum=1.0,
+        c["blend_threshold"] = gr.Textbox(
+            label="Blend threshold", lines=1, placeholder="blank: 0.3", elem_id=f"{prefix}-blend-threshold",
             info="LocalBlend's threshold on the normalised word map; raise it (e.g. 0.5) when the mask covers too much",
         )
         c["cross"] = gr.Slider(0.0, 1.0, value=0.8, step=0.05, label="Cross-attention steps", elem_id=f"{prefix}-cross",
