@@ -266,10 +266,14 @@ def compile_edit(
     cross[..., 0], cross[..., 1] = windows["default"]
     uses_context = source_context and base is not None and base.uses_source_context(default=kind == "replace")
     shared = base.shared_window(uses_context) if kind == "replace" else None
+    alignments = None
+    if kind == "replace" and (uses_context or shared is not None):
+        alignments = [replacement_alignment(source, t) for t in edited]
+    elif uses_context:
+        alignments = [refinement_alignment(source, t) for t in edited]
     if shared is not None:
-        for e, target in enumerate(edited):
-            unchanged = replacement_alignment(source, target)[1].bool()
-            cross[e, unchanged] = torch.tensor(shared, dtype=cross.dtype)
+        for e, (_, unchanged) in enumerate(alignments):
+            cross[e, unchanged.bool()] = torch.tensor(shared, dtype=cross.dtype)
     for word, window in windows.items():
         if word == "default":
             continue
@@ -279,11 +283,7 @@ def compile_edit(
     blend = _compile_blend(schedule.blend, tokens) if schedule.blend is not None else None
     context = None
     if uses_context:
-        if kind == "replace":
-            pairs = [replacement_alignment(source, t) for t in edited]
-        else:
-            pairs = [refinement_alignment(source, t) for t in edited]
-        context = (torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs]))
+        context = (torch.stack([p[0] for p in alignments]), torch.stack([p[1] for p in alignments]))
     return EditPlan(
         kind=kind,
         prompts=tokens,
