@@ -219,6 +219,18 @@ def _cell(c: dict) -> str:
     return f"{c['shape']} {c['old']} -> {c['new']}"
 
 
+def _broad_shapes(text: str | None) -> list[str] | None:
+    from attnctrl.models.shapes import SHAPE_KINDS
+
+    if not text:
+        return None
+    shapes = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPE_KINDS]
+    if unknown or not shapes:
+        raise SystemExit(f"--broad-shapes: unknown shape(s) {unknown}; use a comma list of {list(SHAPE_KINDS)}")
+    return shapes
+
+
 def broad_main(args: argparse.Namespace, is_flow: bool) -> int:
     """``--broad``: every colour pair over every shape (see the module docstring)."""
     from attnctrl.io import atomic_write_bytes, write_json_atomic
@@ -230,6 +242,7 @@ def broad_main(args: argparse.Namespace, is_flow: bool) -> int:
     steps, guidance = int(args.steps), float(args.guidance)
     seeds = _numbers(args.broad_seeds, int)
     tuning_seeds = _numbers(args.tuning_seeds, int)
+    shapes = _broad_shapes(args.broad_shapes)
     if set(seeds) & set(tuning_seeds):
         raise SystemExit(f"--broad-seeds {seeds} and --tuning-seeds {tuning_seeds} must not overlap")
     candidates = [parse_edit_setting(t) for t in args.edit_settings.split(";")] if args.edit_settings else []
@@ -242,7 +255,8 @@ def broad_main(args: argparse.Namespace, is_flow: bool) -> int:
                   "| setting | IoU | lowest cell | new colour | seconds |", "|---|---|---|---|---|"]
         for setting in candidates:
             t0 = time.perf_counter()
-            summary = summarise_swap_grid(grid_run(pipe, tuning_seeds, setting, steps=steps, guidance=guidance, blend=False))
+            summary = summarise_swap_grid(grid_run(pipe, tuning_seeds, setting, steps=steps, guidance=guidance, blend=False,
+                                                   shapes=shapes))
             row = {"setting": setting, "iou": summary["iou"], "min_cell_iou": summary["min_cell_iou"],
                    "new_colour": summary["new_colour"], "seconds": time.perf_counter() - t0}
             tuning_rows.append(row)
@@ -263,7 +277,8 @@ def broad_main(args: argparse.Namespace, is_flow: bool) -> int:
         report.append(("chosen_blend" if chosen else "defaults_blend", chosen, True, blend_seeds))
     for key, setting, blend, run_seeds in report:
         t0 = time.perf_counter()
-        records = grid_run(pipe, run_seeds, setting, steps=steps, guidance=guidance, blend=blend, ideal=not blend)
+        records = grid_run(pipe, run_seeds, setting, steps=steps, guidance=guidance, blend=blend, ideal=not blend,
+                           shapes=shapes)
         runs[key] = {"setting": setting, "blend": blend, "seeds": list(run_seeds), "summary": summarise_swap_grid(records),
                      "records": [asdict(r) for r in records], "seconds": time.perf_counter() - t0}
         print(f"{key}: IoU {runs[key]['summary']['iou']:.3f} ({runs[key]['seconds']:.0f} s)", flush=True)
@@ -344,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the broad colour-swap grid: every (old -> new) colour pair over every shape, --broad-seeds "
                              "(into <model>_broad.{md,json}); works for both models")
     parser.add_argument("--broad-seeds", default="0,1,2,3", help="--broad: reporting seeds (comma list)")
+    parser.add_argument("--broad-shapes", default=None,
+                        help="--broad: only these shapes (comma list, e.g. 'star'; default every shape) -- a quick check "
+                             "of a training run's weak shape; the full grid is the reported figure")
     parser.add_argument("--tuning-seeds", default="100,101", help="--broad: seeds on which --edit-settings are compared")
     parser.add_argument("--edit-settings", default="",
                         help="--broad: ';'-separated candidates such as 'cross=0.8,self=0.4;cross=1.0,self=0.6' "

@@ -350,3 +350,42 @@ def test_repatched_state_keeps_flat_regions_and_the_old_layout():
                                rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="does not divide"):
         repatched_transformer_state(state, 2, 3)
+
+
+def test_object_loss_weights_cover_the_objects_and_their_border():
+    from attnctrl.models.shapes import Scene, SceneObject, object_masks
+    from attnctrl.models.shapes.train_flow import object_loss_weights
+
+    scene = Scene("black", (SceneObject("purple", "star", "on the left"),))
+    coverage = torch.from_numpy(object_masks(scene, 16))[0]
+    weights = object_loss_weights([scene], np.array([0]), 16, {}, 2.0, torch.device("cpu"))
+    assert weights.shape == (1, 16, 16)
+    inside = coverage == 1.0
+    assert inside.any() and torch.equal(weights[0][inside], torch.full((int(inside.sum()),), 3.0))
+    assert weights[0, :, -1].eq(1.0).all()  # far from the object
+    # a background cell next to the star is weighted as its most covered neighbour
+    border = (coverage == 0) & (weights[0] > 1.0)
+    assert border.any()
+    near = torch.nn.functional.max_pool2d(coverage[None, None], 3, 1, 1)[0, 0]
+    torch.testing.assert_close(weights[0], 1.0 + 2.0 * near)
+
+
+def test_training_with_object_loss_weight_runs_and_changes_the_update(tmp_path):
+    from safetensors.torch import load_file
+
+    from attnctrl.models.shapes.train_flow import FlowModelConfig, FlowTrainConfig, train_flow
+
+    with pytest.raises(ValueError, match="object_loss_weight must be"):
+        FlowTrainConfig(object_loss_weight=-1.0).validate()
+    model = FlowModelConfig(num_layers=1, num_attention_heads=2, attention_head_dim=8, text_layer_width=16)
+    weights = {}
+    for extra in (0.0, 3.0):
+        work = str(tmp_path / f"w{extra}")
+        config = FlowTrainConfig(pool_size=16, batch_size=4, warmup=1, object_loss_weight=extra)
+        train_flow(None, work_dir=work, config=config, model=model, max_steps=2, shapes_dir=SHAPES, log_every=1000,
+                   threads=None, device="cpu")
+        with open(os.path.join(work, "ckpt", "state.json"), encoding="utf-8") as f:
+            state = json.load(f)
+        assert state["config"]["object_loss_weight"] == extra and math.isfinite(state["last_loss"])
+        weights[extra] = load_file(os.path.join(work, "ckpt", "transformer.safetensors"))
+    assert any(not torch.equal(weights[0.0][k], weights[3.0][k]) for k in weights[0.0])
