@@ -273,7 +273,7 @@ def compile_edit(
         alignments = [refinement_alignment(source, t) for t in edited]
     if shared is not None:
         for e, (_, unchanged) in enumerate(alignments):
-            cross[e, unchanged.bool()] = torch.tensor(shared, dtype=cross.dtype)
+            cross[e, unchanged.bool()] = cross.new_tensor(shared)
     for word, window in windows.items():
         if word == "default":
             continue

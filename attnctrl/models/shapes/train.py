@@ -301,6 +301,14 @@ def grounding_loss(probs: list[torch.Tensor], targets: torch.Tensor, supervised:
     return torch.stack(terms).mean()
 
 
+def cached_object_masks(scenes: Sequence[Any], index: int, grid: int, cache: dict[int, torch.Tensor]) -> torch.Tensor:
+    """:func:`~attnctrl.models.shapes.object_masks` of pool scene ``scenes[index]`` on a ``grid`` x
+    ``grid`` grid, ``(n_objects, grid, grid)``, rendered once per scene and kept in ``cache``."""
+    if index not in cache:
+        cache[index] = torch.from_numpy(object_masks(scenes[index], grid))
+    return cache[index]
+
+
 def object_token_targets(
     tokenizer: Any, scenes: Sequence[Any], idx: np.ndarray, texts: Sequence[str], grid: int,
     scene_masks: dict[int, torch.Tensor], word_lengths: dict[str, int], device: torch.device,
@@ -316,12 +324,11 @@ def object_token_targets(
         if not text:
             continue
         scene = scenes[int(i)]
-        if int(i) not in scene_masks:
-            scene_masks[int(i)] = torch.from_numpy(object_masks(scene, grid))
+        masks = cached_object_masks(scenes, int(i), grid, scene_masks)
         for k, positions in enumerate(object_token_positions(tokenizer, scene, text, word_lengths)):
             kept = [pos for pos in positions if pos < MODEL_MAX_LENGTH]
             for pos in kept:
-                targets[b, pos] = scene_masks[int(i)][k]
+                targets[b, pos] = masks[k]
                 supervised[b, pos] = True
                 token_share[b, pos] = 1.0 / len(kept)
     return targets.to(device), supervised.to(device), token_share.to(device)

@@ -51,9 +51,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import caption, item_scene, object_masks, render_array
+from . import caption, item_scene, render_array
 from .tokenizer import MODEL_MAX_LENGTH, write_vocab_files
-from .train import AttentionForcing, forced_attention, grounding_loss, object_token_targets, resolve_model_folder
+from .train import (AttentionForcing, cached_object_masks, forced_attention, grounding_loss, object_token_targets,
+                    resolve_model_folder)
 from ...errors import InvalidOptionError
 from ...io import atomic_write_bytes, write_json_atomic
 
@@ -143,12 +144,7 @@ def object_loss_weights(scenes: Sequence[Any], idx: np.ndarray, grid: int, scene
     the cells any object covers, fading with its coverage, dilated by one cell so that the background
     right around an outline (a star's notches) counts as the outline; 1 elsewhere. ``scene_masks`` is
     the cache :func:`~attnctrl.models.shapes.train.object_token_targets` shares."""
-    covered = []
-    for i in idx:
-        if int(i) not in scene_masks:
-            scene_masks[int(i)] = torch.from_numpy(object_masks(scenes[int(i)], grid))
-        covered.append(scene_masks[int(i)].sum(0).clamp(max=1.0))
-    union = torch.stack(covered).to(device)
+    union = torch.stack([cached_object_masks(scenes, int(i), grid, scene_masks).sum(0).clamp(max=1.0) for i in idx]).to(device)
     near = F.max_pool2d(union[:, None], kernel_size=3, stride=1, padding=1)[:, 0]
     return 1.0 + extra * near
 
