@@ -354,7 +354,7 @@ def test_repatched_state_keeps_flat_regions_and_the_old_layout():
 
 def test_object_loss_weights_cover_the_objects_and_their_border():
     from attnctrl.models.shapes import Scene, SceneObject, object_masks
-    from attnctrl.models.shapes.train_flow import object_loss_weights
+    from attnctrl.models.shapes.train import object_loss_weights
 
     scene = Scene("black", (SceneObject("purple", "star", "on the left"),))
     coverage = torch.from_numpy(object_masks(scene, 16))[0]

@@ -52,6 +52,7 @@ __all__ = [
     "scheduler_config",
     "object_token_positions",
     "grounding_loss",
+    "object_loss_weights",
     "occupancy_latent_loss",
 ]
 
@@ -309,6 +310,19 @@ def cached_object_masks(scenes: Sequence[Any], index: int, grid: int, cache: dic
     return cache[index]
 
 
+def object_loss_weights(scenes: Sequence[Any], idx: np.ndarray, grid: int, scene_masks: dict[int, torch.Tensor],
+                        extra: float, device: torch.device) -> torch.Tensor:
+    """Per-cell loss weights ``(B, grid, grid)`` for pool scenes ``scenes[idx]``: ``1 + extra`` on the
+    cells any object covers, fading with its coverage, dilated by one cell so that the background
+    right around an outline (a star's notches) counts as the outline; 1 elsewhere. ``scene_masks`` is
+    the cache :func:`object_token_targets` shares. Both trainers (the UNet's denoising loss and the
+    flow transformer's velocity loss) divide the weighted loss by the batch's mean weight, so the
+    objects gain weight against the background without changing the loss's overall scale."""
+    union = torch.stack([cached_object_masks(scenes, int(i), grid, scene_masks).sum(0).clamp(max=1.0) for i in idx]).to(device)
+    near = F.max_pool2d(union[:, None], kernel_size=3, stride=1, padding=1)[:, 0]
+    return 1.0 + extra * near
+
+
 def object_token_targets(
     tokenizer: Any, scenes: Sequence[Any], idx: np.ndarray, texts: Sequence[str], grid: int,
     scene_masks: dict[int, torch.Tensor], word_lengths: dict[str, int], device: torch.device,
@@ -516,6 +530,7 @@ def train(
     grounding_weight: float | None = None,
     attention_forcing: float | None = None,
     attention_forcing_from: float | None = None,
+    object_loss_weight: float | None = None,
     decoder_minutes: float = 0.0,
     decoder_splice: float = 0.0,
     occupancy_latent: bool | None = None,
@@ -543,6 +558,11 @@ def train(
     scratch: its VAE (decoder included), text encoder, UNet, scaling factor, noise schedule and
     target are taken over, the VAE phase is skipped, and the UNet phase starts at step 0 with a fresh
     optimiser, warm-up, cosine schedule and EMA.
+
+    ``object_loss_weight`` (``W`` >= 0) weights the denoising loss ``1 + W`` on the latent cells the
+    objects cover and the cells around them (:func:`object_loss_weights`), normalised to mean 1 per
+    batch, so thin parts of an outline and colours close to the background are not outweighed by the
+    background. Default 0 for a new run; a resumed run keeps its checkpoint's unless given.
 
     ``colour_weights`` (``{"purple": 3.0}``) oversamples the pool scenes that hold an object of those
     colours in the UNet batches: a scene is drawn with probability proportional to the largest weight
@@ -685,6 +705,14 @@ def train(
             )
         state["attention_forcing_from"] = float(attention_forcing_from)
     state.setdefault("attention_forcing_from", 0.0)
+    if object_loss_weight is not None and not (math.isfinite(float(object_loss_weight)) and float(object_loss_weight) >= 0.0):
+        raise InvalidOptionError(f"object_loss_weight must be a finite number >= 0, got {object_loss_weight}")
+    state.setdefault("object_loss_weight", 0.0 if started or object_loss_weight is None else float(object_loss_weight))
+    if object_loss_weight is not None and float(object_loss_weight) != float(state["object_loss_weight"]):
+        _log(f"object loss weight {state['object_loss_weight']} -> {object_loss_weight} from UNet step {state['unet_step']}")
+        state.setdefault("object_loss_weight_changes", []).append([int(state["unet_step"]), float(object_loss_weight)])
+        state["object_loss_weight"] = float(object_loss_weight)
+    object_loss_weight = float(state["object_loss_weight"])
     if not (math.isfinite(float(decoder_minutes)) and float(decoder_minutes) >= 0.0):
         raise InvalidOptionError(f"decoder_minutes must be a finite number >= 0, got {decoder_minutes}")
     _require_share("decoder_splice", decoder_splice)
@@ -994,7 +1022,12 @@ def train(
             forcing.rows = None
             target = noise_sched.get_velocity(x0, noise, t) if prediction_type == "v_prediction" else noise
             w = loss_weight(snr_all[t], prediction_type, min_snr_gamma)
-            loss = (w * (pred - target).pow(2).mean(dim=(1, 2, 3))).mean()
+            squared_error = (pred - target).pow(2)
+            if object_loss_weight > 0:
+                cell_weight = object_loss_weights(scenes, idx, grid, scene_masks, object_loss_weight, dev)
+                loss = (w * (squared_error * cell_weight[:, None]).mean(dim=(1, 2, 3))).mean() / cell_weight.mean()
+            else:
+                loss = (w * squared_error.mean(dim=(1, 2, 3))).mean()
             g_loss = None
             if attention_sink is not None and grounding_weight > 0:
                 g_loss = grounding_loss(attention_sink, *token_maps[:2])
@@ -1416,6 +1449,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attention-forcing-from", type=float, default=None, metavar="FRACTION",
                    help="hold --attention-forcing off until this share of the planned UNet steps is done (default 0; "
                         "fixed once the UNet phase starts)")
+    p.add_argument("--object-loss-weight", type=float, default=None, metavar="W",
+                   help="weight the denoising loss 1+W on the latent cells the objects cover and their border "
+                        "(normalised to mean 1 per batch; default 0 for a new run; a resumed run keeps its "
+                        "checkpoint's unless this is given)")
     p.add_argument("--decoder-minutes", type=float, default=0.0,
                    help="minutes of the budget that fine-tune the VAE decoder (encoder frozen) after the VAE phase, "
                         "before the UNet (default 0; same as a separate --finetune-decoder run)")
@@ -1471,6 +1508,7 @@ def main(argv: list[str] | None = None) -> int:
         grounding_weight=a.grounding_weight,
         attention_forcing=a.attention_forcing,
         attention_forcing_from=a.attention_forcing_from,
+        object_loss_weight=a.object_loss_weight,
         decoder_minutes=a.decoder_minutes,
         decoder_splice=a.decoder_splice,
         occupancy_latent=None if a.occupancy_latent is None else a.occupancy_latent == "on",

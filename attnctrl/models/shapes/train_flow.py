@@ -53,8 +53,8 @@ import torch.nn.functional as F
 
 from . import caption, item_scene, render_array
 from .tokenizer import MODEL_MAX_LENGTH, write_vocab_files
-from .train import (AttentionForcing, cached_object_masks, forced_attention, grounding_loss, object_token_targets,
-                    resolve_model_folder)
+from .train import (AttentionForcing, cached_object_masks, forced_attention, grounding_loss, object_loss_weights,
+                    object_token_targets, resolve_model_folder)
 from ...errors import InvalidOptionError
 from ...io import atomic_write_bytes, write_json_atomic
 
@@ -68,7 +68,6 @@ __all__ = [
     "encode_prompts",
     "sample_flow_times",
     "flow_matching_pair",
-    "object_loss_weights",
     "train_flow",
     "export_flow_checkpoint",
     "main",
@@ -136,17 +135,6 @@ class FlowTrainConfig:
             raise InvalidOptionError(f"attention_forcing must be in [0, 1], got {self.attention_forcing}")
         if not (math.isfinite(self.object_loss_weight) and self.object_loss_weight >= 0):
             raise InvalidOptionError(f"object_loss_weight must be a finite number >= 0, got {self.object_loss_weight}")
-
-
-def object_loss_weights(scenes: Sequence[Any], idx: np.ndarray, grid: int, scene_masks: dict[int, torch.Tensor],
-                        extra: float, device: torch.device) -> torch.Tensor:
-    """Per-cell flow-loss weights ``(B, grid, grid)`` for pool scenes ``scenes[idx]``: ``1 + extra`` on
-    the cells any object covers, fading with its coverage, dilated by one cell so that the background
-    right around an outline (a star's notches) counts as the outline; 1 elsewhere. ``scene_masks`` is
-    the cache :func:`~attnctrl.models.shapes.train.object_token_targets` shares."""
-    union = torch.stack([cached_object_masks(scenes, int(i), grid, scene_masks).sum(0).clamp(max=1.0) for i in idx]).to(device)
-    near = F.max_pool2d(union[:, None], kernel_size=3, stride=1, padding=1)[:, 0]
-    return 1.0 + extra * near
 
 
 def transformer_config(model: FlowModelConfig = FlowModelConfig()) -> dict[str, Any]:
