@@ -75,6 +75,17 @@ def test_prompt_that_is_not_utf8(tmp_path, capsys, no_model):
     refused(["invert", "img.png", "--prompt", bad, "-o", str(tmp_path / "x.safetensors")], capsys, "not valid UTF-8")
 
 
+@pytest.mark.parametrize("text, culprit", [
+    (b"a red \xff circle".decode("utf-8", "surrogateescape"), "bytes b'\\xff'"),
+    ("a red \udd00 circle", "lone surrogate U+DD00"),  # not from argv: a JSON batch file or a form
+    ("\ud800", "lone surrogate U+D800"),
+])
+def test_check_prompt_names_what_is_not_utf8(text, culprit):
+    with pytest.raises(grammar.OptionError) as info:
+        grammar.check_prompt(text)
+    assert "not valid UTF-8" in str(info.value) and culprit in str(info.value)
+
+
 def test_decompression_bomb_and_devices_as_images(tmp_path, capsys, no_model, monkeypatch):
     bomb = tmp_path / "bomb.png"
     Image.new("L", (64, 64)).save(bomb)

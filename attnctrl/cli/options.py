@@ -244,16 +244,22 @@ def check_prompt(text: Any, what: str = "--prompt") -> str:
     """``text`` as a prompt: a string that encodes as UTF-8.
 
     Python decodes a command line that is not valid UTF-8 with surrogate escapes; such a prompt
-    would fail deep inside the tokenizer, so it is refused here with the bytes named.
+    would fail deep inside the tokenizer, so it is refused here with the bytes named. Other lone
+    surrogates (a JSON batch file's ``"\\ud800"``, a web form) cannot be bytes of the input and are
+    named by code point.
     """
     if not isinstance(text, str):
         raise OptionError(f"{what}: expected text, got {type(text).__name__}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
-        bad = text[err.start:err.end].encode("utf-8", "surrogateescape")
+        bad = text[err.start:err.end]
+        try:
+            culprit = f"bytes {bad.encode('utf-8', 'surrogateescape')!r}"
+        except UnicodeEncodeError:  # surrogateescape only maps U+DC80..U+DCFF back to bytes
+            culprit = "lone surrogate " + ", ".join(f"U+{ord(c):04X}" for c in bad)
         raise OptionError(
-            f"{what} {text.encode('utf-8', 'replace').decode('utf-8')!r}: not valid UTF-8 (bytes {bad!r}); "
+            f"{what} {text.encode('utf-8', 'replace').decode('utf-8')!r}: not valid UTF-8 ({culprit}); "
             "write the prompt in UTF-8"
         ) from None
     return text
